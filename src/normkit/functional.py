@@ -1,0 +1,491 @@
+"""The public functional API: ``layer_norm`` and ``rms_norm``, backend dispatch, autograd.
+
+Three ways in, one set of kernels:
+
+* eager, no gradient needed (serving): validate, flatten, call the kernel. Nothing else runs;
+  at M=1 every 0.1 µs counts against torch's own ~4.5 µs kernel.
+* eager, gradient needed: the same, through ``_NormFunction`` (an ``autograd.Function``).
+* under ``torch.compile``: the ``normkit::norm_fwd`` / ``normkit::norm_bwd`` custom ops, with fake
+  implementations, so graphs trace through without breaks.  The custom-op machinery costs
+  several µs per call in eager mode, which is why eager calls bypass it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .kernels import reference
+
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "use_backend",
+    "get_backend",
+    "available_backends",
+    "BACKENDS",
+    "CASTINGS",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "cpu")
+CASTINGS = ("torch", "gemma", "llama", "t5")
+
+_backend = "auto"
+_cpu_module = None  # normkit.kernels.cpu, imported on first use (numba is slow to import)
+_cpu_error: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend selection
+# ----------------------------------------------------------------------------------------------
+
+
+class use_backend(contextlib.AbstractContextManager):
+    """Select the backend: ``normkit.use_backend("cpu")`` sets it for the process;
+    ``with normkit.use_backend("reference"): ...`` sets it for the block and restores the previous
+    one on exit.
+
+    Names: "auto" (fastest correct backend for the device, dtype and N — never chosen by the
+    number of rows, so a row gets the same bits alone or in a batch), "reference" (pure torch,
+    float64-capable), "cpu" (numba; raises if it cannot compute a call).
+    """
+
+    def __init__(self, name: str):
+        global _backend
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        self._previous = _backend
+        _backend = name
+
+    def __exit__(self, *exc):
+        global _backend
+        _backend = self._previous
+        return False
+
+
+def get_backend() -> str:
+    """The backend name currently selected ("auto", "reference" or "cpu")."""
+    return _backend
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine (``cpu`` needs numba)."""
+    return ["reference"] + (["cpu"] if _load_cpu() is not None else [])
+
+
+def _load_cpu():
+    global _cpu_module, _cpu_error
+    if _cpu_module is None and _cpu_error is None:
+        try:
+            from .kernels import cpu
+
+            _cpu_module = cpu
+        except Exception as e:  # numba missing or broken: auto falls back to the reference
+            _cpu_error = f"{type(e).__name__}: {e}"
+            log.warning("normkit cpu backend unavailable (%s); using the reference", _cpu_error)
+    return _cpu_module
+
+
+def _select(x, weight, bias, casting, out_dtype):
+    """The cpu kernels module, or None for the reference."""
+    name = _backend
+    if name == "reference":
+        return None
+    cpu = _load_cpu()
+    ok = cpu is not None and cpu.supports(x, weight, bias, casting, out_dtype)
+    if ok:
+        return cpu
+    if name == "cpu":
+        why = _cpu_error or (
+            f"x {x.dtype} on {x.device}, weight "
+            f"{None if weight is None else (weight.dtype, weight.device)}, casting {casting!r}"
+        )
+        raise ValueError(f"backend 'cpu' cannot compute this call ({why}); use 'auto'")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_norm(
+    x: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    residual: torch.Tensor | None = None,
+    zero_centered_gamma: bool = False,
+    return_residual: bool = False,
+    casting: str = "torch",
+    out_dtype: torch.dtype | None = None,
+):
+    """LayerNorm over the last ``len(normalized_shape)`` dims, optionally fused with a residual add.
+
+    ``y = (h - mean(h)) * rsqrt(var(h) + eps) * g + b`` with ``h = x`` (or ``x + residual``,
+    rounded to x.dtype), biased variance, ``g = weight`` (or ``1 + weight`` with
+    ``zero_centered_gamma``), statistics in float32 (float64 for float64 input).
+
+    Args:
+        x: (..., *normalized_shape) float tensor (float32, bfloat16, float16, float64).
+        normalized_shape: int or shape of the trailing dims to normalize over.
+        weight, bias: γ and β of shape ``normalized_shape``, or None.  They may have another
+            float dtype than x (e.g. float32 γ with bfloat16 activations).
+        eps: added to the variance; must be finite and >= 0.
+        residual: tensor like x (same shape, dtype and device), added before normalizing.
+        zero_centered_gamma: multiply by ``1 + weight`` (γ stored zero-centred, as in Gemma).
+        return_residual: also return ``h`` — the input of the next pre-norm block.
+        casting: where the cast back to a 16-bit input dtype happens:
+            "torch" / "gemma": everything in float32, one rounding at the end; output dtype
+            x.dtype (or ``out_dtype``).  "llama": normalize in float32, cast to x.dtype, then
+            apply γ/β with torch's type promotion; output ``promote_types(x.dtype, weight.dtype)``.
+            "t5": normalize in float32, cast to weight.dtype only when that is 16-bit, then
+            multiply; output weight.dtype (16-bit weight) or float32.
+        out_dtype: output dtype for "torch"/"gemma" casting.
+
+    Returns:
+        ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype).
+
+    Under ``torch.autocast`` the op behaves like torch's own ``layer_norm``: on CUDA (and other
+    accelerators) it runs in float32 and returns float32; on the CPU autocast leaves it alone.
+    """
+    return _norm(
+        x, normalized_shape, weight, bias, eps, residual, zero_centered_gamma,
+        return_residual, casting, out_dtype, False,
+    )
+
+
+def rms_norm(
+    x: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    zero_centered_gamma: bool = False,
+    return_residual: bool = False,
+    casting: str = "torch",
+    out_dtype: torch.dtype | None = None,
+):
+    """RMSNorm: ``y = h * rsqrt(mean(h²) + eps) * g``, optionally fused with a residual add.
+
+    Args:
+        x, normalized_shape, weight, residual, zero_centered_gamma, return_residual, casting,
+            out_dtype: as in ``layer_norm`` (no bias).
+        eps: added to the mean square; None means ``torch.finfo(x.dtype).eps``, as in
+            ``torch.nn.functional.rms_norm``.
+
+    Returns:
+        ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True``.  Output dtype: see
+        ``layer_norm``.
+    """
+    return _norm(
+        x, normalized_shape, weight, None, eps, residual, zero_centered_gamma,
+        return_residual, casting, out_dtype, True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_param(name, p, shape, x):
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+    if tuple(p.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(p.shape)}")
+    if not p.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+
+
+def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dtype, rms):
+    """Checks every argument; returns (normalized_shape tuple, N, eps float)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if isinstance(normalized_shape, int):
+        ns = (normalized_shape,)
+    else:
+        try:
+            ns = tuple(int(d) for d in normalized_shape)
+        except TypeError:
+            raise TypeError(
+                f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+            ) from None
+    k = len(ns)
+    if k == 0 or k > x.dim() or tuple(x.shape[-k:]) != ns:
+        raise ValueError(
+            f"normalized_shape {ns} must match the trailing dims of x, whose shape is "
+            f"{tuple(x.shape)}"
+        )
+    if weight is not None:
+        _check_param("weight", weight, ns, x)
+    if bias is not None:
+        _check_param("bias", bias, ns, x)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"residual must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
+                f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}"
+            )
+    if eps is None:
+        if not rms:
+            raise TypeError("eps must be a float, got None")
+        eps = torch.finfo(x.dtype).eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    if casting not in CASTINGS:
+        raise ValueError(f"casting must be one of {CASTINGS}, got {casting!r}")
+    if out_dtype is not None:
+        if casting not in ("torch", "gemma"):
+            raise ValueError(f"out_dtype is only for casting 'torch'/'gemma', not {casting!r}")
+        if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+            raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+    return ns, math.prod(ns), eps
+
+
+def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual, casting,
+          out_dtype, rms):
+    ns, n, eps = _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dtype,
+                           rms)
+    if not x.is_cpu and torch.is_autocast_enabled(x.device.type):
+        # torch's autocast runs layer_norm / rms_norm in float32 on accelerators (CPU: no policy).
+        x, weight, bias, residual = (
+            None if t is None else t.float() for t in (x, weight, bias, residual)
+        )
+    shape = x.shape
+    m = x.numel() // n if n else 0
+    # Flatten to rows here, never inside the autograd.Function (STYLE habit 2).  reshape is a
+    # view whenever the leading dims can be merged; the kernels need only the last dim contiguous.
+    x2 = x if x.dim() == 2 and len(ns) == 1 else x.reshape(m, n)
+    if n > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    r2 = None
+    if residual is not None:
+        r2 = residual if residual.dim() == 2 and len(ns) == 1 else residual.reshape(m, n)
+        if n > 1 and r2.stride(1) != 1:
+            r2 = r2.contiguous()
+    w = None if weight is None else weight.reshape(n)
+    b = None if bias is None else bias.reshape(n)
+
+    if torch.compiler.is_compiling():
+        y, h = _compiled_path(x2, w, b, r2, eps, rms, zc, casting, out_dtype)
+    else:
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or (w is not None and w.requires_grad)
+            or (b is not None and b.requires_grad)
+            or (r2 is not None and r2.requires_grad)
+        )
+        kern = _select(x2, w, b, casting, out_dtype) if m and n else None
+        if kern is None:
+            y, h, _, _ = reference.norm_forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype)
+        elif not needs_grad:
+            y, h, _ = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype, False)
+        else:
+            out = _NormFunction.apply(x2, w, b, r2, eps, rms, zc, casting, out_dtype)
+            y, h = out if r2 is not None else (out, None)
+    y = y.view(shape)
+    if return_residual:
+        if h is None:  # no residual: h is x itself
+            return y, x
+        return y, h.view(shape)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd (eager)
+# ----------------------------------------------------------------------------------------------
+
+
+class _NormFunction(torch.autograd.Function):
+    """Stashes what backward needs; shapes are already (M, N)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, rms, zc, casting, out_dtype):
+        cpu = _load_cpu()
+        y, h, stats = cpu.forward(x, weight, bias, residual, eps, rms, zc, casting, out_dtype, True)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, bias, residual, h, stats)
+        ctx.opts = (eps, rms, zc, casting, out_dtype)
+        if residual is not None:
+            return y, h
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        x, weight, bias, residual, h, stats = ctx.saved_tensors
+        eps, rms, zc, casting, out_dtype = ctx.opts
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the reference instead (double backward).
+            return _reference_backward(need, x, weight, bias, residual, dy, dh, ctx.opts)
+        v = h if h is not None else x
+        dx, dw, db = _kernel_backward(
+            _load_cpu(), v, weight, bias, stats, dy, dh, rms, zc, casting, need[1] or need[2]
+        )
+        return (
+            dx if need[0] else None,
+            None if dw is None or not need[1] else dw.to(weight.dtype),
+            None if db is None or not need[2] else db.to(bias.dtype),
+            dx if need[3] else None,
+            None, None, None, None, None,
+        )
+
+
+def _kernel_backward(cpu, v, weight, bias, stats, dy, dh, rms, zc, casting, need_dw):
+    if dy is None:
+        dy = torch.zeros(v.shape, dtype=reference.output_dtype(
+            v.dtype, None if weight is None else weight.dtype, casting, None))
+    dy = dy.contiguous()
+    if dh is not None:
+        dh = dh.contiguous()
+    return cpu.backward(dy, dh, v.contiguous(), weight, bias is not None, stats, rms, zc,
+                        casting, need_dw)
+
+
+def _reference_backward(need, x, weight, bias, residual, dy, dh, opts):
+    eps, rms, zc, casting, out_dtype = opts
+    inputs = [(i, t) for i, t in enumerate((x, weight, bias, residual)) if need[i]]
+    y, h, _, _ = reference.norm_forward(x, weight, bias, residual, eps, rms, zc, casting, out_dtype)
+    outs, grads = [y], [dy if dy is not None else torch.zeros_like(y)]
+    if h is not None and dh is not None:
+        outs.append(h)
+        grads.append(dh)
+    got = torch.autograd.grad(outs, [t for _, t in inputs], grads, create_graph=True,
+                              allow_unused=True)
+    result = [None] * 9
+    for (i, _), g in zip(inputs, got):
+        result[i] = g
+    return tuple(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops (the torch.compile path)
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("normkit::norm_fwd", mutates_args=())
+def _norm_fwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    zero_centered: bool,
+    casting: str,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, stats) on rows; h and stats are empty when not produced."""
+    kern = _select(x, weight, bias, casting, out_dtype) if x.numel() else None
+    if kern is None:
+        y, h, mean, rstd = reference.norm_forward(
+            x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype
+        )
+        stats = x.new_empty(0, dtype=reference.compute_dtype(x.dtype))
+    else:
+        y, h, stats = kern.forward(
+            x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, True
+        )
+    return y, (x.new_empty(0) if h is None else h), stats
+
+
+@_norm_fwd_op.register_fake
+def _(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype):
+    m, n = x.shape
+    od = reference.output_dtype(
+        x.dtype, None if weight is None else weight.dtype, casting, out_dtype
+    )
+    y = x.new_empty((m, n), dtype=od)
+    h = x.new_empty((m, n)) if residual is not None else x.new_empty(0)
+    stats = x.new_empty((m, 3), dtype=reference.compute_dtype(x.dtype))
+    return y, h, stats
+
+
+@torch.library.custom_op("normkit::norm_bwd", mutates_args=())
+def _norm_bwd_op(
+    dy: torch.Tensor,
+    dh: torch.Tensor | None,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    h: torch.Tensor,
+    stats: torch.Tensor,
+    eps: float,
+    rms: bool,
+    zero_centered: bool,
+    casting: str,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); dweight/dbias empty when there is no weight/bias."""
+    v = h if residual is not None else x
+    if stats.numel() == 0:  # forward ran on the reference (autograd cannot run in here)
+        dx, dw, db = reference.norm_backward(dy, dh, v, weight, bias is not None, eps, rms,
+                                             zero_centered, casting)
+    else:
+        dx, dw, db = _kernel_backward(_load_cpu(), v, weight, bias, stats, dy, dh, rms,
+                                      zero_centered, casting, True)
+    dw = x.new_empty(0) if dw is None else dw.to(weight.dtype)
+    db = x.new_empty(0) if db is None else db.to(bias.dtype)
+    return dx, dw, db
+
+
+@_norm_bwd_op.register_fake
+def _(dy, dh, x, weight, bias, residual, h, stats, eps, rms, zero_centered, casting, out_dtype):
+    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = x.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps, rms, zc, casting, out_dtype = inputs
+    _, h, stats = output
+    ctx.save_for_backward(x, weight, bias, residual, h, stats)
+    ctx.opts = (eps, rms, zc, casting, out_dtype)
+
+
+def _fwd_backward(ctx, dy, dh, dstats):
+    x, weight, bias, residual, h, stats = ctx.saved_tensors
+    eps, rms, zc, casting, out_dtype = ctx.opts
+    if dh is not None and residual is None:
+        dh = None
+    if dy is None:
+        dy = torch.zeros(x.shape, dtype=reference.output_dtype(
+            x.dtype, None if weight is None else weight.dtype, casting, out_dtype))
+    dx, dw, db = _norm_bwd_op(dy, dh, x, weight, bias, residual, h, stats, eps, rms, zc,
+                              casting, out_dtype)
+    return (
+        dx,
+        dw if weight is not None else None,
+        db if bias is not None else None,
+        dx if residual is not None else None,
+        None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "normkit::norm_fwd", _fwd_backward, setup_context=_fwd_setup_context
+)
+
+
+def _compiled_path(x, w, b, r, eps, rms, zc, casting, out_dtype):
+    y, h, _ = _norm_fwd_op(x, w, b, r, eps, rms, zc, casting, out_dtype)
+    return y, (h if r is not None else None)

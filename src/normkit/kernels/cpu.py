@@ -1,0 +1,539 @@
+"""numba CPU kernels for LayerNorm / RMSNorm (+ fused residual add), forward and backward.
+
+Layout of this file (STYLE habit 1): dtype plumbing (typed pointers, 16-bit conversions in
+registers), row kernels, serial/parallel drivers, then the host functions that take torch tensors,
+allocate outputs and launch.  The math is the one in ``reference.py``; read that first.
+
+Design points, each with the reason:
+
+* Tensors reach numba as raw addresses plus zero-size "marker" arrays that carry the element type.
+  ``Tensor.numpy()`` costs ~1.1 µs per tensor and torch's whole LayerNorm at M=1 takes ~4.5 µs,
+  so converting five tensors would lose the single-request case before any math is done.
+* bfloat16 / float16 are read and written as 16-bit words and converted in registers: bf16 by a
+  shift, fp16 by LLVM ``fpext``/``fptrunc`` (F16C on x86).  No extra pass over memory, and the
+  rounding is bit-identical to torch's ``.to()`` (round-to-nearest-even, NaN kept).
+* Statistics accumulate in float32 (float64 for float64 input) with the shifted two-pass scheme
+  of the reference: exact ``x - m1`` for rows far from zero.
+* fastmath is only ``reassoc`` + ``contract``: enough for LLVM to vectorize the row reductions,
+  without the ``nnan``/``ninf`` assumptions that would let a NaN row come out finite.
+* A row's bits depend only on the row, γ, β, ε and N: the serial and the parallel drivers run the
+  same row function, rows never share a reduction, and the dγ/dβ reduction uses a partition of
+  the rows that depends on M alone (never on the thread count), summed in a fixed order.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic, overload
+
+__all__ = ["forward", "backward", "supports", "PARALLEL_MIN_ELEMENTS"]
+
+# Only what vectorization needs; never nnan/ninf (NaN must propagate).
+_FM = {"reassoc", "contract"}
+_CACHE = os.environ.get("NORMKIT_NUMBA_CACHE", "1") != "0"
+
+# Markers: zero-size arrays whose dtype tells numba how to read a pointer.
+# int16 stands for float16 words, uint16 for bfloat16 words.
+_MARKER = {
+    torch.float32: np.empty(0, np.float32),
+    torch.float64: np.empty(0, np.float64),
+    torch.bfloat16: np.empty(0, np.uint16),
+    torch.float16: np.empty(0, np.int16),
+}
+
+# Below this many elements the parallel region's launch (~10 µs on the workqueue layer) costs more
+# than it saves.  Serial and parallel drivers give identical bits (tested), so this is speed only.
+PARALLEL_MIN_ELEMENTS = 1 << 15
+
+# Flags passed as one int.
+_RES, _W, _B, _ZC, _NROUND, _STATS, _DH, _DW = 1, 2, 4, 8, 16, 32, 64, 128
+
+# dγ/dβ: rows are split into at most this many contiguous blocks (a function of M only).
+_MAX_BLOCKS = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# dtype plumbing
+# ----------------------------------------------------------------------------------------------
+
+
+@intrinsic
+def _ptr(typingctx, addr, marker):
+    """Typed pointer from an integer address; the element type comes from ``marker.dtype``."""
+    ptrty = types.CPointer(marker.dtype)
+    sig = ptrty(types.intp, marker)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptrty))
+
+    return sig, codegen
+
+
+@intrinsic
+def _f16_to_f32(typingctx, w):
+    sig = types.float32(types.int16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_f16(typingctx, f):
+    sig = types.int16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, f):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, u):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+def _ld(v):  # pragma: no cover - typed by the overload below
+    """Storage element → compute value (float32, or float64 for float64 storage)."""
+
+
+def _st(v, marker):  # pragma: no cover - typed by the overload below
+    """Compute value → storage element of ``marker``'s type (round to nearest even)."""
+
+
+def _czero(marker):  # pragma: no cover - typed by the overload below
+    """Zero in the compute type of ``marker``'s storage type."""
+
+
+@overload(_ld, jit_options={"fastmath": _FM})
+def _ld_impl(v):
+    if v in (types.float32, types.float64):
+        return lambda v: v
+    if v == types.uint16:  # bfloat16: the high half of a float32
+        return lambda v: _bits_f32(np.uint32(v) << np.uint32(16))
+    if v == types.int16:  # float16
+        return lambda v: _f16_to_f32(v)
+    return None
+
+
+@overload(_st, jit_options={"fastmath": _FM})
+def _st_impl(v, marker):
+    dt = marker.dtype
+    if dt == types.float32:
+        return lambda v, marker: np.float32(v)
+    if dt == types.float64:
+        return lambda v, marker: np.float64(v)
+    if dt == types.int16:
+        return lambda v, marker: _f32_to_f16(np.float32(v))
+    if dt == types.uint16:
+
+        def st_bf16(v, marker):
+            u = _f32_bits(np.float32(v))
+            # NaN: keep the sign and payload's top bits and force a quiet NaN (as torch does);
+            # everything else: round to nearest even on the dropped 16 bits.
+            nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            rne = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            q = (u >> np.uint32(16)) | np.uint32(0x40)
+            return np.uint16(q if nan else rne)
+
+        return st_bf16
+    return None
+
+
+@overload(_czero)
+def _czero_impl(marker):
+    if marker.dtype == types.float64:
+        return lambda marker: np.float64(0.0)
+    return lambda marker: np.float32(0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=_CACHE, fastmath=_FM)
+def _fwd_row(
+    i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK
+):  # pragma: no cover - compiled
+    """One row: optional h = x + r, statistics, y.  Returns (m1, dm, rstd).
+
+    Addresses are element-0 pointers; ``xrs``/``rrs`` are row strides in elements (the last dim
+    is contiguous); h and y are contiguous (M, N).  XK/OK/WK/NK mark the element types of x (and
+    residual, h), y, γ/β, and of the cast applied to the normalized value ("llama"/"t5").
+    """
+    z = _czero(XK)
+    nf = z + n
+    if flags & _RES:
+        x = carray(_ptr(xa, XK), i * xrs + n)
+        r = carray(_ptr(ra, XK), i * rrs + n)
+        src = carray(_ptr(ha, XK), (i + 1) * n)
+        xb = i * xrs
+        rb = i * rrs
+        sb = i * n
+        for j in range(n):  # h is rounded to x's dtype and then normalized as stored
+            src[sb + j] = _st(_ld(x[xb + j]) + _ld(r[rb + j]), XK)
+    else:
+        src = carray(_ptr(xa, XK), i * xrs + n)
+        sb = i * xrs
+
+    if rms:
+        m1 = z
+        dm = z
+        q = z
+        for j in range(n):
+            v = _ld(src[sb + j])
+            q += v * v
+        rstd = 1.0 / np.sqrt(q / nf + eps)
+    else:
+        s = z
+        for j in range(n):
+            s += _ld(src[sb + j])
+        m1 = s / nf
+        s1 = z
+        s2 = z
+        for j in range(n):
+            d = _ld(src[sb + j]) - m1
+            s1 += d
+            s2 += d * d
+        dm = s1 / nf
+        var = max(s2 / nf - dm * dm, z)
+        rstd = 1.0 / np.sqrt(var + eps)
+    rstd = z + rstd  # keep the compute type (eps is a Python float)
+
+    y = carray(_ptr(ya, OK), (i + 1) * n)
+    yb = i * n
+    has_w = (flags & _W) != 0
+    has_b = (flags & _B) != 0
+    zc = z + (1.0 if flags & _ZC else 0.0)
+    nround = (flags & _NROUND) != 0
+    w = carray(_ptr(wa, WK), n if has_w else 0)
+    b = carray(_ptr(ba, WK), n if has_b else 0)
+    for j in range(n):
+        t = ((_ld(src[sb + j]) - m1) - dm) * rstd
+        if nround:
+            t = _ld(_st(t, NK))
+        if has_w:
+            g = _ld(w[j]) + zc
+            if nround:
+                t = _ld(_st(t * g, OK))
+            else:
+                t = t * g
+        if has_b:
+            t = t + _ld(b[j])
+        y[yb + j] = _st(t, OK)
+    return m1, dm, rstd
+
+
+@njit(cache=_CACHE, fastmath=_FM)
+def _fwd_serial(
+    m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
+):  # pragma: no cover - compiled
+    st = carray(_ptr(sa, SK), 3 * m if flags & _STATS else 0)
+    for i in range(m):
+        m1, dm, rstd = _fwd_row(i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK)
+        if flags & _STATS:
+            st[3 * i] = m1
+            st[3 * i + 1] = dm
+            st[3 * i + 2] = rstd
+
+
+@njit(cache=_CACHE, fastmath=_FM, parallel=True)
+def _fwd_parallel(
+    m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
+):  # pragma: no cover - compiled
+    st = carray(_ptr(sa, SK), 3 * m if flags & _STATS else 0)
+    for i in prange(m):
+        m1, dm, rstd = _fwd_row(i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK)
+        if flags & _STATS:
+            st[3 * i] = m1
+            st[3 * i + 1] = dm
+            st[3 * i + 2] = rstd
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=_CACHE, fastmath=_FM)
+def _bwd_rows(
+    lo, hi, n, rms, flags, xa, dya, dha, dxa, wa, sa, dwa, dba, XK, OK, WK, NK, SK
+):  # pragma: no cover - compiled
+    """Rows [lo, hi): dx (+ dh), and this block's dγ/dβ partial sums (float32 rows dwa/dba).
+
+    With x̂ = (v - m1 - dm)·rstd (LN) or v·rstd (RMS) and g = γ (or 1+γ), per row:
+        dx = rstd · (g·dy − mean(g·dy) − x̂·mean(g·dy·x̂))   (LN; RMS drops the mean(g·dy) term)
+        dγ += dy · x̂  (x̂ cast as in the forward for "llama"/"t5"),  dβ += dy
+    plus dh, the gradient that reached the returned pre-norm sum h.
+    """
+    z = _czero(XK)
+    nf = z + n
+    has_w = (flags & _W) != 0
+    acc_w = (flags & _DW) != 0  # accumulate dγ (γ may be present with dγ unwanted)
+    acc_b = (flags & _B) != 0  # accumulate dβ
+    nround = (flags & _NROUND) != 0
+    zc = z + (1.0 if flags & _ZC else 0.0)
+    x = carray(_ptr(xa, XK), hi * n)
+    dy = carray(_ptr(dya, OK), hi * n)
+    dh = carray(_ptr(dha, XK), hi * n if flags & _DH else 0)
+    dx = carray(_ptr(dxa, XK), hi * n)
+    w = carray(_ptr(wa, WK), n if has_w else 0)
+    st = carray(_ptr(sa, SK), 3 * hi)
+    dw = carray(_ptr(dwa, SK), n if acc_w else 0)
+    db = carray(_ptr(dba, SK), n if acc_b else 0)
+    for i in range(lo, hi):
+        rb = i * n
+        m1 = st[3 * i]
+        dm = st[3 * i + 1]
+        rstd = st[3 * i + 2]
+        c1 = z
+        c2 = z
+        for j in range(n):
+            xh = ((_ld(x[rb + j]) - m1) - dm) * rstd
+            gdy = _ld(dy[rb + j])
+            if has_w:
+                gdy = gdy * (_ld(w[j]) + zc)
+            c1 += gdy
+            c2 += gdy * xh
+        c1 = c1 / nf
+        c2 = c2 / nf
+        if rms:
+            c1 = z
+        for j in range(n):
+            xh = ((_ld(x[rb + j]) - m1) - dm) * rstd
+            d = _ld(dy[rb + j])
+            gdy = d
+            if has_w:
+                gdy = d * (_ld(w[j]) + zc)
+            if acc_w:
+                if nround:
+                    dw[j] += d * _ld(_st(xh, NK))
+                else:
+                    dw[j] += d * xh
+            if acc_b:
+                db[j] += d
+            g = rstd * (gdy - c1 - xh * c2)
+            if flags & _DH:
+                g = g + _ld(dh[rb + j])
+            dx[rb + j] = _st(g, XK)
+
+
+@njit(cache=_CACHE, fastmath=_FM)
+def _bwd_serial(
+    m, nblk, n, rms, flags, xa, dya, dha, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
+):  # pragma: no cover - compiled
+    rpb = (m + nblk - 1) // nblk
+    for k in range(nblk):
+        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dxa, wa, sa,
+                  pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
+
+
+@njit(cache=_CACHE, fastmath=_FM, parallel=True)
+def _bwd_parallel(
+    m, nblk, n, rms, flags, xa, dya, dha, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
+):  # pragma: no cover - compiled
+    rpb = (m + nblk - 1) // nblk
+    for k in prange(nblk):
+        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dxa, wa, sa,
+                  pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
+
+
+@njit(cache=_CACHE)
+def _sum_blocks(nblk, n, pa, oa, SK):  # pragma: no cover - compiled
+    """out[j] = Σ_k partial[k, j], k in order: a fixed summation order, so dγ/dβ are bitwise
+    reproducible from run to run whatever the thread count."""
+    p = carray(_ptr(pa, SK), nblk * n)
+    out = carray(_ptr(oa, SK), n)
+    for j in range(n):
+        out[j] = p[j]
+    for k in range(1, nblk):
+        for j in range(n):
+            out[j] += p[k * n + j]
+
+
+# ----------------------------------------------------------------------------------------------
+# Host functions: torch tensors in, torch tensors out
+# ----------------------------------------------------------------------------------------------
+
+# One parallel region at a time.  numba's workqueue layer must not be entered concurrently, and
+# even with a layer that allows it, 8 calling threads × all cores would oversubscribe the
+# machine; serialising the (already all-core) parallel launches keeps threads == cores.  Small
+# calls run serially on the calling thread and never take the lock.
+_PAR_LOCK = threading.Lock()
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def supports(x, weight, bias, casting, out_dtype) -> bool:
+    """Whether this backend computes the op for these operands (else the caller falls back)."""
+    if x.device.type != "cpu" or x.dtype not in _MARKER:
+        return False
+    for p in (weight, bias):
+        if p is not None and (p.device.type != "cpu" or p.dtype not in _MARKER):
+            return False
+    wd = weight.dtype if weight is not None else None
+    bd = bias.dtype if bias is not None else None
+    if x.dtype != torch.float64 and torch.float64 in (wd, bd):
+        return False
+    if casting in ("llama", "t5") and wd is not None and bd is not None and wd != bd:
+        return False
+    from .reference import output_dtype
+
+    return output_dtype(x.dtype, wd, casting, out_dtype) in _MARKER
+
+
+def _param_dtype(x, weight, bias, casting):
+    """The one storage type γ and β are read with inside the kernel."""
+    if x.dtype == torch.float64:
+        return torch.float64
+    wd = weight.dtype if weight is not None else None
+    bd = bias.dtype if bias is not None else None
+    if wd is None:
+        return bd or torch.float32
+    if bd is None or bd == wd:
+        return wd
+    return torch.float32  # "torch"/"gemma": both are used in float32 anyway; exact upcast
+
+
+def _cast_marker(x, weight, casting):
+    """Storage type the normalized value is rounded to before γ, or None for no rounding."""
+    if casting == "llama" and x.dtype in _HALF:
+        return x.dtype
+    if casting == "t5" and weight is not None and weight.dtype in _HALF:
+        return weight.dtype
+    return None
+
+
+def _run(serial, parallel, elements, *args):
+    if elements < PARALLEL_MIN_ELEMENTS:
+        serial(*args)
+    else:
+        with _PAR_LOCK:
+            parallel(*args)
+
+
+def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats):
+    """Forward on rows.
+
+    Args:
+        x: (M, N) with ``x.stride(1) == 1`` (rows may be strided).  residual: like x or None.
+        weight, bias: (N,) contiguous, or None.  Other args as in ``reference.norm_forward``.
+        need_stats: also return the (M, 3) statistics [m1, dm, rstd] that backward needs.
+
+    Returns:
+        (y, h, stats): y (M, N) contiguous; h (M, N) in x.dtype or None; stats or None.
+    """
+    from .reference import output_dtype
+
+    m, n = x.shape
+    pd = _param_dtype(x, weight, bias, casting)
+    if weight is not None and weight.dtype != pd:
+        weight = weight.to(pd)
+    if bias is not None and bias.dtype != pd:
+        bias = bias.to(pd)
+    od = output_dtype(x.dtype, weight.dtype if weight is not None else None, casting, out_dtype)
+    y = torch.empty((m, n), dtype=od)
+    h = torch.empty((m, n), dtype=x.dtype) if residual is not None else None
+    sd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = torch.empty((m, 3), dtype=sd) if need_stats else None
+    nd = _cast_marker(x, weight, casting)
+    flags = (
+        (_RES if residual is not None else 0)
+        | (_W if weight is not None else 0)
+        | (_B if bias is not None else 0)
+        | (_ZC if zero_centered and weight is not None else 0)
+        | (_NROUND if nd is not None else 0)
+        | (_STATS if need_stats else 0)
+    )
+    _run(
+        _fwd_serial, _fwd_parallel, m * n,
+        m, n, rms, flags, float(eps),
+        x.data_ptr(), x.stride(0),
+        residual.data_ptr() if residual is not None else 0,
+        residual.stride(0) if residual is not None else 0,
+        h.data_ptr() if h is not None else 0,
+        y.data_ptr(),
+        weight.data_ptr() if weight is not None else 0,
+        bias.data_ptr() if bias is not None else 0,
+        stats.data_ptr() if stats is not None else 0,
+        _MARKER[x.dtype], _MARKER[od], _MARKER[pd], _MARKER[nd or x.dtype], _MARKER[sd],
+    )
+    return y, h, stats
+
+
+def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw):
+    """Backward on rows.
+
+    Args:
+        dy: (M, N) gradient of y (contiguous, y's dtype).  dh: gradient of the returned h, or None.
+        x: (M, N) contiguous: the normalized input (h when a residual was added).
+        weight: (N,) or None.  has_bias: whether dβ is wanted.  stats: forward's (M, 3).
+        need_dw: whether dγ/dβ are wanted at all.
+
+    Returns:
+        (dx, dweight, dbias): dx in x.dtype (also the residual's gradient); dweight/dbias in the
+        statistics dtype (float32, float64 for float64 input) or None.
+    """
+    m, n = x.shape
+    pd = _param_dtype(x, weight, None, casting)
+    if weight is not None and weight.dtype != pd:
+        weight = weight.to(pd)
+    sd = stats.dtype
+    nd = _cast_marker(x, weight, casting)
+    want_w = need_dw and weight is not None
+    want_b = need_dw and has_bias
+    nblk = min(m, _MAX_BLOCKS) if (want_w or want_b) else 1
+    flags = (
+        (_W if weight is not None else 0)
+        | (_DW if want_w else 0)
+        | (_B if want_b else 0)
+        | (_ZC if zero_centered and weight is not None else 0)
+        | (_NROUND if nd is not None else 0)
+        | (_DH if dh is not None else 0)
+    )
+    dx = torch.empty((m, n), dtype=x.dtype)
+    # Partial sums only when wanted (_DW/_B); γ itself is still needed for dx (_W).
+    pw = torch.zeros((nblk, n if want_w else 0), dtype=sd)
+    pb = torch.zeros((nblk, n if want_b else 0), dtype=sd)
+    args = (
+        m, nblk, n, rms, flags,
+        x.data_ptr(), dy.data_ptr(), dh.data_ptr() if dh is not None else 0, dx.data_ptr(),
+        weight.data_ptr() if weight is not None else 0, stats.data_ptr(),
+        pw.data_ptr(), pb.data_ptr(),
+        _MARKER[x.dtype], _MARKER[dy.dtype], _MARKER[pd], _MARKER[nd or x.dtype], _MARKER[sd],
+    )
+    _run(_bwd_serial, _bwd_parallel, m * n, *args)
+    dw = _reduce(pw, nblk, n) if want_w else None
+    db = _reduce(pb, nblk, n) if want_b else None
+    return dx, dw, db
+
+
+def _reduce(partial, nblk, n):
+    if nblk == 1:
+        return partial[0]
+    out = torch.empty(n, dtype=partial.dtype)
+    _sum_blocks(nblk, n, partial.data_ptr(), out.data_ptr(), _MARKER[partial.dtype])
+    return out

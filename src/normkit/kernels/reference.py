@@ -1,0 +1,181 @@
+"""Pure-torch reference for the normkit op family: the spec every backend is tested against.
+
+Everything here is plain differentiable torch, so it also serves as
+
+* the fallback for devices/dtypes no fast backend covers (CUDA until the Triton backend lands),
+* double backward (autograd through these formulas),
+* the float64 ground truth in tests (call it on ``x.double()``).
+
+The math (per row ``v`` of length N, after the optional residual add ``h = x + residual``):
+
+    LayerNorm: m1 = mean(v); d = v - m1; dm = mean(d); var = mean(d*d) - dm*dm
+               y  = (d - dm) * rsqrt(var + eps) * g + b
+    RMSNorm:   y  = v * rsqrt(mean(v*v) + eps) * g
+
+with ``g = weight`` or ``1 + weight`` (zero-centred γ).  The shift by the first-pass mean ``m1`` is
+what makes the statistics robust: for a row like ``1e4 + 1e-2*randn`` in float32, ``v - m1`` is
+exact (Sterbenz), whereas the textbook ``E[x²] - E[x]²`` cancels every significant digit and
+torch's Welford loses several.  The mean is kept as the pair (m1, dm); folding it into one float32
+would round it to ulp(1e4) ≈ 1e-3, a tenth of the row's standard deviation.
+
+Statistics are computed in float32 for 16/32-bit inputs and in float64 for float64 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["norm_forward", "compute_dtype", "output_dtype"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype the statistics are accumulated in: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_dtype(
+    x_dtype: torch.dtype,
+    w_dtype: torch.dtype | None,
+    casting: str,
+    out_dtype: torch.dtype | None,
+) -> torch.dtype:
+    """The output dtype rule (see ``normkit.layer_norm``)."""
+    if casting in ("torch", "gemma"):
+        return out_dtype or x_dtype
+    if w_dtype is None:
+        return x_dtype if casting == "llama" else compute_dtype(x_dtype)
+    if casting == "llama":
+        return torch.promote_types(x_dtype, w_dtype)
+    # t5: the normalized value is float32 (or cast to a half weight's dtype), times weight
+    return w_dtype if w_dtype in _HALF else torch.promote_types(compute_dtype(x_dtype), w_dtype)
+
+
+def norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    zero_centered_gamma: bool = False,
+    casting: str = "torch",
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Reference forward on rows: x (M, N) → (y, h, mean, rstd).
+
+    Args:
+        x: (M, N) input.  weight/bias: (N,) or None.  residual: (M, N) like x, or None.
+        eps: added to the variance (LN) or mean square (RMS).
+        rms: RMSNorm when True, LayerNorm otherwise.
+        zero_centered_gamma: multiply by ``1 + weight``.
+        casting: "torch" | "gemma" | "llama" | "t5" (see ``normkit.layer_norm``).
+        out_dtype: output dtype for "torch"/"gemma" casting (default x.dtype).
+
+    Returns:
+        y (M, N) in the output dtype; h = x + residual in x.dtype (None without residual);
+        mean (M,) and rstd (M,) in the compute dtype (mean is zeros for RMSNorm).
+    """
+    ct = compute_dtype(x.dtype)
+    if residual is not None:
+        h = (x.to(ct) + residual.to(ct)).to(x.dtype)
+        v = h.to(ct)
+    else:
+        h = None
+        v = x.to(ct)
+    if rms:
+        rstd = torch.rsqrt((v * v).mean(-1, keepdim=True) + eps)
+        xhat = v * rstd
+        mean = torch.zeros_like(rstd)
+    else:
+        m1 = v.mean(-1, keepdim=True)
+        d = v - m1
+        dm = d.mean(-1, keepdim=True)
+        var = ((d * d).mean(-1, keepdim=True) - dm * dm).clamp_min(0.0)
+        rstd = torch.rsqrt(var + eps)
+        xhat = (d - dm) * rstd
+        mean = m1 + dm
+    y = _apply_affine(xhat, x.dtype, weight, bias, zero_centered_gamma, casting, out_dtype)
+    return y, h, mean.squeeze(-1), rstd.squeeze(-1)
+
+
+def _apply_affine(xhat, x_dtype, weight, bias, zero_centered, casting, out_dtype):
+    """y from the normalized row, with the cast placed where ``casting`` says."""
+    ct = xhat.dtype
+    if casting in ("torch", "gemma"):
+        y = xhat
+        if weight is not None:
+            g = weight.to(ct)
+            y = y * (g + 1 if zero_centered else g)
+        if bias is not None:
+            y = y + bias.to(ct)
+        return y.to(output_dtype(x_dtype, None, casting, out_dtype))
+    # "llama" / "t5": cast the normalized value, then apply γ (and β) with torch's promotion.
+    if casting == "llama":
+        n = xhat.to(x_dtype)
+    elif weight is not None and weight.dtype in _HALF:
+        n = xhat.to(weight.dtype)
+    else:
+        n = xhat
+    y = n
+    if weight is not None:
+        y = y * (weight + 1 if zero_centered else weight)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def norm_backward(
+    dy: torch.Tensor,
+    dh: torch.Tensor | None,
+    v: torch.Tensor,
+    weight: torch.Tensor | None,
+    has_bias: bool,
+    eps: float,
+    rms: bool,
+    zero_centered_gamma: bool = False,
+    casting: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Analytic backward on rows (for places where autograd cannot run, e.g. inside a custom op).
+
+    With x̂ the normalized row and g = γ (or 1+γ):
+        dx = rstd·(g·dy − mean(g·dy) − x̂·mean(g·dy·x̂))   (RMS: without the mean(g·dy) term)
+        dγ = Σ_rows dy·x̂ (x̂ cast as the forward casts it),  dβ = Σ_rows dy
+    plus dh (the gradient of the returned h).  v is the normalized input (h with a residual).
+
+    Returns:
+        dx in v.dtype, dweight and dbias in the compute dtype (None when absent).
+    """
+    ct = compute_dtype(v.dtype)
+    f = v.to(ct)
+    if rms:
+        rstd = torch.rsqrt((f * f).mean(-1, keepdim=True) + eps)
+        xhat = f * rstd
+    else:
+        m1 = f.mean(-1, keepdim=True)
+        d = f - m1
+        dm = d.mean(-1, keepdim=True)
+        var = ((d * d).mean(-1, keepdim=True) - dm * dm).clamp_min(0.0)
+        rstd = torch.rsqrt(var + eps)
+        xhat = (d - dm) * rstd
+    g = dy.to(ct)
+    if weight is not None:
+        wt = weight.to(ct)
+        g = g * (wt + 1 if zero_centered_gamma else wt)
+    c2 = (g * xhat).mean(-1, keepdim=True)
+    dx = rstd * (g - xhat * c2) if rms else rstd * (g - g.mean(-1, keepdim=True) - xhat * c2)
+    if dh is not None:
+        dx = dx + dh.to(ct)
+    dw = db = None
+    if weight is not None:
+        if casting == "llama" and v.dtype in _HALF:
+            n = xhat.to(v.dtype).to(ct)
+        elif casting == "t5" and weight.dtype in _HALF:
+            n = xhat.to(weight.dtype).to(ct)
+        else:
+            n = xhat
+        dw = (dy.to(ct) * n).sum(0)
+    if has_bias:
+        db = dy.to(ct).sum(0)
+    return dx.to(v.dtype), dw, db
