@@ -215,8 +215,10 @@ def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dty
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if isinstance(normalized_shape, int):
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         ns = (normalized_shape,)
+    elif isinstance(normalized_shape, (str, bytes)):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
     else:
         try:
             ns = tuple(int(d) for d in normalized_shape)

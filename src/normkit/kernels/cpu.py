@@ -32,7 +32,9 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["forward", "backward", "supports", "PARALLEL_MIN_ELEMENTS"]
+from .reference import output_dtype
+
+__all__ = ["forward", "backward", "supports", "plan", "PARALLEL_MIN_ELEMENTS"]
 
 # Only what vectorization needs; never nnan/ninf (NaN must propagate).
 _FM = {"reassoc", "contract"}
@@ -115,6 +117,12 @@ def _bits_f32(typingctx, u):
     return sig, codegen
 
 
+@njit(cache=_CACHE)
+def _row(addr, offset, n, marker):  # pragma: no cover - compiled
+    """The n elements starting ``offset`` elements past ``addr``, typed as ``marker``."""
+    return carray(_ptr(addr + offset * marker.itemsize, marker), n)
+
+
 def _ld(v):  # pragma: no cover - typed by the overload below
     """Storage element → compute value (float32, or float64 for float64 storage)."""
 
@@ -123,8 +131,13 @@ def _st(v, marker):  # pragma: no cover - typed by the overload below
     """Compute value → storage element of ``marker``'s type (round to nearest even)."""
 
 
-def _czero(marker):  # pragma: no cover - typed by the overload below
-    """Zero in the compute type of ``marker``'s storage type."""
+def _c(v, marker):  # pragma: no cover - typed by the overload below
+    """``v`` converted to the compute type of ``marker``'s storage type (float32 or float64).
+
+    Every constant and scalar argument goes through this: numba types ``float32 + int`` and
+    ``float32 * 1.0`` as float64, which silently turns a float32 row loop into a mixed-precision
+    one at a third of the speed.
+    """
 
 
 @overload(_ld, jit_options={"fastmath": _FM})
@@ -162,11 +175,11 @@ def _st_impl(v, marker):
     return None
 
 
-@overload(_czero)
-def _czero_impl(marker):
+@overload(_c)
+def _c_impl(v, marker):
     if marker.dtype == types.float64:
-        return lambda marker: np.float64(0.0)
-    return lambda marker: np.float32(0.0)
+        return lambda v, marker: np.float64(v)
+    return lambda v, marker: np.float32(v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,55 +197,53 @@ def _fwd_row(
     is contiguous); h and y are contiguous (M, N).  XK/OK/WK/NK mark the element types of x (and
     residual, h), y, γ/β, and of the cast applied to the normalized value ("llama"/"t5").
     """
-    z = _czero(XK)
-    nf = z + n
+    z = _c(0, XK)
+    nf = _c(n, XK)
+    e = _c(eps, XK)
+    one = _c(1, XK)
+    # Per-row arrays indexed by the bare loop variable: numba then knows the index is >= 0 and
+    # emits no negative-index wraparound, which would otherwise keep LLVM from vectorizing.
     if flags & _RES:
-        x = carray(_ptr(xa, XK), i * xrs + n)
-        r = carray(_ptr(ra, XK), i * rrs + n)
-        src = carray(_ptr(ha, XK), (i + 1) * n)
-        xb = i * xrs
-        rb = i * rrs
-        sb = i * n
+        x = _row(xa, i * xrs, n, XK)
+        r = _row(ra, i * rrs, n, XK)
+        src = _row(ha, i * n, n, XK)
         for j in range(n):  # h is rounded to x's dtype and then normalized as stored
-            src[sb + j] = _st(_ld(x[xb + j]) + _ld(r[rb + j]), XK)
+            src[j] = _st(_ld(x[j]) + _ld(r[j]), XK)
     else:
-        src = carray(_ptr(xa, XK), i * xrs + n)
-        sb = i * xrs
+        src = _row(xa, i * xrs, n, XK)
 
     if rms:
         m1 = z
         dm = z
         q = z
         for j in range(n):
-            v = _ld(src[sb + j])
+            v = _ld(src[j])
             q += v * v
-        rstd = 1.0 / np.sqrt(q / nf + eps)
+        rstd = one / np.sqrt(q / nf + e)
     else:
         s = z
         for j in range(n):
-            s += _ld(src[sb + j])
+            s += _ld(src[j])
         m1 = s / nf
         s1 = z
         s2 = z
         for j in range(n):
-            d = _ld(src[sb + j]) - m1
+            d = _ld(src[j]) - m1
             s1 += d
             s2 += d * d
         dm = s1 / nf
         var = max(s2 / nf - dm * dm, z)
-        rstd = 1.0 / np.sqrt(var + eps)
-    rstd = z + rstd  # keep the compute type (eps is a Python float)
+        rstd = one / np.sqrt(var + e)
 
-    y = carray(_ptr(ya, OK), (i + 1) * n)
-    yb = i * n
+    y = _row(ya, i * n, n, OK)
     has_w = (flags & _W) != 0
     has_b = (flags & _B) != 0
-    zc = z + (1.0 if flags & _ZC else 0.0)
+    zc = one if flags & _ZC else z
     nround = (flags & _NROUND) != 0
-    w = carray(_ptr(wa, WK), n if has_w else 0)
-    b = carray(_ptr(ba, WK), n if has_b else 0)
+    w = _row(wa, 0, n if has_w else 0, WK)
+    b = _row(ba, 0, n if has_b else 0, WK)
     for j in range(n):
-        t = ((_ld(src[sb + j]) - m1) - dm) * rstd
+        t = ((_ld(src[j]) - m1) - dm) * rstd
         if nround:
             t = _ld(_st(t, NK))
         if has_w:
@@ -243,7 +254,7 @@ def _fwd_row(
                 t = t * g
         if has_b:
             t = t + _ld(b[j])
-        y[yb + j] = _st(t, OK)
+        y[j] = _st(t, OK)
     return m1, dm, rstd
 
 
@@ -251,7 +262,7 @@ def _fwd_row(
 def _fwd_serial(
     m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
-    st = carray(_ptr(sa, SK), 3 * m if flags & _STATS else 0)
+    st = _row(sa, 0, 3 * m if flags & _STATS else 0, SK)
     for i in range(m):
         m1, dm, rstd = _fwd_row(i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK)
         if flags & _STATS:
@@ -264,7 +275,7 @@ def _fwd_serial(
 def _fwd_parallel(
     m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
-    st = carray(_ptr(sa, SK), 3 * m if flags & _STATS else 0)
+    st = _row(sa, 0, 3 * m if flags & _STATS else 0, SK)
     for i in prange(m):
         m1, dm, rstd = _fwd_row(i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK)
         if flags & _STATS:
@@ -289,31 +300,31 @@ def _bwd_rows(
         dγ += dy · x̂  (x̂ cast as in the forward for "llama"/"t5"),  dβ += dy
     plus dh, the gradient that reached the returned pre-norm sum h.
     """
-    z = _czero(XK)
-    nf = z + n
+    z = _c(0, XK)
+    nf = _c(n, XK)
     has_w = (flags & _W) != 0
     acc_w = (flags & _DW) != 0  # accumulate dγ (γ may be present with dγ unwanted)
     acc_b = (flags & _B) != 0  # accumulate dβ
     nround = (flags & _NROUND) != 0
-    zc = z + (1.0 if flags & _ZC else 0.0)
-    x = carray(_ptr(xa, XK), hi * n)
-    dy = carray(_ptr(dya, OK), hi * n)
-    dh = carray(_ptr(dha, XK), hi * n if flags & _DH else 0)
-    dx = carray(_ptr(dxa, XK), hi * n)
-    w = carray(_ptr(wa, WK), n if has_w else 0)
-    st = carray(_ptr(sa, SK), 3 * hi)
-    dw = carray(_ptr(dwa, SK), n if acc_w else 0)
-    db = carray(_ptr(dba, SK), n if acc_b else 0)
+    zc = _c(1, XK) if flags & _ZC else z
+    w = _row(wa, 0, n if has_w else 0, WK)
+    st = _row(sa, 0, 3 * hi, SK)
+    dw = _row(dwa, 0, n if acc_w else 0, SK)
+    db = _row(dba, 0, n if acc_b else 0, SK)
+    has_dh = (flags & _DH) != 0
     for i in range(lo, hi):
-        rb = i * n
+        x = _row(xa, i * n, n, XK)
+        dy = _row(dya, i * n, n, OK)
+        dh = _row(dha, i * n, n if has_dh else 0, XK)
+        dx = _row(dxa, i * n, n, XK)
         m1 = st[3 * i]
         dm = st[3 * i + 1]
         rstd = st[3 * i + 2]
         c1 = z
         c2 = z
         for j in range(n):
-            xh = ((_ld(x[rb + j]) - m1) - dm) * rstd
-            gdy = _ld(dy[rb + j])
+            xh = ((_ld(x[j]) - m1) - dm) * rstd
+            gdy = _ld(dy[j])
             if has_w:
                 gdy = gdy * (_ld(w[j]) + zc)
             c1 += gdy
@@ -323,8 +334,8 @@ def _bwd_rows(
         if rms:
             c1 = z
         for j in range(n):
-            xh = ((_ld(x[rb + j]) - m1) - dm) * rstd
-            d = _ld(dy[rb + j])
+            xh = ((_ld(x[j]) - m1) - dm) * rstd
+            d = _ld(dy[j])
             gdy = d
             if has_w:
                 gdy = d * (_ld(w[j]) + zc)
@@ -336,9 +347,9 @@ def _bwd_rows(
             if acc_b:
                 db[j] += d
             g = rstd * (gdy - c1 - xh * c2)
-            if flags & _DH:
-                g = g + _ld(dh[rb + j])
-            dx[rb + j] = _st(g, XK)
+            if has_dh:
+                g = g + _ld(dh[j])
+            dx[j] = _st(g, XK)
 
 
 @njit(cache=_CACHE, fastmath=_FM)
@@ -365,13 +376,14 @@ def _bwd_parallel(
 def _sum_blocks(nblk, n, pa, oa, SK):  # pragma: no cover - compiled
     """out[j] = Σ_k partial[k, j], k in order: a fixed summation order, so dγ/dβ are bitwise
     reproducible from run to run whatever the thread count."""
-    p = carray(_ptr(pa, SK), nblk * n)
-    out = carray(_ptr(oa, SK), n)
+    out = _row(oa, 0, n, SK)
+    p = _row(pa, 0, n, SK)
     for j in range(n):
         out[j] = p[j]
     for k in range(1, nblk):
+        p = _row(pa, k * n, n, SK)
         for j in range(n):
-            out[j] += p[k * n + j]
+            out[j] += p[j]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,30 +399,53 @@ _PAR_LOCK = threading.Lock()
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
+    """How the kernels compute operands of these dtypes, or None when they do not.
+
+    Returns (param_dtype, output_dtype, markers) with markers = (x, y, γ/β, cast, stats).
+    Cached per combination: the eager path pays one dict look-up instead of the promotion logic.
+    """
+    key = (x_dtype, w_dtype, b_dtype, casting, out_dtype)
+    try:
+        return _PLANS[key]
+    except KeyError:
+        pass
+    result = None
+    if x_dtype in _MARKER and all(d is None or d in _MARKER for d in (w_dtype, b_dtype)):
+        ok = x_dtype == torch.float64 or torch.float64 not in (w_dtype, b_dtype)
+        if casting in ("llama", "t5") and None not in (w_dtype, b_dtype) and w_dtype != b_dtype:
+            ok = False
+        if ok:
+            pd = _param_dtype(x_dtype, w_dtype, b_dtype)
+            w_used = None if w_dtype is None else pd
+            od = output_dtype(x_dtype, w_used if casting in ("llama", "t5") else w_dtype,
+                              casting, out_dtype)
+            nd = _cast_dtype(x_dtype, w_used, casting)
+            sd = torch.float64 if x_dtype == torch.float64 else torch.float32
+            if od in _MARKER:
+                markers = (_MARKER[x_dtype], _MARKER[od], _MARKER[pd], _MARKER[nd or x_dtype],
+                           _MARKER[sd])
+                result = (pd, od, nd is not None, markers)
+    _PLANS[key] = result
+    return result
+
+
+_PLANS: dict = {}
+
+
 def supports(x, weight, bias, casting, out_dtype) -> bool:
     """Whether this backend computes the op for these operands (else the caller falls back)."""
-    if x.device.type != "cpu" or x.dtype not in _MARKER:
+    if not x.is_cpu or any(p is not None and not p.is_cpu for p in (weight, bias)):
         return False
-    for p in (weight, bias):
-        if p is not None and (p.device.type != "cpu" or p.dtype not in _MARKER):
-            return False
-    wd = weight.dtype if weight is not None else None
-    bd = bias.dtype if bias is not None else None
-    if x.dtype != torch.float64 and torch.float64 in (wd, bd):
-        return False
-    if casting in ("llama", "t5") and wd is not None and bd is not None and wd != bd:
-        return False
-    from .reference import output_dtype
-
-    return output_dtype(x.dtype, wd, casting, out_dtype) in _MARKER
+    wd = None if weight is None else weight.dtype
+    bd = None if bias is None else bias.dtype
+    return plan(x.dtype, wd, bd, casting, out_dtype) is not None
 
 
-def _param_dtype(x, weight, bias, casting):
+def _param_dtype(x_dtype, wd, bd):
     """The one storage type γ and β are read with inside the kernel."""
-    if x.dtype == torch.float64:
+    if x_dtype == torch.float64:
         return torch.float64
-    wd = weight.dtype if weight is not None else None
-    bd = bias.dtype if bias is not None else None
     if wd is None:
         return bd or torch.float32
     if bd is None or bd == wd:
@@ -418,21 +453,13 @@ def _param_dtype(x, weight, bias, casting):
     return torch.float32  # "torch"/"gemma": both are used in float32 anyway; exact upcast
 
 
-def _cast_marker(x, weight, casting):
+def _cast_dtype(x_dtype, wd, casting):
     """Storage type the normalized value is rounded to before γ, or None for no rounding."""
-    if casting == "llama" and x.dtype in _HALF:
-        return x.dtype
-    if casting == "t5" and weight is not None and weight.dtype in _HALF:
-        return weight.dtype
+    if casting == "llama" and x_dtype in _HALF:
+        return x_dtype
+    if casting == "t5" and wd in _HALF:
+        return wd
     return None
-
-
-def _run(serial, parallel, elements, *args):
-    if elements < PARALLEL_MIN_ELEMENTS:
-        serial(*args)
-    else:
-        with _PAR_LOCK:
-            parallel(*args)
 
 
 def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats):
@@ -446,41 +473,40 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
     Returns:
         (y, h, stats): y (M, N) contiguous; h (M, N) in x.dtype or None; stats or None.
     """
-    from .reference import output_dtype
-
     m, n = x.shape
-    pd = _param_dtype(x, weight, bias, casting)
-    if weight is not None and weight.dtype != pd:
-        weight = weight.to(pd)
-    if bias is not None and bias.dtype != pd:
-        bias = bias.to(pd)
-    od = output_dtype(x.dtype, weight.dtype if weight is not None else None, casting, out_dtype)
+    pd, od, nround, mk = plan(
+        x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+        casting, out_dtype,
+    )
+    flags = _NROUND if nround else 0
+    wa = ba = ra = rrs = ha = sa = 0
+    if weight is not None:
+        if weight.dtype != pd:
+            weight = weight.to(pd)
+        wa = weight.data_ptr()
+        flags |= _W | (_ZC if zero_centered else 0)
+    if bias is not None:
+        if bias.dtype != pd:
+            bias = bias.to(pd)
+        ba = bias.data_ptr()
+        flags |= _B
     y = torch.empty((m, n), dtype=od)
-    h = torch.empty((m, n), dtype=x.dtype) if residual is not None else None
-    sd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats = torch.empty((m, 3), dtype=sd) if need_stats else None
-    nd = _cast_marker(x, weight, casting)
-    flags = (
-        (_RES if residual is not None else 0)
-        | (_W if weight is not None else 0)
-        | (_B if bias is not None else 0)
-        | (_ZC if zero_centered and weight is not None else 0)
-        | (_NROUND if nd is not None else 0)
-        | (_STATS if need_stats else 0)
-    )
-    _run(
-        _fwd_serial, _fwd_parallel, m * n,
-        m, n, rms, flags, float(eps),
-        x.data_ptr(), x.stride(0),
-        residual.data_ptr() if residual is not None else 0,
-        residual.stride(0) if residual is not None else 0,
-        h.data_ptr() if h is not None else 0,
-        y.data_ptr(),
-        weight.data_ptr() if weight is not None else 0,
-        bias.data_ptr() if bias is not None else 0,
-        stats.data_ptr() if stats is not None else 0,
-        _MARKER[x.dtype], _MARKER[od], _MARKER[pd], _MARKER[nd or x.dtype], _MARKER[sd],
-    )
+    h = stats = None
+    if residual is not None:
+        h = torch.empty((m, n), dtype=x.dtype)
+        ra, rrs, ha = residual.data_ptr(), residual.stride(0), h.data_ptr()
+        flags |= _RES
+    if need_stats:
+        stats = torch.empty((m, 3), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        sa = stats.data_ptr()
+        flags |= _STATS
+    args = (m, n, rms, flags, eps, x.data_ptr(), x.stride(0), ra, rrs, ha, y.data_ptr(), wa, ba,
+            sa, *mk)
+    if m * n < PARALLEL_MIN_ELEMENTS:
+        _fwd_serial(*args)
+    else:
+        with _PAR_LOCK:
+            _fwd_parallel(*args)
     return y, h, stats
 
 
@@ -498,11 +524,11 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
         statistics dtype (float32, float64 for float64 input) or None.
     """
     m, n = x.shape
-    pd = _param_dtype(x, weight, None, casting)
+    pd = _param_dtype(x.dtype, None if weight is None else weight.dtype, None)
     if weight is not None and weight.dtype != pd:
         weight = weight.to(pd)
     sd = stats.dtype
-    nd = _cast_marker(x, weight, casting)
+    nd = _cast_dtype(x.dtype, None if weight is None else weight.dtype, casting)
     want_w = need_dw and weight is not None
     want_b = need_dw and has_bias
     nblk = min(m, _MAX_BLOCKS) if (want_w or want_b) else 1
@@ -525,7 +551,11 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
         pw.data_ptr(), pb.data_ptr(),
         _MARKER[x.dtype], _MARKER[dy.dtype], _MARKER[pd], _MARKER[nd or x.dtype], _MARKER[sd],
     )
-    _run(_bwd_serial, _bwd_parallel, m * n, *args)
+    if m * n < PARALLEL_MIN_ELEMENTS:
+        _bwd_serial(*args)
+    else:
+        with _PAR_LOCK:
+            _bwd_parallel(*args)
     dw = _reduce(pw, nblk, n) if want_w else None
     db = _reduce(pb, nblk, n) if want_b else None
     return dx, dw, db

@@ -1,0 +1,90 @@
+"""Shared test helpers: the one tolerance table, the float64 ground truth, torch's own error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normkit.kernels import reference
+
+# The accuracy rule (flash-attention's): a normkit result's max error against the float64
+# reference must be at most 2x the error of PyTorch's own op in the same dtype, plus ATOL.
+# ATOL covers the cases where torch happens to be exact by luck (e.g. tiny rows), and is a few
+# units in the last place of a typical |y| ~ 1-4 output:
+#   float32: 2^-23 * 4 ≈ 5e-7, times a few for the row-length dependent sums
+#   bfloat16: one bf16 ulp at |y| ≈ 1 is 2^-7 ≈ 8e-3
+#   float16: one fp16 ulp at |y| ≈ 1 is 2^-10 ≈ 1e-3
+#   float64: statistics in float64, a few ulps
+ATOL = {
+    torch.float32: 2e-6,
+    torch.bfloat16: 8e-3,
+    torch.float16: 1e-3,
+    torch.float64: 1e-12,
+}
+
+# Gradients of γ/β are sums over M rows: their error grows like sqrt(M) (random-walk rounding),
+# so their atol is ATOL * sqrt(M) (quack's rule).  dx stays per-row and uses ATOL.
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference in float64; NaN anywhere (or mismatched non-finite) counts as inf."""
+    a = a.double()
+    b = b.double()
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    same_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
+    d = (a - b).abs()
+    d = torch.where(both_nan | same_inf, torch.zeros_like(d), d)
+    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
+    return float(d.max()) if d.numel() else 0.0
+
+
+def assert_close_to_ref(ours, torch_out, ref64, dtype, atol_scale=1.0, what="y"):
+    """ours vs ref64 within 2x torch's own error + ATOL; NaN never passes."""
+    e_ours = max_err(ours, ref64)
+    e_torch = max_err(torch_out, ref64)
+    bound = 2 * e_torch + ATOL[dtype] * atol_scale
+    assert e_ours <= bound, (
+        f"{what}: normkit error {e_ours:.3g} > 2 x torch error {e_torch:.3g} + atol "
+        f"{ATOL[dtype] * atol_scale:.3g} ({dtype})"
+    )
+
+
+def ref64(x, weight=None, bias=None, residual=None, eps=1e-5, rms=False, zc=False,
+          casting="torch"):
+    """The float64 ground truth on the same (rounded) inputs, on rows (..., N) flattened."""
+    n = x.shape[-1]
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    r = d(residual)
+    xx = x.double()
+    if residual is not None:
+        # h is rounded to x's dtype before normalizing (the contract), so the truth does too.
+        xx = (x.double() + r).to(x.dtype).double()
+        r = None
+    y, _, _, _ = reference.norm_forward(xx.reshape(-1, n), d(weight), d(bias), r, eps, rms, zc,
+                                        "torch" if casting in ("torch", "gemma") else casting)
+    return y.reshape(x.shape)
+
+
+def torch_op(x, weight=None, bias=None, residual=None, eps=1e-5, rms=False, zc=False):
+    """PyTorch's own op in the input dtype (the comparison baseline)."""
+    n = x.shape[-1]
+    h = x + residual if residual is not None else x
+    w = weight
+    if zc and weight is not None:
+        w = weight + 1
+    if w is not None and w.dtype != x.dtype and x.dtype == torch.float32:
+        w = w.float()
+    b = bias
+    if b is not None and b.dtype != x.dtype and x.dtype == torch.float32:
+        b = b.float()
+    if rms:
+        return F.rms_norm(h, (n,), w, eps)
+    return F.layer_norm(h, (n,), w, b, eps)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

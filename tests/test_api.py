@@ -1,0 +1,345 @@
+"""The functional API's contract: validation, dtype rules, casting modes, autocast, backends,
+empty input, torch.compile, lean import and cold start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import max_err
+
+import normkit
+from normkit.kernels import reference
+
+# ------------------------------------------------------------------------------------------
+# Bad input: a clear exception naming the argument
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: normkit.layer_norm([1.0, 2.0], 2), TypeError, "x must be a torch.Tensor"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3, dtype=torch.int64), 3), TypeError,
+         "x must be a floating-point"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 4), ValueError, "normalized_shape"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), (2, 3, 1)), ValueError, "normalized_shape"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), "3"), TypeError, "normalized_shape"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, torch.ones(4)), ValueError,
+         r"weight must have shape \(3,\)"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, None, torch.ones(2)), ValueError,
+         "bias must have shape"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, torch.ones(3, dtype=torch.int32)),
+         TypeError, "weight must be a floating-point"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, eps=-1.0), ValueError,
+         "eps must be finite and >= 0"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, eps=float("nan")), ValueError, "eps"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, eps="1e-5"), TypeError,
+         "eps must be a float"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, eps=None), TypeError, "eps"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, residual=torch.ones(3, 3)), ValueError,
+         "residual must match x"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3,
+                                    residual=torch.ones(2, 3, dtype=torch.float64)),
+         ValueError, "residual must match x"),
+        (lambda: normkit.rms_norm(torch.ones(2, 3), 3, casting="fp32"), ValueError,
+         "casting must be one of"),
+        (lambda: normkit.rms_norm(torch.ones(2, 3), 3, casting="llama",
+                                  out_dtype=torch.float16), ValueError, "out_dtype"),
+        (lambda: normkit.rms_norm(torch.ones(2, 3), 3, out_dtype=torch.int8), TypeError,
+         "out_dtype"),
+        (lambda: normkit.use_backend("gpu"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input_is_named(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_cpu_backend_refuses_what_it_cannot_compute():
+    x = torch.randn(2, 8)
+    w = torch.randn(8, dtype=torch.float64)  # float64 γ with float32 x: the reference's job
+    with normkit.use_backend("cpu"), pytest.raises(ValueError, match="backend 'cpu' cannot"):
+        normkit.layer_norm(x, 8, w)
+    y = normkit.layer_norm(x, 8, w)  # auto falls back
+    assert y.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------
+# Backends
+# ------------------------------------------------------------------------------------------
+
+
+def test_use_backend_as_context_and_global():
+    assert normkit.get_backend() == "auto"
+    with normkit.use_backend("reference"):
+        assert normkit.get_backend() == "reference"
+        with normkit.use_backend("cpu"):
+            assert normkit.get_backend() == "cpu"
+        assert normkit.get_backend() == "reference"
+    assert normkit.get_backend() == "auto"
+    try:
+        normkit.use_backend("reference")
+        assert normkit.get_backend() == "reference"
+    finally:
+        normkit.use_backend("auto")
+    assert "cpu" in normkit.available_backends()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_backends_agree(backend):
+    x = torch.randn(20, 100)
+    w, b = torch.randn(100), torch.randn(100)
+    with normkit.use_backend(backend):
+        y = normkit.layer_norm(x, 100, w, b)
+    assert max_err(y, F.layer_norm(x.double(), (100,), w.double(), b.double())) < 1e-5
+
+
+def test_auto_uses_cpu_kernels_for_cpu_tensors(monkeypatch):
+    from normkit.kernels import cpu
+
+    calls = []
+    real = cpu.forward
+    monkeypatch.setattr(cpu, "forward", lambda *a: calls.append(1) or real(*a))
+    normkit.layer_norm(torch.randn(1, 8), 8)
+    normkit.layer_norm(torch.randn(1000, 8), 8)
+    assert len(calls) == 2  # chosen for M=1 and M=1000 alike: never by the number of rows
+
+
+def test_grad_and_no_grad_paths_give_same_bits():
+    x = torch.randn(5, 77)
+    w = torch.randn(77, requires_grad=True)
+    with torch.no_grad():
+        a = normkit.layer_norm(x, 77, w)
+    b = normkit.layer_norm(x, 77, w)
+    assert b.requires_grad and torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# Empty input
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (3, 0, 16)])
+def test_empty_input(shape, monkeypatch):
+    from normkit.kernels import cpu
+
+    monkeypatch.setattr(cpu, "forward", lambda *a: pytest.fail("launched a kernel"))
+    x = torch.randn(shape)
+    r = torch.randn(shape)
+    y, h = normkit.layer_norm(x, 16, torch.ones(16), torch.zeros(16), residual=r,
+                              return_residual=True)
+    assert y.shape == shape and h.shape == shape and y.dtype == x.dtype
+    y = normkit.rms_norm(x.to(torch.bfloat16), 16)
+    assert y.shape == shape and y.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------
+# Output dtype rules and casting modes
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize(
+    "xd,wd,casting,expected",
+    [
+        (torch.bfloat16, torch.float32, "torch", torch.bfloat16),
+        (torch.float32, torch.bfloat16, "torch", torch.float32),
+        (torch.float16, torch.float32, "gemma", torch.float16),
+        (torch.bfloat16, torch.bfloat16, "llama", torch.bfloat16),
+        (torch.bfloat16, torch.float32, "llama", torch.float32),
+        (torch.bfloat16, torch.float32, "t5", torch.float32),
+        (torch.float32, torch.bfloat16, "t5", torch.bfloat16),
+        (torch.float16, torch.float16, "t5", torch.float16),
+    ],
+)
+def test_output_dtype_rule(backend, xd, wd, casting, expected):
+    x = torch.randn(3, 40).to(xd)
+    w = torch.randn(40).to(wd)
+    with normkit.use_backend(backend):
+        assert normkit.rms_norm(x, 40, w, 1e-6, casting=casting).dtype == expected
+        if casting in ("torch", "gemma"):
+            assert normkit.layer_norm(x, 40, w, casting=casting).dtype == expected
+            y = normkit.layer_norm(x, 40, w, casting=casting, out_dtype=torch.float32)
+            assert y.dtype == torch.float32
+
+
+def test_out_dtype_float32_keeps_precision():
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    y = normkit.layer_norm(x, 64, out_dtype=torch.float32)
+    truth = F.layer_norm(x.double(), (64,))
+    assert y.dtype == torch.float32 and max_err(y, truth) < 1e-5
+
+
+def _hf_llama(x, w, eps):
+    """Hugging Face LlamaRMSNorm.forward, verbatim semantics."""
+    h = x.to(torch.float32)
+    var = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(var + eps)
+    return w * h.to(x.dtype)
+
+
+def _hf_gemma(x, w, eps):
+    out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (out * (1.0 + w.float())).type_as(x)
+
+
+def _hf_t5(x, w, eps):
+    var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    h = x * torch.rsqrt(var + eps)
+    if w.dtype in (torch.float16, torch.bfloat16):
+        h = h.to(w.dtype)
+    return w * h
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("xd,wd", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                   (torch.bfloat16, torch.float32), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("casting,hf,zc", [("llama", _hf_llama, False), ("gemma", _hf_gemma, True),
+                                           ("t5", _hf_t5, False)])
+def test_casting_modes_match_hugging_face(backend, xd, wd, casting, hf, zc):
+    x = (torch.randn(16, 96) * 2).to(xd)
+    w = (torch.randn(96) * (0.1 if zc else 1)).to(wd)
+    with normkit.use_backend(backend):
+        y = normkit.rms_norm(x, 96, w, 1e-6, casting=casting, zero_centered_gamma=zc)
+    want = hf(x, w, 1e-6)
+    assert y.dtype == want.dtype
+    # The rounding happens at the same place.  The float32 statistics differ by a few float32
+    # ulps (summation order, rsqrt vs 1/sqrt), which can flip a rounding of a 16-bit output: at
+    # most one ulp of a 16-bit output dtype, a few ulps of a float32 one.
+    ulps = 1.01 if want.dtype in (torch.float16, torch.bfloat16) else 8
+    ulp = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(1e-3)
+    assert ((y.float() - want.float()).abs() <= ulp * ulps).all()
+    if ulps < 2:  # 16-bit outputs: almost always the very same bits
+        assert (y == want).float().mean() > 0.95
+
+
+def test_weight_dtype_differs_from_input():
+    x = torch.randn(8, 50).to(torch.bfloat16)
+    w = torch.randn(50)  # fp32 γ with bf16 activations
+    b = torch.randn(50).to(torch.bfloat16)  # and yet another dtype for β
+    y = normkit.layer_norm(x, 50, w, b)
+    truth = F.layer_norm(x.double(), (50,), w.double(), b.double())
+    assert y.dtype == torch.bfloat16 and max_err(y, truth) < 0.02
+
+
+# ------------------------------------------------------------------------------------------
+# Autocast: as torch's own layer_norm / rms_norm
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("xd", [torch.float32, torch.bfloat16])
+def test_cpu_autocast_behaves_like_torch(xd):
+    x = torch.randn(4, 32).to(xd)
+    w = torch.randn(32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert normkit.layer_norm(x, 32, w).dtype == F.layer_norm(x, (32,), w).dtype
+        assert normkit.rms_norm(x, 32, w).dtype == F.rms_norm(x, (32,), w).dtype
+        lin = torch.nn.Linear(32, 32)
+        h = lin(x.float())  # autocast makes this bf16
+        assert normkit.layer_norm(h, 32, w).dtype == F.layer_norm(h, (32,), w).dtype
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile: no graph breaks, same results
+# ------------------------------------------------------------------------------------------
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(d))
+        self.b1 = torch.nn.Parameter(torch.randn(d))
+        self.w2 = torch.nn.Parameter(torch.randn(d) * 0.1)
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, x, r):
+        y, h = normkit.layer_norm(x, x.shape[-1], self.w1, self.b1, residual=r,
+                                  return_residual=True)
+        z = normkit.rms_norm(self.lin(y), x.shape[-1], self.w2, 1e-6, zero_centered_gamma=True)
+        return z + h
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_same_results():
+    torch._dynamo.reset()
+    m = _Block(48)
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    r = torch.randn(2, 5, 48, requires_grad=True)
+    eager = m(x, r)
+    compiled = torch.compile(m, fullgraph=True)(x, r)  # fullgraph: a graph break is an error
+    assert torch.equal(eager, compiled)
+    g_eager = torch.autograd.grad(eager.sum(), [x, r, m.w1, m.b1, m.w2])
+    g_comp = torch.autograd.grad(compiled.sum(), [x, r, m.w1, m.b1, m.w2])
+    for a, b in zip(g_eager, g_comp):
+        assert torch.equal(a, b)
+
+
+def test_custom_ops_are_registered():
+    assert hasattr(torch.ops.normkit, "norm_fwd") and hasattr(torch.ops.normkit, "norm_bwd")
+    x = torch.randn(3, 8)
+    y, h, stats = torch.ops.normkit.norm_fwd(x, None, None, None, 1e-5, False, False, "torch", None)
+    assert torch.equal(y, normkit.layer_norm(x, 8)) and h.numel() == 0 and stats.shape == (3, 3)
+    torch.library.opcheck(torch.ops.normkit.norm_fwd.default,
+                          (x, torch.randn(8), torch.randn(8), torch.randn(3, 8), 1e-5, False,
+                           False, "torch", None))
+
+
+# ------------------------------------------------------------------------------------------
+# Import cost
+# ------------------------------------------------------------------------------------------
+
+
+def _run_py(code, env=None):
+    full_env = dict(os.environ, **(env or {}))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, env=full_env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_import_is_lean():
+    out = _run_py(
+        """
+        import sys, torch
+        import normkit, normkit.nn
+        heavy = ["numba", "triton", "transformers", "onnx", "onnxruntime", "matplotlib",
+                 "prometheus_client", "tensorboard"]
+        print([m for m in heavy if m in sys.modules], torch.cuda.is_initialized())
+        """
+    )
+    assert out.strip() == "[] False"
+
+
+@pytest.mark.slow
+def test_cold_start_with_warm_cache(tmp_path):
+    """A fresh process with a warm JIT cache reaches its first call shortly after import torch."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    code = """
+        import time
+        t0 = time.perf_counter()
+        import torch
+        t1 = time.perf_counter()
+        import normkit
+        x = torch.randn(4, 64)
+        normkit.layer_norm(x, 64, torch.ones(64), torch.zeros(64))
+        t2 = time.perf_counter()
+        print(t1 - t0, t2 - t1)
+    """
+    _run_py(code, env)  # compiles and fills the cache
+    assert any(tmp_path.rglob("*.nbi")), "numba wrote no cache index"
+    t_torch, t_first = map(float, _run_py(code, env).split())
+    # numba's own import is ~0.3-0.5 s; loading cached machine code is tens of ms.
+    assert t_first < max(1.5, 1.5 * t_torch), (t_torch, t_first)
+
+
+def test_reference_output_dtype_function():
+    assert reference.output_dtype(torch.bfloat16, torch.float32, "torch", None) == torch.bfloat16
+    assert reference.output_dtype(torch.bfloat16, torch.float32, "llama", None) == torch.float32
+    assert reference.output_dtype(torch.bfloat16, None, "t5", None) == torch.float32
