@@ -145,7 +145,7 @@ def test_backward_matches_float64(dtype, shape, rms, residual):
         bb = next(it) if bb is not None else None
         out = fn(xx, rr, ww, bb)
         outs, grads = ([out[0], out[1]], [dy, dh]) if rr is not None else ([out], [dy])
-        grads = [g.to(o.dtype) for o, g in zip(outs, grads)]
+        grads = [g.to(o.dtype) for o, g in zip(outs, grads, strict=True)]
         return torch.autograd.grad(outs, leaves, grads)
 
     def ours(xx, rr, ww, bb):
@@ -175,8 +175,9 @@ def test_backward_matches_float64(dtype, shape, rms, residual):
     g_torch = run(theirs, x, r, w, b)
     d = lambda t: None if t is None else t.double()  # noqa: E731
     g_true = run(truth, d(x), d(r), d(w), d(b))
-    names = ["dx"] + (["dresidual"] if residual else []) + ["dweight"] + (["dbias"] if b is not None else [])
-    for name, a, t, g in zip(names, g_ours, g_torch, g_true):
+    names = ["dx"] + (["dresidual"] if residual else []) + ["dweight"]
+    names += ["dbias"] if b is not None else []
+    for name, a, t, g in zip(names, g_ours, g_torch, g_true, strict=True):
         scale = math.sqrt(m) if name in ("dweight", "dbias") else 1.0
         # dx is computed from the rounded y's upstream gradient; its scale grows with |γ|·rstd
         assert a.dtype == (dtype if name in ("dx", "dresidual") else torch.float32)
@@ -352,5 +353,7 @@ def test_reference_backward_matches_autograd():
         y, _, _, _ = reference.norm_forward(v, w, None if rms else b, None, 1e-5, rms, True)
         want = torch.autograd.grad(y, [v, w] + ([] if rms else [b]), dy)
         got = reference.norm_backward(dy, None, v.detach(), w.detach(), not rms, 1e-5, rms, True)
-        for a, e in zip(got, want):
+        assert (got[2] is None) == rms  # no dβ for RMSNorm
+        got = [g for g in got if g is not None]
+        for a, e in zip(got, want, strict=True):
             assert torch.allclose(a, e, atol=1e-12)

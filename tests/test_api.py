@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -105,11 +104,12 @@ def test_auto_uses_cpu_kernels_for_cpu_tensors(monkeypatch):
     from normkit.kernels import cpu
 
     calls = []
-    real = cpu.forward
-    monkeypatch.setattr(cpu, "forward", lambda *a: calls.append(1) or real(*a))
+    real = cpu._launch
+    monkeypatch.setattr(cpu, "_launch", lambda *a: calls.append(1) or real(*a))
     normkit.layer_norm(torch.randn(1, 8), 8)
     normkit.layer_norm(torch.randn(1000, 8), 8)
-    assert len(calls) == 2  # chosen for M=1 and M=1000 alike: never by the number of rows
+    normkit.rms_norm(torch.randn(1, 8), 8, torch.randn(8), residual=torch.randn(1, 8))
+    assert len(calls) == 3  # chosen for M=1 and M=1000 alike: never by the number of rows
 
 
 def test_grad_and_no_grad_paths_give_same_bits():
@@ -130,7 +130,7 @@ def test_grad_and_no_grad_paths_give_same_bits():
 def test_empty_input(shape, monkeypatch):
     from normkit.kernels import cpu
 
-    monkeypatch.setattr(cpu, "forward", lambda *a: pytest.fail("launched a kernel"))
+    monkeypatch.setattr(cpu, "_launch", lambda *a: pytest.fail("launched a kernel"))
     x = torch.randn(shape)
     r = torch.randn(shape)
     y, h = normkit.layer_norm(x, 16, torch.ones(16), torch.zeros(16), residual=r,
@@ -277,7 +277,7 @@ def test_torch_compile_fullgraph_same_results():
     assert torch.equal(eager, compiled)
     g_eager = torch.autograd.grad(eager.sum(), [x, r, m.w1, m.b1, m.w2])
     g_comp = torch.autograd.grad(compiled.sum(), [x, r, m.w1, m.b1, m.w2])
-    for a, b in zip(g_eager, g_comp):
+    for a, b in zip(g_eager, g_comp, strict=True):
         assert torch.equal(a, b)
 
 

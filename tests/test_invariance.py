@@ -93,7 +93,7 @@ def test_backward_is_bitwise_reproducible(dtype, rms, monkeypatch):
     monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 1 << 62)
     runs.append(grads())
     for run in runs:
-        for a, e in zip(run, first):
+        for a, e in zip(run, first, strict=True):
             assert torch.equal(bits(a), bits(e))
 
 
@@ -101,8 +101,9 @@ def test_eight_threads_concurrently():
     """8 Python threads calling at once (large and small calls): correct results, no deadlock."""
     inputs = [torch.randn(m, n) for m, n in [(1, 64), (512, 1024), (3, 4096), (64, 333)] * 2]
     weights = [torch.randn(t.shape[-1]) for t in inputs]
-    expected = [normkit.layer_norm(t, t.shape[-1], w) for t, w in zip(inputs, weights)]
-    expected_r = [normkit.rms_norm(t, t.shape[-1], w) for t, w in zip(inputs, weights)]
+    pairs = list(zip(inputs, weights, strict=True))
+    expected = [normkit.layer_norm(t, t.shape[-1], w) for t, w in pairs]
+    expected_r = [normkit.rms_norm(t, t.shape[-1], w) for t, w in pairs]
     errors = []
 
     def work(k):

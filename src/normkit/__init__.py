@@ -4,6 +4,8 @@
 and no optional extra (triton, transformers, onnx, prometheus_client, matplotlib) is imported.
 """
 
+from . import nn
+from .convert import convert, revert
 from .functional import (
     BACKENDS,
     CASTINGS,
@@ -31,17 +33,3 @@ __all__ = [
     "convert",
     "revert",
 ]
-
-
-def __getattr__(name):
-    # nn and convert are imported on first access so that a helper-free `import normkit` stays
-    # cheap and so that these layers (which sit above functional) never load during it.
-    if name == "nn":
-        from . import nn
-
-        return nn
-    if name in ("convert", "revert"):
-        from . import convert as _convert
-
-        return getattr(_convert, name)
-    raise AttributeError(f"module 'normkit' has no attribute {name!r}")
