@@ -357,3 +357,38 @@ def test_reference_backward_matches_autograd():
         got = [g for g in got if g is not None]
         for a, e in zip(got, want, strict=True):
             assert torch.allclose(a, e, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_conversion_is_bit_exact_with_torch(dtype):
+    """The in-register float32 -> 16-bit rounding equals torch's .to() on every finite value
+    class (normal, subnormal, overflow to inf, ties to even), and NaN stays NaN."""
+    import numpy as np
+
+    bits = torch.randint(0, 2**32, (1 << 16,), dtype=torch.int64).to(torch.int32)
+    f = bits.view(torch.float32)
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11, 65520.0, 1e-8])
+    f = torch.cat([f, ties, -ties, torch.tensor([float("inf"), -float("inf"), float("nan")])])
+    from normkit.kernels import cpu
+
+    store = cpu._MARKER[dtype]
+    got = np.empty(f.numel(), dtype=store.dtype)
+    _convert_all(f.numpy(), got, store)
+    want = f.to(dtype)
+    got_t = torch.from_numpy(got.view(np.int16)).view(dtype)
+    not_nan = ~torch.isnan(f)
+    assert torch.equal(got_t[not_nan].view(torch.int16), want[not_nan].view(torch.int16))
+    assert torch.isnan(got_t[torch.isnan(f)].float()).all()
+
+
+def _convert_all(src, dst, marker):
+    from numba import njit
+
+    from normkit.kernels.cpu import _st
+
+    @njit
+    def run(src, dst, marker):
+        for i in range(src.shape[0]):
+            dst[i] = _st(src[i], marker)
+
+    run(src, dst, marker)

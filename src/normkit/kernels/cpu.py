@@ -11,7 +11,8 @@ Design points, each with the reason:
   so converting five tensors would lose the single-request case before any math is done.
 * bfloat16 / float16 are read and written as 16-bit words and converted in registers: bf16 by a
   shift, fp16 by LLVM ``fpext``/``fptrunc`` (F16C on x86).  No extra pass over memory, and the
-  rounding is bit-identical to torch's ``.to()`` (round-to-nearest-even, NaN kept).
+  rounding of finite values is bit-identical to torch's ``.to()`` (round to nearest even); a
+  NaN stays a NaN.
 * Statistics accumulate in float32 (float64 for float64 input) with the shifted two-pass scheme
   of the reference: exact ``x - m1`` for rows far from zero.
 * fastmath is only ``reassoc`` + ``contract``: enough for LLVM to vectorize the row reductions,
@@ -164,13 +165,14 @@ def _st_impl(v, marker):
     if dt == types.uint16:
 
         def st_bf16(v, marker):
-            u = _f32_bits(np.float32(v))
-            # NaN: keep the sign and payload's top bits and force a quiet NaN (as torch does);
-            # everything else: round to nearest even on the dropped 16 bits.
-            nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            f = np.float32(v)
+            u = _f32_bits(f)
+            # Round to nearest even on the dropped 16 bits; NaN becomes the quiet NaN 0x7FC0, as
+            # in torch's scalar conversion (rounding a NaN's bits could carry it into Inf).
+            # Testing NaN on the float (f == f) rather than on the bits keeps this 2.4x cheaper
+            # in the vectorized loop (0.23 vs 0.56 ns per element on AVX2).
             rne = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            q = (u >> np.uint32(16)) | np.uint32(0x40)
-            return np.uint16(q if nan else rne)
+            return np.uint16(rne if f == f else np.uint32(0x7FC0))
 
         return st_bf16
     return None
@@ -243,19 +245,30 @@ def _fwd_row(
     nround = (flags & _NROUND) != 0
     w = _row(wa, 0, n if has_w else 0, WK)
     b = _row(ba, 0, n if has_b else 0, WK)
-    for j in range(n):
-        t = ((_ld(src[j]) - m1) - dm) * rstd
-        if nround:
-            t = _ld(_st(t, NK))
-        if has_w:
-            g = _ld(w[j]) + zc
-            if nround:
-                t = _ld(_st(t * g, OK))
-            else:
-                t = t * g
-        if has_b:
-            t = t + _ld(b[j])
-        y[j] = _st(t, OK)
+    # One loop per case rather than branches inside one loop: an absent γ/β is a zero-length
+    # array at address 0 whose load LLVM may not speculate, so a branchy loop is vectorized only
+    # when LLVM unswitches it itself, which it stops doing once the body grows (bf16: 4x slower).
+    if not nround:
+        if has_w and has_b:
+            for j in range(n):
+                y[j] = _st(((_ld(src[j]) - m1) - dm) * rstd * (_ld(w[j]) + zc) + _ld(b[j]), OK)
+        elif has_w:
+            for j in range(n):
+                y[j] = _st(((_ld(src[j]) - m1) - dm) * rstd * (_ld(w[j]) + zc), OK)
+        elif has_b:
+            for j in range(n):
+                y[j] = _st(((_ld(src[j]) - m1) - dm) * rstd + _ld(b[j]), OK)
+        else:
+            for j in range(n):
+                y[j] = _st(((_ld(src[j]) - m1) - dm) * rstd, OK)
+    else:  # "llama"/"t5": round x̂ to NK, multiply, round to OK, then add β
+        for j in range(n):
+            t = _ld(_st(((_ld(src[j]) - m1) - dm) * rstd, NK))
+            if has_w:
+                t = _ld(_st(t * (_ld(w[j]) + zc), OK))
+            if has_b:
+                t = t + _ld(b[j])
+            y[j] = _st(t, OK)
     return m1, dm, rstd
 
 
@@ -344,17 +357,18 @@ def _bwd_rows(
             gdy = d
             if has_w:
                 gdy = d * (_ld(w[j]) + zc)
-            if acc_w:
-                if nround:
-                    dw[j] += d * _ld(_st(xh, NK))
-                else:
-                    dw[j] += d * xh
+            if acc_w and not nround:
+                dw[j] += d * xh
             if acc_b:
                 db[j] += d
             g = rstd * (gdy - c1 - xh * c2)
             if has_dh:
                 g = g + _ld(dh[j])
             dx[j] = _st(g, XK)
+        if acc_w and nround:  # dγ against x̂ as the forward rounded it (own loop: see forward)
+            for j in range(n):
+                xh = ((_ld(x[j]) - m1) - dm) * rstd
+                dw[j] += _ld(dy[j]) * _ld(_st(xh, NK))
 
 
 @njit(cache=_CACHE, fastmath=_FM)
