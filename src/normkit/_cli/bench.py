@@ -1,0 +1,334 @@
+"""Time normkit's LayerNorm, RMSNorm and fused add+norm against torch eager, torch.compile,
+ONNX Runtime and a memory copy of the same bytes, on a shape x dtype grid.
+
+Prints a table (time, GB/s, fraction of copy, speed-up vs torch), a bar check for the
+4096x4096 points, and writes JSON with the machine description
+(default: benchmarks/results/bench-<device>-<date>.json inside a normkit checkout, else
+./normkit-bench.json).
+
+examples:
+  normkit bench --quick
+  normkit bench --ops ln,rms --dtypes bfloat16 --M 4096 --N 4096
+  normkit bench --no-backward --peers torch,copy --json /tmp/fwd.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HELP = "benchmark the norms against torch, torch.compile, ONNX Runtime and a memory copy"
+
+# Kept in sync with normkit.bench (not imported here: this module loads for `normkit --help`).
+_OPS = ("ln", "rms", "add_ln", "add_rms")
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+_PEERS = ("torch", "compile", "onnxruntime", "copy", "clone")
+
+
+def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(s.strip() for s in text.split(",") if s.strip())
+        bad = [s for s in items if s not in allowed]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}; a comma-separated list from: {', '.join(allowed)}"
+            )
+        return tuple(dict.fromkeys(items))  # de-duplicated, order kept
+
+    return parse
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        items = ()
+    if not items or any(v < 1 for v in items):
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}; a comma-separated list of positive integers, e.g. 1,8,512"
+        )
+    return tuple(dict.fromkeys(items))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; a positive number of seconds")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="small grid (M 1,512,4096; N 768,4096; ln+rms fwd+bwd, add_ln fwd; "
+                        "no torch.compile) that finishes in under a minute")
+    p.add_argument("--ops", type=_names(_OPS), metavar="LIST",
+                   help=f"ops to time, from {','.join(_OPS)} "
+                        "(default: all; --quick: ln,rms,add_ln)")
+    p.add_argument("--dtypes", type=_names(_DTYPES), metavar="LIST",
+                   help="dtypes, from " + ",".join(_DTYPES) + " (default: float32,bfloat16)")
+    p.add_argument("--M", type=_ints, metavar="LIST", dest="Ms",
+                   help="rows (default: 1,8,512,4096,16384; --quick: 1,512,4096)")
+    p.add_argument("--N", type=_ints, metavar="LIST", dest="Ns",
+                   help="features (default: 64,768,4096,8192; --quick: 768,4096)")
+    p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--peers", type=_names(_PEERS), metavar="LIST",
+                   help=f"peers, from {','.join(_PEERS)} (default: all; --quick: "
+                        "torch,onnxruntime,copy)")
+    p.add_argument("--backend", choices=("auto", "cpu", "reference"), default="auto",
+                   help="normkit backend to time (default: auto)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="device (default: cpu)")
+    p.add_argument("--json", type=Path, metavar="PATH",
+                   help="where to write the results (default: benchmarks/results/"
+                        "bench-<device>-<date>.json in a normkit checkout, else "
+                        "./normkit-bench.json)")
+    p.add_argument("--min-time", type=_positive_float, metavar="SECONDS",
+                   help="minimum measuring time per implementation and case "
+                        "(default: 0.2; --quick: 0.025)")
+    p.add_argument("--check", action="store_true",
+                   help="exit with code 1 when a point of the bar check fails")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The BenchConfig the flags describe (raises ValueError for a bad combination)."""
+    from dataclasses import replace
+
+    from normkit import bench
+
+    base = bench.BenchConfig.quick_grid() if args.quick else bench.BenchConfig()
+    timing = base.timing
+    if args.min_time is not None:
+        timing = replace(timing, min_time_s=args.min_time,
+                         max_time_s=max(timing.max_time_s, args.min_time))
+    return bench.with_overrides(
+        base,
+        ops=args.ops,
+        dtypes=args.dtypes,
+        Ms=args.Ms,
+        Ns=args.Ns,
+        peers=args.peers,
+        bwd_ops=() if args.no_backward else None,
+        backend=args.backend,
+        device=args.device,
+        timing=timing,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from normkit import bench
+
+    out = Console()
+    if not out.is_terminal:  # piped to a file: keep the table whole rather than 80 wide
+        out = Console(width=160)
+    err = Console(stderr=True)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        err.print(f"[red]normkit bench: error:[/red] {e}", soft_wrap=True)
+        return 2
+    json_path = args.json or bench.default_json_path(config.device)
+    doc = run_and_report(config, json_path, out=out, err=err)
+    if args.check and doc["bar"]["ok"] is False:
+        return 1
+    return 0
+
+
+def run_and_report(config, json_path: str | Path, out=None, err=None) -> dict[str, Any]:
+    """Run ``config`` with a progress bar, print the table and bar check, write the JSON.
+    Also used by benchmarks/run_cpu.py."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from normkit import bench
+
+    out = out or Console()
+    err = err or Console(stderr=True)
+    n_cases = len(config.cases())
+    out.print(
+        f"[bold]normkit bench[/bold]: {n_cases} cases on {config.device} "
+        f"(backend {config.backend}); peers: {', '.join(config.peers) or 'none'}"
+    )
+    for note in bench.config_notes(config):
+        out.print(f"  [dim]note:[/dim] {note}")
+
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting", total=n_cases)
+
+        def on_progress(done: int, total: int, label: str) -> None:
+            progress.update(task, completed=done, description=f"{label:<28}")
+
+        doc = bench.run_bench(config, progress=on_progress)
+    wall = time.perf_counter() - t0
+
+    out.print(results_table(doc))
+    _print_bar(out, doc["bar"])
+    path = bench.write_json_atomic(json_path, doc)
+    out.print(f"wall time {wall:.1f} s; results written to [bold]{path}[/bold]")
+    return doc
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "–"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f}µs"
+    if s < 1:
+        return f"{s * 1e3:.2f}ms"
+    return f"{s:.2f}s"
+
+
+def _fmt_ratio(v: float | None, good: float | None = None, ok: float | None = None) -> str:
+    if v is None:
+        return "–"
+    text = f"{v:.2f}"
+    if good is not None and v >= good:
+        return f"[green]{text}[/green]"
+    if ok is not None:
+        return f"[yellow]{text}[/yellow]" if v >= ok else f"[red]{text}[/red]"
+    return text
+
+
+def _cell_time(rec: dict[str, Any] | None) -> str:
+    if rec is None:
+        return "–"
+    if "error" in rec:
+        return "[red]error[/red]"
+    if "skipped" in rec:
+        return "[dim]–[/dim]"
+    text = _fmt_time(rec.get("median_s"))
+    return f"[yellow]{text}~[/yellow]" if rec.get("noisy") else text
+
+
+_SHORT_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+
+
+def results_table(doc: dict[str, Any]):
+    """One row per case: normkit's time, GB/s, fraction of copy and speed-up vs torch, then the
+    peers' times side by side."""
+    from rich.table import Table
+
+    from normkit.bench import BAR_MAX_SLOWDOWN
+
+    peers = doc["config"]["peers"]
+    min_sp = 1.0 / BAR_MAX_SLOWDOWN
+    table = Table(
+        title="normkit bench — median time per call; ×copy = copy time / normkit time, "
+        "×torch = torch time / normkit time",
+        title_justify="left",
+    )
+    for col, just in [("op", "left"), ("pass", "left"), ("dtype", "left"), ("M", "right"),
+                      ("N", "right"), ("normkit", "right"), ("GB/s", "right"),
+                      ("×copy", "right"), ("×torch", "right")]:
+        table.add_column(col, justify=just)
+    if "torch" in peers:
+        table.add_column("torch", justify="right")
+    if "compile" in peers:
+        table.add_column("compile", justify="right")
+        table.add_column("×compile", justify="right")
+    if "onnxruntime" in peers:
+        table.add_column("ORT", justify="right")
+    if "copy" in peers:
+        table.add_column("copy", justify="right")
+    if "clone" in peers:
+        table.add_column("×clone", justify="right")
+
+    results = doc["results"]
+    errors = []
+    for i, r in enumerate(results):
+        impls = r["impls"]
+        nk = impls.get("normkit", {})
+        if "error" in nk:
+            where = f"{r['op']} {r['pass']} {r['dtype']} {r['M']}x{r['N']}"
+            errors.append(f"{where}: {nk['error']}")
+        dtype = _SHORT_DTYPE.get(r["dtype"], r["dtype"])
+        row = [r["op"], r["pass"], dtype, str(r["M"]), str(r["N"]), _cell_time(nk),
+               "–" if nk.get("gbps") is None else f"{nk['gbps']:.1f}",
+               _fmt_ratio(nk.get("copy_fraction")),
+               _fmt_ratio(nk.get("speedup_vs_torch"), good=1.0, ok=min_sp)]
+        if "torch" in peers:
+            row.append(_cell_time(impls.get("torch")))
+        if "compile" in peers:
+            comp = impls.get("compile", {})
+            row.append(_cell_time(comp))
+            vs = None
+            if comp.get("median_s") and nk.get("median_s"):
+                vs = comp["median_s"] / nk["median_s"]
+            row.append(_fmt_ratio(vs, good=1.0, ok=min_sp))
+        if "onnxruntime" in peers:
+            row.append(_cell_time(impls.get("onnxruntime")))
+        if "copy" in peers:
+            row.append(_cell_time(impls.get("copy")))
+        if "clone" in peers:
+            row.append(_fmt_ratio(nk.get("clone_fraction")))
+        nxt = results[i + 1] if i + 1 < len(results) else None
+        section_end = nxt is not None and (nxt["op"], nxt["pass"]) != (r["op"], r["pass"])
+        table.add_row(*row, end_section=section_end)
+    notes = []
+    if any(rec.get("noisy") for r in results for rec in r["impls"].values()):
+        notes.append("~ noisy: median > 1.5 × the fastest sample (a busy machine); re-run to "
+                     "confirm")
+    if errors:
+        more = f" (+{len(errors) - 5} more in the JSON)" if len(errors) > 5 else ""
+        notes.append("[red]normkit errors:[/red] " + "; ".join(errors[:5]) + more)
+    for name in ("compile", "onnxruntime"):
+        errs = {r["impls"][name]["error"] for r in results
+                if "error" in r["impls"].get(name, {})}
+        if errs:
+            notes.append(f"[red]{name} failed:[/red] " + "; ".join(sorted(errs)[:2]))
+    if notes:
+        table.caption = "\n".join(notes)
+        table.caption_justify = "left"
+    return table
+
+
+def _print_bar(out, bar: dict[str, Any]) -> None:
+    points = bar["points"]
+    worst = bar["worst_speedup"]
+    if not points and worst is None:
+        return
+    out.print("[bold]bar check[/bold] "
+              f"(4096x4096 {'/'.join(bar['dtypes'])}: fwd ≥ 0.75 of copy, fused fwd ≥ 0.70, "
+              f"bwd ≥ 0.50; everywhere ≥ {bar['speedup_needed']:.3f}× torch)")
+
+    def mark(ok):
+        return "[dim]?[/dim]" if ok is None else ("[green]ok[/green]" if ok else "[red]FAIL[/red]")
+
+    for p in points:
+        if p.get("error"):
+            out.print(f"  {p['op']:<7} {p['pass']} {p['dtype']:<8}  [red]error[/red]: "
+                      f"{p['error']}")
+            continue
+        cf = "–" if p["copy_fraction"] is None else f"{p['copy_fraction']:.2f}"
+        sp = "–" if p["speedup_vs_torch"] is None else f"{p['speedup_vs_torch']:.2f}"
+        cl = "" if p["clone_fraction"] is None else f"of clone {p['clone_fraction']:.2f}"
+        out.print(f"  {p['op']:<7} {p['pass']} {p['dtype']:<8}  of copy {cf:>5} "
+                  f"(≥ {p['copy_fraction_needed']:.2f}) {mark(p['copy_ok'])}   "
+                  f"vs torch {sp:>5} {mark(p['speedup_ok'])}   [dim]{cl}[/dim]")
+    if worst is not None:
+        ok = worst["speedup_vs_torch"] >= bar["speedup_needed"]
+        out.print(f"  grid minimum vs torch: {worst['speedup_vs_torch']:.2f} at {worst['op']} "
+                  f"{worst['pass']} {worst['dtype']} {worst['M']}x{worst['N']} {mark(ok)}")
+    if bar["ok"] is not None:
+        out.print("  overall: " + ("[green]meets the bar[/green]" if bar["ok"]
+                                   else "[red]below the bar[/red]"))
