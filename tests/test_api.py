@@ -104,8 +104,16 @@ def test_auto_uses_cpu_kernels_for_cpu_tensors(monkeypatch):
     from normkit.kernels import cpu
 
     calls = []
-    real = cpu._launch
-    monkeypatch.setattr(cpu, "_launch", lambda *a: calls.append(1) or real(*a))
+    real_forward, real_infer = cpu.forward, cpu.infer
+    monkeypatch.setattr(cpu, "forward", lambda *a: calls.append(1) or real_forward(*a))
+
+    def infer(*a):
+        out = real_infer(*a)
+        if out is not None:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(cpu, "infer", infer)
     normkit.layer_norm(torch.randn(1, 8), 8)
     normkit.layer_norm(torch.randn(1000, 8), 8)
     normkit.rms_norm(torch.randn(1, 8), 8, torch.randn(8), residual=torch.randn(1, 8))
@@ -119,6 +127,13 @@ def test_grad_and_no_grad_paths_give_same_bits():
         a = normkit.layer_norm(x, 77, w)
     b = normkit.layer_norm(x, 77, w)
     assert b.requires_grad and torch.equal(a, b)
+    r = torch.randn(5, 77)
+    with torch.no_grad():  # the inference fast path with a residual
+        ya, ha = normkit.rms_norm(x, 77, w, residual=r, return_residual=True)
+    yb, hb = normkit.rms_norm(x, 77, w, residual=r, return_residual=True)
+    assert torch.equal(ya, yb) and torch.equal(ha, hb) and torch.equal(ha, x + r)
+    with torch.no_grad():
+        assert torch.equal(normkit.rms_norm(x, 77, w, residual=r), ya)
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,6 +146,7 @@ def test_empty_input(shape, monkeypatch):
     from normkit.kernels import cpu
 
     monkeypatch.setattr(cpu, "_launch", lambda *a: pytest.fail("launched a kernel"))
+    monkeypatch.setattr(cpu, "_INFER_PLANS", {})  # no cached entry point to call directly
     x = torch.randn(shape)
     r = torch.randn(shape)
     y, h = normkit.layer_norm(x, 16, torch.ones(16), torch.zeros(16), residual=r,

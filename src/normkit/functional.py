@@ -157,10 +157,10 @@ def layer_norm(
     Under ``torch.autocast`` the op behaves like torch's own ``layer_norm``: on CUDA (and other
     accelerators) it runs in float32 and returns float32; on the CPU autocast leaves it alone.
     """
-    if residual is None and casting == "torch" and out_dtype is None and not zero_centered_gamma:
-        y = _infer(x, normalized_shape, weight, bias, eps, False)
-        if y is not None:
-            return (y, x) if return_residual else y
+    if casting == "torch" and out_dtype is None and not zero_centered_gamma:
+        out = _infer(x, normalized_shape, weight, bias, eps, False, residual)
+        if out is not None:
+            return _finish(out, x, residual, return_residual)
     return _norm(
         x, normalized_shape, weight, bias, eps, residual, zero_centered_gamma,
         return_residual, casting, out_dtype, False,
@@ -191,12 +191,12 @@ def rms_norm(
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True``.  Output dtype: see
         ``layer_norm``.
     """
-    if residual is None and casting == "torch" and out_dtype is None and not zero_centered_gamma:
+    if casting == "torch" and out_dtype is None and not zero_centered_gamma:
         if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             eps = torch.finfo(x.dtype).eps
-        y = _infer(x, normalized_shape, weight, None, eps, True)
-        if y is not None:
-            return (y, x) if return_residual else y
+        out = _infer(x, normalized_shape, weight, None, eps, True, residual)
+        if out is not None:
+            return _finish(out, x, residual, return_residual)
     return _norm(
         x, normalized_shape, weight, None, eps, residual, zero_centered_gamma,
         return_residual, casting, out_dtype, True,
@@ -208,41 +208,32 @@ def rms_norm(
 # ----------------------------------------------------------------------------------------------
 
 
-def _infer(x, n, weight, bias, eps, rms):
-    """Eager inference on CPU in the common form (int normalized_shape, contiguous x, 1-D γ/β,
-    no gradient), with the fewest checks that make it safe; None means "take the general path",
-    which validates everything and raises the errors.  At M=1 every 0.1 µs here counts."""
-    if type(n) is tuple and len(n) == 1:  # what nn.LayerNorm stores
-        n = n[0]
+def _finish(out, x, residual, return_residual):
+    """The fast path's result in the public form: y, or (y, h) with h = x when no residual."""
+    if residual is None:
+        return (out, x) if return_residual else out
+    return out if return_residual else out[0]
+
+
+def _infer(x, n, weight, bias, eps, rms, residual):
+    """Eager inference in the common form (int normalized_shape, contiguous CPU x, 1-D γ/β, no
+    gradient) with the fewest checks that make it safe; None means "take the general path",
+    which validates everything and raises the errors.  At M=1 every 0.1 µs here counts: torch's
+    whole LayerNorm takes ~4.5 µs."""
+    cpu = _cpu_module
     if (
-        type(n) is not int
+        cpu is None  # loaded by the first general-path call
+        or _backend == "reference"
         or type(eps) is not float
         or not 0.0 <= eps < math.inf
-        or not isinstance(x, torch.Tensor)
-        or not x.is_cpu
-        or x.dim() == 0
-        or x.shape[-1] != n
-        or n == 0
-        or x.numel() == 0
-        or not x.is_floating_point()
-        or not x.is_contiguous()
-        or _backend == "reference"
-        or (weight is not None and (type(weight) is not torch.nn.Parameter
-                                    and type(weight) is not torch.Tensor
-                                    or weight.shape != (n,) or not weight.is_floating_point()))
-        or (bias is not None and (type(bias) is not torch.nn.Parameter
-                                  and type(bias) is not torch.Tensor
-                                  or bias.shape != (n,) or not bias.is_floating_point()))
         or torch.compiler.is_compiling()
-        or (torch.is_grad_enabled() and (
-            x.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-        ))
     ):
         return None
-    cpu = _cpu_module or _load_cpu()
-    return None if cpu is None else cpu.infer(x, n, weight, bias, eps, rms)
+    if type(n) is not int:
+        if type(n) is not tuple or len(n) != 1 or type(n[0]) is not int:  # nn.LayerNorm's form
+            return None
+        n = n[0]
+    return cpu.infer(x, n, weight, bias, eps, rms, residual)
 
 
 def _check_param(name, p, shape, x):

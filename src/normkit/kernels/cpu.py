@@ -529,36 +529,81 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
     return y, h, stats
 
 
-def infer(x, n, weight, bias, eps, rms):
+def infer(x, n, weight, bias, eps, rms, residual=None):
     """The serving call in its most common form, as cheap as it can be, or None.
 
-    Contiguous x, γ/β None or contiguous (N,), "torch" casting, no residual, no statistics:
-    the caller has checked everything else.  Returns None when the plan needs more (e.g. a dtype
-    combination this backend does not cover), and the caller takes the general path.
+    For a contiguous CPU x whose last dim is n, γ/β None or contiguous (n,), an optional
+    contiguous residual like x, "torch" casting, no statistics, no gradient wanted.  Returns y,
+    or (y, h) with a residual.  Anything else — including arguments that are not tensors at all —
+    returns None, and the caller takes the general path, which validates everything and raises
+    the named errors.  The caller has checked eps and torch.compile.
     """
-    wd = bd = None
-    wa = ba = 0
-    flags = 0
-    if weight is not None:
-        if not (weight.is_cpu and weight.is_contiguous()):
+    try:
+        if x.shape[-1] != n or not x.is_cpu or not x.is_contiguous():
             return None
-        wd = weight.dtype
-        wa = weight.data_ptr()
-        flags = _W
-    if bias is not None:
-        if not (bias.is_cpu and bias.is_contiguous()):
+        grad = torch.is_grad_enabled()
+        if grad and x.requires_grad:
             return None
-        bd = bias.dtype
-        ba = bias.data_ptr()
-        flags |= _B
-    p = plan(x.dtype, wd, bd, "torch", None)
-    if p is None or p[0] != (wd or p[0]) or p[0] != (bd or p[0]):
-        return None  # γ/β need a conversion first: general path
-    m = x.numel() // n
+        wd = bd = None
+        wa = ba = ra = 0
+        flags = 0
+        if weight is not None:
+            if (weight.shape != (n,) or not weight.is_cpu or not weight.is_contiguous()
+                    or (grad and weight.requires_grad)):
+                return None
+            wd = weight.dtype
+            wa = weight.data_ptr()
+            flags = _W
+        if bias is not None:
+            if (bias.shape != (n,) or not bias.is_cpu or not bias.is_contiguous()
+                    or (grad and bias.requires_grad)):
+                return None
+            bd = bias.dtype
+            ba = bias.data_ptr()
+            flags |= _B
+        if residual is not None:
+            if (residual.shape != x.shape or residual.dtype != x.dtype or not residual.is_cpu
+                    or not residual.is_contiguous() or (grad and residual.requires_grad)):
+                return None
+            ra = residual.data_ptr()
+            flags |= _RES
+        m = x.numel() // n if n else 0
+    except (AttributeError, IndexError, TypeError):
+        return None
+    key = (x.dtype, wd, bd)
+    p = _INFER_PLANS.get(key)
+    if p is None:
+        p = _INFER_PLANS[key] = _infer_plan(*key)
+    if not p or m == 0:
+        return None
     y = torch.empty_like(x)
-    _launch(_fwd_serial, _fwd_parallel, m * n,
-            (m, n, rms, flags, eps, x.data_ptr(), n, 0, 0, 0, y.data_ptr(), wa, ba, 0, *p[3]))
-    return y
+    h = None
+    if ra:
+        h = torch.empty_like(x)
+        args = (m, n, rms, flags, eps, x.data_ptr(), n, ra, n, h.data_ptr(), y.data_ptr(), wa, ba,
+                0, *p[0])
+    else:
+        args = (m, n, rms, flags, eps, x.data_ptr(), n, 0, 0, 0, y.data_ptr(), wa, ba, 0, *p[0])
+    entry = p[1]
+    if entry is not None and m * n < PARALLEL_MIN_ELEMENTS:
+        entry(*args)
+    else:
+        _launch(_fwd_serial, _fwd_parallel, m * n, args)
+        if p[1] is None and m * n < PARALLEL_MIN_ELEMENTS:
+            p[1] = _ENTRIES[(_fwd_serial, *map(id, p[0]))]
+    return y if h is None else (y, h)
+
+
+# (x dtype, γ dtype, β dtype) -> [markers, serial entry point or None], or False when the
+# inference fast path does not cover the combination (γ/β need a conversion first).
+_INFER_PLANS: dict = {}
+
+
+def _infer_plan(x_dtype, wd, bd):
+    p = plan(x_dtype, wd, bd, "torch", None)
+    if p is None or (wd is not None and wd != p[0]) or (bd is not None and bd != p[0]):
+        return False
+    return [p[3], None]
 
 
 # The compiled entry point of each (driver, dtype markers) specialization.  Calling it skips
