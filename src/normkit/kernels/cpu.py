@@ -56,7 +56,7 @@ _MARKER = {
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
 # Flags passed as one int.
-_RES, _W, _B, _ZC, _NROUND, _STATS, _DH, _DW = 1, 2, 4, 8, 16, 32, 64, 128
+_RES, _W, _B, _ZC, _NROUND, _STATS, _DW = 1, 2, 4, 8, 16, 32, 128
 
 # dγ/dβ: rows are split into at most this many contiguous blocks (a function of M only).
 _MAX_BLOCKS = 64
@@ -309,31 +309,30 @@ def _fwd_parallel(
 
 @njit(cache=_CACHE, fastmath=_FM)
 def _bwd_rows(
-    lo, hi, n, rms, flags, xa, dya, dha, dxa, wa, sa, dwa, dba, XK, OK, WK, NK, SK
+    lo, hi, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, dwa, dba, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
-    """Rows [lo, hi): dx (+ dh), and this block's dγ/dβ partial sums (float32 rows dwa/dba).
+    """Rows [lo, hi): dx, and this block's dγ/dβ partial sums (float32 rows dwa/dba).
 
     With x̂ = (v - m1 - dm)·rstd (LN) or v·rstd (RMS) and g = γ (or 1+γ), per row:
-        dx = rstd · (g·dy − mean(g·dy) − x̂·mean(g·dy·x̂))   (LN; RMS drops the mean(g·dy) term)
+        dx = rstd · (g·dy − mean(g·dy) − x̂·mean(g·dy·x̂)) + dh   (RMS drops the mean(g·dy) term)
         dγ += dy · x̂  (x̂ cast as in the forward for "llama"/"t5"),  dβ += dy
-    plus dh, the gradient that reached the returned pre-norm sum h.
+    dh is the gradient that reached the returned pre-norm sum h.  The host always passes a γ
+    (ones when there is none: dy·1 is exact) and a dh (one zero row read with stride ``dhrs=0``
+    when there is none: +0 is exact), so the row loops have no branches to keep them scalar.
     """
     z = _c(0, XK)
     nf = _c(n, XK)
-    has_w = (flags & _W) != 0
-    acc_w = (flags & _DW) != 0  # accumulate dγ (γ may be present with dγ unwanted)
-    acc_b = (flags & _B) != 0  # accumulate dβ
-    nround = (flags & _NROUND) != 0
+    acc_w = (flags & _DW) != 0 and (flags & _NROUND) == 0  # dγ against x̂ in this loop
+    acc_b = (flags & _B) != 0
     zc = _c(1, XK) if flags & _ZC else z
-    w = _row(wa, 0, n if has_w else 0, WK)
+    w = _row(wa, 0, n, WK)
     st = _row(sa, 0, 3 * hi, SK)
-    dw = _row(dwa, 0, n if acc_w else 0, SK)
+    dw = _row(dwa, 0, n if (flags & _DW) else 0, SK)
     db = _row(dba, 0, n if acc_b else 0, SK)
-    has_dh = (flags & _DH) != 0
     for i in range(lo, hi):
         x = _row(xa, i * n, n, XK)
         dy = _row(dya, i * n, n, OK)
-        dh = _row(dha, i * n, n if has_dh else 0, XK)
+        dh = _row(dha, i * dhrs, n, XK)
         dx = _row(dxa, i * n, n, XK)
         m1 = st[3 * i]
         dm = st[3 * i + 1]
@@ -341,31 +340,36 @@ def _bwd_rows(
         c1 = z
         c2 = z
         for j in range(n):
-            xh = ((_ld(x[j]) - m1) - dm) * rstd
-            gdy = _ld(dy[j])
-            if has_w:
-                gdy = gdy * (_ld(w[j]) + zc)
+            gdy = _ld(dy[j]) * (_ld(w[j]) + zc)
             c1 += gdy
-            c2 += gdy * xh
-        c1 = c1 / nf
+            c2 += gdy * (((_ld(x[j]) - m1) - dm) * rstd)
+        c1 = z if rms else c1 / nf
         c2 = c2 / nf
-        if rms:
-            c1 = z
-        for j in range(n):
-            xh = ((_ld(x[j]) - m1) - dm) * rstd
-            d = _ld(dy[j])
-            gdy = d
-            if has_w:
-                gdy = d * (_ld(w[j]) + zc)
-            if acc_w and not nround:
+        if acc_w and acc_b:
+            for j in range(n):
+                xh = ((_ld(x[j]) - m1) - dm) * rstd
+                d = _ld(dy[j])
                 dw[j] += d * xh
-            if acc_b:
                 db[j] += d
-            g = rstd * (gdy - c1 - xh * c2)
-            if has_dh:
-                g = g + _ld(dh[j])
-            dx[j] = _st(g, XK)
-        if acc_w and nround:  # dγ against x̂ as the forward rounded it (own loop: see forward)
+                dx[j] = _st(rstd * (d * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]), XK)
+        elif acc_w:
+            for j in range(n):
+                xh = ((_ld(x[j]) - m1) - dm) * rstd
+                d = _ld(dy[j])
+                dw[j] += d * xh
+                dx[j] = _st(rstd * (d * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]), XK)
+        elif acc_b:
+            for j in range(n):
+                xh = ((_ld(x[j]) - m1) - dm) * rstd
+                d = _ld(dy[j])
+                db[j] += d
+                dx[j] = _st(rstd * (d * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]), XK)
+        else:
+            for j in range(n):
+                xh = ((_ld(x[j]) - m1) - dm) * rstd
+                dx[j] = _st(rstd * (_ld(dy[j]) * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]),
+                            XK)
+        if (flags & _DW) and (flags & _NROUND):  # dγ against x̂ as the forward rounded it
             for j in range(n):
                 xh = ((_ld(x[j]) - m1) - dm) * rstd
                 dw[j] += _ld(dy[j]) * _ld(_st(xh, NK))
@@ -373,21 +377,21 @@ def _bwd_rows(
 
 @njit(cache=_CACHE, fastmath=_FM)
 def _bwd_serial(
-    m, nblk, n, rms, flags, xa, dya, dha, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
+    m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
     rpb = (m + nblk - 1) // nblk
     for k in range(nblk):
-        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dxa, wa, sa,
+        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
                   pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
 
 
 @njit(cache=_CACHE, fastmath=_FM, parallel=True)
 def _bwd_parallel(
-    m, nblk, n, rms, flags, xa, dya, dha, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
+    m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
     rpb = (m + nblk - 1) // nblk
     for k in prange(nblk):
-        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dxa, wa, sa,
+        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
                   pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
 
 
@@ -647,30 +651,33 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     """
     m, n = x.shape
     pd = _param_dtype(x.dtype, None if weight is None else weight.dtype, None)
-    if weight is not None and weight.dtype != pd:
-        weight = weight.to(pd)
     sd = stats.dtype
     nd = _cast_dtype(x.dtype, None if weight is None else weight.dtype, casting)
     want_w = need_dw and weight is not None
     want_b = need_dw and has_bias
+    if weight is None:
+        weight = torch.ones(n, dtype=pd)  # dy·1 is exact; keeps the row loops branch-free
+        zero_centered = False
+    elif weight.dtype != pd:
+        weight = weight.to(pd)
+    dhrs = n
+    if dh is None:
+        dh, dhrs = torch.zeros(n, dtype=x.dtype), 0  # one zero row for every row: +0 is exact
     nblk = min(m, _MAX_BLOCKS) if (want_w or want_b) else 1
     flags = (
-        (_W if weight is not None else 0)
-        | (_DW if want_w else 0)
+        (_DW if want_w else 0)
         | (_B if want_b else 0)
-        | (_ZC if zero_centered and weight is not None else 0)
+        | (_ZC if zero_centered else 0)
         | (_NROUND if nd is not None else 0)
-        | (_DH if dh is not None else 0)
     )
     dx = torch.empty((m, n), dtype=x.dtype)
-    # Partial sums only when wanted (_DW/_B); γ itself is still needed for dx (_W).
+    # Partial sums only when wanted (_DW/_B).
     pw = torch.zeros((nblk, n if want_w else 0), dtype=sd)
     pb = torch.zeros((nblk, n if want_b else 0), dtype=sd)
     args = (
         m, nblk, n, rms, flags,
-        x.data_ptr(), dy.data_ptr(), dh.data_ptr() if dh is not None else 0, dx.data_ptr(),
-        weight.data_ptr() if weight is not None else 0, stats.data_ptr(),
-        pw.data_ptr(), pb.data_ptr(),
+        x.data_ptr(), dy.data_ptr(), dh.data_ptr(), dhrs, dx.data_ptr(),
+        weight.data_ptr(), stats.data_ptr(), pw.data_ptr(), pb.data_ptr(),
         _MARKER[x.dtype], _MARKER[dy.dtype], _MARKER[pd], _MARKER[nd or x.dtype], _MARKER[sd],
     )
     _launch(_bwd_serial, _bwd_parallel, m * n, args)
