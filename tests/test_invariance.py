@@ -124,3 +124,28 @@ def test_eight_threads_concurrently():
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "deadlock: a thread did not finish"
     assert not errors, errors
+
+
+def test_forked_child_can_run_parallel_kernels():
+    """A DataLoader-style fork after a parallel kernel ran in the parent must work in the child
+    (GNU OpenMP kills such children; normkit uses numba's workqueue layer)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import multiprocessing as mp, torch, normkit
+        x = torch.randn(2048, 1024); w = torch.randn(1024)
+        y0 = normkit.layer_norm(x, 1024, w)          # parallel path in the parent
+        def child(q):
+            q.put(bool(torch.equal(normkit.layer_norm(x, 1024, w), y0)))
+        ctx = mp.get_context("fork"); q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,)); p.start(); p.join(60)
+        print(p.exitcode, q.get(timeout=5) if p.exitcode == 0 else None)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "True"], out.stdout + out.stderr

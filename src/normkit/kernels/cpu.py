@@ -413,6 +413,14 @@ def _sum_blocks(nblk, n, pa, oa, SK):  # pragma: no cover - compiled
 # Host functions: torch tensors in, torch tensors out
 # ----------------------------------------------------------------------------------------------
 
+# numba's own "workqueue" threading layer, not its default pick here, "omp" (GNU OpenMP): with omp a
+# process that forks after a parallel kernel ran — every DataLoader with workers — has its
+# children killed ("fork() called from a process already using GNU OpenMP, this is unsafe"; seen
+# here, tested in test_invariance.py).  workqueue must not be entered from two threads at once,
+# which _PAR_LOCK below guarantees for normkit's kernels.  A layer the user chose is kept.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
 # One parallel region at a time.  numba's workqueue layer must not be entered concurrently, and
 # even with a layer that allows it, 8 calling threads × all cores would oversubscribe the
 # machine; serialising the (already all-core) parallel launches keeps threads == cores.  Small
