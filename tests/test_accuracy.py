@@ -392,3 +392,29 @@ def _convert_all(src, dst, marker):
             dst[i] = _st(src[i], marker)
 
     run(src, dst, marker)
+
+
+def test_large_outputs_take_the_hugepage_path(monkeypatch):
+    """Outputs of >= 1M elements are madvised for huge pages before the first write; results and
+    gradients are those of the reference (the advice changes paging, never values)."""
+    from normkit.kernels import cpu
+
+    seen = []
+    real = cpu._hugepages
+    monkeypatch.setattr(cpu, "_hugepages", lambda t: seen.append(t.numel()) or real(t))
+    m, n = 1024, 1024
+    x = torch.randn(m, n, requires_grad=True)
+    r = torch.randn(m, n)
+    w = torch.randn(n, requires_grad=True)
+    y, h = normkit.layer_norm(x, n, w, None, residual=r, return_residual=True)
+    with torch.no_grad():
+        y_fast = normkit.layer_norm(x, n, w)
+    (gx, gw) = torch.autograd.grad(y, [x, w], torch.ones_like(y))
+    assert seen.count(m * n) >= 4  # y, h, the fast path's y, dx
+    xd, wd, rd = x.detach().double(), w.detach().double().requires_grad_(), r.double()
+    xd.requires_grad_()
+    yd = torch.nn.functional.layer_norm((xd + rd), (n,), wd)
+    gxd, gwd = torch.autograd.grad(yd, [xd, wd], torch.ones_like(yd))
+    assert max_err(y, yd) < 1e-5 and max_err(y_fast, torch.nn.functional.layer_norm(
+        x.detach().double(), (n,), w.detach().double())) < 1e-5
+    assert max_err(gx, gxd) < 1e-4 and max_err(gw, gwd) < 1e-3
