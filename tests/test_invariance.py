@@ -33,9 +33,10 @@ def _both(x, w, b, r, rms):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 7, 64, 771, 4096])
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
-def test_row_bits_do_not_depend_on_batch(dtype, n, rms):
+def test_row_bits_do_not_depend_on_batch(dtype, n, rms, monkeypatch):
     """A row alone, at any position of batches of several sizes (serial and parallel drivers),
     with 1 or all threads: identical bits."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 1 << 12)  # small batches go parallel too
     big = max(3, (2 * cpu.PARALLEL_MIN_ELEMENTS) // n + 5)  # large enough for the parallel path
     x = torch.randn(big, n).to(dtype)
     r = torch.randn(big, n).to(dtype)

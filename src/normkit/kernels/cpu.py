@@ -53,9 +53,12 @@ _MARKER = {
     torch.float16: np.empty(0, np.int16),
 }
 
-# Below this many elements the parallel region's launch (~10 µs on the workqueue layer) costs more
-# than it saves.  Serial and parallel drivers give identical bits (tested), so this is speed only.
-PARALLEL_MIN_ELEMENTS = 1 << 15
+# Below this many elements a row loop runs serially on the calling thread.  A parallel launch on
+# numba's workqueue layer (chosen for fork safety, see below) wakes sleeping threads and cost
+# ~100 µs on a 2-core VM: 64x768 took 133 µs in parallel against 22 µs serially.  At 2M elements
+# (8 MiB of float32, >= 1.5 ms of work) that is under 7%.  Serial and parallel drivers give
+# identical bits (tested), so this is speed only.
+PARALLEL_MIN_ELEMENTS = 1 << 21
 
 # Flags passed as one int.
 _RES, _W, _B, _ZC, _NROUND, _STATS, _DW = 1, 2, 4, 8, 16, 32, 128
