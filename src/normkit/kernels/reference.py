@@ -84,20 +84,22 @@ def norm_forward(
     else:
         h = None
         v = x.to(ct)
-    if rms:
-        rstd = torch.rsqrt((v * v).mean(-1, keepdim=True) + eps)
-        xhat = v * rstd
-        mean = torch.zeros_like(rstd)
-    else:
-        m1 = v.mean(-1, keepdim=True)
-        d = v - m1
-        dm = d.mean(-1, keepdim=True)
-        var = ((d * d).mean(-1, keepdim=True) - dm * dm).clamp_min(0.0)
-        rstd = torch.rsqrt(var + eps)
-        xhat = (d - dm) * rstd
-        mean = m1 + dm
+    xhat, mean, rstd = _normalize(v, eps, rms)
     y = _apply_affine(xhat, x.dtype, weight, bias, zero_centered_gamma, casting, out_dtype)
     return y, h, mean.squeeze(-1), rstd.squeeze(-1)
+
+
+def _normalize(v, eps, rms):
+    """(x̂, mean, rstd) of rows v in the compute dtype; mean is zeros for RMSNorm."""
+    if rms:
+        rstd = torch.rsqrt((v * v).mean(-1, keepdim=True) + eps)
+        return v * rstd, torch.zeros_like(rstd), rstd
+    m1 = v.mean(-1, keepdim=True)
+    d = v - m1
+    dm = d.mean(-1, keepdim=True)
+    var = ((d * d).mean(-1, keepdim=True) - dm * dm).clamp_min(0.0)
+    rstd = torch.rsqrt(var + eps)
+    return (d - dm) * rstd, m1 + dm, rstd
 
 
 def _apply_affine(xhat, x_dtype, weight, bias, zero_centered, casting, out_dtype):
@@ -148,17 +150,7 @@ def norm_backward(
         dx in v.dtype, dweight and dbias in the compute dtype (None when absent).
     """
     ct = compute_dtype(v.dtype)
-    f = v.to(ct)
-    if rms:
-        rstd = torch.rsqrt((f * f).mean(-1, keepdim=True) + eps)
-        xhat = f * rstd
-    else:
-        m1 = f.mean(-1, keepdim=True)
-        d = f - m1
-        dm = d.mean(-1, keepdim=True)
-        var = ((d * d).mean(-1, keepdim=True) - dm * dm).clamp_min(0.0)
-        rstd = torch.rsqrt(var + eps)
-        xhat = (d - dm) * rstd
+    xhat, _, rstd = _normalize(v.to(ct), eps, rms)
     g = dy.to(ct)
     if weight is not None:
         wt = weight.to(ct)
