@@ -355,6 +355,46 @@ def test_cold_start_with_warm_cache(tmp_path):
     assert t_first < max(1.5, 1.5 * t_torch), (t_torch, t_first)
 
 
+@pytest.mark.slow
+def test_jit_cache_falls_back_to_user_cache_dir(tmp_path):
+    """Where the package's own __pycache__ cannot be written (a read-only site-packages; here a
+    plain file stands where the directory would be, since root ignores permission bits), the
+    compiled kernels are cached in the user's cache directory and reused by the next process."""
+    import shutil
+
+    import normkit as pkg
+
+    root = tmp_path / "site"
+    shutil.copytree(os.path.dirname(pkg.__file__), root / "normkit",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "normkit" / "kernels" / "__pycache__").write_text("not a directory")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(root), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               PYTHONDONTWRITEBYTECODE="1")
+    code = textwrap.dedent(
+        """
+        import time, torch, normkit
+        t = time.perf_counter()
+        normkit.rms_norm(torch.randn(3, 40), 40, torch.ones(40))
+        print(normkit.__file__, time.perf_counter() - t)
+        """
+    )
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        path, seconds = out.stdout.split()
+        assert path.startswith(str(root)), path  # the copy, not the checkout
+        return float(seconds)
+
+    cold = run()
+    cached = list((tmp_path / "cache").rglob("*.nbi"))
+    assert cached, "no numba cache index in the user cache directory"
+    warm = run()
+    assert warm < cold / 2, (cold, warm)  # loaded from the user cache, not compiled again
+
+
 def test_reference_output_dtype_function():
     assert reference.output_dtype(torch.bfloat16, torch.float32, "torch", None) == torch.bfloat16
     assert reference.output_dtype(torch.bfloat16, torch.float32, "llama", None) == torch.float32
