@@ -418,3 +418,24 @@ def test_large_outputs_take_the_hugepage_path(monkeypatch):
     assert max_err(y, yd) < 1e-5 and max_err(y_fast, torch.nn.functional.layer_norm(
         x.detach().double(), (n,), w.detach().double())) < 1e-5
     assert max_err(gx, gxd) < 1e-4 and max_err(gw, gwd) < 1e-3
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_gradient_when_only_h_is_used(compiled):
+    """y unused: x and the residual get exactly dh, γ/β get zeros (y may have another dtype)."""
+    x = torch.randn(4, 24, dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(4, 24, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(24, requires_grad=True)
+
+    def f(x, r, w):
+        return normkit.layer_norm(x, 24, w, None, residual=r, return_residual=True,
+                                  out_dtype=torch.float32)[1]
+
+    if compiled:
+        torch._dynamo.reset()
+        f = torch.compile(f, fullgraph=True)
+    h = f(x, r, w)
+    dh = torch.randn_like(h)
+    gx, gr, gw = torch.autograd.grad(h, [x, r, w], dh, allow_unused=True)
+    assert torch.equal(gx, dh) and torch.equal(gr, dh)
+    assert gw is None or torch.equal(gw, torch.zeros_like(w))

@@ -391,6 +391,8 @@ class _NormFunction(torch.autograd.Function):
             # create_graph=True: differentiate the reference instead (double backward).
             return _reference_backward(need, x, weight, bias, residual, dy, dh, ctx.opts)
         v = h if h is not None else x
+        if dy is None:  # only h was used
+            dy = _zero_dy(x, weight, casting, out_dtype)
         dx, dw, db = _kernel_backward(
             _load_cpu(), v, weight, bias, stats, dy, dh, rms, zc, casting, need[1] or need[2]
         )
@@ -403,10 +405,13 @@ class _NormFunction(torch.autograd.Function):
         )
 
 
+def _zero_dy(x, weight, casting, out_dtype):
+    """The gradient of an unused y: zeros shaped like x in y's dtype."""
+    return torch.zeros(x.shape, dtype=reference.output_dtype(
+        x.dtype, None if weight is None else weight.dtype, casting, out_dtype))
+
+
 def _kernel_backward(cpu, v, weight, bias, stats, dy, dh, rms, zc, casting, need_dw):
-    if dy is None:
-        dy = torch.zeros(v.shape, dtype=reference.output_dtype(
-            v.dtype, None if weight is None else weight.dtype, casting, None))
     dy = dy.contiguous()
     if dh is not None:
         dh = dh.contiguous()
@@ -521,8 +526,7 @@ def _fwd_backward(ctx, dy, dh, dstats):
     if dh is not None and residual is None:
         dh = None
     if dy is None:
-        dy = torch.zeros(x.shape, dtype=reference.output_dtype(
-            x.dtype, None if weight is None else weight.dtype, casting, out_dtype))
+        dy = _zero_dy(x, weight, casting, out_dtype)
     dx, dw, db = _norm_bwd_op(dy, dh, x, weight, bias, residual, h, stats, eps, rms, zc,
                               casting, out_dtype)
     return (

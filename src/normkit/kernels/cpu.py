@@ -468,7 +468,8 @@ def _hugepages(t: torch.Tensor) -> torch.Tensor:
 def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
     """How the kernels compute operands of these dtypes, or None when they do not.
 
-    Returns (param_dtype, output_dtype, markers) with markers = (x, y, γ/β, cast, stats).
+    Returns (param_dtype, output_dtype, rounds, markers): ``rounds`` says whether x̂ is rounded
+    before γ ("llama"/"t5" casting), markers = (x, y, γ/β, cast, stats).
     Cached per combination: the eager path pays one dict look-up instead of the promotion logic.
     """
     key = (x_dtype, w_dtype, b_dtype, casting, out_dtype)
