@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +38,9 @@ BACKENDS = ("auto", "reference", "cpu")
 CASTINGS = ("torch", "gemma", "llama", "t5")
 
 _backend = "auto"
+_observers = 0  # threads with a statistics sink set (see _set_stats_sink); 0 keeps the fast path
+_tls = threading.local()
+_observers_lock = threading.Lock()
 _cpu_module = None  # normkit.kernels.cpu, imported on first use (numba is slow to import)
 _cpu_error: str | None = None
 
@@ -108,6 +112,42 @@ def _select(x, weight, bias, casting, out_dtype):
         )
         raise ValueError(f"backend 'cpu' cannot compute this call ({why}); use 'auto'")
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics for telemetry
+# ----------------------------------------------------------------------------------------------
+
+
+def _set_stats_sink(sink):
+    """Set this thread's statistics sink; returns the previous one (restore it when done).
+
+    While a sink is set, every eager normkit op in this thread calls
+    ``sink(mean, rstd, eps, rms)`` with the per-row statistics the kernel computed anyway:
+    ``mean`` (M,) (None for RMSNorm) and ``rstd`` (M,) ``= rsqrt(var + eps)`` (LayerNorm) or
+    ``rsqrt(mean(h²) + eps)`` (RMSNorm), float32 (float64 for float64 input), detached.  This is
+    how ``normkit.watch`` reads activation mean/variance without another pass over the rows.
+    Calls under ``torch.compile`` report nothing.  While any thread has a sink, the eager
+    inference fast path is off (it computes no statistics), which costs ~1 µs per call.
+    """
+    global _observers
+    previous = getattr(_tls, "sink", None)
+    _tls.sink = sink
+    with _observers_lock:
+        _observers += (sink is not None) - (previous is not None)
+    return previous
+
+
+def _report_stats(sink, stats, eps, rms):
+    """Hand a kernel's (M, 3) [m1, dm, rstd] statistics to the sink as (mean, rstd)."""
+    _report(sink, stats[:, 0] + stats[:, 1], stats[:, 2], eps, rms)
+
+
+def _report(sink, mean, rstd, eps, rms):
+    try:
+        sink(None if rms else mean, rstd, eps, rms)
+    except Exception:  # telemetry must never break the step
+        log.exception("normkit statistics sink failed; statistics for this call are lost")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +264,7 @@ def _infer(x, n, weight, bias, eps, rms, residual):
     if (
         cpu is None  # loaded by the first general-path call
         or _backend == "reference"
+        or _observers
         or type(eps) is not float
         or not 0.0 <= eps < math.inf
         or torch.compiler.is_compiling()
@@ -343,15 +384,22 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
         y, h = _compiled_path(x2, w, b, r2, eps, rms, zc, casting, out_dtype)
     else:
         kern = _select(x2, w, b, casting, out_dtype) if m and n else None
+        sink = getattr(_tls, "sink", None) if _observers else None
         if kern is None:
-            y, h, _, _ = reference.norm_forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype)
+            y, h, mean, rstd = reference.norm_forward(x2, w, b, r2, eps, rms, zc, casting,
+                                                      out_dtype)
+            if sink is not None:
+                _report(sink, mean.detach(), rstd.detach(), eps, rms)
         elif not (torch.is_grad_enabled() and (
             x.requires_grad
             or (w is not None and w.requires_grad)
             or (b is not None and b.requires_grad)
             or (r2 is not None and r2.requires_grad)
         )):
-            y, h, _ = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype, False)
+            y, h, stats = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype,
+                                       sink is not None)
+            if sink is not None:
+                _report_stats(sink, stats, eps, rms)
         else:
             out = _NormFunction.apply(x2, w, b, r2, eps, rms, zc, casting, out_dtype)
             y, h = out if r2 is not None else (out, None)
@@ -375,6 +423,10 @@ class _NormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, eps, rms, zc, casting, out_dtype):
         cpu = _load_cpu()
         y, h, stats = cpu.forward(x, weight, bias, residual, eps, rms, zc, casting, out_dtype, True)
+        if _observers:
+            sink = getattr(_tls, "sink", None)
+            if sink is not None:
+                _report_stats(sink, stats, eps, rms)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, bias, residual, h, stats)
         ctx.opts = (eps, rms, zc, casting, out_dtype)
