@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from normkit.kernels import reference
+
+# Without a GPU, test_triton.py runs the Triton kernels on CPU tensors in Triton's interpreter.
+# triton.jit decides "interpreted or compiled" when a function is defined — for triton's own
+# tl.sum & co. when triton is first imported — so the switch must be on before anything in the
+# session imports triton (torch.compile may).  Nothing else changes: "auto" never sends CPU
+# tensors to triton, and `import normkit` never imports it.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # The accuracy rule (flash-attention's): a normkit result's max error against the float64
 # reference must be at most 2x the error of PyTorch's own op in the same dtype, plus ATOL.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 from collections.abc import Sequence
 
@@ -34,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "cpu")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 CASTINGS = ("torch", "gemma", "llama", "t5")
 
 _backend = "auto"
@@ -43,6 +44,9 @@ _tls = threading.local()
 _observers_lock = threading.Lock()
 _cpu_module = None  # normkit.kernels.cpu, imported on first use (numba is slow to import)
 _cpu_error: str | None = None
+_triton_module = None  # normkit.kernels.triton, imported when a CUDA tensor (or test) needs it
+_triton_error: str | None = None
+_tracing_state = torch._C._get_tracing_state  # bound once: ~60 ns on the M=1 fast path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,7 +61,9 @@ class use_backend(contextlib.AbstractContextManager):
 
     Names: "auto" (fastest correct backend for the device, dtype and N — never chosen by the
     number of rows, so a row gets the same bits alone or in a batch), "reference" (pure torch,
-    float64-capable), "cpu" (numba; raises if it cannot compute a call).
+    float64-capable), "cpu" (numba; raises if it cannot compute a call), "triton" (CUDA tensors;
+    CPU tensors too when ``TRITON_INTERPRET=1`` was set before first use — how CI tests the
+    kernels; raises if it cannot compute a call).
     """
 
     def __init__(self, name: str):
@@ -74,13 +80,35 @@ class use_backend(contextlib.AbstractContextManager):
 
 
 def get_backend() -> str:
-    """The backend name currently selected ("auto", "reference" or "cpu")."""
+    """The backend name currently selected ("auto", "reference", "cpu" or "triton")."""
     return _backend
 
 
 def available_backends() -> list[str]:
-    """Backends that can run on this machine (``cpu`` needs numba)."""
-    return ["reference"] + (["cpu"] if _load_cpu() is not None else [])
+    """Backends that can run on this machine (``cpu`` needs numba; ``triton`` needs triton and
+    a CUDA device, or ``TRITON_INTERPRET=1``)."""
+    names = ["reference"] + (["cpu"] if _load_cpu() is not None else [])
+    if (_interpreting() or torch.cuda.is_available()) and _load_triton() is not None:
+        names.append("triton")
+    return names
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load_triton():
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            from .kernels import triton as triton_kernels
+
+            _triton_module = triton_kernels
+        except Exception as e:  # triton missing or broken: auto falls back to the reference
+            _triton_error = f"{type(e).__name__}: {e} (pip install 'normkit[gpu]')"
+            log.warning("normkit triton backend unavailable (%s); using the reference",
+                        _triton_error)
+    return _triton_module
 
 
 def _load_cpu():
@@ -97,10 +125,12 @@ def _load_cpu():
 
 
 def _select(x, weight, bias, casting, out_dtype):
-    """The cpu kernels module, or None for the reference."""
+    """The kernels module (cpu or triton), or None for the reference."""
     name = _backend
     if name == "reference":
         return None
+    if name == "triton" or (name == "auto" and x.is_cuda):
+        return _select_triton(name, x, weight, bias, casting, out_dtype)
     cpu = _load_cpu()
     ok = cpu is not None and cpu.supports(x, weight, bias, casting, out_dtype)
     if ok:
@@ -112,6 +142,33 @@ def _select(x, weight, bias, casting, out_dtype):
         )
         raise ValueError(f"backend 'cpu' cannot compute this call ({why}); use 'auto'")
     return None
+
+
+def _select_triton(name, x, weight, bias, casting, out_dtype):
+    # A CPU tensor reaches triton only when forced and interpreted (tests); never under "auto".
+    tri = _load_triton() if (x.is_cuda or _interpreting()) else None
+    if tri is not None and tri.supports(x, weight, bias, casting, out_dtype):
+        return tri
+    if name == "triton":
+        why = _triton_error or (
+            f"x {x.dtype} on {x.device}, weight "
+            f"{None if weight is None else (weight.dtype, weight.device)}, bias "
+            f"{None if bias is None else (bias.dtype, bias.device)}, casting {casting!r}, "
+            f"out_dtype {out_dtype}"
+        )
+        raise ValueError(f"backend 'triton' cannot compute this call ({why}); use 'auto'")
+    return None
+
+
+def _backward_kernels(stats):
+    """The kernels module for a custom-op backward.  Every backend writes the same (M, 3)
+    [m1, dm, rstd] statistics, so any backend that runs on their device can take them."""
+    if stats.is_cpu and not (_backend == "triton" and _triton_module is not None
+                             and _triton_module.INTERPRET):
+        cpu = _load_cpu()
+        if cpu is not None:
+            return cpu
+    return _load_triton()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,10 +321,12 @@ def _infer(x, n, weight, bias, eps, rms, residual):
     if (
         cpu is None  # loaded by the first general-path call
         or _backend == "reference"
+        or _backend == "triton"  # forced triton on CPU tensors (interpreter tests)
         or _observers
         or type(eps) is not float
         or not 0.0 <= eps < math.inf
         or torch.compiler.is_compiling()
+        or _tracing_state() is not None  # torch.jit.trace / the TorchScript ONNX exporter
     ):
         return None
     if type(n) is not int:
@@ -372,6 +431,13 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
         x, weight, bias, residual = (
             None if t is None else t.float() for t in (x, weight, bias, residual)
         )
+    if _tracing_state() is not None or (
+            torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()):
+        # Tracing (torch.jit.trace, both ONNX exporters): a numba call is opaque to tracers and
+        # would be recorded as a constant output, so trace torch's own ops instead — on x as
+        # it is, so that a dynamic batch dim stays dynamic in the graph.
+        y, h = _traceable(x, ns, n, weight, bias, residual, eps, rms, zc, casting, out_dtype)
+        return (y, x if h is None else h) if return_residual else y
     # Flatten to rows here, never inside the autograd.Function (STYLE habit 2).
     flat = x.dim() == 2 and len(ns) == 1
     m = x.shape[0] if flat else (x.numel() // n if n else 0)
@@ -401,7 +467,7 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
             if sink is not None:
                 _report_stats(sink, stats, eps, rms)
         else:
-            out = _NormFunction.apply(x2, w, b, r2, eps, rms, zc, casting, out_dtype)
+            out = _NormFunction.apply(x2, w, b, r2, eps, rms, zc, casting, out_dtype, kern)
             y, h = out if r2 is not None else (out, None)
     if not flat:
         y = y.view(x.shape)
@@ -409,6 +475,27 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
     if return_residual:
         return y, (x if h is None else h)  # no residual: h is x itself
     return y
+
+
+def _traceable(x, ns, n, weight, bias, residual, eps, rms, zc, casting, out_dtype):
+    """The op in torch's own ops, for tracers and exporters: ``F.layer_norm`` (ONNX
+    LayerNormalization, opset >= 17) and ``F.rms_norm`` (RMSNormalization, opset 23, dynamo
+    exporter) where torch's semantics are ours, the reference formulas (plain ONNX ops)
+    elsewhere.  Same values as the kernels within rounding; eps and γ/β stay the module's."""
+    h = None if residual is None else x + residual  # in x.dtype, rounded once, as the kernels
+    v = x if h is None else h
+    same = (casting in ("torch", "gemma") and not zc and out_dtype in (None, v.dtype)
+            and all(p is None or p.dtype == v.dtype for p in (weight, bias)))
+    # The TorchScript exporter has no symbolic for aten::rms_norm (pytorch#159249).
+    if same and not (rms and _tracing_state() is not None):
+        y = (torch.nn.functional.rms_norm(v, ns, weight, eps) if rms
+             else torch.nn.functional.layer_norm(v, ns, weight, bias, eps))
+    else:
+        flat = lambda t: None if t is None else t.reshape(n)  # noqa: E731
+        y, _, _, _ = reference.norm_forward(v.reshape(-1, n), flat(weight), flat(bias), None,
+                                            eps, rms, zc, casting, out_dtype)
+        y = y.reshape(v.shape)
+    return y, h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,9 +507,9 @@ class _NormFunction(torch.autograd.Function):
     """Stashes what backward needs; shapes are already (M, N)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, rms, zc, casting, out_dtype):
-        cpu = _load_cpu()
-        y, h, stats = cpu.forward(x, weight, bias, residual, eps, rms, zc, casting, out_dtype, True)
+    def forward(ctx, x, weight, bias, residual, eps, rms, zc, casting, out_dtype, kern):
+        y, h, stats = kern.forward(x, weight, bias, residual, eps, rms, zc, casting, out_dtype,
+                                   True)
         if _observers:
             sink = getattr(_tls, "sink", None)
             if sink is not None:
@@ -430,6 +517,7 @@ class _NormFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, bias, residual, h, stats)
         ctx.opts = (eps, rms, zc, casting, out_dtype)
+        ctx.kern = kern  # backward runs on the backend that ran the forward
         if residual is not None:
             return y, h
         return y
@@ -441,25 +529,25 @@ class _NormFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the reference instead (double backward).
-            return _reference_backward(need, x, weight, bias, residual, dy, dh, ctx.opts)
+            return _reference_backward(need, x, weight, bias, residual, dy, dh, ctx.opts) + (None,)
         v = h if h is not None else x
         if dy is None:  # only h was used
             dy = _zero_dy(x, weight, casting, out_dtype)
         dx, dw, db = _kernel_backward(
-            _load_cpu(), v, weight, bias, stats, dy, dh, rms, zc, casting, need[1] or need[2]
+            ctx.kern, v, weight, bias, stats, dy, dh, rms, zc, casting, need[1] or need[2]
         )
         return (
             dx if need[0] else None,
             None if dw is None or not need[1] else dw.to(weight.dtype),
             None if db is None or not need[2] else db.to(bias.dtype),
             dx if need[3] else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 
 def _zero_dy(x, weight, casting, out_dtype):
     """The gradient of an unused y: zeros shaped like x in y's dtype."""
-    return torch.zeros(x.shape, dtype=reference.output_dtype(
+    return torch.zeros(x.shape, device=x.device, dtype=reference.output_dtype(
         x.dtype, None if weight is None else weight.dtype, casting, out_dtype))
 
 
@@ -551,10 +639,15 @@ def _norm_bwd_op(
         dx, dw, db = reference.norm_backward(dy, dh, v, weight, bias is not None, eps, rms,
                                              zero_centered, casting)
     else:
-        dx, dw, db = _kernel_backward(_load_cpu(), v, weight, bias, stats, dy, dh, rms,
-                                      zero_centered, casting, True)
+        dx, dw, db = _kernel_backward(_backward_kernels(stats), v, weight, bias, stats, dy, dh,
+                                      rms, zero_centered, casting, True)
     dw = x.new_empty(0) if dw is None else dw.to(weight.dtype)
     db = x.new_empty(0) if db is None else db.to(bias.dtype)
+    # A kernel may return dγ and dβ as rows of one buffer (the cpu backend at M=1); the outputs
+    # of a custom op must not alias each other.
+    if dw.numel() and db.numel() and (dw.untyped_storage().data_ptr()
+                                      == db.untyped_storage().data_ptr()):
+        db = db.clone()
     return dx, dw, db
 
 

@@ -1,0 +1,574 @@
+"""Triton kernels for LayerNorm / RMSNorm (+ fused residual add), forward and backward.
+
+Layout (STYLE habit 1): kernels first, then the host functions that allocate outputs and pick
+launch settings; the interface is the one of ``kernels/cpu.py`` (``supports``, ``forward``,
+``backward``; statistics (M, 3) = [m1, dm, rstd] with mean = m1 + dm).  The math is the one in
+``reference.py``.  This module imports triton at the top and is itself imported only when a CUDA
+tensor (or, in tests, the interpreter: ``TRITON_INTERPRET=1`` set before this import) needs it.
+
+Design points, each with the reason:
+
+* **Everything that shapes a row's reduction is a function of N alone** (``config(n)``): the
+  block size, whether the row is looped over in chunks, the rows per program and the warps.
+  M only changes the grid and the masks, so a row's bits do not depend on the batch size, on its
+  position or on its neighbours (vllm #48271 is the counter-example: a block size chosen from
+  the number of tokens).
+* **Rows up to ``_MAX_BLOCK`` elements are held whole in registers** (one read of x, one write
+  of y).  Longer rows (up to any N; 262,144 is tested on the GPU grid) are **looped over in
+  chunks of ``_CHUNK``**: one pass computes the statistics, a second re-reads the row (from L2
+  for the rows in flight) and writes y.  Holding a 65K row in registers is what makes other
+  Triton norms spill and collapse at 65K.
+* **Robust statistics in one pass over chunks.**  m1 is the mean of the first chunk (the exact
+  row mean when the row fits one block, as in the reference); each chunk contributes
+  ``Σ(v - m1)`` and its own centred sum of squares, merged with Chan's formula.  So
+  ``var`` never comes from ``E[x²] - E[x]²``, and ``x̂ = ((v - m1) - dm)·rstd`` keeps the
+  reference's (m1, dm) pair: a chunk of n_b elements has |mean_b - mean| <= σ·sqrt(N/n_b)
+  (variance decomposition), so the shift costs at most sqrt(N/_CHUNK) ulps relative to σ
+  (8 at N = 262,144), never the cancellation of a far-off shift.
+* **fp32 accumulation** for every input dtype: x² of an fp16 |x| ~ 300 is 9e4 > 65504, so the
+  square is taken after the conversion to fp32 (pytorch#133085).  No fast-math: a NaN row
+  stays NaN.
+* **Backward** in one pass over x and dy for rows held in registers (row dots, dx, and this
+  program's dγ/dβ partials); for looped rows a first kernel computes the two row dots, a second
+  (grid: row blocks × column chunks) writes dx and the partials.  **dγ/dβ are deterministic**:
+  the rows are split into ``nblk`` contiguous blocks fixed by M alone (``bwd_blocks``), each
+  program sums its block's rows in row order into its own partial row (no atomics), and the
+  partial rows are added in block order, in fixed groups of 64 per level.  Run-to-run bitwise,
+  whatever the device's SM count.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # triton >= 3.2
+    from triton import knobs as _knobs
+
+    _INTERPRET = bool(_knobs.runtime.interpret)
+except (ImportError, AttributeError):  # pragma: no cover - older triton
+    import os
+
+    _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+import torch
+
+from .reference import output_dtype
+
+__all__ = ["forward", "backward", "supports", "plan", "config", "INTERPRET"]
+
+# True when the kernels below were created by the interpreter (TRITON_INTERPRET=1 at import):
+# then they run on CPU tensors (slowly, for tests) and not on CUDA ones.
+INTERPRET = _INTERPRET
+
+# Launch settings, all functions of N (tests shrink _MAX_BLOCK/_CHUNK so that the looped path runs
+# on small rows in the interpreter).
+# 8192 fp32 per row with 16 warps is 16 values per thread for x (32 with x and y live): no spills.
+_MAX_BLOCK = 8192
+_CHUNK = 4096
+# Forward rows per program for short rows: a program moves at least ~4096 elements, so N = 256
+# launches 16 rows per program instead of 16 programs of one mostly idle warp each.
+_MIN_TILE = 4096
+_MAX_ROWS = 16
+# Backward row partition (dγ/dβ partial rows): blocks of at least _MIN_BLOCK_ROWS rows, at most
+# _MAX_BWD_BLOCKS blocks.  64 rows per block keep the partials (2 × 4 B per column and block,
+# written and read once) under 1/24 of the rows' own traffic (≥ 3 × 2 B per element for bf16)
+# while M = 2^27/N rows still make thousands of programs to fill 132 SMs (N = 768: 2731).
+_MIN_BLOCK_ROWS = 64
+_MAX_BWD_BLOCKS = 4096
+# The partial rows are summed in fixed groups of _REDUCE_GROUP, level by level (4096 blocks:
+# 64 + 1 row sums per column) so that the final reduction is parallel, not 4096 dependent loads.
+_REDUCE_GROUP = 64
+_REDUCE_BLOCK = 256
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HALF = (torch.float16, torch.bfloat16)
+# x̂ rounding kind for "llama"/"t5" casting: 0 none, 1 bfloat16, 2 float16.
+_NK = {None: 0, torch.bfloat16: 1, torch.float16: 2}
+# Triton's interpreter (3.9) converts float32 to bfloat16 by truncation, whatever the rounding
+# mode asked for; the GPU's cvt.rn.bf16.f32 rounds to nearest even, as torch does.  Under the
+# interpreter the kernels round in integer arithmetic instead (same bits as torch, NaN kept).
+_EMULATE_BF16 = tl.constexpr(INTERPRET)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bf16_rne(v):
+    """v (fp32) → bfloat16, round to nearest even, in integer arithmetic (interpreter only)."""
+    u = v.to(tl.uint32, bitcast=True)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    u = tl.where(v != v, 0x7FC00000, u)  # a NaN's bits must not carry into Inf
+    return u.to(tl.float32, bitcast=True).to(tl.bfloat16)  # exact: the low bits are zero
+
+
+# Conversions are written out at each call site as
+#     if _EMULATE_BF16 and T == tl.bfloat16: _bf16_rne(v)  else: v.to(T)
+# (constant-folded when compiled) because every call of a nested jit function costs the
+# interpreter ~2 ms of re-patching: a helper called per row made the tests 3x slower.
+
+
+@triton.jit
+def _round(v, NK: tl.constexpr):
+    """v (fp32) rounded to bfloat16 (NK=1) or float16 (NK=2) and back (round to nearest even)."""
+    if NK == 1:
+        if _EMULATE_BF16:
+            v = _bf16_rne(v).to(tl.float32)
+        else:
+            v = v.to(tl.bfloat16).to(tl.float32)
+    elif NK == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _load_rows(X, R, H, rows, rmask, cols, N, sx, sr, HAS_RES: tl.constexpr):
+    """The [ROWS, BLOCK] tile of v (= x, or h = x + r rounded to x's dtype and stored) in fp32."""
+    mask = rmask[:, None] & (cols[None, :] < N)
+    x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(R + rows[:, None] * sr + cols[None, :], mask=mask, other=0.0)
+        if _EMULATE_BF16 and X.dtype.element_ty == tl.bfloat16:
+            x = _bf16_rne(x.to(tl.float32) + r.to(tl.float32))
+        else:
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(H + rows[:, None] * N + cols[None, :], x, mask=mask)
+    return x.to(tl.float32), mask
+
+
+@triton.jit
+def _store_y(Y, W, B, v, m1, dm, rstd, rows, cols, mask, N,
+             HAS_W: tl.constexpr, HAS_B: tl.constexpr, ZC: tl.constexpr, NK: tl.constexpr):
+    """y = x̂·g + b with x̂ = ((v - m1) - dm)·rstd; "llama"/"t5" (NK > 0) round x̂ to the
+    storage type first and x̂·g to y's type (torch's promotion), exactly as kernels/cpu.py."""
+    xh = ((v - m1[:, None]) - dm[:, None]) * rstd[:, None]
+    cmask = cols < N
+    t = xh
+    if NK != 0:
+        t = _round(xh, NK)
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        if ZC:
+            w = w + 1.0
+        t = t * w[None, :]
+        if NK != 0:
+            if _EMULATE_BF16 and Y.dtype.element_ty == tl.bfloat16:
+                t = _bf16_rne(t).to(tl.float32)
+            else:
+                t = t.to(Y.dtype.element_ty).to(tl.float32)
+    if HAS_B:
+        t = t + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if _EMULATE_BF16 and Y.dtype.element_ty == tl.bfloat16:
+        t = _bf16_rne(t)
+    tl.store(Y + rows[:, None] * N + cols[None, :], t.to(Y.dtype.element_ty), mask=mask)
+
+
+# M (and the backward's rows per block) are never specialized: Triton would compile M = 1 as a
+# constant into its own kernel, and a row's bits must not depend on which kernel ran it.
+@triton.jit(do_not_specialize=["M"])
+def _fwd_kernel(
+    X, R, H, Y, W, B, S, M, N, sx, sr, eps, nchunk,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, LOOP: tl.constexpr, RMS: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ZC: tl.constexpr,
+    NK: tl.constexpr, STATS: tl.constexpr,
+):
+    """ROWS rows per program: optional h = x + r, statistics, y.
+
+    LN:  m1 = mean(first chunk); d = v - m1; dm = Σd/N; var = M2/N with M2 the Chan merge of the
+         chunks' centred sums of squares; rstd = 1/sqrt(var + eps).
+    RMS: rstd = 1/sqrt(Σv²/N + eps); m1 = dm = 0.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    cols = tl.arange(0, BLOCK)
+    # "* 1.0", not ".to(tl.float32)": Triton passes an int argument equal to 1 as a constant
+    # (N = 1 is legal), which has no .to().
+    nf = N * 1.0
+
+    v, mask = _load_rows(X, R, H, rows, rmask, cols, N, sx, sr, HAS_RES)
+    n0 = tl.minimum(N, BLOCK) * 1.0
+    if RMS:
+        q = tl.sum(v * v, axis=1)
+        m1 = tl.zeros([ROWS], dtype=tl.float32)
+    else:
+        m1 = tl.sum(v, axis=1) / n0
+        d = tl.where(mask, v - m1[:, None], 0.0)
+        s1 = tl.sum(d, axis=1)
+        mb = s1 / n0
+        e = tl.where(mask, d - mb[:, None], 0.0)
+        m2 = tl.sum(e * e, axis=1)
+    if LOOP:
+        # Fresh names in the loop body: a name bound before the loop and rebound inside would
+        # become a loop-carried [ROWS, BLOCK] value, kept live in registers across iterations.
+        for c in range(1, nchunk):
+            cc = c * BLOCK + cols
+            vc, mc = _load_rows(X, R, H, rows, rmask, cc, N, sx, sr, HAS_RES)
+            if RMS:
+                q += tl.sum(vc * vc, axis=1)
+            else:
+                na = (c * BLOCK) * 1.0
+                nb = tl.minimum(N - c * BLOCK, BLOCK) * 1.0
+                dc = tl.where(mc, vc - m1[:, None], 0.0)
+                sb = tl.sum(dc, axis=1)
+                mbc = sb / nb
+                ec = tl.where(mc, dc - mbc[:, None], 0.0)
+                delta = mbc - s1 / na
+                m2 = m2 + tl.sum(ec * ec, axis=1) + delta * delta * (na * nb / (na + nb))
+                s1 = s1 + sb
+    if RMS:
+        dm = m1
+        rstd = 1.0 / tl.sqrt_rn(q / nf + eps)
+    else:
+        dm = s1 / nf
+        rstd = 1.0 / tl.sqrt_rn(m2 / nf + eps)
+    if STATS:
+        tl.store(S + rows * 3, m1, mask=rmask)
+        tl.store(S + rows * 3 + 1, dm, mask=rmask)
+        tl.store(S + rows * 3 + 2, rstd, mask=rmask)
+    if LOOP:
+        if HAS_RES:
+            tl.debug_barrier()  # h written above by this program is read back below
+        for c in range(0, nchunk):
+            cc = c * BLOCK + cols
+            cmask = rmask[:, None] & (cc[None, :] < N)
+            if HAS_RES:  # re-read the h this program just wrote
+                vc = tl.load(H + rows[:, None] * N + cc[None, :], mask=cmask, other=0.0)
+            else:
+                vc = tl.load(X + rows[:, None] * sx + cc[None, :], mask=cmask, other=0.0)
+            _store_y(Y, W, B, vc.to(tl.float32), m1, dm, rstd, rows, cc, cmask, N,
+                     HAS_W, HAS_B, ZC, NK)
+    else:
+        _store_y(Y, W, B, v, m1, dm, rstd, rows, cols, mask, N, HAS_W, HAS_B, ZC, NK)
+
+
+@triton.jit
+def _bwd_dots_kernel(
+    X, DY, W, S, C, N, nchunk,
+    BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr, ZC: tl.constexpr,
+):
+    """Looped rows: C[i] = (mean(g·dy), mean(g·dy·x̂)) (first 0 for RMS), chunk sums in order."""
+    i = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m1 = tl.load(S + i * 3)
+    dm = tl.load(S + i * 3 + 1)
+    rstd = tl.load(S + i * 3 + 2)
+    c1 = tl.zeros([], dtype=tl.float32)
+    c2 = tl.zeros([], dtype=tl.float32)
+    for c in range(0, nchunk):
+        cc = c * BLOCK + cols
+        cmask = cc < N
+        x = tl.load(X + i * N + cc, mask=cmask, other=0.0).to(tl.float32)
+        g = tl.load(DY + i * N + cc, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_W:
+            w = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32)
+            if ZC:
+                w = w + 1.0
+            g = g * w
+        xh = tl.where(cmask, ((x - m1) - dm) * rstd, 0.0)
+        c1 += tl.sum(g, axis=0)
+        c2 += tl.sum(g * xh, axis=0)
+    nf = N * 1.0
+    if RMS:
+        c1 = 0.0
+    tl.store(C + i * 2, c1 / nf)
+    tl.store(C + i * 2 + 1, c2 / nf)
+
+
+@triton.jit(do_not_specialize=["M", "rpb"])
+def _bwd_kernel(
+    X, DY, DH, DX, W, S, C, PW, PB, M, N, rpb,
+    BLOCK: tl.constexpr, LOOP: tl.constexpr, RMS: tl.constexpr, HAS_DH: tl.constexpr,
+    HAS_W: tl.constexpr, ZC: tl.constexpr, NK: tl.constexpr, WANT_W: tl.constexpr,
+    WANT_B: tl.constexpr,
+):
+    """Rows [blk·rpb, (blk+1)·rpb) × one column chunk: dx, and this block's dγ/dβ partial row.
+
+    dx = rstd·(g·dy − c1 − x̂·c2) + dh with c1 = mean(g·dy) (0 for RMS), c2 = mean(g·dy·x̂);
+    dγ += dy·x̂ (x̂ rounded as the forward rounds it), dβ += dy, rows in order.
+    """
+    blk = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        if ZC:
+            w = w + 1.0
+    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    lo = blk * rpb
+    hi = tl.minimum(lo + rpb, M)
+    nf = N * 1.0
+    for i in range(lo, hi):
+        i64 = tl.cast(i, tl.int64)
+        x = tl.load(X + i64 * N + cols, mask=cmask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + i64 * N + cols, mask=cmask, other=0.0).to(tl.float32)
+        m1 = tl.load(S + i64 * 3)
+        dm = tl.load(S + i64 * 3 + 1)
+        rstd = tl.load(S + i64 * 3 + 2)
+        xh = tl.where(cmask, ((x - m1) - dm) * rstd, 0.0)
+        g = dy
+        if HAS_W:
+            g = dy * w
+        if LOOP:
+            c1 = tl.load(C + i64 * 2)
+            c2 = tl.load(C + i64 * 2 + 1)
+        else:
+            c2 = tl.sum(g * xh, axis=0) / nf
+            if RMS:
+                c1 = 0.0
+            else:
+                c1 = tl.sum(g, axis=0) / nf
+        dx = rstd * (g - c1 - xh * c2)
+        if HAS_DH:
+            dx += tl.load(DH + i64 * N + cols, mask=cmask, other=0.0).to(tl.float32)
+        if _EMULATE_BF16 and DX.dtype.element_ty == tl.bfloat16:
+            dx = _bf16_rne(dx)
+        tl.store(DX + i64 * N + cols, dx.to(DX.dtype.element_ty), mask=cmask)
+        if WANT_W:
+            if NK != 0:
+                acc_w += dy * _round(xh, NK)
+            else:
+                acc_w += dy * xh
+        if WANT_B:
+            acc_b += dy
+    if WANT_W:
+        tl.store(PW + blk.to(tl.int64) * N + cols, acc_w, mask=cmask)
+    if WANT_B:
+        tl.store(PB + blk.to(tl.int64) * N + cols, acc_b, mask=cmask)
+
+
+@triton.jit
+def _sum_partials_kernel(P, OUT, nrows, N, G, BLOCK: tl.constexpr):
+    """OUT[g, j] = Σ_k P[k, j] over the group k ∈ [g·G, min((g+1)·G, nrows)), k in order: a
+    fixed summation tree (a function of M and N), which makes dγ/dβ bitwise reproducible."""
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < N
+    lo = g * G
+    hi = tl.minimum(lo + G, nrows)
+    acc = tl.load(P + lo.to(tl.int64) * N + cols, mask=cmask, other=0.0)
+    for k in range(lo + 1, hi):
+        acc += tl.load(P + tl.cast(k, tl.int64) * N + cols, mask=cmask, other=0.0)
+    tl.store(OUT + g.to(tl.int64) * N + cols, acc, mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host functions: torch tensors in, torch tensors out
+# ----------------------------------------------------------------------------------------------
+
+
+def config(n: int) -> tuple[int, bool, int, int]:
+    """(BLOCK, LOOP, ROWS, num_warps) for rows of n elements — a function of n alone, which is
+    what makes a row's bits independent of the batch (see the module docstring)."""
+    if n <= _MAX_BLOCK:
+        block = triton.next_power_of_2(n)
+        loop = False
+        rows = max(1, min(_MAX_ROWS, _MIN_TILE // block))
+    else:
+        block, loop, rows = _CHUNK, True, 1
+    tile = block * rows
+    # ptxas (sm_90, checked offline): backward at BLOCK=8192 needs 227 registers per thread with
+    # 8 warps (one CTA per SM) and fits 16 warps; no configuration here spills.
+    warps = 4 if tile <= 1024 else 8 if tile <= 4096 else 16
+    return block, loop, rows, warps
+
+
+def bwd_blocks(m: int, n: int) -> int:
+    """Number of row blocks (dγ/dβ partial rows) of the backward: a function of M only (``n``
+    is accepted so that a future size rule can use it), never of the device or the thread
+    count, so dγ/dβ are the same bits on every run."""
+    nblk = max(1, min(_MAX_BWD_BLOCKS, -(-m // _MIN_BLOCK_ROWS), m))
+    rpb = -(-m // nblk)
+    return -(-m // rpb)  # no empty blocks
+
+
+def _param_dtype(x_dtype, wd, bd):
+    """The one storage type γ and β are read with (as kernels/cpu.py)."""
+    if wd is None:
+        return bd or torch.float32
+    if bd is None or bd == wd:
+        return wd
+    return torch.float32  # "torch"/"gemma": both are used in float32 anyway; exact upcast
+
+
+def _cast_dtype(x_dtype, wd, casting):
+    """Storage type the normalized value is rounded to before γ, or None for no rounding."""
+    if casting == "llama" and x_dtype in _HALF:
+        return x_dtype
+    if casting == "t5" and wd in _HALF:
+        return wd
+    return None
+
+
+_PLANS: dict = {}
+
+
+def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
+    """(param dtype, output dtype, x̂ rounding dtype or None), or None when not covered.
+
+    Covered: float32/bfloat16/float16 x, γ, β and output, every casting mode; "llama"/"t5" with
+    γ and β of different dtypes are left to the reference (as on the CPU).  float64 is left to
+    the reference: it is not a GPU training dtype and fp64 throughput is 1/2–1/64 of fp32.
+    """
+    key = (x_dtype, w_dtype, b_dtype, casting, out_dtype)
+    try:
+        return _PLANS[key]
+    except KeyError:
+        pass
+    result = None
+    if x_dtype in _DTYPES and all(d is None or d in _DTYPES for d in (w_dtype, b_dtype)):
+        if not (casting in ("llama", "t5") and None not in (w_dtype, b_dtype)
+                and w_dtype != b_dtype):
+            pd = _param_dtype(x_dtype, w_dtype, b_dtype)
+            w_used = None if w_dtype is None else pd
+            od = output_dtype(x_dtype, w_used if casting in ("llama", "t5") else w_dtype,
+                              casting, out_dtype)
+            if od in _DTYPES:
+                result = (pd, od, _cast_dtype(x_dtype, w_used, casting))
+    _PLANS[key] = result
+    return result
+
+
+def supports(x, weight, bias, casting, out_dtype) -> bool:
+    """Whether this backend computes the op for these operands (else the caller falls back).
+
+    CUDA tensors with compiled kernels; CPU tensors only when the kernels were created by the
+    interpreter (``TRITON_INTERPRET=1`` before normkit imported this module).
+    """
+    dev = x.device
+    if dev.type != ("cpu" if INTERPRET else "cuda"):
+        return False
+    if any(p is not None and p.device != dev for p in (weight, bias)):
+        return False
+    wd = None if weight is None else weight.dtype
+    bd = None if bias is None else bias.dtype
+    return plan(x.dtype, wd, bd, casting, out_dtype) is not None
+
+
+def _param(p, pd):
+    """γ/β as the kernel reads them: pd, contiguous (N-sized, so a conversion is cheap)."""
+    if p is None:
+        return None
+    if p.dtype != pd:
+        p = p.to(pd)
+    return p.contiguous()
+
+
+def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats):
+    """Forward on rows.
+
+    Args:
+        x: (M, N) with ``x.stride(1) == 1`` (rows may be strided: read in place, no copy).
+        residual: like x (its own row stride) or None.  weight, bias: (N,) or None.
+        Other args as in ``reference.norm_forward``.
+        need_stats: also return the (M, 3) float32 statistics [m1, dm, rstd].
+
+    Returns:
+        (y, h, stats): y (M, N) contiguous; h (M, N) in x.dtype or None; stats or None.
+    """
+    m, n = x.shape
+    pd, od, nd = plan(x.dtype, None if weight is None else weight.dtype,
+                      None if bias is None else bias.dtype, casting, out_dtype)
+    if n > 1 and x.stride(1) != 1:
+        raise ValueError(f"x must have a contiguous last dim, got strides {tuple(x.stride())}")
+    w = _param(weight, pd)
+    b = _param(bias, pd)
+    dev = x.device
+    y = torch.empty((m, n), dtype=od, device=dev)
+    h = stats = None
+    if residual is not None:
+        if n > 1 and residual.stride(1) != 1:
+            residual = residual.contiguous()
+        h = torch.empty((m, n), dtype=x.dtype, device=dev)
+    if need_stats:
+        stats = torch.empty((m, 3), dtype=torch.float32, device=dev)
+    if m == 0 or n == 0:
+        if stats is not None and n == 0:
+            stats.zero_()
+        return y, h, stats
+    block, loop, rows, warps = config(n)
+    r = residual if residual is not None else x
+    _fwd_kernel[(triton.cdiv(m, rows),)](
+        x, r, x if h is None else h, y, x if w is None else w, x if b is None else b,
+        y if stats is None else stats,
+        m, n, x.stride(0), r.stride(0), float(eps), triton.cdiv(n, block),
+        ROWS=rows, BLOCK=block, LOOP=loop, RMS=bool(rms), HAS_RES=residual is not None,
+        HAS_W=w is not None, HAS_B=b is not None, ZC=bool(zero_centered) and w is not None,
+        NK=_NK[nd], STATS=stats is not None, num_warps=warps,
+    )
+    return y, h, stats
+
+
+def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw):
+    """Backward on rows.
+
+    Args:
+        dy: (M, N) gradient of y (contiguous, y's dtype).  dh: gradient of the returned h
+            (contiguous, like x) or None.  x: (M, N) contiguous: the normalized input (h when a
+            residual was added).  weight: (N,) or None.  has_bias: whether dβ is wanted.
+        stats: forward's (M, 3) [m1, dm, rstd] (from this backend or any other: same layout).
+        need_dw: whether dγ/dβ are wanted at all.
+
+    Returns:
+        (dx, dweight, dbias): dx in x.dtype (also the residual's gradient); dweight/dbias
+        float32 (N,) or None.
+    """
+    m, n = x.shape
+    dev = x.device
+    wd = None if weight is None else weight.dtype
+    pd = _param_dtype(x.dtype, wd, None)
+    nd = _cast_dtype(x.dtype, None if wd is None else pd, casting)
+    w = _param(weight, pd)
+    want_w = bool(need_dw) and w is not None
+    want_b = bool(need_dw) and bool(has_bias)
+    dy = dy.contiguous()
+    x = x.contiguous()
+    dh = None if dh is None else dh.contiguous()
+    stats = stats.float().contiguous()
+    dx = torch.empty((m, n), dtype=x.dtype, device=dev)
+    if m == 0 or n == 0:
+        z = torch.zeros(n, dtype=torch.float32, device=dev)
+        return dx, z if want_w else None, z.clone() if want_b else None
+    block, loop, _, warps = config(n)
+    nchunk = triton.cdiv(n, block) if loop else 1
+    nblk = bwd_blocks(m, n)
+    rpb = -(-m // nblk)
+    # Separate buffers: with one block, dγ and dβ are these very rows, and outputs of a custom
+    # op must not alias each other.
+    pw = torch.empty((nblk, n), dtype=torch.float32, device=dev) if want_w else dx
+    pb = torch.empty((nblk, n), dtype=torch.float32, device=dev) if want_b else dx
+    dots = dx
+    if loop:
+        dots = torch.empty((m, 2), dtype=torch.float32, device=dev)
+        _bwd_dots_kernel[(m,)](
+            x, dy, x if w is None else w, stats, dots, n, nchunk,
+            BLOCK=block, RMS=bool(rms), HAS_W=w is not None,
+            ZC=bool(zero_centered) and w is not None, num_warps=warps,
+        )
+    _bwd_kernel[(nblk, nchunk)](
+        x, dy, dx if dh is None else dh, dx, x if w is None else w, stats, dots, pw, pb,
+        m, n, rpb,
+        BLOCK=block, LOOP=loop, RMS=bool(rms), HAS_DH=dh is not None, HAS_W=w is not None,
+        ZC=bool(zero_centered) and w is not None, NK=_NK[nd], WANT_W=want_w, WANT_B=want_b,
+        num_warps=warps,
+    )
+    dw = _reduce(pw, nblk, n) if want_w else None
+    db = _reduce(pb, nblk, n) if want_b else None
+    return dx, dw, db
+
+
+def _reduce(partial, nblk, n):
+    """Σ over the nblk partial rows, in groups of _REDUCE_GROUP, level by level, in order."""
+    while nblk > 1:
+        groups = triton.cdiv(nblk, _REDUCE_GROUP)
+        out = torch.empty((groups, n), dtype=torch.float32, device=partial.device)
+        _sum_partials_kernel[(groups, triton.cdiv(n, _REDUCE_BLOCK))](
+            partial, out, nblk, n, _REDUCE_GROUP, BLOCK=_REDUCE_BLOCK, num_warps=2
+        )
+        partial, nblk = out, groups
+    return partial[0]
