@@ -1,0 +1,140 @@
+"""`normkit audit` through the installed entry point, in a subprocess: exit codes, JSON, and
+every kind of TARGET (factory, checkpoint, safetensors, Hugging Face directory, ONNX)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import audit_models as A  # noqa: E402
+
+TESTS = Path(__file__).parent
+FAST = "--checks=inventory,parameters,epsilon"
+
+
+def normkit(*args, cwd=TESTS, timeout=300):
+    exe = shutil.which("normkit")
+    if exe is None:
+        pytest.skip("the normkit entry point is not installed (pip install -e .)")
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    return subprocess.run([exe, "audit", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def test_audit_is_a_registered_command():
+    from normkit._cli.main import build_parser
+
+    args = build_parser().parse_args(["audit", "m:f", "--dtype", "float16", "--fail-on",
+                                      "warning", "--checks", "epsilon,export"])
+    assert (args.command, args.target, args.dtype, args.fail_on, args.checks) == (
+        "audit", "m:f", "float16", "warning", ("epsilon", "export"))
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["audit", "m:f", "--checks", "eps"])
+    assert e.value.code == 2
+
+
+def test_factory_with_findings_exits_1_and_json_is_valid(tmp_path):
+    out = tmp_path / "report.json"
+    r = normkit("audit_models:nan_gamma", FAST, "--format", "json", "--output", out)
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc == json.loads(out.read_text())
+    assert doc["schema_version"] == 1 and doc["ok"] is False
+    assert [(f["id"], f["layer"]) for f in doc["findings"]] == [("NK-PARAM-002", "blocks.1.ln2")]
+    assert "Traceback" not in r.stderr
+
+
+def test_fail_on_warning_and_markdown():
+    r = normkit("audit_models:keras_eps", FAST, "--format", "markdown")
+    assert r.returncode == 0, r.stderr  # a warning does not fail the default gate
+    assert "NK-EPS-003" in r.stdout and r.stdout.startswith("## normkit audit")
+    r = normkit("audit_models:keras_eps", FAST + ",batch", "--input-shape", "1,5",
+                "--fail-on", "warning", "--format", "json")
+    assert r.returncode == 1
+    doc = json.loads(r.stdout)
+    assert doc["counts"]["warning"] == 1
+    assert doc["metrics"]["batch"]["batch"] == 3  # one sample of 5 tokens, widened to 3
+
+
+def test_healthy_factory_full_audit_table_exits_0():
+    r = normkit("audit_models:pre_ln_with_inputs", "--skip", "quantization,checkpoint")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "passed — 0 error(s), 0 warning(s)" in r.stdout and "blocks.0.ln1" in r.stdout
+    assert "ONNX: dynamo exporter" in r.stdout
+
+
+@pytest.mark.parametrize("target,message", [
+    ("missing_file.pt", "no such file"),
+    ("audit_models:no_such_factory", "no callable"),
+])
+def test_bad_targets_exit_2_with_one_line(target, message):
+    r = normkit(target)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_targets(tmp_path):
+    from safetensors.torch import save_file
+
+    model = A.pre_ln()
+    sd = model.state_dict()
+    del sd["blocks.1.ln1.weight"]
+    torch.save(sd, tmp_path / "ckpt.pt")
+    r = normkit(tmp_path / "ckpt.pt", "--model", "audit_models:pre_ln", FAST, "--format",
+                "json")
+    assert r.returncode == 1, r.stderr
+    ids = {(f["id"], f["layer"]) for f in json.loads(r.stdout)["findings"]}
+    assert ids == {("NK-PARAM-001", "blocks.1.ln1")}
+
+    # bare safetensors: parameter checks on the keys only, a NaN γ found
+    sd = A.nan_gamma().state_dict()
+    save_file(sd, tmp_path / "w.safetensors")
+    r = normkit(tmp_path / "w.safetensors", "--format", "json")
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert {f["id"] for f in doc["findings"] if f["severity"] != "info"} == {"NK-PARAM-002"}
+    # the norm-like names: blocks.*.ln1/ln2 ("final" does not say it is a norm)
+    assert sorted(L["name"] for L in doc["layers"]) == [
+        f"blocks.{i}.ln{j}" for i in (0, 1) for j in (1, 2)]
+
+    # a pickled module is refused (weights_only=True), exit 2
+    torch.save(model, tmp_path / "whole.pt")
+    r = normkit(tmp_path / "whole.pt")
+    assert r.returncode == 2 and "weights_only=True" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_hf_directory_target(tmp_path):
+    T = pytest.importorskip("transformers")
+    cfg = T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    T.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    r = normkit(tmp_path / "bert", FAST, "--dtype", "float16", "--format", "json")
+    assert r.returncode == 1, r.stderr  # BERT's eps 1e-12 is 0 in float16
+    doc = json.loads(r.stdout)
+    assert {f["id"] for f in doc["findings"]} == {"NK-EPS-001"}
+    assert doc["dtype"] == "float16"
+    assert len(doc["layers"]) == 5 and doc["layers"][0]["name"] == "embeddings.LayerNorm"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter, on purpose
+def test_onnx_file_target(tmp_path):
+    pytest.importorskip("onnx")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8, eps=0.0)).eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.randn(2, 8),), str(path), dynamo=False, opset_version=17)
+    r = normkit(path, "--format", "json")
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert {f["id"] for f in doc["findings"]} == {"NK-EPS-001"}
+    assert doc["layers"][0]["type"] == "LayerNormalization"
