@@ -13,6 +13,9 @@ Two class attributes select model-specific numerics; an instance (for example on
   ``promote_types(x.dtype, weight.dtype)`` for "llama"; for "t5" weight.dtype when the weight is
   16-bit, else float32.  With the default "torch" the output dtype is always x.dtype, as in torch.
 * ``zero_centered_gamma`` — multiply by ``1 + weight`` (γ stored zero-centred, as in Gemma).
+
+``DyT`` (Dynamic Tanh, ``weight * tanh(alpha * x) + bias``) has no statistics at all; it is here
+so that ``normkit study`` can compare it with the norms on equal footing.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from .functional import layer_norm, rms_norm
 
-__all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm", "DyT"]
 
 
 def _options_repr(module) -> str:
@@ -119,3 +122,73 @@ class FusedAddRMSNorm(RMSNorm):
             zero_centered_gamma=self.zero_centered_gamma, return_residual=True,
             casting=self.casting,
         )
+
+
+class DyT(torch.nn.Module):
+    """Dynamic Tanh (Zhu et al. 2025), the normalization-free drop-in, over the trailing ``normalized_shape`` dims.
+
+    Args:
+        normalized_shape: int or tuple, the trailing shape ``weight`` and ``bias`` cover (the
+            same meaning as ``torch.nn.LayerNorm``'s, so DyT can replace it in a model).
+        alpha_init: initial value of the scalar ``alpha``; the paper's default 0.5.
+        elementwise_affine: learn ``weight`` (init 1) and ``bias`` (init 0).
+        bias: learn ``bias`` (only with ``elementwise_affine``).
+        device, dtype: for the parameters.
+
+    Shapes: input (..., *normalized_shape) → output of the same shape and dtype.
+    """
+
+    def __init__(self, normalized_shape, alpha_init: float = 0.5,
+                 elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        if not self.normalized_shape or any(s < 1 for s in self.normalized_shape):
+            raise ValueError(
+                f"normalized_shape must be a non-empty tuple of positive ints, "
+                f"got {normalized_shape!r}"
+            )
+        if not float(alpha_init) > 0:
+            raise ValueError(f"alpha_init must be positive, got {alpha_init!r}")
+        self.alpha_init = float(alpha_init)
+        self.elementwise_affine = elementwise_affine
+        factory = {"device": device, "dtype": dtype}
+        self.alpha = torch.nn.Parameter(torch.empty((), **factory))
+        if elementwise_affine:
+            self.weight = torch.nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            self.bias = (torch.nn.Parameter(torch.empty(self.normalized_shape, **factory))
+                         if bias else None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """alpha = alpha_init, weight = 1, bias = 0."""
+        with torch.no_grad():
+            self.alpha.fill_(self.alpha_init)
+            if self.weight is not None:
+                self.weight.fill_(1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Applies ``weight * tanh(alpha * x) + bias``; returns the shape and dtype of ``x``."""
+        n = len(self.normalized_shape)
+        if tuple(x.shape[-n:]) != self.normalized_shape:
+            raise ValueError(
+                f"DyT: input's trailing shape must be {self.normalized_shape}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        y = torch.tanh(self.alpha.to(x.dtype) * x)
+        if self.weight is not None:
+            y = y * self.weight.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, alpha_init={self.alpha_init}, "
+                f"elementwise_affine={self.elementwise_affine}")
