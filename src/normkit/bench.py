@@ -32,14 +32,12 @@ import datetime as _dt
 import gc
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import math
 import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -47,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ._io import write_json_atomic
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -1033,30 +1033,6 @@ def machine_info() -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Output files
 # ----------------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: str | os.PathLike, doc: Any) -> Path:
-    """Write ``doc`` as strict JSON to ``path`` atomically: a temp file in the same directory,
-    fsync, then ``os.replace`` — a reader sees the old file or the new one, never half of one.
-    Creates the parent directory.  Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"  # serialise before touching disk
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def find_repo_root(start: str | os.PathLike | None = None) -> Path | None:

@@ -125,7 +125,8 @@ class FusedAddRMSNorm(RMSNorm):
 
 
 class DyT(torch.nn.Module):
-    """Dynamic Tanh (Zhu et al. 2025), the normalization-free drop-in, over the trailing ``normalized_shape`` dims.
+    """Dynamic Tanh (Zhu et al. 2025), the normalization-free drop-in, over the trailing
+    ``normalized_shape`` dims.
 
     Args:
         normalized_shape: int or tuple, the trailing shape ``weight`` and ``bias`` cover (the

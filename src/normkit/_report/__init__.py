@@ -11,9 +11,9 @@ figures, call-outs, key/value lists) — rendered two ways from the same blocks:
 :mod:`normkit._report.plotting`, which imports matplotlib (the ``report`` extra) lazily.
 """
 
+from .._io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .document import Callout, Code, Document, Figure, Heading, KeyValues, Paragraph, Table
 from .html import render_html
-from .io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .markdown import render_markdown
 from .writer import write_report
 

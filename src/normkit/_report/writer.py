@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .._io import write_bytes_atomic, write_text_atomic
 from .document import Document
 from .html import render_html
-from .io import write_bytes_atomic, write_text_atomic
 from .markdown import render_markdown
 
 __all__ = ["write_report"]

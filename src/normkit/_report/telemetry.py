@@ -1,0 +1,279 @@
+"""The offline view of a telemetry run: ``normkit report RUN.jsonl [--baseline B.json]``.
+
+Reads the records a ``normkit.monitor.JsonlExporter`` wrote (schema ``normkit.monitor``) and
+builds a :class:`~normkit._report.Document`: health at a glance, NaN/Inf events with the module
+where they started, the alert timeline, per-layer input mean and scale over time, latency, and
+drift of the whole run against a saved ``Baseline``.  Everything shown is an aggregate the
+exporter already wrote; the report never needs the model or the data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from .document import Document
+from .plotting import new_figure, to_png
+
+__all__ = ["load_run", "build_telemetry_report"]
+
+# How many layers get their own line in the over-time plots before the rest are left out (a
+# 96-layer model would draw an unreadable tangle; the table below still lists every layer).
+_MAX_LINES = 12
+
+
+def load_run(path: str | os.PathLike) -> list[dict]:
+    """The step records of a telemetry JSONL file, in file order.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a normkit telemetry file, another schema version, or no step records.
+    """
+    from ..monitor.exporters import JSONL_SCHEMA_VERSION, read_jsonl
+
+    steps = []
+    for rec in read_jsonl(path):
+        if rec.get("schema") != "normkit.monitor":
+            raise ValueError(f"{path}: not a normkit telemetry file (schema "
+                             f"{rec.get('schema')!r})")
+        if rec.get("schema_version") != JSONL_SCHEMA_VERSION:
+            raise ValueError(f"{path}: schema_version {rec.get('schema_version')!r} is not "
+                             f"supported (this normkit reads {JSONL_SCHEMA_VERSION})")
+        if rec.get("type") == "step":
+            steps.append(rec)
+    if not steps:
+        raise ValueError(f"{path}: no step records (was the watched model ever run?)")
+    return steps
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _layer_order(steps: list[dict]) -> list[str]:
+    """Layers in the order they first appear (execution order within a step)."""
+    seen: dict[str, None] = {}
+    for rec in steps:
+        for name in rec.get("layers", {}):
+            seen.setdefault(name)
+    return list(seen)
+
+
+def _series(steps, layers, key):
+    """{layer: ([step], [value])} of summary[key] over the steps where it is known."""
+    out = {}
+    for name in layers:
+        xs, ys = [], []
+        for rec in steps:
+            v = rec.get("summary", {}).get(name, {}).get(key)
+            if v is not None and math.isfinite(v):
+                xs.append(rec["step"])
+                ys.append(v)
+        if xs:
+            out[name] = (xs, ys)
+    return out
+
+
+def _activation_figure(steps, layers) -> bytes | None:
+    shown = layers[:_MAX_LINES]
+    mean = _series(steps, shown, "input_mean")
+    scale = _series(steps, shown, "input_std")
+    rms = _series(steps, shown, "input_rms")
+    for name, s in rms.items():  # RMSNorm layers have a scale (RMS) but no mean
+        scale.setdefault(name, s)
+    if not mean and not scale:
+        return None
+    fig, (a, b) = new_figure(ncols=2, width=5.6, height=3.6)
+    for name in shown:
+        if name in mean:
+            a.plot(*mean[name], label=name, linewidth=1.2)
+        if name in scale:
+            b.plot(*scale[name], label=name, linewidth=1.2)
+    a.set_title("input mean per layer")
+    b.set_title("input std (LayerNorm) / RMS (RMSNorm)")
+    for ax in (a, b):
+        ax.set_xlabel("step")
+    b.legend(fontsize=7, loc="best")
+    return to_png(fig)
+
+
+def _alert_figure(steps) -> bytes | None:
+    pts = [(rec["step"], a) for rec in steps for a in rec.get("alerts", [])]
+    if not pts:
+        return None
+    rules = sorted({a["rule"] for _, a in pts})
+    fig, (ax,) = new_figure(width=8.0, height=1.2 + 0.35 * len(rules))
+    colours = {"page": "#D55E00", "ticket": "#E69F00"}
+    for sev in ("page", "ticket"):
+        xs = [s for s, a in pts if a["severity"] == sev]
+        ys = [rules.index(a["rule"]) for _, a in pts if a["severity"] == sev]
+        if xs:
+            ax.scatter(xs, ys, color=colours[sev], label=sev, s=30, zorder=3)
+    ax.set_yticks(range(len(rules)), rules)
+    ax.set_ylim(-0.7, len(rules) - 0.3)
+    first, last = steps[0]["step"], steps[-1]["step"]
+    ax.set_xlim(first - 1, last + 1)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("alerts opened")
+    return to_png(fig)
+
+
+def _latency(steps, layers):
+    """{layer: (calls, p50, p99)} over every recorded forward time."""
+    times = defaultdict(list)
+    for rec in steps:
+        for name, ts in (rec.get("latency_seconds") or {}).items():
+            times[name].extend(t for t in ts if t is not None)
+    out = {}
+    for name in layers:
+        ts = sorted(times.get(name, ()))
+        if ts:
+            out[name] = (len(ts), ts[len(ts) // 2], ts[min(len(ts) - 1, int(0.99 * len(ts)))])
+    return out
+
+
+def build_telemetry_report(path: str | os.PathLike,
+                           baseline: str | os.PathLike | None = None) -> Document:
+    """The report of one telemetry JSONL file, optionally with drift against a baseline.
+
+    Args:
+        path: a ``JsonlExporter`` file.
+        baseline: a ``Baseline.save`` JSON file; the run's merged per-layer statistics are
+            compared against it (mean shift, variance ratio, PSI, KS with the default
+            thresholds).
+
+    Returns:
+        The Document (render with ``write_report`` or ``render_html``).
+    """
+    from ..monitor.drift import Baseline
+
+    steps = load_run(path)
+    layers = _layer_order(steps)
+    models = sorted({(r["model"], r["version"]) for r in steps})
+    ranks = sorted({str(r["rank"]) for r in steps})
+    nonfinite = [(r, p, e) for r in steps for p, e in (r.get("nonfinite") or {}).items()
+                 if e and (e.get("origin") or e.get("modules"))]
+    alerts = [(r, a) for r in steps for a in r.get("alerts", [])]
+    pages = [a for _, a in alerts if a["severity"] == "page"]
+
+    doc = Document("normkit telemetry report",
+                   ", ".join(f"{m} {v}" for m, v in models) + f" — {Path(path).name}")
+    span = steps[-1]["time_unix"] - steps[0]["time_unix"]
+    doc.key_values([
+        ("file", str(path)),
+        ("model / version", "; ".join(f"{m} / {v}" for m, v in models)),
+        ("sampled steps", f"{len(steps)} (steps {steps[0]['step']}–{steps[-1]['step']}, "
+                          f"every {steps[0].get('every')})"),
+        ("ranks", ", ".join(ranks)),
+        ("norm layers", str(len(layers))),
+        ("time span", f"{span:.1f} s"),
+    ])
+    if nonfinite:
+        r, p, e = nonfinite[0]
+        n_steps = len({r["step"] for r, _, _ in nonfinite})
+        doc.callout("bad", f"Non-finite values in {n_steps} sampled step(s); the first, at step "
+                           f"{r['step']} ({p}), started in `{e.get('origin')}`.")
+    elif pages:
+        doc.callout("bad", f"{len(pages)} page alert(s) in this run.")
+    elif alerts:
+        doc.callout("warn", f"{len(alerts)} ticket alert(s) in this run; no NaN/Inf.")
+    else:
+        doc.callout("ok", "No NaN/Inf and no alerts in this run.")
+
+    doc.heading("Non-finite values")
+    if nonfinite:
+        doc.paragraph("The origin is the first module, in execution order, that produced a "
+                      "non-finite value from finite inputs; propagators only passed it on.")
+        # One row per (pass, origin): a NaN that persists shows up in every later step, and a
+        # row per step would bury a second, different origin under hundreds of repeats.
+        groups: dict = {}
+        for r, p, e in nonfinite:
+            g = groups.setdefault((p, e.get("origin")), {"steps": [], "values": 0, "prop": [],
+                                                          "modules": 0})
+            g["steps"].append(r["step"])
+            g["values"] = max(g["values"], e.get("origin_values") or 0)
+            g["modules"] = max(g["modules"], e.get("modules") or 0)
+            g["prop"] = g["prop"] or (e.get("propagators") or [])
+        rows = []
+        for (p, origin), g in groups.items():
+            prop = g["prop"]
+            rows.append((g["steps"][0], g["steps"][-1], len(g["steps"]), p, origin or "–",
+                         g["values"],
+                         ", ".join(prop[:4]) + (f" (+{len(prop) - 4})" if len(prop) > 4 else ""),
+                         g["modules"]))
+        doc.table(["first step", "last step", "sampled steps", "pass", "origin", "values",
+                   "propagators", "modules"], rows, align=("r", "r", "r", "l", "l", "r", "l", "r"),
+                  caption="values: non-finite values in the origin's output (max over steps); "
+                          "modules: modules with non-finite output")
+    else:
+        doc.paragraph("None seen in any sampled step, forward or backward.")
+
+    doc.heading("Alerts")
+    if alerts:
+        png = _alert_figure(steps)
+        if png:
+            doc.figure(png, "alerts.png", "alert timeline by rule and severity")
+        doc.table(["step", "severity", "rule", "layer", "count", "message"],
+                  [(r["step"], a["severity"], a["rule"], a.get("layer") or "–", a["count"],
+                    a.get("message", "")) for r, a in alerts],
+                  align=("r", "l", "l", "l", "r", "l"))
+    else:
+        doc.paragraph("No alert was opened.")
+
+    doc.heading("Activations per layer")
+    png = _activation_figure(steps, layers)
+    if png:
+        caption = "" if len(layers) <= _MAX_LINES else (
+            f"the first {_MAX_LINES} of {len(layers)} layers; all are in the table")
+        doc.figure(png, "activations.png", "input mean and scale of each norm layer over steps",
+                   caption)
+    last = steps[-1].get("summary", {})
+    lat = _latency(steps, layers)
+    rows = []
+    for name in layers:
+        s = last.get(name, {})
+        calls, p50, p99 = lat.get(name, (0, None, None))
+        rows.append((name, s.get("kind", "–"), _fmt(s.get("input_mean")),
+                     _fmt(s.get("input_std") if s.get("input_std") is not None
+                          else s.get("input_rms")),
+                     _fmt(s.get("weight_norm")), _fmt(s.get("weight_update_norm")),
+                     _fmt(s.get("weight_grad_norm")),
+                     "–" if p50 is None else f"{p50 * 1e6:.0f} / {p99 * 1e6:.0f}"))
+    doc.table(["layer", "kind", "input mean", "input std/RMS", "|γ|", "|Δγ|", "|∇γ|",
+               "latency p50/p99 µs"], rows,
+              caption="last sampled step; |Δγ| is γ's change since the previous sampled step "
+                      "(0 means frozen), latency over every recorded call")
+
+    doc.heading("Drift against the baseline")
+    if baseline is None:
+        doc.paragraph("No baseline given (`--baseline B.json`).")
+    else:
+        base = Baseline.load(baseline)
+        live = Baseline.from_jsonl(path)
+        results = base.drift(live.layers)
+        doc.paragraph(f"Baseline `{Path(baseline).name}`: {base.model_name} "
+                      f"{base.model_version}; the whole run is merged and compared layer by "
+                      "layer (mean shift in baseline std, variance ratio, PSI and KS of the "
+                      "per-row statistics).")
+        drifted = [r for r in results.values() if r.drifted]
+        if drifted:
+            doc.callout("warn", f"{len(drifted)} of {len(results)} layers drifted: "
+                                + ", ".join(r.layer for r in drifted[:8]))
+        elif results:
+            doc.callout("ok", f"No drift in any of the {len(results)} compared layers.")
+        else:
+            doc.callout("info", "No layer had enough rows in both to compare.")
+        doc.table(["layer", "rows", "mean shift", "variance ratio", "PSI", "KS", "crossed"],
+                  [(r.layer, r.rows, _fmt(r.mean_shift, 3), _fmt(r.variance_ratio, 3),
+                    _fmt(r.psi, 3), _fmt(r.ks, 3), ", ".join(r.crossed) or "–")
+                   for r in results.values()])
+    return doc
