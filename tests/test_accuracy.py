@@ -439,3 +439,21 @@ def test_gradient_when_only_h_is_used(compiled):
     gx, gr, gw = torch.autograd.grad(h, [x, r, w], dh, allow_unused=True)
     assert torch.equal(gx, dh) and torch.equal(gr, dh)
     assert gw is None or torch.equal(gw, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_eps_zero_on_a_constant_row_is_nan_like_torch(rms, backend):
+    """rsqrt(0) is inf and 0·inf is NaN: the row turns NaN, as in torch — never an exception
+    (numba's default Python error model raised ZeroDivisionError here), other rows untouched."""
+    x = torch.randn(3, 16)
+    x[1] = 0.0 if rms else 2.5
+    x.requires_grad_()
+    with normkit.use_backend(backend):
+        y = (normkit.rms_norm(x, 16, None, 0.0) if rms
+             else normkit.layer_norm(x, 16, None, None, 0.0))
+        y.sum().backward()
+    expect = torch_op(x.detach(), eps=0.0, rms=rms)
+    assert torch.isnan(y[1]).all() and torch.isnan(expect[1]).all()
+    torch.testing.assert_close(y[[0, 2]], expect[[0, 2]])
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2]]).all()

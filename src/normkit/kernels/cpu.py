@@ -124,7 +124,7 @@ def _bits_f32(typingctx, u):
     return sig, codegen
 
 
-@njit(cache=_CACHE)
+@njit(cache=_CACHE, error_model="numpy")
 def _row(addr, offset, n, marker):  # pragma: no cover - compiled
     """The n elements starting ``offset`` elements past ``addr``, typed as ``marker``."""
     return carray(_ptr(addr + offset * marker.itemsize, marker), n)
@@ -195,7 +195,7 @@ def _c_impl(v, marker):
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(cache=_CACHE, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _fwd_row(
     i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK
 ):  # pragma: no cover - compiled
@@ -277,7 +277,7 @@ def _fwd_row(
     return m1, dm, rstd
 
 
-@njit(cache=_CACHE, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _fwd_serial(
     m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
@@ -292,7 +292,7 @@ def _fwd_serial(
             st[3 * i + 2] = rstd
 
 
-@njit(cache=_CACHE, fastmath=_FM, parallel=True)
+@njit(cache=_CACHE, fastmath=_FM, parallel=True, error_model="numpy")
 def _fwd_parallel(
     m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
@@ -312,7 +312,7 @@ def _fwd_parallel(
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(cache=_CACHE, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _bwd_rows(
     lo, hi, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, dwa, dba, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
@@ -380,7 +380,7 @@ def _bwd_rows(
                 dw[j] += _ld(dy[j]) * _ld(_st(xh, NK))
 
 
-@njit(cache=_CACHE, fastmath=_FM)
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _bwd_serial(
     m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
@@ -390,7 +390,7 @@ def _bwd_serial(
                   pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
 
 
-@njit(cache=_CACHE, fastmath=_FM, parallel=True)
+@njit(cache=_CACHE, fastmath=_FM, parallel=True, error_model="numpy")
 def _bwd_parallel(
     m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
@@ -400,7 +400,7 @@ def _bwd_parallel(
                   pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
 
 
-@njit(cache=_CACHE)
+@njit(cache=_CACHE, error_model="numpy")
 def _sum_blocks(nblk, n, pa, oa, SK):  # pragma: no cover - compiled
     """out[j] = Σ_k partial[k, j], k in order: a fixed summation order, so dγ/dβ are bitwise
     reproducible from run to run whatever the thread count."""
