@@ -2,6 +2,8 @@
 
 ``import normkit`` imports torch and nothing heavier: numba loads on the first CPU kernel call,
 and no optional extra (triton, transformers, onnx, prometheus_client, matplotlib) is imported.
+``normkit.watch`` / ``normkit.Baseline`` (telemetry, ``normkit.monitor``) and ``normkit.audit``
+load on first use.
 """
 
 from . import nn
@@ -18,6 +20,30 @@ from .functional import (
 
 __version__ = "0.1.0"
 
+# name -> (submodule, attribute or None for the submodule itself), imported on first access.
+# ``normkit.audit`` is a callable package: ``normkit.audit(model)`` and ``normkit.audit.RULES``.
+_LAZY = {
+    "watch": ("monitor", "watch"),
+    "Baseline": ("monitor", "Baseline"),
+    "monitor": ("monitor", None),
+    "audit": ("audit", None),
+    "AuditReport": ("audit", "AuditReport"),
+}
+
+
+def __getattr__(name):
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'normkit' has no attribute {name!r}") from None
+    import importlib
+
+    mod = importlib.import_module(f".{module}", __name__)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     # functional ops
     "layer_norm",
@@ -32,4 +58,10 @@ __all__ = [
     "nn",
     "convert",
     "revert",
+    # telemetry and release audit (loaded on first use)
+    "watch",
+    "Baseline",
+    "monitor",
+    "audit",
+    "AuditReport",
 ]

@@ -1,0 +1,438 @@
+"""Exporters: Prometheus, TensorBoard and JSONL.  Each receives one record per sampled step.
+
+Optional dependencies (prometheus_client, tensorboard) are imported when an exporter is built,
+never at ``import normkit.monitor``; a missing one raises ImportError naming
+``pip install "normkit[monitor]"``.
+
+JSONL record schema (``schema`` "normkit.monitor", ``schema_version`` 1)
+--------------------------------------------------------------------------
+
+The file starts with one header line, then one line per sampled step::
+
+    {"type": "header", "schema": "normkit.monitor", "schema_version": 1, "created_unix": float,
+     "normkit_version": str}
+
+    {"type": "step", "schema": "normkit.monitor", "schema_version": 1,
+     "time_unix": float,            # wall time the step started
+     "model": str, "version": str,  # watch(model_name=, model_version=)
+     "rank": str,                   # "0", "1", ... or "all" (reduce="all", written by rank 0)
+     "world_size": int,
+     "step": int,                   # 1-based count of root forward calls (sampled or not)
+     "every": int | float,          # the sampling setting
+     "batch_size": int | null, "seq_len": int | null,   # as seen by the first norm layer
+     "nonfinite": {"forward" | "backward": {
+         "origin": str | null,      # first module producing non-finite from finite inputs
+                                    # ("<input>"/"<loss>": it arrived from outside the model)
+         "origin_values": int,      # non-finite values in the origin's output (its in-grads)
+         "origins": [str],          # further independent origins in the same pass
+         "propagators": [str],      # modules that passed it on, in execution order (≤ 64)
+         "modules": int}},          # modules with non-finite outputs (in-grads) in the pass
+     "layers": {layer: {            # per norm layer, mergeable sums (LayerStats.to_dict)
+         "kind": "ln" | "rms", "rows": int, "nonfinite_rows": int,
+         "sum_mean", "sum_mean_sq", "sum_var", "sum_ms": float,   # over finite input rows
+         "out_n": int, "out_sum", "out_sumsq": float, "out_nonfinite": int,
+         "grad_nonfinite_rows": int, "steps": int,
+         "batch_size", "seq_len": int | null,
+         "weight_norm", "bias_norm", "weight_update_norm", "bias_update_norm",
+         "grad_input_norm", "weight_grad_norm", "bias_grad_norm": float | null,
+         "hist_mean", "hist_scale", "hist_latency": {   # per-row mean, per-row std (LN) or
+             "edges": "slog2/4/80", "n": int,            # RMS (RMSNorm), forward seconds
+             "min": float | null, "max": float | null,
+             "buckets": [[bucket index, count], ...]}}},
+     "summary": {layer: {...}},     # derived values (LayerStats.summary): input_mean,
+                                    # input_std, input_rms, row_mean/row_scale quantiles,
+                                    # output_mean, output_std, latency p50/p99, ...
+     "latency_seconds": {layer: [float]},   # forward wall times of this step's calls
+     "drift": null | {layer: {"layer", "rows", "mean_shift", "variance_ratio", "psi", "ks",
+                              "crossed": [str]}},
+     "alerts": [{"severity", "rule", "layer", "model", "version", "count", "first_seen",
+                 "last_seen", "layers", "message"}]}    # alerts opened at this step
+
+Aggregates only: sums over rows, histograms of per-row means/scales and norms of parameters
+and gradients; no row, token or request identifier is ever written.  Lines are appended with
+one ``write`` each and flushed; a reader skips a torn last line (``read_jsonl``).
+
+Prometheus metrics: see ``METRICS`` (name, type, labels, help) below.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ._sketch import EDGES
+
+__all__ = ["PrometheusExporter", "TensorBoardExporter", "JsonlExporter", "read_jsonl",
+           "METRICS", "JSONL_SCHEMA_VERSION"]
+
+log = logging.getLogger(__name__)
+
+JSONL_SCHEMA_VERSION = 1
+_EXTRA = 'pip install "normkit[monitor]"'
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is needed for this exporter: {_EXTRA}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Prometheus
+# ----------------------------------------------------------------------------------------------
+
+_L = ("model", "version", "rank")
+_LL = _L + ("layer",)
+
+# name, type, label names, help.  The deploy/ rules and dashboards may only use these (a test
+# checks it); counters are declared without "_total" as prometheus_client appends it.
+METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("normkit_watch_info", "gauge", _L + ("normkit_version",), "1 per watched model version"),
+    ("normkit_steps", "counter", _L, "Steps (root forward calls) seen"),
+    ("normkit_sampled_steps", "counter", _L, "Steps sampled for statistics"),
+    ("normkit_nonfinite_steps", "counter", _L,
+     "Sampled steps with non-finite values in forward or backward (the NaN-free-steps SLO's "
+     "bad events)"),
+    ("normkit_nonfinite_origin", "counter", _L + ("pass", "module"),
+     "Sampled steps whose first non-finite value was produced by the module"),
+    ("normkit_nonfinite_rows", "counter", _LL + ("pass",),
+     "Norm-layer input rows (forward) or input-gradient rows (backward) with NaN/Inf"),
+    ("normkit_norm_input_mean", "gauge", _LL, "Mean of the norm layer's input elements"),
+    ("normkit_norm_input_std", "gauge", _LL, "Std of the norm layer's input elements"),
+    ("normkit_norm_input_rms", "gauge", _LL, "RMS of the norm layer's input elements"),
+    ("normkit_norm_input_row_scale", "gauge", _LL + ("quantile",),
+     "Quantiles of the per-row std (LayerNorm) or RMS (RMSNorm) of the input"),
+    ("normkit_norm_output_mean", "gauge", _LL, "Mean of the norm layer's output elements"),
+    ("normkit_norm_output_std", "gauge", _LL, "Std of the norm layer's output elements"),
+    ("normkit_norm_weight_norm", "gauge", _LL, "L2 norm of gamma"),
+    ("normkit_norm_bias_norm", "gauge", _LL, "L2 norm of beta"),
+    ("normkit_norm_weight_update_norm", "gauge", _LL,
+     "L2 norm of gamma's change since the previous sampled step"),
+    ("normkit_norm_bias_update_norm", "gauge", _LL,
+     "L2 norm of beta's change since the previous sampled step"),
+    ("normkit_norm_input_grad_norm", "gauge", _LL, "L2 norm of the gradient w.r.t. the input"),
+    ("normkit_norm_weight_grad_norm", "gauge", _LL, "L2 norm of gamma's gradient"),
+    ("normkit_norm_bias_grad_norm", "gauge", _LL, "L2 norm of beta's gradient"),
+    ("normkit_norm_forward_latency_seconds", "histogram", _LL,
+     "Wall time of the norm layer's forward (sampled)"),
+    ("normkit_batch_size", "gauge", _L, "Batch size seen by the first norm layer"),
+    ("normkit_sequence_length", "gauge", _L, "Sequence length seen by the first norm layer"),
+    ("normkit_drift_mean_shift", "gauge", _LL, "|mean shift| in baseline standard deviations"),
+    ("normkit_drift_variance_ratio", "gauge", _LL, "Live / baseline input variance"),
+    ("normkit_drift_psi", "gauge", _LL, "Population stability index against the baseline"),
+    ("normkit_drift_ks", "gauge", _LL, "Kolmogorov-Smirnov distance against the baseline"),
+    ("normkit_drift_breached", "gauge", _LL, "1 if any drift threshold is crossed, else 0"),
+    ("normkit_alerts", "counter", _L + ("severity", "rule"), "Alerts opened in process"),
+)
+
+LATENCY_BUCKETS = (2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+                   1e-2, 2.5e-2, 0.1, 1.0)
+
+
+def exported_series_names() -> set[str]:
+    """Every series name a scrape can contain (counters' ``_total``/``_created``, histograms'
+    ``_bucket``/``_sum``/``_count``)."""
+    out = set()
+    for name, kind, _, _ in METRICS:
+        if kind == "counter":
+            out |= {name + "_total", name + "_created"}
+        elif kind == "histogram":
+            out |= {name + "_bucket", name + "_sum", name + "_count", name + "_created"}
+        else:
+            out.add(name)
+    return out
+
+
+class PrometheusExporter:
+    """Exports to Prometheus through ``prometheus_client``.
+
+    Args:
+        port: port to serve ``/metrics`` on (0: a free one); None: do not serve (register into
+            ``registry`` and expose it yourself, e.g. ``prometheus_client.make_asgi_app``).
+        addr: bind address; loopback by default — expose it deliberately, not by accident.
+        registry: a ``CollectorRegistry`` to register into; default: a private one (so two
+            exporters in one process never collide on metric names).
+
+    Attributes:
+        url: ``http://addr:port/metrics`` once serving, else None.
+        registry: the registry holding normkit's metrics.
+    """
+
+    def __init__(self, port: int | None = 0, addr: str = "127.0.0.1", registry=None):
+        pc = _require("prometheus_client")
+        self.registry = registry if registry is not None else pc.CollectorRegistry()
+        self._m = {}
+        for name, kind, labels, doc in METRICS:
+            if kind == "counter":
+                self._m[name] = pc.Counter(name, doc, labels, registry=self.registry)
+            elif kind == "gauge":
+                self._m[name] = pc.Gauge(name, doc, labels, registry=self.registry)
+            else:
+                self._m[name] = pc.Histogram(name, doc, labels, buckets=LATENCY_BUCKETS,
+                                             registry=self.registry)
+        self._children: dict = {}
+        self._last_step: dict = {}
+        self._server = self._thread = None
+        self.url = None
+        if port is not None:
+            self._server, self._thread = pc.start_http_server(port, addr=addr,
+                                                              registry=self.registry)
+            host = f"[{addr}]" if ":" in addr else addr
+            self.url = f"http://{host}:{self._server.server_port}/metrics"
+            log.info("normkit metrics served at %s", self.url)
+
+    def _c(self, name: str, *labels):
+        # Children cached: labels() takes a lock and builds a key, ~3 µs per call, ~300 per step.
+        key = (name, labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = self._m[name].labels(*labels)
+        return c
+
+    def export(self, record: dict) -> None:
+        if record.get("type") != "step":
+            return
+        base = (record["model"], record["version"], str(record["rank"]))
+        from .drift import _normkit_version
+
+        if base not in self._last_step:
+            self._c("normkit_watch_info", *base, _normkit_version()).set(1)
+        prev = self._last_step.get(base, 0)
+        self._last_step[base] = record["step"]
+        self._c("normkit_steps", *base).inc(max(record["step"] - prev, 0))
+        self._c("normkit_sampled_steps", *base).inc()
+        # Touched every step, so the SLO's rate() exists (as 0) before the first incident.
+        steps = self._c("normkit_nonfinite_steps", *base)
+        bad = False
+        for pname in ("forward", "backward"):
+            nf = record["nonfinite"][pname]
+            if nf["origin"] is not None:
+                bad = True
+                self._c("normkit_nonfinite_origin", *base, pname, nf["origin"]).inc()
+        if bad:
+            steps.inc()
+        if record.get("batch_size") is not None:
+            self._c("normkit_batch_size", *base).set(record["batch_size"])
+        if record.get("seq_len") is not None:
+            self._c("normkit_sequence_length", *base).set(record["seq_len"])
+        for layer, s in record["summary"].items():
+            lb = base + (layer,)
+            raw = record["layers"][layer]
+            self._c("normkit_nonfinite_rows", *lb, "forward").inc(raw["nonfinite_rows"])
+            self._c("normkit_nonfinite_rows", *lb, "backward").inc(raw["grad_nonfinite_rows"])
+            for metric, key in (("normkit_norm_input_mean", "input_mean"),
+                                ("normkit_norm_input_std", "input_std"),
+                                ("normkit_norm_input_rms", "input_rms"),
+                                ("normkit_norm_output_mean", "output_mean"),
+                                ("normkit_norm_output_std", "output_std"),
+                                ("normkit_norm_weight_norm", "weight_norm"),
+                                ("normkit_norm_bias_norm", "bias_norm"),
+                                ("normkit_norm_weight_update_norm", "weight_update_norm"),
+                                ("normkit_norm_bias_update_norm", "bias_update_norm"),
+                                ("normkit_norm_input_grad_norm", "grad_input_norm"),
+                                ("normkit_norm_weight_grad_norm", "weight_grad_norm"),
+                                ("normkit_norm_bias_grad_norm", "bias_grad_norm")):
+                v = s.get(key)
+                if v is not None:
+                    self._c(metric, *lb).set(v)
+            rs = s.get("row_scale")
+            if rs:
+                for q, k in (("0.01", "p01"), ("0.5", "p50"), ("0.99", "p99")):
+                    self._c("normkit_norm_input_row_scale", *lb, q).set(rs[k])
+            for t in record.get("latency_seconds", {}).get(layer, ()):
+                self._c("normkit_norm_forward_latency_seconds", *lb).observe(t)
+        for layer, d in (record.get("drift") or {}).items():
+            lb = base + (layer,)
+            for metric, key in (("normkit_drift_mean_shift", "mean_shift"),
+                                ("normkit_drift_variance_ratio", "variance_ratio"),
+                                ("normkit_drift_psi", "psi"), ("normkit_drift_ks", "ks")):
+                if d.get(key) is not None:
+                    self._c(metric, *lb).set(d[key])
+            self._c("normkit_drift_breached", *lb).set(1.0 if d["crossed"] else 0.0)
+        for a in record.get("alerts", ()):
+            self._c("normkit_alerts", *base, a["severity"], a["rule"]).inc()
+
+    def close(self) -> None:
+        """Stops the HTTP server (if this exporter started one)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def asgi_app(self):
+        """An ASGI app serving this exporter's registry (mount it in your own server)."""
+        return _require("prometheus_client").make_asgi_app(registry=self.registry)
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard
+# ----------------------------------------------------------------------------------------------
+
+_TB_SCALARS = ("input_mean", "input_std", "input_rms", "output_mean", "output_std",
+               "nonfinite_rows", "grad_nonfinite_rows", "weight_norm", "bias_norm",
+               "weight_update_norm", "bias_update_norm", "grad_input_norm", "weight_grad_norm",
+               "bias_grad_norm")
+
+
+class TensorBoardExporter:
+    """Writes TensorBoard event files: scalars ``normkit/<layer>/<metric>`` every record and
+    histograms ``normkit/<layer>/row_mean`` / ``row_scale`` every ``histogram_every`` records;
+    step = the watch's step.
+
+    One event per step holding every value: SummaryWriter's ``add_scalar`` writes an event per
+    value (~30 µs each, ~200 per step here), which alone would cost more than the 5% budget;
+    histograms are rarer for the same reason (~80 buckets each, 26 per step).  The files are
+    the ones ``torch.utils.tensorboard.SummaryWriter`` writes (same writer class).
+
+    Args:
+        log_dir: directory for the event files (created).
+        histogram_every: write histograms on every n-th record (default 10; 1 = always).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, histogram_every: int = 10):
+        _require("tensorboard")
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        if histogram_every < 1:
+            raise ValueError(f"histogram_every must be >= 1, got {histogram_every!r}")
+        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+        self.log_dir = str(log_dir)
+        self.histogram_every = histogram_every
+        self._n = 0
+        self._tags: dict = {}
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        self._writer = EventFileWriter(self.log_dir)
+
+    def _tag(self, *parts: str) -> str:
+        t = self._tags.get(parts)
+        if t is None:
+            t = self._tags[parts] = "/".join(parts)
+        return t
+
+    def _histo(self, h: dict):
+        limits, counts = [], []
+        last = len(EDGES)
+        for i, c in h["buckets"]:
+            limits.append(EDGES[i] if i < last else h["max"])
+            counts.append(float(c))
+        return self._summary_pb2.HistogramProto(
+            min=h["min"], max=h["max"], num=float(h["n"]), bucket_limit=limits, bucket=counts)
+
+    def export(self, record: dict) -> None:
+        if record.get("type") != "step":
+            return
+        summary = self._summary_pb2.Summary()
+        add = summary.value.add
+        prefix = "normkit"
+        if record["rank"] not in ("0", "all"):
+            prefix = f"normkit/rank{record['rank']}"
+        histos = self._n % self.histogram_every == 0
+        self._n += 1
+        lat_all = record.get("latency_seconds", {})
+        for layer, s in record["summary"].items():
+            for k in _TB_SCALARS:
+                v = s.get(k)
+                if v is not None:
+                    add(tag=self._tag(prefix, layer, k), simple_value=v)
+            lat = lat_all.get(layer)
+            if lat:
+                add(tag=self._tag(prefix, layer, "latency_seconds"),
+                    simple_value=sorted(lat)[len(lat) // 2])
+            if histos:
+                raw = record["layers"][layer]
+                for hk, name in (("hist_mean", "row_mean"), ("hist_scale", "row_scale")):
+                    if raw[hk]["n"]:
+                        add(tag=self._tag(prefix, layer, name), histo=self._histo(raw[hk]))
+        for pname in ("forward", "backward"):
+            bad = record["nonfinite"][pname]["origin"] is not None
+            add(tag=self._tag(prefix, "nonfinite", pname), simple_value=float(bad))
+        for layer, d in (record.get("drift") or {}).items():
+            for k in ("mean_shift", "variance_ratio", "psi", "ks"):
+                if d.get(k) is not None:
+                    add(tag=self._tag(prefix, layer, "drift_" + k), simple_value=d[k])
+        ev = self._event_pb2.Event(wall_time=record["time_unix"], step=int(record["step"]),
+                                   summary=summary)
+        self._writer.add_event(ev)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL
+# ----------------------------------------------------------------------------------------------
+
+
+class JsonlExporter:
+    """Appends one JSON line per sampled step to ``path`` (schema in the module docstring).
+
+    Args:
+        path: the file (parent directories created).  An existing file is appended to; a header
+            line is written when the file is new or empty.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from .drift import _normkit_version
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+        if self._f.tell() == 0:
+            self._write({"type": "header", "schema": "normkit.monitor",
+                         "schema_version": JSONL_SCHEMA_VERSION, "created_unix": time.time(),
+                         "normkit_version": _normkit_version()})
+
+    def _write(self, obj: dict) -> None:
+        # One write per line: a crash leaves at most one torn last line, which readers skip.
+        try:
+            line = json.dumps(obj, separators=(",", ":"), allow_nan=False)
+        except ValueError:  # a NaN/Inf slipped into a derived value: JSON has no such numbers
+            line = json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False)
+        self._f.write(line + "\n")
+        self._f.flush()
+
+    def export(self, record: dict) -> None:
+        if self._f is None:
+            raise ValueError(f"JsonlExporter({self.path}) is closed")
+        self._write(record)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _finite(obj):
+    """``obj`` with non-finite floats replaced by None."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Yields the records of a ``JsonlExporter`` file; a torn (unparseable) *last* line is
+    skipped with a warning, a bad line elsewhere raises ValueError."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                log.warning("%s: skipping a torn last line (%s)", path, e)
+                return
+            raise ValueError(f"{path}:{i + 1}: not a JSON record ({e})") from e

@@ -1,0 +1,188 @@
+"""Exporters end to end: a real Prometheus scrapes a training run; TensorBoard event files read
+back with tensorboard's own reader; the endpoint binds loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+import torch
+from _monitor_models import TinyTransformer, lm_batch, train_step
+
+import normkit
+from normkit.monitor import PrometheusExporter, TensorBoardExporter, watch
+
+pytest.importorskip("prometheus_client")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared machine: see test_monitor_watch
+    yield
+    torch.set_num_threads(n)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def test_exporter_serves_loopback_with_bounded_labels():
+    exp = PrometheusExporter()
+    try:
+        assert exp.url.startswith("http://127.0.0.1:") and exp.url.endswith("/metrics")
+        m = TinyTransformer()
+        normkit.convert(m)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        with watch(m, model_name="lm", model_version="v1", exporters=[exp], every=2):
+            for _ in range(4):
+                train_step(m, opt, *lm_batch())
+            text = _get(exp.url)  # before stop(): stop closes the exporter's server
+        labels = {"model": "lm", "version": "v1", "rank": "0"}
+        reg = exp.registry
+        assert reg.get_sample_value("normkit_steps_total", labels) == 3  # steps 1..3 seen
+        assert reg.get_sample_value("normkit_sampled_steps_total", labels) == 2
+        assert reg.get_sample_value("normkit_nonfinite_steps_total", labels) == 0
+        std = reg.get_sample_value("normkit_norm_input_std", {**labels, "layer": "ln_f"})
+        assert std is not None and std > 0
+        assert reg.get_sample_value("normkit_norm_forward_latency_seconds_count",
+                                    {**labels, "layer": "blocks.0.ln1"}) == 2
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+        assert any(s.name == "normkit_norm_weight_grad_norm" and s.labels.get("layer")
+                   == "blocks.3.ln2" and s.value > 0 for s in samples)
+        # Label values are model structure only: layer/module names, never data.
+        for s in samples:
+            assert set(s.labels) <= {"model", "version", "rank", "layer", "pass", "module",
+                                     "quantile", "severity", "rule", "normkit_version", "le"}
+    finally:
+        exp.close()
+
+
+def test_user_registry_without_a_server():
+    pc = pytest.importorskip("prometheus_client")
+    reg = pc.CollectorRegistry()
+    exp = PrometheusExporter(port=None, registry=reg)
+    assert exp.url is None
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    with watch(m, model_name="s", model_version="1", exporters=[exp]):
+        m(torch.randn(3, 8))
+    labels = {"model": "s", "version": "1", "rank": "0", "layer": "1"}
+    assert reg.get_sample_value("normkit_norm_input_mean", labels) is not None
+    assert callable(exp.asgi_app())
+
+
+@pytest.fixture
+def prometheus_server(tmp_path):
+    """Starts a real Prometheus (Debian package) scraping ``targets`` every second."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the prometheus binary is not installed (.ci/run installs the Debian package)")
+    procs = []
+
+    def start(target: str) -> str:
+        port = _free_port()
+        cfg = tmp_path / "prometheus.yml"
+        cfg.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: normkit\n    static_configs:\n"
+            f"      - targets: ['{target}']\n"
+        )
+        proc = subprocess.Popen(
+            [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(proc)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if "Ready" in _get(base + "/-/ready", 1):
+                    return base
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("prometheus did not become ready in 30 s")
+
+    try:
+        yield start
+    finally:
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _query(base: str, q: str) -> list:
+    out = json.loads(_get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q})))
+    assert out["status"] == "success", out
+    return out["data"]["result"]
+
+
+def test_real_prometheus_scrapes_a_training_run(prometheus_server):
+    exp = PrometheusExporter(port=0)
+    try:
+        target = exp.url.removeprefix("http://").removesuffix("/metrics")
+        base = prometheus_server(target)
+        m = TinyTransformer()
+        normkit.convert(m)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        q = ('normkit_norm_input_std{model="lm",version="v7",rank="0",layer="blocks.2.ln1",'
+             'job="normkit"}')
+        found = []
+        with watch(m, model_name="lm", model_version="v7", exporters=[exp]):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not found:
+                for _ in range(3):
+                    train_step(m, opt, *lm_batch())
+                found = _query(base, q)
+                if not found:
+                    time.sleep(0.5)
+            assert found, "Prometheus never scraped the series"
+            steps = _query(base, 'normkit_sampled_steps_total{model="lm",version="v7"}')
+        assert float(found[0]["value"][1]) > 0
+        assert found[0]["metric"]["instance"] == target
+        assert float(steps[0]["value"][1]) >= 1
+    finally:
+        exp.close()
+
+
+def test_tensorboard_event_files_are_readable(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m = TinyTransformer()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    with watch(m, model_name="lm", model_version="v1",
+               exporters=[TensorBoardExporter(tmp_path / "tb")]):
+        for _ in range(3):
+            train_step(m, opt, *lm_batch())
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "normkit/blocks.0.ln1/input_std" in tags["scalars"]
+    assert "normkit/ln_f/weight_grad_norm" in tags["scalars"]
+    assert "normkit/nonfinite/forward" in tags["scalars"]
+    assert "normkit/blocks.5.ln2/row_scale" in tags["histograms"]
+    ev = acc.Scalars("normkit/blocks.0.ln1/input_std")
+    assert [e.step for e in ev] == [1, 2, 3] and all(e.value > 0 for e in ev)
+    h = acc.Histograms("normkit/ln_f/row_mean")[-1].histogram_value
+    assert h.num == 4 * 16 and h.min <= h.max

@@ -1,0 +1,486 @@
+"""normkit.watch: NaN/Inf origin (forward and backward), layer statistics, sampling, exporters
+failing, alerts deduplicated, what a record may contain."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from _monitor_models import Branches, TinyTransformer, lm_batch
+
+import normkit
+from normkit import functional as F
+from normkit.monitor import AlertRules, JsonlExporter, read_jsonl, watch
+
+K = 4  # norm k: blocks.2.ln1, fed by blocks.1.mlp.fc2 through the residual add
+ROWS = (3, 17)  # injected rows of the (4 x 16, d) activations: batch 0 pos 3, batch 1 pos 1
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _model(impl):
+    torch.manual_seed(0)
+    m = TinyTransformer()
+    if impl == "normkit":
+        normkit.convert(m)
+    return m
+
+
+def _fwd_bwd(m):
+    idx, tgt = lm_batch()
+    loss = torch.nn.functional.cross_entropy(m(idx).reshape(-1, 64), tgt.reshape(-1))
+    m.zero_grad()
+    loss.backward()
+
+
+def _layer_row_counts(w, key):
+    return {n: s[key] for n, s in w.summary().items()}
+
+
+@pytest.mark.parametrize("impl", ["torch", "normkit"])
+def test_forward_nan_origin_is_the_linear_feeding_norm_k(impl):
+    m = _model(impl)
+    norms = m.norm_names()
+    feeder = m.feeder_of(K)
+    clock = FakeClock()
+    rules = AlertRules(dedupe_seconds=60, clock=clock)
+    pages = []
+    rules.callbacks.append(pages.append)
+    with watch(m, model_name="lm", model_version="v1", alerts=rules) as w:
+        _fwd_bwd(m)
+        assert w.nonfinite_origin is None
+        m.get_submodule(feeder).inject_forward = ROWS
+        for _ in range(3):
+            clock.t += 10
+            _fwd_bwd(m)  # no optimizer step: NaN gradients would poison the weights
+    assert w.nonfinite_origin == feeder
+    fwd = [e for e in w.nonfinite_events if e["pass"] == "forward"]
+    assert len(fwd) == 3
+    for e in fwd:
+        assert e["origin"] == feeder
+        assert e["origins"] == []
+        assert e["origin_values"] == len(ROWS) * 32  # two rows of d=32 values
+        props = [p for p in e["propagators"] if p in norms]
+        assert props == norms[K:]  # norm k and every later norm, in execution order
+        # Containers of the origin (its MLP, its block) are neither origin nor propagator.
+        assert "blocks.1.mlp" not in e["propagators"] and "blocks.1" not in e["propagators"]
+    rows = _layer_row_counts(w, "nonfinite_rows")
+    assert all(rows[n] == 0 for n in norms[:K])
+    assert rows[norms[K]] == 3 * len(ROWS)  # exactly the injected rows, in 3 steps
+    assert all(rows[n] > 0 for n in norms[K + 1:])
+    out_bad = _layer_row_counts(w, "output_nonfinite")
+    assert out_bad[norms[K]] == 3 * len(ROWS) * 32
+    # One page per dedupe window: 3 steps x (forward + backward) events folded into one alert.
+    assert len(pages) == 1 and len(w.alerts) == 1
+    a = w.alerts[0]
+    assert (a.severity, a.rule, a.layer, a.model, a.version) == ("page", "nonfinite", feeder,
+                                                                 "lm", "v1")
+    assert a.count == 6 and a.first_seen <= a.last_seen
+    # The backward pass saw it arrive from the loss: not a backward origin inside the model.
+    assert {e["origin"] for e in w.nonfinite_events if e["pass"] == "backward"} == {"<loss>"}
+
+
+def test_second_dedupe_window_pages_again():
+    m = _model("torch")
+    clock = FakeClock()
+    rules = AlertRules(dedupe_seconds=60, clock=clock, log_alerts=False)
+    m.get_submodule(m.feeder_of(K)).inject_forward = ROWS
+    with watch(m, model_name="lm", model_version="v1", alerts=rules, backward=False) as w:
+        with torch.no_grad():
+            for t in (0, 30, 59, 61, 90, 125):
+                clock.t = t
+                m(lm_batch()[0])
+                w.flush()  # complete the step now, at this clock time
+    assert [a.count for a in w.alerts] == [3, 2, 1]
+    assert all(a.severity == "page" for a in w.alerts)
+
+
+@pytest.mark.parametrize("impl", ["torch", "normkit"])
+def test_backward_nan_origin_is_the_linear_feeding_norm_k(impl):
+    m = _model(impl)
+    norms = m.norm_names()
+    feeder = m.feeder_of(K)
+    clock = FakeClock()
+    rules = AlertRules(dedupe_seconds=60, clock=clock, log_alerts=False)
+    with watch(m, model_name="lm", model_version="v1", alerts=rules) as w:
+        # Backward hooks go on modules seen taking inputs that require grad: from the second
+        # sampled step on (torch warns about full backward hooks on modules without).
+        _fwd_bwd(m)
+        m.get_submodule(feeder).inject_backward = ROWS
+        for _ in range(2):
+            clock.t += 1
+            _fwd_bwd(m)
+    assert w.nonfinite_origin == feeder
+    assert [e["pass"] for e in w.nonfinite_events] == ["backward", "backward"]
+    for e in w.nonfinite_events:
+        assert e["origin"] == feeder
+        assert e["origin_values"] > 0
+        # Backward runs in reverse: the gradient reaches the norms *before* k in forward order
+        # after leaving the feeder; norm k and later ones saw finite gradients.
+        props = [p for p in e["propagators"] if p in norms]
+        assert props == list(reversed(norms[:K]))
+    rows = _layer_row_counts(w, "grad_nonfinite_rows")
+    assert all(rows[n] == 0 for n in norms[K:])
+    assert rows[norms[K - 1]] == 2 * len(ROWS)  # blocks.1.ln2: row-local, exactly the rows
+    assert all(rows[n] > 0 for n in norms[:K])
+    assert all(v == 0 for v in _layer_row_counts(w, "nonfinite_rows").values())
+    assert len(w.alerts) == 1 and w.alerts[0].count == 2 and w.alerts[0].layer == feeder
+
+
+class ConstNorm(torch.nn.Module):
+    """Linear with zero weight and constant bias (a constant row) → LayerNorm(eps=0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.LayerNorm(8, eps=0.0)
+        self.out = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.inp.weight.zero_()
+            self.inp.bias.fill_(0.25)
+
+    def forward(self, x):
+        return self.out(self.norm(self.inp(x)))
+
+
+@pytest.mark.parametrize("impl", [
+    "torch",
+    "reference",
+    "cpu",
+])
+def test_norm_that_itself_produces_nan_is_the_origin(impl):
+    m = ConstNorm()
+    if impl != "torch":
+        normkit.convert(m)
+        assert isinstance(m.norm, normkit.nn.LayerNorm)
+    with watch(m, model_name="c", model_version="1", alerts=AlertRules(log_alerts=False)) as w:
+        with torch.no_grad(), normkit.use_backend("cpu" if impl == "cpu" else "auto"):
+            if impl == "reference":
+                with normkit.use_backend("reference"):
+                    y = m(torch.randn(5, 8))
+            else:
+                y = m(torch.randn(5, 8))
+    assert not torch.isfinite(y).any()
+    assert w.nonfinite_origin == "norm"
+    ev = w.nonfinite_events[0]
+    assert ev["origin"] == "norm" and ev["origin_values"] == 40 and ev["propagators"] == ["out"]
+    s = w.summary()["norm"]
+    assert s["nonfinite_rows"] == 0  # its input was finite: var 0 exactly
+    assert s["input_std"] == 0.0 and s["output_nonfinite"] == 40
+
+
+def test_nan_in_the_input_is_reported_as_input():
+    m = Branches()
+    x = torch.randn(8, 64)
+    x[2, 5] = math.nan
+    with watch(m, model_name="b", model_version="1", alerts=AlertRules(log_alerts=False)) as w:
+        with torch.no_grad():
+            m(x)
+    assert w.nonfinite_origin == "<input>"
+    assert w.nonfinite_events[0]["propagators"][0] == "lin.0"
+
+
+@pytest.mark.parametrize("impl", ["torch", "normkit"])
+def test_layer_statistics_match_a_direct_computation(impl):
+    torch.manual_seed(1)
+    m = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.LayerNorm(24),
+                            torch.nn.Linear(24, 24), torch.nn.RMSNorm(24, eps=1e-6))
+    if impl == "normkit":
+        normkit.convert(m)
+    seen = {}
+    for name in ("1", "3"):
+        m.get_submodule(name).register_forward_hook(
+            lambda mod, a, out, name=name: seen.setdefault(name, []).append((a[0], out)))
+    with watch(m, model_name="s", model_version="1") as w:
+        for _ in range(3):
+            m(torch.randn(6, 10, 24) * 3 + 1).sum().backward()
+    s = w.summary()
+    x = torch.cat([a.detach().reshape(-1, 24) for a, _ in seen["1"]]).double()
+    y = torch.cat([o.detach().reshape(-1, 24) for _, o in seen["1"]]).double()
+    assert s["1"]["kind"] == "ln" and s["1"]["rows"] == 180 and s["1"]["steps"] == 3
+    assert s["1"]["input_mean"] == pytest.approx(float(x.mean()), abs=1e-5)
+    assert s["1"]["input_std"] == pytest.approx(float(x.std(correction=0)), rel=1e-5)
+    assert s["1"]["output_std"] == pytest.approx(float(y.std(correction=0)), rel=1e-5)
+    rstd = x.std(dim=1, correction=0)
+    assert s["1"]["row_scale"]["min"] == pytest.approx(float(rstd.min()), rel=1e-5)
+    assert s["1"]["row_scale"]["max"] == pytest.approx(float(rstd.max()), rel=1e-5)
+    # Sketch quantiles: buckets are 19% wide, so the median is within ~10%.
+    assert s["1"]["row_scale"]["p50"] == pytest.approx(float(rstd.median()), rel=0.1)
+    x3 = torch.cat([a.detach().reshape(-1, 24) for a, _ in seen["3"]]).double()
+    assert s["3"]["kind"] == "rms" and s["3"]["input_mean"] is None
+    assert s["3"]["input_rms"] == pytest.approx(float(x3.pow(2).mean().sqrt()), rel=1e-5)
+    for name in ("1", "3"):
+        assert s[name]["batch_size"] == 6 and s[name]["seq_len"] == 10
+        assert s[name]["weight_norm"] == pytest.approx(math.sqrt(24))
+        assert s[name]["grad_input_norm"] > 0 and s[name]["weight_grad_norm"] > 0
+        assert s[name]["latency_p50_seconds"] > 0
+    assert F._observers == 0  # the statistics sink is gone after the watch
+
+
+def test_gamma_updates_visible_and_frozen_gamma_shows_zero():
+    torch.manual_seed(0)
+    m = Branches(k=2)
+    m.norm[1].weight.requires_grad_(False)
+    m.norm[1].bias.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    with watch(m, model_name="b", model_version="1") as w:
+        for _ in range(4):
+            loss = m(torch.randn(16, 32)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    s = w.summary()
+    assert s["norm.0"]["weight_update_norm"] > 0 and s["norm.0"]["bias_update_norm"] > 0
+    assert s["norm.1"]["weight_update_norm"] == 0.0 and s["norm.1"]["bias_update_norm"] == 0.0
+    assert s["norm.1"]["weight_grad_norm"] is None
+
+
+def test_group_and_batch_norms_are_watched():
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8),
+                            torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8))
+    with watch(m, model_name="c", model_version="1") as w:
+        m(torch.randn(4, 3, 10, 10))
+    s = w.summary()
+    assert s["1"]["rows"] == 4 * 2 and s["3"]["rows"] == 8
+    assert s["1"]["input_std"] > 0 and s["3"]["kind"] == "ln"
+
+
+def test_sampling_every_k_and_fraction(tmp_path):
+    m = Branches(k=2)
+    with watch(m, model_name="b", model_version="1", every=3,
+               exporters=[JsonlExporter(tmp_path / "k.jsonl")]) as w:
+        with torch.no_grad():
+            for _ in range(7):
+                m(torch.randn(4, 32))
+    steps = [r["step"] for r in read_jsonl(tmp_path / "k.jsonl") if r["type"] == "step"]
+    assert steps == [1, 4, 7] and w.records == 3
+    with watch(m, model_name="b", model_version="1", every=0.25, seed=3) as w:
+        with torch.no_grad():
+            for _ in range(200):
+                m(torch.randn(1, 32))
+    assert 25 <= w.records <= 75
+
+
+def test_unsampled_nan_forces_the_next_step_to_be_sampled():
+    m = _model("torch")
+    rules = AlertRules(log_alerts=False)
+    with watch(m, model_name="lm", model_version="v1", every=100, alerts=rules,
+               backward=False) as w:
+        with torch.no_grad():
+            m(lm_batch()[0])  # step 1: sampled
+            m.get_submodule(m.feeder_of(K)).inject_forward = ROWS
+            m(lm_batch()[0])  # step 2: not sampled, output non-finite
+            assert w.nonfinite_origin is None
+            m(lm_batch()[0])  # step 3: forced
+            m(lm_batch()[0])
+    assert w.records == 2
+    assert w.nonfinite_origin == m.feeder_of(K)
+    assert [e["step"] for e in w.nonfinite_events] == [3]
+
+
+class Boom:
+    def __init__(self):
+        self.calls = 0
+        self.closed = False
+
+    def export(self, record):
+        self.calls += 1
+        raise ConnectionError("collector down")
+
+    def close(self):
+        self.closed = True
+
+
+def test_failing_exporter_logs_once_and_never_breaks_the_step(tmp_path, caplog):
+    m = Branches(k=2)
+    boom = Boom()
+    with caplog.at_level(logging.DEBUG, logger="normkit.monitor.watch"):
+        with watch(m, model_name="b", model_version="1",
+                   exporters=[boom, JsonlExporter(tmp_path / "ok.jsonl")]) as w:
+            for _ in range(5):
+                m(torch.randn(4, 32)).sum().backward()
+    assert boom.calls == 5 and boom.closed
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "Boom failed" in errors[0].getMessage()
+    assert sum(r["type"] == "step" for r in read_jsonl(tmp_path / "ok.jsonl")) == 5 == w.records
+
+
+def test_records_are_aggregates_whose_size_does_not_grow_with_the_batch(tmp_path):
+    m = Branches(k=2)
+    sizes = {}
+    for batch in (4, 512):
+        path = tmp_path / f"{batch}.jsonl"
+        with watch(m, model_name="b", model_version="1", exporters=[JsonlExporter(path)]):
+            with torch.no_grad():
+                m(torch.randn(batch, 32))
+        rec = [r for r in read_jsonl(path) if r["type"] == "step"][0]
+        assert rec["schema"] == "normkit.monitor" and rec["schema_version"] == 1
+        assert rec["layers"]["norm.0"]["rows"] == batch
+        sizes[batch] = len(json.dumps(rec["layers"]))
+        # No list in a record is as long as the rows it describes.
+        def lists(o):
+            if isinstance(o, dict):
+                for v in o.values():
+                    yield from lists(v)
+            elif isinstance(o, list):
+                yield o
+                for v in o:
+                    yield from lists(v)
+        assert max(len(v) for v in lists(rec)) < 330  # histogram buckets at most
+    # 128x the rows; the record only gains histogram buckets (bounded by the layout).
+    assert sizes[512] < 3 * sizes[4]
+
+
+def test_stop_is_idempotent_and_removes_every_hook():
+    m = _model("normkit")
+    w = watch(m, model_name="lm", model_version="v1")
+    m(lm_batch()[0]).sum().backward()
+    w.stop()
+    w.stop()
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks
+               and not mod._backward_hooks for mod in m.modules())
+    assert F._observers == 0
+    assert set(w.summary()) == set(m.norm_names())
+
+
+def test_bad_arguments_are_rejected():
+    m = Branches()
+    with pytest.raises(ValueError, match="every"):
+        watch(m, model_name="b", model_version="1", every=0)
+    with pytest.raises(ValueError, match="fraction"):
+        watch(m, model_name="b", model_version="1", every=1.5)
+    with pytest.raises(ValueError, match="reduce"):
+        watch(m, model_name="b", model_version="1", reduce="mean")
+    with pytest.raises(ValueError, match="model_name"):
+        watch(m, model_name="", model_version="1")
+
+
+def test_import_is_lean_and_missing_extras_name_the_install():
+    code = (
+        "import sys, normkit.monitor as m\n"
+        "assert not any(k.startswith(('prometheus_client', 'tensorboard')) for k in sys.modules)\n"
+        "sys.modules['prometheus_client'] = None\n"
+        "sys.modules['tensorboard'] = None\n"
+        "for f in (lambda: m.PrometheusExporter(), lambda: m.TensorBoardExporter('/tmp/x')):\n"
+        "    try:\n"
+        "        f()\n"
+        "    except ImportError as e:\n"
+        "        assert 'pip install \"normkit[monitor]\"' in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError('no ImportError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_failing_hook_never_breaks_the_step(monkeypatch, caplog):
+    from normkit.monitor import _stats
+
+    def boom(self, y):
+        raise RuntimeError("telemetry bug")
+
+    monkeypatch.setattr(_stats.LayerStats, "add_output", boom)
+    m = Branches(k=2)
+    x = torch.randn(4, 32)
+    want = m(x)
+    with watch(m, model_name="b", model_version="1") as w:
+        for _ in range(3):
+            got = m(x)
+    torch.testing.assert_close(got, want)
+    assert w.records == 3
+    assert sum("_norm_post failed" in r.getMessage() for r in caplog.records) == 1
+
+
+class LlamaRMSNorm(torch.nn.Module):
+    """Hugging Face's Llama RMSNorm, verbatim (normkit.convert recognises it by its source)."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def test_hugging_face_norms_are_watched_converted_or_not():
+    from normkit.monitor import find_norms
+
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), LlamaRMSNorm(16))
+    assert [(n, k) for n, _, k, *_ in find_norms(m)] == [("1", "rms")]
+    x = torch.randn(5, 16)
+    with watch(m, model_name="hf", model_version="1") as w:
+        m(x)
+    normkit.convert(m)
+    assert isinstance(m[1], normkit.nn.RMSNorm)
+    with watch(m, model_name="hf", model_version="1") as w2:
+        m(x)
+    a, b = w.summary()["1"], w2.summary()["1"]
+    assert a["kind"] == b["kind"] == "rms" and a["rows"] == b["rows"] == 5
+    assert a["input_rms"] == pytest.approx(b["input_rms"], rel=1e-5)
+
+
+def test_latency_regression_pages():
+    m = Branches(k=2)
+    with watch(m, model_name="b", model_version="1") as w:
+        with torch.no_grad():
+            for _ in range(6):
+                m(torch.randn(8, 32))
+    base = w.baseline()
+    from normkit.monitor._sketch import Histogram
+
+    for s in base.layers.values():  # a baseline 1000x faster than anything real
+        s.hist_latency = Histogram.of(torch.full((10,), 1e-9, dtype=torch.float64))
+    rules = AlertRules(log_alerts=False)
+    with watch(m, model_name="b", model_version="1", baseline=base, alerts=rules,
+               drift_every=5) as w:
+        with torch.no_grad():
+            for _ in range(6):
+                m(torch.randn(8, 32))
+    assert [(a.severity, a.rule) for a in rules.alerts] == [("page", "latency_regression")]
+    assert set(rules.alerts[0].layers) == {"norm.0", "norm.1"}
+
+
+class _BadGradFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.inf  # the backward of functional code (no module of its own) goes bad
+
+
+class FunctionalInside(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(_BadGradFn.apply(self.a(x)))
+
+
+def test_backward_nan_from_a_containers_own_code_names_the_container():
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), FunctionalInside(), torch.nn.LayerNorm(8))
+    x = torch.randn(4, 8, requires_grad=True)
+    with watch(m, model_name="f", model_version="1", alerts=AlertRules(log_alerts=False)) as w:
+        m(x).sum().backward()  # step 1: learns which modules take gradients
+        m(x).sum().backward()
+    ev = [e for e in w.nonfinite_events if e["pass"] == "backward"]
+    assert ev and ev[0]["origin"] == "1"  # FunctionalInside, between its leaves a and b
+    assert ev[0]["propagators"][:2] == ["1.a", "0"]
