@@ -18,7 +18,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("bench",)
+COMMANDS = ("demo", "bench", "study", "audit", "report")
 
 
 def _version() -> str:

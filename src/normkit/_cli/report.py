@@ -1,0 +1,52 @@
+"""Render a telemetry run (the JSONL a ``normkit.monitor.JsonlExporter`` wrote) as one
+self-contained HTML page: NaN/Inf events with the module where they started, alerts, per-layer
+input mean and scale over time, latency, and drift against a saved baseline.  A markdown copy
+and the PNG figures are written beside it.
+
+examples:
+  normkit report run.jsonl -o report.html
+  normkit report run.jsonl --baseline baseline.json -o reports/today.html
+
+exit codes: 0 written, 2 the run or baseline could not be read (a one-line reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "render a telemetry JSONL run (and its drift against a baseline) as an HTML report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, help="telemetry JSONL file (JsonlExporter output)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="baseline JSON (Baseline.save) to compute drift against")
+    parser.add_argument("-o", "--output", type=Path, default=Path("report.html"),
+                        help="HTML file to write (default: report.html); the markdown and "
+                             "figures go beside it")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .._report import write_report
+    from .._report.telemetry import build_telemetry_report
+
+    console = Console(stderr=True)
+    out: Path = args.output
+    if out.suffix.lower() != ".html":
+        print(f"normkit report: --output must end in .html, got {out}", file=sys.stderr)
+        return 2
+    try:
+        doc = build_telemetry_report(args.run, args.baseline)
+    except (OSError, ValueError, KeyError) as e:
+        what = e.strerror if isinstance(e, OSError) and e.strerror else e
+        print(f"normkit report: cannot read the run or baseline: {what}"
+              + (f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""),
+              file=sys.stderr)
+        return 2
+    paths = write_report(doc, out.parent, stem=out.stem, image_dir=f"{out.stem}-plots")
+    console.print(f"report: [bold]{paths['html']}[/bold] (markdown: {paths['markdown']})")
+    return 0

@@ -1,0 +1,47 @@
+"""``normkit demo --quick`` end to end: the README's main job, in the suite's budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from _browser import check_page, find_chromium
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "normkit-demo"
+    p = subprocess.run([sys.executable, "-m", "normkit._cli.main", "demo", "--quick", "-o",
+                        str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, p.stdout
+
+
+def test_demo_shows_each_failure_mode(demo_dir):
+    out, stdout = demo_dir
+    s = json.loads((out / "demo.json").read_text())
+    assert s["schema"] == "normkit.demo"
+    assert s["train"]["loss_last"] < s["train"]["loss_first"] - 1.0  # it learned something
+    assert s["metrics_url"].startswith("http://127.0.0.1:") and s["metrics_url"] in stdout
+    assert s["drift_alerts"] and all(a["severity"] == "ticket" for a in s["drift_alerts"])
+    assert [a["severity"] for a in s["page_alerts"]] == ["page"]
+    assert s["nan_origin"] == s["nan_injected_at"]  # the origin is the corrupted layer
+    assert s["audit"]["ok"], s["audit"]
+    for name in ("train.jsonl", "serve.jsonl", "live.jsonl", "baseline.json", "audit.json",
+                 "bench.json", "report.html", "report.md", "telemetry.html"):
+        assert (out / name).is_file(), name
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["results"] and all("normkit" in r["impls"] for r in bench["results"])
+
+
+@pytest.mark.parametrize("page", ["report.html", "telemetry.html"])
+def test_demo_reports_render_in_chromium(demo_dir, page):
+    if find_chromium() is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    out, _ = demo_dir
+    check = check_page(out / page)
+    assert check.errors == []
+    assert check.images and all(i["decoded"] and i["width"] > 0 for i in check.images)
+    assert check.screenshot_colours > 10
