@@ -457,3 +457,21 @@ def test_eps_zero_on_a_constant_row_is_nan_like_torch(rms, backend):
     assert torch.isnan(y[1]).all() and torch.isnan(expect[1]).all()
     torch.testing.assert_close(y[[0, 2]], expect[[0, 2]])
     assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("casting", ["llama", "t5"])
+@pytest.mark.parametrize("wd", [torch.bfloat16, torch.float16, torch.float32])
+def test_zero_centered_gamma_with_rounding_casts_is_torchs_one_plus_w(casting, wd):
+    """"llama"/"t5" apply γ in its own dtype, so 1+γ is rounded there, as ``(1 + w) * x̂`` in
+    torch: the kernels give the reference's bits, not a float32 1+γ."""
+    x = torch.randn(32, 200, dtype=torch.bfloat16)
+    w = (torch.randn(200) * 0.1).to(wd)
+    with normkit.use_backend("cpu"):
+        y = normkit.rms_norm(x, 200, w, 1e-6, zero_centered_gamma=True, casting=casting)
+    with normkit.use_backend("reference"):
+        want = normkit.rms_norm(x, 200, w, 1e-6, zero_centered_gamma=True, casting=casting)
+    assert y.dtype == want.dtype
+    if want.dtype == torch.float32:  # float32 output (t5, float32 γ): no 16-bit rounding to match
+        torch.testing.assert_close(y, want, rtol=2e-6, atol=2e-6)
+    else:
+        assert (y == want).float().mean() > 0.99

@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .reference import output_dtype
+from .reference import effective_gamma, output_dtype
 
 __all__ = ["forward", "backward", "infer", "supports", "plan", "PARALLEL_MIN_ELEMENTS"]
 
@@ -550,6 +550,7 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
     if weight is not None:
         if weight.dtype != pd:
             weight = weight.to(pd)
+        weight, zero_centered = effective_gamma(weight, zero_centered, nround)
         wa = weight.data_ptr()
         flags |= _W | (_ZC if zero_centered else 0)
     if bias is not None:
@@ -712,8 +713,10 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     if weight is None:
         weight = _const_row(1, n, pd)  # dy·1 is exact; keeps the row loops branch-free
         zero_centered = False
-    elif weight.dtype != pd:
-        weight = weight.to(pd)
+    else:
+        if weight.dtype != pd:
+            weight = weight.to(pd)
+        weight, zero_centered = effective_gamma(weight, zero_centered, nd is not None)
     dhrs = n
     if dh is None:
         dh, dhrs = _const_row(0, n, x.dtype), 0  # one zero row for every row: +0 is exact

@@ -52,6 +52,19 @@ def output_dtype(
     return w_dtype if w_dtype in _HALF else torch.promote_types(compute_dtype(x_dtype), w_dtype)
 
 
+def effective_gamma(weight, zero_centered, rounds):
+    """(γ as the kernels multiply by it, whether 1 must still be added to it).
+
+    With "llama"/"t5" casting (``rounds``: x̂ is rounded before γ) γ applies in its own dtype,
+    so a 16-bit zero-centred γ becomes ``1 + γ`` rounded to that dtype — what ``(1 + w) * x̂``
+    gives in torch, and what ``_apply_affine`` below computes (adding the 1 in float32 instead
+    differs in ~1/4 of bf16 outputs).  dγ is unchanged: d(1 + γ)/dγ = 1.
+    """
+    if zero_centered and rounds and weight is not None and weight.dtype in _HALF:
+        return weight + 1, False
+    return weight, zero_centered
+
+
 def norm_forward(
     x: torch.Tensor,
     weight: torch.Tensor | None,

@@ -53,7 +53,7 @@ except (ImportError, AttributeError):  # pragma: no cover - older triton
 
 import torch
 
-from .reference import output_dtype
+from .reference import effective_gamma, output_dtype
 
 __all__ = ["forward", "backward", "supports", "plan", "config", "INTERPRET"]
 
@@ -476,7 +476,7 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
                       None if bias is None else bias.dtype, casting, out_dtype)
     if n > 1 and x.stride(1) != 1:
         raise ValueError(f"x must have a contiguous last dim, got strides {tuple(x.stride())}")
-    w = _param(weight, pd)
+    w, zero_centered = effective_gamma(_param(weight, pd), zero_centered, nd is not None)
     b = _param(bias, pd)
     dev = x.device
     y = torch.empty((m, n), dtype=od, device=dev)
@@ -523,7 +523,7 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     wd = None if weight is None else weight.dtype
     pd = _param_dtype(x.dtype, wd, None)
     nd = _cast_dtype(x.dtype, None if wd is None else pd, casting)
-    w = _param(weight, pd)
+    w, zero_centered = effective_gamma(_param(weight, pd), zero_centered, nd is not None)
     want_w = bool(need_dw) and w is not None
     want_b = bool(need_dw) and bool(has_bias)
     dy = dy.contiguous()
