@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from normkit._cli.main import main
+from normkit.monitor import read_jsonl
 from normkit.nn import DyT
 from normkit.study import SCHEMA, SCHEMA_VERSION, StudyConfig, findings, plan_runs
-from normkit.study._probe import PROBE_SCHEMA, read_records
 from normkit.study.data import _is_validation, load_corpus
+from normkit.study.plots import telemetry_series
 from normkit.study.runner import _DYNAMICS
 from normkit.study.stats import compare, summarize
-from normkit.study.train import RunSpec, train_run
+from normkit.study.train import RunSpec, lr_at, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FINDING_IDS = {"xiong_postln_needs_warmup", "xiong_preln_without_warmup", "rmsnorm_matches_ln",
@@ -105,22 +106,83 @@ def test_findings_recompute_from_the_document(quick):
     assert findings(doc) == doc["findings"]
 
 
+def _spec_of(run: dict) -> RunSpec:
+    """The RunSpec of a results-document run (from its config name)."""
+    name, seed = run["config"], run["seed"]
+    if name.startswith("lstm"):
+        return RunSpec("lstm", "-", "layer" if name == "lstm-ln" else "none", False, seed)
+    *parts, wu = name.split("-")
+    warm = wu == "warmup"
+    if parts == ["nonorm"]:
+        return RunSpec("gpt", "none", "none", warm, seed)
+    return RunSpec("gpt", parts[0], parts[1], warm, seed)
+
+
 def test_run_telemetry_jsonl(quick):
+    """Each run is recorded by normkit.watch + JsonlExporter: one header, then a step record
+    every log_every steps from step 1, with statistics for exactly the model's LayerNorm /
+    RMSNorm layers, taken on the training batch only (the validation passes add nothing)."""
     out, doc = quick
     cfg = StudyConfig.quick()
     assert sorted(doc["outputs"]["runs"]) == sorted(f"runs/{p.name}"
                                                     for p in (out / "runs").glob("*.jsonl"))
+    from normkit.nn import LayerNorm, RMSNorm
+    from normkit.study.train import build_model
+
+    watched_any = False
     for rid, run in doc["runs"].items():
-        recs = read_records(out / "runs" / run["probe"])
-        assert all(r["schema"] == PROBE_SCHEMA and r["run"] == rid for r in recs)
-        assert recs[0]["kind"] == "run"
-        steps = [r for r in recs if r["kind"] == "step"]
-        assert [r["step"] for r in steps] == list(range(1, run["steps"] + 1))
-        assert [r["loss"] for r in steps] == run["loss"]  # the same numbers as results.json
-        layers = [r for r in recs if r["kind"] == "layer"]
-        logged = sorted({r["step"] for r in layers})
-        assert logged == [1] + list(range(cfg.log_every, run["steps"] + 1, cfg.log_every))
-        assert all(r["var"] >= 0 and r["nonfinite"] == 0 for r in layers)
+        recs = list(read_jsonl(out / "runs" / run["telemetry"]))
+        assert recs[0]["type"] == "header" and recs[0]["schema"] == "normkit.monitor"
+        steps = [r for r in recs if r["type"] == "step"]
+        assert len(steps) == len(recs) - 1, rid
+        assert [r["step"] for r in steps] == list(range(1, run["steps"] + 1, cfg.log_every))
+        spec = _spec_of(run)
+        assert spec.run_id == rid
+        assert all(r["model"] == spec.config_name and r["version"] == f"s{spec.seed}"
+                   for r in steps), rid
+        model = build_model(spec, cfg)
+        norms = {n: math.prod(m.normalized_shape) for n, m in model.named_modules()
+                 if isinstance(m, (LayerNorm, RMSNorm))}
+        lstm = spec.model == "lstm"
+        rows = cfg.batch * (cfg.lstm_context if lstm else cfg.context)
+        for r in steps:
+            assert set(r["layers"]) == set(r["summary"]) == set(norms), (rid, r["step"])
+            assert r["nonfinite"]["forward"]["origin"] is None, (rid, r["step"])
+            assert r["nonfinite"]["backward"]["origin"] is None, (rid, r["step"])
+            for layer, s in r["summary"].items():
+                watched_any = True
+                # one training batch's rows and outputs: a validation pass leaking into the
+                # sampled step (the watch's hooks stay armed until the next step) would add
+                # outputs
+                raw = r["layers"][layer]
+                assert raw["rows"] == rows, (rid, r["step"], layer)
+                assert raw["out_n"] == rows * norms[layer], (rid, r["step"], layer)
+                assert s["nonfinite_rows"] == 0 and s["weight_norm"] > 0, (rid, layer)
+                if s["kind"] == "rms":  # RMSNorm's kernel keeps the mean square only
+                    assert s["input_rms"] > 0, (rid, layer)
+                else:
+                    assert s["input_std"] > 0 and math.isfinite(s["input_mean"]), (rid, layer)
+        # the training-level numbers live in results.json, one per step
+        assert len(run["lr"]) == len(run["step_times_s"]) == run["steps"], rid
+        peak = cfg.lstm_lr if lstm else cfg.lr
+        warm = cfg.warmup_steps if spec.warmup else 0
+        assert run["lr"] == [lr_at(i, peak, warm) for i in range(1, run["steps"] + 1)], rid
+        assert all(t > 0 for t in run["step_times_s"]), rid
+    assert watched_any
+
+
+def test_activation_plot_reads_the_telemetry(quick):
+    out, doc = quick
+    cfg = StudyConfig.quick()
+    run = doc["runs"][f"pre-layer-nowarmup-s{cfg.seeds[0]}"]
+    series = telemetry_series(out / "runs" / run["telemetry"], ".norm1")
+    assert sorted(series) == [f"blocks.{i}.norm1" for i in range(cfg.layers)]
+    for steps, means, stds in series.values():
+        assert steps == list(range(1, cfg.steps + 1, cfg.log_every))
+        assert len(means) == len(stds) == len(steps)
+        assert all(math.isfinite(m) for m in means) and all(v > 0 for v in stds)
+        assert len(set(stds)) > 1  # the statistics move as the model trains
+    assert "placement_activations.png" in " ".join(doc["outputs"]["plots"])
 
 
 def test_markdown_report(quick):
@@ -248,12 +310,13 @@ def corpus():
                                   RunSpec("gpt", "pre", "rms", True, 3),
                                   RunSpec("gpt", "peri", "dyt", True, 3),
                                   RunSpec("lstm", "-", "layer", False, 3)])
-def test_runs_are_bitwise_reproducible(spec, corpus):
+def test_runs_are_bitwise_reproducible(spec, corpus, tmp_path):
+    """Same seed, same bits — with or without the telemetry watching (it only reads)."""
     cfg = _tiny()
     previous = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # the study's thread count (matmul sums depend on it)
     try:
-        a, _ = train_run(spec, cfg, corpus, None)
+        a, _ = train_run(spec, cfg, corpus, tmp_path / "a.jsonl")
         b, _ = train_run(spec, cfg, corpus, None)
         c, _ = train_run(RunSpec(spec.model, spec.placement, spec.norm, spec.warmup, 4), cfg,
                          corpus, None)
@@ -261,6 +324,34 @@ def test_runs_are_bitwise_reproducible(spec, corpus):
         torch.set_num_threads(previous)
     assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["val"] == b["val"]
     assert c["loss"] != a["loss"]  # the seed matters
+    assert a["telemetry"] == "a.jsonl" and (tmp_path / "a.jsonl").is_file()
+
+
+def test_telemetry_file_is_replaced_on_rerun_and_dropped_on_failure(corpus, tmp_path):
+    cfg = _tiny()
+    spec = RunSpec("gpt", "pre", "layer", True, 0)
+    path = tmp_path / "runs" / "r.jsonl"
+    for _ in range(2):  # the exporter appends; the study must not: one run, one file
+        train_run(spec, cfg, corpus, path)
+    recs = list(read_jsonl(path))
+    assert [r["type"] for r in recs].count("header") == 1
+    steps = [r for r in recs if r["type"] == "step"]
+    assert [r["step"] for r in steps] == [1, 3, 5]
+    # step 3 is sampled and followed by a validation pass (eval_every=3) while the watch's
+    # hooks are still armed: the step's statistics must hold the training batch only
+    rows = cfg.batch * cfg.context
+    for r in steps:
+        for layer, raw in r["layers"].items():
+            assert raw["rows"] == rows and raw["out_n"] == rows * cfg.dim, (r["step"], layer)
+
+    def boom(step, total):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    path2 = tmp_path / "runs" / "interrupted.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(spec, cfg, corpus, path2, on_step=boom)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.jsonl"]  # no file, no temp
 
 
 def test_corpus_is_deterministic_and_split_by_path_hash(tmp_path):

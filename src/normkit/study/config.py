@@ -26,7 +26,8 @@ class StudyConfig:
         warmup_steps: linear warm-up length for the "warm-up" runs; the others start at ``lr``.
         eval_every, eval_batches: validation loss every this many steps, on this many fixed
             batches.
-        log_every: per-layer statistics (the probe) every this many steps.
+        log_every: the telemetry (``normkit.watch(every=...)``) samples every this many steps,
+            starting with step 1.
         lstm_hidden, lstm_emb, lstm_context, lstm_steps, lstm_lr: the recurrent experiment.
         batch_sizes: the evaluation batch sizes of the batch-dependence experiment.
         batch_train_steps: training steps before the batch-dependence check (so BatchNorm's

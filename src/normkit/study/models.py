@@ -2,8 +2,8 @@
 placement and norm type, and a byte-level LSTM with optional layer normalization.
 
 Readable top to bottom (nanoGPT's bar).  Every norm is made by :func:`make_norm`, so the
-placement and norm-type experiments differ in exactly one place, and the probe finds the norm
-layers by their types (:data:`NORM_TYPES`).
+placement and norm-type experiments differ in exactly one place, and the batch-dependence check
+finds the norm layers by their types (:data:`NORM_TYPES`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ NORMS = ("layer", "rms", "dyt", "none", "batch")
 
 
 class NoNorm(nn.Identity):
-    """The identity, standing where a norm would be: the probe still sees its input, so a
-    no-norm model's activations are plotted like the others'."""
+    """The identity, standing where a norm would be (keeps the no-norm model's module tree the
+    same shape as the others'; ``normkit.watch`` does not treat it as a norm)."""
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -120,7 +120,7 @@ class _Block(nn.Module):
         if p == "peri":
             x = x + self.norm1_out(self.attn(self.norm1(x)))
             return x + self.norm2_out(self.mlp(self.norm2(x)))
-        # "none": the norms are NoNorm identities, called so the probe still sees the stream
+        # "none": the norms are NoNorm identities
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from .._report.plotting import PALETTE, new_figure, to_png
-from ._probe import read_records
+from ..monitor import read_jsonl
 
 __all__ = ["placement_figure", "grad_norm_figure", "activation_figure", "norms_figure",
-           "batch_figure", "recurrent_figure"]
+           "batch_figure", "recurrent_figure", "telemetry_series"]
 
 _LABEL = {"none": "no norm", "post": "post-LN", "pre": "pre-LN", "peri": "peri-LN",
           "layer": "LayerNorm", "rms": "RMSNorm", "dyt": "DyT"}
@@ -107,23 +107,30 @@ def grad_norm_figure(doc: dict[str, Any]) -> bytes:
     return to_png(fig)
 
 
-def _layer_series(records: list[dict], suffix: str):
-    """{layer: (steps, means, vars)} for the layer records whose name ends with ``suffix``."""
+def telemetry_series(path: str | Path, suffix: str = "") -> dict[str, tuple[list, list, list]]:
+    """Per norm layer whose name ends with ``suffix``: ``(steps, input means, input stds)``
+    over the sampled steps of a ``normkit.watch`` JSONL file (the step records' ``summary``;
+    None, e.g. for a step whose inputs were all non-finite, becomes NaN)."""
     series: dict[str, tuple[list, list, list]] = {}
-    for r in records:
-        if r["kind"] != "layer" or not r["layer"].endswith(suffix):
+    for rec in read_jsonl(path):
+        if rec.get("type") != "step":
             continue
-        s = series.setdefault(r["layer"], ([], [], []))
-        s[0].append(r["step"])
-        s[1].append(math.nan if r["mean"] is None else r["mean"])
-        s[2].append(math.nan if r["var"] is None else r["var"])
+        for layer, s in rec["summary"].items():
+            if not layer.endswith(suffix):
+                continue
+            steps, means, stds = series.setdefault(layer, ([], [], []))
+            steps.append(rec["step"])
+            means.append(math.nan if s["input_mean"] is None else s["input_mean"])
+            stds.append(math.nan if s["input_std"] is None else s["input_std"])
     return series
 
 
 def activation_figure(doc: dict[str, Any], runs_dir: Path) -> bytes | None:
-    """Per-layer mean and variance of each block's first norm input (the residual stream for
-    pre-/peri-LN and no-norm, the attention sum for post-LN), from the probe's JSONL, for the
-    runs without warm-up, first seed.  None when no probe files are there."""
+    """Per-layer mean and standard deviation of each block's first norm input (the residual
+    stream for pre-/peri-LN, the attention sum for post-LN), from the runs' ``normkit.watch``
+    telemetry (JSONL), for the runs without warm-up, first seed.  The no-norm model has no norm
+    layer for the telemetry to watch and is left out.  None when no telemetry file has such
+    a layer."""
     cfgs = doc["experiments"]["placement"]["configs"]
     seed = doc["config"]["seeds"][0]
     rows = []
@@ -131,29 +138,30 @@ def activation_figure(doc: dict[str, Any], runs_dir: Path) -> bytes | None:
         name = "nonorm-nowarmup" if p == "none" else f"{p}-layer-nowarmup"
         rid = f"{name}-s{seed}"
         rec = doc["runs"].get(rid)
-        if rec is None or not rec.get("probe") or not (runs_dir / rec["probe"]).is_file():
+        if rid not in cfgs[name]["runs"] or rec is None or not rec.get("telemetry"):
             continue
-        if rid in cfgs[name]["runs"]:
-            rows.append((p, read_records(runs_dir / rec["probe"])))
+        path = runs_dir / rec["telemetry"]
+        if path.is_file():
+            series = telemetry_series(path, ".norm1")
+            if series:
+                rows.append((p, series))
     if not rows:
         return None
-    plt_rows = len(rows)
-    fig, axes = new_figure(2, plt_rows, width=4.6, height=2.3)
+    fig, axes = new_figure(2, len(rows), width=4.6, height=2.3)
     import matplotlib
 
     cmap = matplotlib.colormaps["viridis"]
-    for r, (p, records) in enumerate(rows):
-        series = _layer_series(records, ".norm1")
+    for r, (p, series) in enumerate(rows):
         n = max(len(series), 1)
         am, av = axes[2 * r], axes[2 * r + 1]
-        for j, (layer, (steps, means, vars_)) in enumerate(sorted(
+        for j, (layer, (steps, means, stds)) in enumerate(sorted(
                 series.items(), key=lambda kv: int(kv[0].split(".")[1]))):
             color = cmap(j / max(n - 1, 1))
             label = f"block {layer.split('.')[1]}"
             am.plot(steps, means, color=color, lw=1.2, label=label)
-            av.plot(steps, vars_, color=color, lw=1.2, label=label)
+            av.plot(steps, stds, color=color, lw=1.2, label=label)
         am.set_title(f"{_LABEL[p]}, no warm-up: input mean")
-        av.set_title(f"{_LABEL[p]}, no warm-up: input variance")
+        av.set_title(f"{_LABEL[p]}, no warm-up: input std")
         av.set_yscale("log")
         for ax in (am, av):
             ax.set_xlabel("step")

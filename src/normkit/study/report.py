@@ -51,8 +51,8 @@ def _verdict(f: dict) -> tuple[str, str]:
 
 
 def build_document(doc: dict[str, Any], runs_dir: Path | None = None) -> Document:
-    """The report of a results document; ``runs_dir`` holds the probe JSONL files (for the
-    activation plot; skipped when absent)."""
+    """The report of a results document; ``runs_dir`` holds the runs' telemetry JSONL files
+    (``normkit.watch`` + ``JsonlExporter``, for the activation plot; skipped when absent)."""
     cfg = doc["config"]
     ex = doc["experiments"]
     d = Document(
@@ -132,8 +132,9 @@ def build_document(doc: dict[str, Any], runs_dir: Path | None = None) -> Documen
             if png is not None:
                 d.figure(png, "placement_activations.png",
                          "per-layer mean and variance of the norm inputs over training",
-                         "Mean and variance of each block's first norm input, from the run "
-                         "telemetry (JSONL in runs/), first seed, no warm-up.")
+                         "Mean and standard deviation of each block's first norm input, "
+                         "from the runs' telemetry (normkit.watch JSONL in runs/), first "
+                         "seed, no warm-up; the no-norm model has no norm layer to watch.")
 
     if "norms" in ex:
         n = ex["norms"]
@@ -222,11 +223,14 @@ def build_document(doc: dict[str, Any], runs_dir: Path | None = None) -> Documen
                  "Training loss (mean over seeds, band = min–max) and the target.")
 
     d.heading("Files")
-    d.paragraph("`results.json` holds every number above and every run's loss and gradient-norm "
-                "curves (schema `" + doc["schema"] + f"` version {doc['schema_version']}); "
-                "`runs/*.jsonl` holds each run's telemetry (per-step loss, gradient norm, "
-                "learning rate, step time; per-layer norm-input mean/variance every "
-                f"{cfg['log_every']} steps).")
+    d.paragraph("`results.json` holds every number above and every run's per-step loss, "
+                "gradient norm, learning rate and step time (schema `" + doc["schema"]
+                + f"` version {doc['schema_version']}); `runs/*.jsonl` holds each "
+                "run's telemetry as written by `normkit.watch` with a `JsonlExporter` (schema "
+                "`normkit.monitor`; every norm layer's input and output statistics, γ/β and "
+                "gradient norms and non-finite counts, every "
+                f"{cfg['log_every']} steps from step 1) — `normkit report runs/RUN.jsonl` "
+                "reads it.")
     return d
 
 
@@ -240,7 +244,7 @@ def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, 
     paths = write_report(report, out, stem="report", image_dir="plots", footer=footer)
     doc["outputs"] = {"report_md": paths["markdown"].name, "report_html": paths["html"].name,
                       "plots": [f"plots/{p.name}" for p in paths["images"]],
-                      "runs": sorted(f"runs/{r['probe']}" for r in doc["runs"].values()
-                                     if r.get("probe"))}
+                      "runs": sorted(f"runs/{r['telemetry']}" for r in doc["runs"].values()
+                                     if r.get("telemetry"))}
     results = write_json_atomic(out / "results.json", doc)
     return {"results": results, **paths}

@@ -119,7 +119,8 @@ def run_study(cfg: StudyConfig, out_dir: str | os.PathLike,
               progress: Progress | None = None) -> dict[str, Any]:
     """Run every configured experiment and return the results document (JSON-ready).
 
-    Writes one probe JSONL file per training run into ``out_dir/runs/``; the caller writes
+    Writes one telemetry JSONL file per training run into ``out_dir/runs/``
+    (``normkit.watch`` + ``JsonlExporter``); the caller writes
     ``results.json`` and the report (see :func:`normkit.study.write_outputs`).
 
     Args:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._probe import open_probe
+from ..monitor import JsonlExporter, watch
 from .config import StudyConfig
 from .data import Corpus, fixed_batches, sample_batch
 from .models import CharLSTM, TinyGPT
@@ -83,17 +85,52 @@ def lr_at(step: int, peak: float, warmup_steps: int) -> float:
 
 @torch.no_grad()
 def eval_loss(model: torch.nn.Module, batches) -> float:
-    """Mean cross-entropy (nats per byte) on ``batches``, in eval mode."""
+    """Mean cross-entropy (nats per byte) on ``batches``, in eval mode.
+
+    Calls ``model.forward`` rather than ``model(...)``: under ``normkit.watch`` every call of the
+    root module counts as a training step (and may be sampled), and validation passes are not
+    steps.  The submodules' hooks still run, so the watch must have no open step (see
+    ``train_run``: it flushes first).
+    """
     was_training = model.training
     model.eval()
     try:
-        losses = [float(F.cross_entropy(model(x).flatten(0, 1), y.flatten())) for x, y in batches]
+        losses = [float(F.cross_entropy(model.forward(x).flatten(0, 1), y.flatten()))
+                  for x, y in batches]
     finally:
         model.train(was_training)
     return sum(losses) / len(losses)
 
 
-def train_run(spec: RunSpec, cfg: StudyConfig, corpus: Corpus, probe_path: Path | None,
+def _open_telemetry(model: torch.nn.Module, spec: RunSpec, path: Path, every: int):
+    """``normkit.watch`` on ``model`` with a ``JsonlExporter`` writing to a temp file beside
+    ``path``: :func:`_close_telemetry` publishes it (rename), so a reader never sees a half run,
+    and a re-run into the same directory replaces the file (the exporter itself appends)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    # model_name/model_version label every record: "<config>" / "s<seed>" (the run id).
+    w = watch(model, model_name=spec.config_name, model_version=f"s{spec.seed}", every=every,
+              exporters=[JsonlExporter(tmp)], backward=True)
+    return w, Path(tmp)
+
+
+def _close_telemetry(w, tmp: Path, path: Path | None) -> None:
+    """Stop the watch (writes the last sampled step) and publish ``tmp`` as ``path``; with
+    ``path`` None (the run failed) drop it."""
+    try:
+        w.stop()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if path is None:
+        tmp.unlink(missing_ok=True)
+    else:
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+
+
+def train_run(spec: RunSpec, cfg: StudyConfig, corpus: Corpus, telemetry_path: Path | None,
               *, steps: int | None = None, on_step=None
               ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Train ``spec``; return its record (JSON-ready; non-finite numbers become None) and the
@@ -105,15 +142,18 @@ def train_run(spec: RunSpec, cfg: StudyConfig, corpus: Corpus, probe_path: Path 
         spec: the run.
         cfg: the study configuration (model size, steps, learning rates, ...).
         corpus: the text.
-        probe_path: where the probe writes the run's JSONL (None: no probe).
+        telemetry_path: where ``normkit.watch`` + ``JsonlExporter`` write the run's telemetry
+            (schema ``normkit.monitor``; a step record every ``cfg.log_every`` steps, starting
+            with step 1); None: no telemetry.
         steps: override the number of steps (the batch-dependence experiment trains briefly).
         on_step: ``on_step(step, total)`` after every step (the progress bar).
 
     Returns:
         ``(record, model)``; the record is ``{"run", "config", "seed", "steps", "loss",
-        "grad_norm", "val": [[step, loss], ...], "final_val_loss", "diverged", "diverged_at",
-        "step_time_s", "wall_s", "probe"}`` and,
-        for the LSTM, ``"loss_ema"``.
+        "grad_norm", "lr", "step_times_s", "val": [[step, loss], ...], "final_val_loss",
+        "diverged", "diverged_at", "step_time_s", "wall_s", "telemetry"}`` and, for the LSTM,
+        ``"loss_ema"``.  The per-step training numbers (loss, gradient norm, learning rate,
+        wall time) live here; the telemetry file holds the per-layer statistics.
     """
     lstm = spec.model == "lstm"
     total = steps if steps is not None else (cfg.lstm_steps if lstm else cfg.steps)
@@ -127,12 +167,12 @@ def train_run(spec: RunSpec, cfg: StudyConfig, corpus: Corpus, probe_path: Path 
     gen = torch.Generator().manual_seed(10_000 + spec.seed)  # batch order: the seed's own
     val_batches = fixed_batches(corpus.val, cfg.eval_batches, cfg.batch, context)
     params = [p for p in model.parameters()]
-    probe = None
-    if probe_path is not None:
-        probe = open_probe(model, probe_path, spec.run_id, cfg.log_every,
-                           {"spec": spec.__dict__, "config_name": spec.config_name})
+    w = tmp = None
+    if telemetry_path is not None:
+        w, tmp = _open_telemetry(model, spec, telemetry_path, cfg.log_every)
     losses: list[float | None] = []
     grad_norms: list[float | None] = []
+    lrs: list[float] = []
     times: list[float] = []
     val: list[list[float | None]] = []
     diverged_at = None
@@ -144,8 +184,6 @@ def train_run(spec: RunSpec, cfg: StudyConfig, corpus: Corpus, probe_path: Path 
             for group in opt.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            if probe is not None:
-                probe.begin(step)
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,24 +195,28 @@ def train_run(spec: RunSpec, cfg: StudyConfig, corpus: Corpus, probe_path: Path 
             dt = time.perf_counter() - t0
             lv = loss.item()
             times.append(dt)
+            lrs.append(lr)
             losses.append(lv if math.isfinite(lv) else None)
             grad_norms.append(gn if math.isfinite(gn) else None)
-            if probe is not None:
-                probe.step(step, lv, gn, lr, dt)
             if on_step is not None:
                 on_step(step, total)
             if not math.isfinite(lv):
                 diverged_at = step
                 break
             if step % cfg.eval_every == 0 or step == total:
+                if w is not None:
+                    # Close the sampled step (its backward is done) so that the validation
+                    # passes below, which run through the armed submodule hooks, add nothing
+                    # to it.
+                    w.flush()
                 v = eval_loss(model, val_batches)
                 val.append([step, v if math.isfinite(v) else None])
     except BaseException:
-        if probe is not None:
-            probe.abort()  # an interrupted run leaves no half-written telemetry file
+        if w is not None:
+            _close_telemetry(w, tmp, None)  # an interrupted run leaves no telemetry file
         raise
-    if probe is not None:
-        probe.close()
+    if w is not None:
+        _close_telemetry(w, tmp, telemetry_path)
     wall = time.perf_counter() - t_run
     timed = times[TIMING_SKIP:] or times
     record: dict[str, Any] = {
@@ -184,13 +226,15 @@ def train_run(spec: RunSpec, cfg: StudyConfig, corpus: Corpus, probe_path: Path 
         "steps": len(losses),
         "loss": losses,
         "grad_norm": grad_norms,
+        "lr": lrs,
+        "step_times_s": [round(t, 7) for t in times],  # 0.1 µs: far below the timer's noise
         "val": val,
         "final_val_loss": val[-1][1] if val and diverged_at is None else None,
         "diverged": diverged_at is not None,
         "diverged_at": diverged_at,
         "step_time_s": statistics.median(timed),
         "wall_s": wall,
-        "probe": probe_path.name if probe_path is not None else None,
+        "telemetry": telemetry_path.name if telemetry_path is not None else None,
     }
     if lstm:
         record["loss_ema"] = ema(losses)
