@@ -484,3 +484,25 @@ def test_backward_nan_from_a_containers_own_code_names_the_container():
     ev = [e for e in w.nonfinite_events if e["pass"] == "backward"]
     assert ev and ev[0]["origin"] == "1"  # FunctionalInside, between its leaves a and b
     assert ev[0]["propagators"][:2] == ["1.a", "0"]
+
+
+def test_submodule_calls_between_steps_are_not_counted():
+    """A step is one root forward: a submodule run on its own afterwards (validation through
+    model.blocks, say) adds nothing to the still-open sampled step."""
+    torch.manual_seed(0)
+    m = TinyTransformer()
+    with torch.no_grad(), watch(m, model_name="t", model_version="1",
+                                alerts=AlertRules(log_alerts=False)) as w:
+        m(lm_batch(4)[0])
+        m.ln_f(torch.randn(50, 32))  # outside any root call
+        m.ln_f(torch.full((3, 32), float("nan")))
+    s = w.summary()["ln_f"]
+    assert s["rows"] == 4 * 16 and s["nonfinite_rows"] == 0
+    assert w.nonfinite_origin is None
+
+
+def test_dyt_layers_are_watched():
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), normkit.nn.DyT(8))
+    with torch.no_grad(), watch(m, model_name="d", model_version="1") as w:
+        m(torch.randn(5, 8))
+    assert w.summary()["1"]["rows"] == 5

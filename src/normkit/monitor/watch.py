@@ -86,6 +86,8 @@ def find_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, 
             out.append((name, m, "ln", "last", len(m.normalized_shape)))
         elif isinstance(m, torch.nn.RMSNorm):
             out.append((name, m, "rms", "last", len(m.normalized_shape)))
+        elif isinstance(m, nk.DyT):  # no statistics of its own: its input rows are summarised
+            out.append((name, m, "ln", "last", len(m.normalized_shape)))
         elif isinstance(m, torch.nn.GroupNorm):
             out.append((name, m, "ln", "group", 0))
         elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -578,7 +580,7 @@ class Watch:
     @_safe
     def _norm_pre(self, module, args):
         cur = self._cur
-        if cur is None:
+        if cur is None or not self._in_root:  # a submodule called outside a step (validation)
             return
         name, kind, how, nd = self._norm_of[id(module)]
         s = self._layer(name, kind)
@@ -611,7 +613,7 @@ class Watch:
     @_safe
     def _norm_post(self, module, args, output):
         cur = self._cur
-        if cur is None:
+        if cur is None or not self._in_root:  # a submodule called outside a step (validation)
             return
         t1 = time.perf_counter()
         starts = cur.t0.get(id(module))
@@ -632,7 +634,7 @@ class Watch:
     @_safe
     def _any_post(self, module, args, kwargs, output):
         cur = self._cur
-        if cur is None:
+        if cur is None or not self._in_root:  # a submodule called outside a step (validation)
             return
         key = id(module)
         if self.backward and key not in self._bw_ok and torch.is_grad_enabled():
