@@ -121,12 +121,12 @@ def _spec_of(run: dict) -> RunSpec:
 def test_run_telemetry_jsonl(quick):
     """Each run is recorded by normkit.watch + JsonlExporter: one header, then a step record
     every log_every steps from step 1, with statistics for exactly the model's LayerNorm /
-    RMSNorm layers, taken on the training batch only (the validation passes add nothing)."""
+    RMSNorm / DyT layers, taken on the training batch only (the validation passes add nothing)."""
     out, doc = quick
     cfg = StudyConfig.quick()
     assert sorted(doc["outputs"]["runs"]) == sorted(f"runs/{p.name}"
                                                     for p in (out / "runs").glob("*.jsonl"))
-    from normkit.nn import LayerNorm, RMSNorm
+    from normkit.nn import DyT, LayerNorm, RMSNorm
     from normkit.study.train import build_model
 
     watched_any = False
@@ -142,7 +142,7 @@ def test_run_telemetry_jsonl(quick):
                    for r in steps), rid
         model = build_model(spec, cfg)
         norms = {n: math.prod(m.normalized_shape) for n, m in model.named_modules()
-                 if isinstance(m, (LayerNorm, RMSNorm))}
+                 if isinstance(m, (LayerNorm, RMSNorm, DyT))}
         lstm = spec.model == "lstm"
         rows = cfg.batch * (cfg.lstm_context if lstm else cfg.context)
         for r in steps:
