@@ -1,5 +1,7 @@
-"""Kernels of the normkit op family, one file per backend (reference, cpu, and later triton).
+"""Kernels of the normkit op family, one file per backend: ``reference`` (pure torch, the
+ground truth), ``cpu`` (numba) and ``triton`` (CUDA; the CPU under ``TRITON_INTERPRET=1``).
 
-``reference`` is imported eagerly (pure torch); ``cpu`` imports numba and is loaded on first use
-by ``normkit.functional``.
+``reference`` is imported eagerly; ``cpu`` imports numba and ``triton`` imports triton, each
+loaded on first use by ``normkit.functional``.  All three write the same (M, 3) row statistics
+[m1, dm, rstd], so a backward can run on any backend that reaches the tensors' device.
 """
