@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._args import names, positive_int
+
 HELP = "audit a model's norms (eps, γ/β, batch dependence, numerics, ONNX parity) for CI"
 
 # Kept in sync with normkit.audit (not imported here: this module loads for `normkit --help`).
@@ -44,25 +46,6 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"invalid shape {text!r}; comma-separated positive integers, e.g. 2,16")
     return dims
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; a positive integer")
-    return v
-
-
-def _checks(text: str) -> tuple[str, ...]:
-    items = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in items if s not in _CHECKS]
-    if not items or bad:
-        raise argparse.ArgumentTypeError(
-            f"invalid value {text!r}; a comma-separated list from: {', '.join(_CHECKS)}")
-    return items
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,14 +67,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "atomically")
     p.add_argument("--fail-on", choices=("warning", "error"), default="error",
                    help="exit 1 when a finding is at or above this severity (default: error)")
-    p.add_argument("--checks", type=_checks, metavar="LIST",
+    p.add_argument("--checks", type=names(_CHECKS), metavar="LIST",
                    help=f"checks to run (default: all): {','.join(_CHECKS)}")
-    p.add_argument("--skip", type=_checks, metavar="LIST", help="checks not to run")
+    p.add_argument("--skip", type=names(_CHECKS), metavar="LIST", help="checks not to run")
     p.add_argument("--opset", type=int, metavar="N",
                    help="ONNX opset for the export check (default: the exporter's)")
     p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
                    help="ONNX exporter (default: auto = dynamo, falling back to TorchScript)")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
+    p.add_argument("--threads", type=positive_int, metavar="N",
                    help="torch/ONNX Runtime threads (default: 1 for models under 100M "
                         "parameters, else torch's default)")
     p.add_argument("--training", action="store_true",

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ._args import names, positive_float
 
 HELP = "benchmark the norms against torch, torch.compile, ONNX Runtime and a memory copy"
 
@@ -26,19 +27,6 @@ HELP = "benchmark the norms against torch, torch.compile, ONNX Runtime and a mem
 _OPS = ("ln", "rms", "add_ln", "add_rms")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _PEERS = ("torch", "compile", "onnxruntime", "copy", "clone")
-
-
-def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        items = tuple(s.strip() for s in text.split(",") if s.strip())
-        bad = [s for s in items if s not in allowed]
-        if not items or bad:
-            raise argparse.ArgumentTypeError(
-                f"invalid value {text!r}; a comma-separated list from: {', '.join(allowed)}"
-            )
-        return tuple(dict.fromkeys(items))  # de-duplicated, order kept
-
-    return parse
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -53,31 +41,21 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; a positive number of seconds")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small grid (M 1,512,4096; N 768,4096; ln+rms fwd+bwd, add_ln fwd; "
                         "no torch.compile) that finishes in under a minute")
-    p.add_argument("--ops", type=_names(_OPS), metavar="LIST",
+    p.add_argument("--ops", type=names(_OPS), metavar="LIST",
                    help=f"ops to time, from {','.join(_OPS)} "
                         "(default: all; --quick: ln,rms,add_ln)")
-    p.add_argument("--dtypes", type=_names(_DTYPES), metavar="LIST",
+    p.add_argument("--dtypes", type=names(_DTYPES), metavar="LIST",
                    help="dtypes, from " + ",".join(_DTYPES) + " (default: float32,bfloat16)")
     p.add_argument("--M", type=_ints, metavar="LIST", dest="Ms",
                    help="rows (default: 1,8,512,4096,16384; --quick: 1,512,4096)")
     p.add_argument("--N", type=_ints, metavar="LIST", dest="Ns",
                    help="features (default: 64,768,4096,8192; --quick: 768,4096)")
     p.add_argument("--no-backward", action="store_true", help="forward only")
-    p.add_argument("--peers", type=_names(_PEERS), metavar="LIST",
+    p.add_argument("--peers", type=names(_PEERS), metavar="LIST",
                    help=f"peers, from {','.join(_PEERS)} (default: all; --quick: "
                         "torch,onnxruntime,copy)")
     p.add_argument("--backend", choices=("auto", "cpu", "reference"), default="auto",
@@ -88,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to write the results (default: benchmarks/results/"
                         "bench-<device>-<date>.json in a normkit checkout, else "
                         "./normkit-bench.json)")
-    p.add_argument("--min-time", type=_positive_float, metavar="SECONDS",
+    p.add_argument("--min-time", type=positive_float, metavar="SECONDS",
                    help="minimum measuring time per implementation and case "
                         "(default: 0.2; --quick: 0.025)")
     p.add_argument("--check", action="store_true",

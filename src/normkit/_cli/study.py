@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._args import positive_float, positive_int
+
 HELP = "train small models and report what norm placement and type do (plots + HTML report)"
 
 # Kept in sync with normkit.study.EXPERIMENTS (not imported: this module loads for --help).
@@ -45,26 +47,6 @@ def _seeds(text: str) -> tuple[int, ...]:
     return items
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; a positive integer")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; a positive number")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="tiny models, 2 seeds, few steps (about 1-2 min): checks the pipeline "
@@ -75,15 +57,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"which experiments, from {','.join(_EXPERIMENTS)} (default: all)")
     p.add_argument("--seeds", type=_seeds, metavar="LIST",
                    help="seeds (default: 0,1,2; --quick: 0,1)")
-    p.add_argument("--steps", type=_positive_int, metavar="N",
+    p.add_argument("--steps", type=positive_int, metavar="N",
                    help="training steps per transformer run (default: 300; --quick: 60)")
-    p.add_argument("--lstm-steps", type=_positive_int, metavar="N",
+    p.add_argument("--lstm-steps", type=positive_int, metavar="N",
                    help="training steps per LSTM run (default: 300; --quick: 60)")
-    p.add_argument("--lr", type=_positive_float, metavar="LR",
+    p.add_argument("--lr", type=positive_float, metavar="LR",
                    help="peak learning rate of the transformer runs (default: 3e-3)")
     p.add_argument("--warmup-steps", type=int, metavar="N",
                    help="warm-up length of the warm-up runs (default: 100; --quick: 20)")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
+    p.add_argument("--threads", type=positive_int, metavar="N",
                    help="torch threads (default: 1: these small models are dispatch-bound, "
                         "and one thread keeps timings steady on a shared machine); results are "
                         "reproducible for a given machine and thread count")
