@@ -36,13 +36,13 @@ MODEL_NAME = "demo-gpt"
 class DemoConfig:
     """Sizes of the demo; ``quick()`` is the test suite's cut."""
 
-    train_steps: int = 200
+    train_steps: int = 300
     layers: int = 4
     dim: int = 128
     heads: int = 4
     context: int = 64
     batch: int = 16
-    lr: float = 3e-3
+    lr: float = 2e-3
     serve_steps: int = 24
     every: int = 1
     bench: bool = True
