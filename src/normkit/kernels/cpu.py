@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .reference import effective_gamma, output_dtype
+from .reference import cast_dtype, effective_gamma, output_dtype, param_dtype
 
 __all__ = ["forward", "backward", "infer", "supports", "plan", "PARALLEL_MIN_ELEMENTS"]
 
@@ -432,8 +432,6 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # calls run serially on the calling thread and never take the lock.
 _PAR_LOCK = threading.Lock()
 
-_HALF = (torch.float16, torch.bfloat16)
-
 # Large outputs: ask for transparent huge pages before the first write.  A fresh output above
 # glibc's mmap threshold is fresh pages, and faulting them in 4 KiB at a time costs more than the
 # op: allocating + filling 64 MiB took 39 ms here against 7 ms for the copy alone; with
@@ -483,11 +481,11 @@ def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
         if casting in ("llama", "t5") and None not in (w_dtype, b_dtype) and w_dtype != b_dtype:
             ok = False
         if ok:
-            pd = _param_dtype(x_dtype, w_dtype, b_dtype)
+            pd = param_dtype(x_dtype, w_dtype, b_dtype)
             w_used = None if w_dtype is None else pd
             od = output_dtype(x_dtype, w_used if casting in ("llama", "t5") else w_dtype,
                               casting, out_dtype)
-            nd = _cast_dtype(x_dtype, w_used, casting)
+            nd = cast_dtype(x_dtype, w_used, casting)
             sd = torch.float64 if x_dtype == torch.float64 else torch.float32
             if od in _MARKER:
                 markers = (_MARKER[x_dtype], _MARKER[od], _MARKER[pd], _MARKER[nd or x_dtype],
@@ -507,26 +505,6 @@ def supports(x, weight, bias, casting, out_dtype) -> bool:
     wd = None if weight is None else weight.dtype
     bd = None if bias is None else bias.dtype
     return plan(x.dtype, wd, bd, casting, out_dtype) is not None
-
-
-def _param_dtype(x_dtype, wd, bd):
-    """The one storage type γ and β are read with inside the kernel."""
-    if x_dtype == torch.float64:
-        return torch.float64
-    if wd is None:
-        return bd or torch.float32
-    if bd is None or bd == wd:
-        return wd
-    return torch.float32  # "torch"/"gemma": both are used in float32 anyway; exact upcast
-
-
-def _cast_dtype(x_dtype, wd, casting):
-    """Storage type the normalized value is rounded to before γ, or None for no rounding."""
-    if casting == "llama" and x_dtype in _HALF:
-        return x_dtype
-    if casting == "t5" and wd in _HALF:
-        return wd
-    return None
 
 
 def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats):
@@ -705,9 +683,9 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
         statistics dtype (float32, float64 for float64 input) or None.
     """
     m, n = x.shape
-    pd = _param_dtype(x.dtype, None if weight is None else weight.dtype, None)
+    pd = param_dtype(x.dtype, None if weight is None else weight.dtype, None)
     sd = stats.dtype
-    nd = _cast_dtype(x.dtype, None if weight is None else weight.dtype, casting)
+    nd = cast_dtype(x.dtype, None if weight is None else weight.dtype, casting)
     want_w = need_dw and weight is not None
     want_b = need_dw and has_bias
     if weight is None:

@@ -52,6 +52,27 @@ def output_dtype(
     return w_dtype if w_dtype in _HALF else torch.promote_types(compute_dtype(x_dtype), w_dtype)
 
 
+def param_dtype(x_dtype, wd, bd):
+    """The one storage type the kernels read γ and β with (wd/bd: their dtypes or None)."""
+    if x_dtype == torch.float64:
+        return torch.float64
+    if wd is None:
+        return bd or torch.float32
+    if bd is None or bd == wd:
+        return wd
+    return torch.float32  # "torch"/"gemma": both are used in float32 anyway; exact upcast
+
+
+def cast_dtype(x_dtype, wd, casting):
+    """Storage type the kernels round the normalized value to before γ, or None for none:
+    x's 16-bit dtype for "llama", a 16-bit γ's for "t5" (as ``_apply_affine`` below)."""
+    if casting == "llama" and x_dtype in _HALF:
+        return x_dtype
+    if casting == "t5" and wd in _HALF:
+        return wd
+    return None
+
+
 def effective_gamma(weight, zero_centered, rounds):
     """(γ as the kernels multiply by it, whether 1 must still be added to it).
 

@@ -53,7 +53,7 @@ except (ImportError, AttributeError):  # pragma: no cover - older triton
 
 import torch
 
-from .reference import effective_gamma, output_dtype
+from .reference import cast_dtype, effective_gamma, output_dtype, param_dtype
 
 __all__ = ["forward", "backward", "supports", "plan", "config", "INTERPRET"]
 
@@ -82,7 +82,6 @@ _REDUCE_GROUP = 64
 _REDUCE_BLOCK = 256
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_HALF = (torch.float16, torch.bfloat16)
 # x̂ rounding kind for "llama"/"t5" casting: 0 none, 1 bfloat16, 2 float16.
 _NK = {None: 0, torch.bfloat16: 1, torch.float16: 2}
 # Triton's interpreter (3.9) converts float32 to bfloat16 by truncation, whatever the rounding
@@ -387,24 +386,6 @@ def bwd_blocks(m: int, n: int) -> int:
     return -(-m // rpb)  # no empty blocks
 
 
-def _param_dtype(x_dtype, wd, bd):
-    """The one storage type γ and β are read with (as kernels/cpu.py)."""
-    if wd is None:
-        return bd or torch.float32
-    if bd is None or bd == wd:
-        return wd
-    return torch.float32  # "torch"/"gemma": both are used in float32 anyway; exact upcast
-
-
-def _cast_dtype(x_dtype, wd, casting):
-    """Storage type the normalized value is rounded to before γ, or None for no rounding."""
-    if casting == "llama" and x_dtype in _HALF:
-        return x_dtype
-    if casting == "t5" and wd in _HALF:
-        return wd
-    return None
-
-
 _PLANS: dict = {}
 
 
@@ -424,12 +405,12 @@ def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
     if x_dtype in _DTYPES and all(d is None or d in _DTYPES for d in (w_dtype, b_dtype)):
         if not (casting in ("llama", "t5") and None not in (w_dtype, b_dtype)
                 and w_dtype != b_dtype):
-            pd = _param_dtype(x_dtype, w_dtype, b_dtype)
+            pd = param_dtype(x_dtype, w_dtype, b_dtype)
             w_used = None if w_dtype is None else pd
             od = output_dtype(x_dtype, w_used if casting in ("llama", "t5") else w_dtype,
                               casting, out_dtype)
             if od in _DTYPES:
-                result = (pd, od, _cast_dtype(x_dtype, w_used, casting))
+                result = (pd, od, cast_dtype(x_dtype, w_used, casting))
     _PLANS[key] = result
     return result
 
@@ -521,8 +502,8 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     m, n = x.shape
     dev = x.device
     wd = None if weight is None else weight.dtype
-    pd = _param_dtype(x.dtype, wd, None)
-    nd = _cast_dtype(x.dtype, None if wd is None else pd, casting)
+    pd = param_dtype(x.dtype, wd, None)
+    nd = cast_dtype(x.dtype, None if wd is None else pd, casting)
     w, zero_centered = effective_gamma(_param(weight, pd), zero_centered, nd is not None)
     want_w = bool(need_dw) and w is not None
     want_b = bool(need_dw) and bool(has_bias)
