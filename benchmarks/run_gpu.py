@@ -39,7 +39,6 @@ fake timer on CPU tensors.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import json
 import math
@@ -53,6 +52,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+# The case and its byte count are normkit bench's own, so CPU and GPU results compare.
+from normkit.bench import Case, ideal_bytes  # noqa: F401  (ideal_bytes: re-exported for tests)
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_VERSION = 1
@@ -73,40 +75,6 @@ CHECK_ROWS = 64  # rows compared against float64 (enough to catch a wrong block;
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    op: str
-    pass_: str
-    dtype: str
-    M: int
-    N: int
-
-    @property
-    def fused(self) -> bool:
-        return self.op.startswith("add_")
-
-    @property
-    def rms(self) -> bool:
-        return self.op.endswith("rms")
-
-    @property
-    def ideal_bytes(self) -> int:
-        return ideal_bytes(self.op, self.pass_, self.dtype, self.M, self.N)
-
-    def key(self) -> dict[str, Any]:
-        return {"op": self.op, "pass": self.pass_, "dtype": self.dtype, "M": self.M, "N": self.N}
-
-
-def ideal_bytes(op: str, pass_: str, dtype: str, M: int, N: int) -> int:
-    """Bytes the op must move (normkit bench's definition): fwd reads x and writes y (+ reads r
-    and writes h when fused); bwd reads x (h) and dy and writes dx, plus the float32 row
-    statistics (8 B/row LN, 4 B/row RMS).  γ, β, dγ, dβ are N-sized and left out."""
-    item = DTYPES[dtype].itemsize
-    if pass_ == "fwd":
-        return M * N * item * (4 if op.startswith("add_") else 2)
-    return M * N * item * 3 + M * (4 if op.endswith("rms") else 8)
 
 
 def grid(ops: Sequence[str], passes: Sequence[str], dtypes: Sequence[str],
@@ -403,7 +371,8 @@ def bench_case(case: Case, args, timer, l2_bytes: int) -> dict[str, Any]:
     sets = _inputs(case, args.device, sets_n, grad=case.pass_ == "bwd")
     truth, torch_out = _truth_and_torch(case, sets[0])
     runs: dict[str, Callable[[], object]] = {}
-    result: dict[str, Any] = {**case.key(), "ideal_bytes": case.ideal_bytes,
+    result: dict[str, Any] = {"op": case.op, "pass": case.pass_, "dtype": case.dtype,
+                              "M": case.M, "N": case.N, "ideal_bytes": case.ideal_bytes,
                               "rotating_sets": sets_n, "impls": {}}
     impls = result["impls"]
     for peer in args.peers:
