@@ -258,7 +258,7 @@ def build_telemetry_report(path: str | os.PathLike,
         doc.paragraph("No baseline given (`--baseline B.json`).")
     else:
         base = Baseline.load(baseline)
-        live = Baseline.from_jsonl(path)
+        live = Baseline.from_records(steps, source=str(path))  # the records read above
         results = base.drift(live.layers)
         doc.paragraph(f"Baseline `{Path(baseline).name}`: {base.model_name} "
                       f"{base.model_version}; the whole run is merged and compared layer by "

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from .._io import write_text_atomic
@@ -205,15 +206,26 @@ class Baseline:
         Raises:
             ValueError: no usable step record, or a record of another schema version.
         """
-        from .exporters import JSONL_SCHEMA_VERSION, read_jsonl
+        from .exporters import read_jsonl
+
+        return cls.from_records(read_jsonl(path), model_version=model_version, rank=rank,
+                                source=str(path))
+
+    @classmethod
+    def from_records(cls, records: Iterable[dict], *, model_version: str | None = None,
+                     rank: int | str | None = None, source: str = "records") -> Baseline:
+        """``from_jsonl`` on records already read (``read_jsonl``'s dicts); ``source`` names
+        them in errors."""
+        from .exporters import JSONL_SCHEMA_VERSION
 
         layers: dict[str, LayerStats] = {}
         name = version = None
-        for rec in read_jsonl(path):
+        for rec in records:
             if rec.get("type") != "step":
                 continue
             if rec.get("schema_version") != JSONL_SCHEMA_VERSION:
-                raise ValueError(f"{path}: record schema_version {rec.get('schema_version')!r}")
+                raise ValueError(f"{source}: record schema_version "
+                                 f"{rec.get('schema_version')!r}")
             if model_version is not None and rec["version"] != model_version:
                 continue
             if rank is not None and str(rec["rank"]) != str(rank):
@@ -226,7 +238,7 @@ class Baseline:
                 else:
                     layers[lname] = s
         if name is None:
-            raise ValueError(f"{path}: no step records to build a baseline from")
+            raise ValueError(f"{source}: no step records to build a baseline from")
         return cls(name, version, layers)
 
     def drift(self, live: dict[str, LayerStats],
