@@ -189,11 +189,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
         # 5. Audit ----------------------------------------------------------------------------
         task = progress.add_task("5/7 auditing for release", total=1)
         report = audit(model, val_batches[0][0][:4])
-        report_path = out / "audit.json"
-        from ._report import write_text_atomic
-
-        write_text_atomic(report_path, report.to_json())
-        write_text_atomic(out / "audit.md", report.to_markdown())
+        report_path = report.write(out / "audit.json")
+        report.write(out / "audit.md", "markdown")
         summary["audit"] = {"ok": report.ok(fail_on="error"), "path": str(report_path),
                             "counts": _counts(report)}
         progress.update(task, completed=1)
@@ -213,7 +210,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
         summary["report"] = str(_write_reports(out, summary, report, live_log))
         progress.update(task, completed=1)
         progress.advance(overall)
-    from ._report import write_json_atomic
+    from ._io import write_json_atomic
 
     write_json_atomic(out / "demo.json", {"schema": "normkit.demo", "schema_version": 1,
                                           **{k: v for k, v in summary.items()
