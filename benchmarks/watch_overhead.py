@@ -6,12 +6,18 @@ at most 5% slower at ``every=1`` and at most 1% slower at ``every=10``.
 Method.  Three identical copies of a 6-block pre-LN transformer (d=256, 4 heads, seq 128,
 batch 8, vocab 512, AdamW; its 13 LayerNorms converted to normkit's, the intended use: the
 statistics then come from the kernel): one unwatched (A), one watched with every=1 (B1), one
-with every=10 (B10), fed random token batches of the same shape.  Time is taken over *blocks*
-of 10 consecutive steps of one model (so an every=10 block contains exactly one sampled step),
-and blocks are interleaved A, B1, A, B10, A, B1, ... so slow drift of a shared, noisy machine
-hits both sides of each comparison alike.  Overhead of a block = its mean step time / the mean
-of the A blocks just before and after it − 1; reported: the median over ≥ 20 blocks and the
-25–75% spread, plus the machine's load average before and after.  One torch thread: on a
+with every=10 (B10), fed random token batches of the same shape.
+
+* every=1: single steps alternated A, B1, A, B1, ..., each B1 step against the mean of the A
+  steps just before and after it (about a second apart, so the drift of a shared, noisy machine
+  cancels).  A B1 step is timed up to ``flush()``: its record completed and every exporter
+  done, so none of its work spills into the next A step (conservative: the background export
+  thread's overlap with the step is not credited).
+* every=10: blocks of 10 consecutive steps (a B10 block holds exactly one sampled step), A,
+  B10, A; overhead = the B10 block's mean / the mean of the two A blocks − 1.
+
+Reported: medians with the 25–75% spread (every=1 over 10 pairs per round, every=10 over one
+block per round), plus the machine's load average before and after.  One torch thread: on a
 shared 2-core machine OpenMP threads spinning against other processes make timings
 meaningless (100x swings).
 
@@ -71,7 +77,8 @@ def _machine() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=24, help="A/B1/A/B10 rounds (blocks per side)")
+    p.add_argument("--rounds", type=int, default=24,
+                   help="rounds of 10 A/B1 step pairs and one A/B10/A block triple")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -89,44 +96,48 @@ def main(argv=None) -> int:
                            exporters=exps)
     gen = torch.Generator().manual_seed(1)
 
-    def block(k: str) -> float:
+    def one_step(k: str) -> float:
         m, opt = models[k], opts[k]
-        t = 0.0
-        for _ in range(BLOCK):
-            idx = torch.randint(0, CFG["vocab"], (BATCH, CFG["seq"] + 1), generator=gen)
-            t0 = time.perf_counter()
-            logits = m(idx[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG["vocab"]),
-                                                     idx[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            t += time.perf_counter() - t0
-        return t / BLOCK
+        idx = torch.randint(0, CFG["vocab"], (BATCH, CFG["seq"] + 1), generator=gen)
+        t0 = time.perf_counter()
+        logits = m(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG["vocab"]),
+                                                 idx[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if k == "B1":
+            watches[k].flush()  # the record built and exported: charged to this step
+        return time.perf_counter() - t0
+
+    def block(k: str) -> float:
+        return sum(one_step(k) for _ in range(BLOCK)) / BLOCK
 
     load0 = os.getloadavg()
     for k in ("A", "B1", "B10"):  # warm-up: first calls allocate, numba/threads settle
         block(k)
-    seq = []
-    for _ in range(args.rounds):
-        seq += ["A", "B1", "A", "B10"]
-    seq.append("A")
-    times = []
     t_start = time.time()
-    for i, k in enumerate(seq):
-        times.append((k, block(k)))
-        if i % 4 == 0:
-            log.info("block %d/%d %s %.1f ms/step", i + 1, len(seq), k, times[-1][1] * 1e3)
+    over = {"B1": [], "B10": []}
+    a_ms = []
+    for r in range(args.rounds):
+        # every=1: single steps alternated A, B1, A, B1, ..., A — each B1 step against the mean
+        # of the A steps just before and after it (one second apart), so the drift of a shared
+        # machine cancels far better than between 5-second blocks.
+        seq = [one_step("A")]
+        for _ in range(BLOCK):
+            seq += [one_step("B1"), one_step("A")]
+        for i in range(1, len(seq), 2):
+            over["B1"].append(seq[i] / ((seq[i - 1] + seq[i + 1]) / 2) - 1)
+        a_ms += [t * 1e3 for t in seq[0::2]]
+        # every=10: a block of 10 steps holds exactly one sampled step; A, B10, A blocks.
+        ta, tb, tc = block("A"), block("B10"), block("A")
+        over["B10"].append(tb / ((ta + tc) / 2) - 1)
+        log.info("round %d/%d: A %.1f ms/step; every=1 %+.2f%% (median so far), every=10 "
+                 "%+.2f%%", r + 1, args.rounds, ta * 1e3, 100 * statistics.median(over["B1"]),
+                 100 * over["B10"][-1])
     load1 = os.getloadavg()
     for w in watches.values():
         w.stop()
-    over = {"B1": [], "B10": []}
-    for i, (k, t) in enumerate(times):
-        if k == "A":
-            continue
-        ref = (times[i - 1][1] + times[i + 1][1]) / 2  # neighbouring A blocks
-        over[k].append(t / ref - 1)
-    a_ms = [t * 1e3 for k, t in times if k == "A"]
 
     def stats(v):
         q = statistics.quantiles(v, n=4)
@@ -142,8 +153,9 @@ def main(argv=None) -> int:
         "wall_seconds": time.time() - t_start,
         "model": {**CFG, "batch": BATCH, "norm_layers": 13, "norms": "normkit.nn.LayerNorm",
                   "optimizer": "AdamW"},
-        "method": "blocks of 10 steps, interleaved A,B1,A,B10; overhead = block mean / mean of "
-                  "the neighbouring A blocks - 1",
+        "method": "every=1: single steps alternated A,B1,A,...; overhead = B1 step / mean of the "
+                  "A steps before and after - 1.  every=10: blocks of 10 steps A,B10,A; "
+                  "overhead = B10 block mean / mean of the two A blocks - 1",
         "exporters": ["PrometheusExporter", "TensorBoardExporter", "JsonlExporter"],
         "unwatched_step_ms": stats(a_ms),
         "overhead_every_1": stats(over["B1"]),

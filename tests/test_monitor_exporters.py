@@ -11,6 +11,7 @@ import time
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 from _monitor_models import TinyTransformer, lm_batch, train_step
@@ -186,3 +187,26 @@ def test_tensorboard_event_files_are_readable(tmp_path):
     assert [e.step for e in ev] == [1, 2, 3] and all(e.value > 0 for e in ev)
     h = acc.Histograms("normkit/ln_f/row_mean")[-1].histogram_value
     assert h.num == 4 * 16 and h.min <= h.max
+
+
+def test_event_file_framing_matches_tensorboards_own_crc(tmp_path):
+    """Our compiled CRC-32C gives tensorboard's masked CRC bit for bit, and tensorboard's own
+    record reader (which verifies both CRCs of every record) reads our file back."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    from normkit.monitor.exporters import _EventFile, _masked_crc32c
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 255, 4096, 10007):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert _masked_crc32c(data) == masked_crc32c(data), n
+    f = _EventFile(str(tmp_path), event_pb2)
+    for step in range(3):
+        f.write(event_pb2.Event(wall_time=1.0 + step, step=step))
+    f.close()
+    events = [event_pb2.Event.FromString(r) for r in RawEventFileLoader(f.path).Load()]
+    assert events[0].file_version == "brain.Event:2"
+    assert [e.step for e in events[1:]] == [0, 1, 2]

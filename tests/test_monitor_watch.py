@@ -106,24 +106,34 @@ def test_second_dedupe_window_pages_again():
     assert all(a.severity == "page" for a in w.alerts)
 
 
+@pytest.mark.parametrize("hunt", ["on_detect", "always"])
 @pytest.mark.parametrize("impl", ["torch", "normkit"])
-def test_backward_nan_origin_is_the_linear_feeding_norm_k(impl):
+def test_backward_nan_origin_is_the_linear_feeding_norm_k(impl, hunt):
     m = _model(impl)
     norms = m.norm_names()
     feeder = m.feeder_of(K)
     clock = FakeClock()
     rules = AlertRules(dedupe_seconds=60, clock=clock, log_alerts=False)
-    with watch(m, model_name="lm", model_version="v1", alerts=rules) as w:
+    with watch(m, model_name="lm", model_version="v1", alerts=rules, backward_hunt=hunt) as w:
         # Backward hooks go on modules seen taking inputs that require grad: from the second
         # sampled step on (torch warns about full backward hooks on modules without).
         _fwd_bwd(m)
         m.get_submodule(feeder).inject_backward = ROWS
-        for _ in range(2):
+        for _ in range(3):
             clock.t += 1
             _fwd_bwd(m)
     assert w.nonfinite_origin == feeder
-    assert [e["pass"] for e in w.nonfinite_events] == ["backward", "backward"]
-    for e in w.nonfinite_events:
+    events = w.nonfinite_events
+    assert [e["pass"] for e in events] == ["backward"] * 3
+    if hunt == "on_detect":
+        # Only the norms were hooked: the gradient is placed, provisionally, in the block of the
+        # first norm it reached (the feeder's block); the next step hunts and names the feeder.
+        first = events.pop(0)
+        assert first["resolved"] is False and first["origin"] == "blocks.1"
+        assert feeder.startswith(first["origin"] + ".")
+        assert first["propagators"] == list(reversed(norms[:K]))
+    for e in events:
+        assert e["resolved"] is True
         assert e["origin"] == feeder
         assert e["origin_values"] > 0
         # Backward runs in reverse: the gradient reaches the norms *before* k in forward order
@@ -132,10 +142,29 @@ def test_backward_nan_origin_is_the_linear_feeding_norm_k(impl):
         assert props == list(reversed(norms[:K]))
     rows = _layer_row_counts(w, "grad_nonfinite_rows")
     assert all(rows[n] == 0 for n in norms[K:])
-    assert rows[norms[K - 1]] == 2 * len(ROWS)  # blocks.1.ln2: row-local, exactly the rows
+    assert rows[norms[K - 1]] == 3 * len(ROWS)  # blocks.1.ln2: row-local, exactly the rows
     assert all(rows[n] > 0 for n in norms[:K])
     assert all(v == 0 for v in _layer_row_counts(w, "nonfinite_rows").values())
-    assert len(w.alerts) == 1 and w.alerts[0].count == 2 and w.alerts[0].layer == feeder
+    # One alert, for the module the hunt found; the provisional event counts towards it.
+    assert len(w.alerts) == 1 and w.alerts[0].count == 3 and w.alerts[0].layer == feeder
+
+
+def test_a_one_step_backward_fault_is_alerted_where_it_was_placed():
+    m = _model("normkit")
+    feeder = m.feeder_of(K)
+    with watch(m, model_name="lm", model_version="v1",
+               alerts=AlertRules(log_alerts=False)) as w:
+        _fwd_bwd(m)
+        m.get_submodule(feeder).inject_backward = ROWS
+        _fwd_bwd(m)
+        m.get_submodule(feeder).inject_backward = None
+        _fwd_bwd(m)  # the hunting step finds nothing: the fault was transient
+        _fwd_bwd(m)
+    assert [(e["step"], e["resolved"], e["origin"]) for e in w.nonfinite_events] == [
+        (2, False, "blocks.1")]
+    assert w.nonfinite_origin == "blocks.1"
+    assert len(w.alerts) == 1 and w.alerts[0].layer == "blocks.1"
+    assert "provisionally" in w.alerts[0].message
 
 
 class ConstNorm(torch.nn.Module):
@@ -364,6 +393,8 @@ def test_bad_arguments_are_rejected():
         watch(m, model_name="b", model_version="1", reduce="mean")
     with pytest.raises(ValueError, match="model_name"):
         watch(m, model_name="", model_version="1")
+    with pytest.raises(ValueError, match="backward_hunt"):
+        watch(m, model_name="b", model_version="1", backward_hunt="never")
 
 
 def test_import_is_lean_and_missing_extras_name_the_install():
@@ -479,11 +510,15 @@ def test_backward_nan_from_a_containers_own_code_names_the_container():
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), FunctionalInside(), torch.nn.LayerNorm(8))
     x = torch.randn(4, 8, requires_grad=True)
     with watch(m, model_name="f", model_version="1", alerts=AlertRules(log_alerts=False)) as w:
-        m(x).sum().backward()  # step 1: learns which modules take gradients
-        m(x).sum().backward()
+        for _ in range(3):  # step 1 learns which modules take gradients
+            m(x).sum().backward()
     ev = [e for e in w.nonfinite_events if e["pass"] == "backward"]
-    assert ev and ev[0]["origin"] == "1"  # FunctionalInside, between its leaves a and b
-    assert ev[0]["propagators"][:2] == ["1.a", "0"]
+    # Below the only norm, no norm sees it: the parameter-gradient check at the end of backward
+    # does, and places it at the last module whose parameters got a bad gradient ...
+    assert ev[0]["resolved"] is False and ev[0]["origin"] == "1.a"
+    # ... and the hunting step names FunctionalInside, between its leaves a and b.
+    assert ev[1]["resolved"] is True and ev[1]["origin"] == "1"
+    assert ev[1]["propagators"][:2] == ["1.a", "0"]
 
 
 def test_submodule_calls_between_steps_are_not_counted():

@@ -192,13 +192,18 @@ def build_telemetry_report(path: str | os.PathLike,
     doc.heading("Non-finite values")
     if nonfinite:
         doc.paragraph("The origin is the first module, in execution order, that produced a "
-                      "non-finite value from finite inputs; propagators only passed it on.")
+                      "non-finite value from finite inputs; propagators only passed it on.  A "
+                      "provisional origin is where a backward fault was first seen with only "
+                      "the norm layers hooked; the next step hunted it module by module.")
         # One row per (pass, origin): a NaN that persists shows up in every later step, and a
         # row per step would bury a second, different origin under hundreds of repeats.
         groups: dict = {}
         for r, p, e in nonfinite:
-            g = groups.setdefault((p, e.get("origin")), {"steps": [], "values": 0, "prop": [],
-                                                          "modules": 0})
+            origin = e.get("origin")
+            if origin and e.get("resolved") is False:
+                origin += " (provisional)"
+            g = groups.setdefault((p, origin), {"steps": [], "values": 0, "prop": [],
+                                                "modules": 0})
             g["steps"].append(r["step"])
             g["values"] = max(g["values"], e.get("origin_values") or 0)
             g["modules"] = max(g["modules"], e.get("modules") or 0)

@@ -96,12 +96,13 @@ class LayerStats:
         self.hist_mean.merge(hm)
         self.hist_scale.merge(hs)
 
-    def add_output(self, y: torch.Tensor) -> None:
-        """Adds the pooled mean/variance of an output tensor (one pass; sampled steps only)."""
+    def add_output(self, y: torch.Tensor) -> int:
+        """Adds the pooled mean/variance of an output tensor (one pass; sampled steps only).
+        Returns the number of non-finite values in ``y``."""
         y = y.detach()
         n = y.numel()
         if n == 0:
-            return
+            return 0
         yf = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
         # float32 accumulation (torch sums pairwise); a float64 sum takes a slow path, ~8x.
         s, s2 = torch.stack([yf.sum(), torch.linalg.vector_norm(yf).square()]).tolist()
@@ -109,12 +110,14 @@ class LayerStats:
             self.out_n += n
             self.out_sum += s
             self.out_sumsq += s2
-        else:
-            self.out_nonfinite += int((~torch.isfinite(y)).sum())
-            fin = yf[torch.isfinite(yf)]
-            self.out_n += fin.numel()
-            self.out_sum += float(fin.sum())
-            self.out_sumsq += float((fin * fin).sum())
+            return 0
+        bad = int((~torch.isfinite(y)).sum())
+        self.out_nonfinite += bad
+        fin = yf[torch.isfinite(yf)]
+        self.out_n += fin.numel()
+        self.out_sum += float(fin.sum())
+        self.out_sumsq += float((fin * fin).sum())
+        return bad
 
     # -- merging -------------------------------------------------------------------------------
 

@@ -6,15 +6,28 @@ How it works, per step (one call of the root module's ``forward``):
   (``every=k``: every k-th step; ``every=0.01``: 1% of steps, seeded).  Unsampled steps cost two
   Python hook calls and one finiteness check of the root output; a non-finite root output on an
   unsampled step forces the next step to be sampled, so a persisting NaN gets its origin found.
-* On sampled steps the watch is *armed*: hooks on every module (not only norms) check outputs
-  for non-finite values, and — in backward — the leaf modules' input gradients.  The **origin**
-  is the first module in execution order whose output is non-finite while its inputs are finite
-  (in backward: whose input gradient is non-finite while its output gradient is finite); hooks
-  fire child-first, so a container whose child produced the value is never blamed, and one
-  whose own code (an attention softmax, a residual add) produced it is named.  Modules
-  downstream that only pass the value on are *propagators*.  The hunt costs one reduction per
-  module output (and per leaf input gradient) on sampled steps.  Backward hooks go on the
-  modules seen taking an input that requires grad, i.e. from the second sampled step on.
+* On sampled steps the watch is *armed*: hooks on every module (not only norms) look for
+  non-finite values.  The **origin** is the first module in execution order whose output is
+  non-finite while its inputs are finite (in backward: whose input gradient is non-finite while
+  its output gradient is finite); hooks fire child-first, so a container whose child produced
+  the value is never blamed, and one whose own code (an attention softmax, a residual add)
+  produced it is named.  Modules downstream that only pass the value on are *propagators*.
+* Forward, with autograd on (training): each module call's inputs and outputs are *recorded*,
+  not checked — autograd keeps those activations alive anyway.  When the forward ends, one
+  reduction of the model's output, plus the norm layers' own output statistics, tell whether
+  anything went non-finite; only then are the recorded calls checked, in order, to name the
+  origin of that very step.  (A value masked out before reaching the output or any norm layer
+  is not hunted.)  Without autograd (serving, validation) nothing is kept: each module output
+  is checked as it is produced.
+* Backward (``backward_hunt="on_detect"``, the default): full backward hooks on the norm
+  layers only — their input-gradient norm is a statistic and checks the gradient for free —
+  plus one fused norm over all parameter gradients when backward ends.  A norm that turns a
+  finite gradient non-finite is named exactly; a gradient that went bad elsewhere is placed
+  provisionally (``resolved: False``: the block of the first norm it reached, or the last
+  module with a bad parameter gradient) and the next step is sampled with every leaf module
+  hooked, which names the exact module while the fault persists.  ``"always"`` hooks every leaf
+  on every sampled step (exact at once, ~1% more step time).  Backward hooks go on the modules
+  seen taking an input that requires grad, i.e. from the second sampled step on.
 * Norm layers: input row statistics — for normkit layers the (mean, rstd) the kernel already
   computed, through ``functional._set_stats_sink`` (no extra pass); for torch / Hugging Face
   norms a mean and a centred norm per row (two passes) — output mean/std, ‖γ‖/‖β‖ and their
@@ -139,6 +152,14 @@ def _nonfinite(tensors: Iterable[torch.Tensor]) -> int:
     return bad
 
 
+def _remember(t: torch.Tensor, bad: int) -> None:
+    """Records a finiteness result found by another pass over ``t`` (see ``_nonfinite``)."""
+    try:
+        _seen[id(t)] = (weakref.ref(t), t._version, bad)
+    except TypeError:
+        pass
+
+
 # Finiteness of tensors already checked in this thread's current step (weak references, so no
 # activation is kept alive); cleared at every step start.
 _seen: dict[int, tuple] = {}
@@ -244,9 +265,10 @@ class _Step:
     """What one sampled step collected so far."""
 
     __slots__ = ("number", "time", "layers", "fwd", "bwd", "t0", "shape", "latency", "rows",
-                 "root_grad_bad")
+                 "root_grad_bad", "lazy", "calls", "suspect", "hunt", "bw_end_queued",
+                 "param_grad_bad")
 
-    def __init__(self, number: int):
+    def __init__(self, number: int, lazy: bool = False, hunt: bool = True):
         self.number = number
         self.time = time.time()
         self.layers: dict[str, LayerStats] = {}
@@ -257,6 +279,14 @@ class _Step:
         self.latency: dict[str, list[float]] = {}
         self.rows: list[tuple[LayerStats, torch.Tensor | None, torch.Tensor]] = []
         self.root_grad_bad: bool | None = None  # the gradient arriving at the model's output
+        # Lazy forward hunt (steps with autograd on): module calls in hook order, as (name,
+        # inputs, outputs), checked only if the forward turned out to produce a non-finite value.
+        self.lazy = lazy
+        self.calls: list[tuple[str, list[torch.Tensor], list[torch.Tensor]]] = []
+        self.suspect = False  # a norm layer saw a non-finite input or produced one
+        self.hunt = hunt  # every leaf module's backward hooked (else: norm layers only)
+        self.bw_end_queued = False
+        self.param_grad_bad: str | None = None  # see Watch._backward_end
 
 
 def _resolve(events: list[tuple[str, bool, int]], outside: str) -> dict:
@@ -291,9 +321,11 @@ class Watch:
     Attributes:
         nonfinite_origin: qualified name of the module where the first non-finite value seen
             was produced ("<input>" if the model's input already had it, "<loss>" if the
-            gradient arriving at the model did), or None.
+            gradient arriving at the model did), or None.  A provisional placement (see
+            ``backward_hunt``) stands until a hunting step resolves one.
         nonfinite_events: one dict per sampled step and pass with non-finite values:
-            ``{"step", "pass", "origin", "origin_values", "origins", "propagators", "modules"}``.
+            ``{"step", "pass", "origin", "origin_values", "origins", "propagators", "modules",
+            "resolved"}``.
         drift_results: the latest {layer: DriftResult} against the baseline.
         layer_names: the watched norm layers, in registration order.
     """
@@ -303,7 +335,7 @@ class Watch:
                  baseline: Baseline | None = None, alerts: AlertRules | None = None,
                  reduce: str | None = None, thresholds: DriftThresholds | None = None,
                  window: int = 50, drift_every: int = 10, backward: bool = True, seed: int = 0,
-                 background_export: bool = True):
+                 background_export: bool = True, backward_hunt: str = "on_detect"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not model_name or not model_version:
@@ -318,6 +350,10 @@ class Watch:
             raise ValueError(f"reduce must be None or 'all', got {reduce!r}")
         if window < 1 or drift_every < 1:
             raise ValueError("window and drift_every must be >= 1")
+        if backward_hunt not in ("on_detect", "always"):
+            raise ValueError(f"backward_hunt must be 'on_detect' or 'always', got "
+                             f"{backward_hunt!r}")
+        self.backward_hunt = backward_hunt
         self.model = model
         self.model_name = str(model_name)
         self.model_version = str(model_version)
@@ -336,6 +372,7 @@ class Watch:
         self.layer_names = [n for n, *_ in self._norms]
         self._norm_of = {id(m): (n, kind, how, nd) for n, m, kind, how, nd in self._norms}
         self._module_names = {id(m): n for n, m in model.named_modules()}
+        self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._rank, self._world = 0, 1
         self._dist = False
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -365,6 +402,10 @@ class Watch:
         self._bw_handles: dict[int, Any] = {}
         self._bw_ok: set[int] = set()
         self._bw_new = False
+        self._bw_hunting = False
+        self._hunt_next = False
+        self._deferred: list[tuple[int, str, dict]] = []
+        self._origin_resolved = False
         self._failed: set[int] = set()
         self._new_alerts: list[Alert] = []
         self._running = False
@@ -396,6 +437,9 @@ class Watch:
         if not self._running:
             return
         self.flush()
+        deferred, self._deferred = self._deferred, []
+        for number, pname, res in deferred:  # no step came to hunt: alert as placed
+            self._alert(pname, number, res, [])
         self._disarm()
         for h in self._root_handles:
             h.remove()
@@ -474,11 +518,14 @@ class Watch:
         _seen.clear()
         if self._sample_now():
             self._sampled_steps += 1
-            self._cur = _Step(self._steps)
+            hunt = self.backward_hunt == "always" or self._hunt_next
+            self._hunt_next = False
+            self._cur = _Step(self._steps, lazy=torch.is_grad_enabled(), hunt=hunt)
             self._arm()
-            if self._bw_new:
+            if self._bw_new or hunt != self._bw_hunting:
                 self._bw_new = False
-                self._arm_backward()
+                self._bw_hunting = hunt
+                self._arm_backward(hunt)
             self._param_snapshot(self._cur)
             self._set_sink()
         elif self._armed_handles:
@@ -492,6 +539,13 @@ class Watch:
         self._unset_sink()
         self._cur_norm = None
         cur = self._cur
+        if cur is not None and cur.lazy:
+            calls, cur.calls = cur.calls, []
+            if cur.suspect or _nonfinite(_tensors(output)):
+                for name, ins, outs in calls:
+                    bad = _nonfinite(outs)
+                    if bad:
+                        cur.fwd.append((name, _nonfinite(ins) == 0, bad))
         if cur is not None and self.backward and torch.is_grad_enabled():
             for t in _tensors(output):
                 if t.requires_grad:
@@ -534,8 +588,10 @@ class Watch:
                         hs.append(p.register_post_accumulate_grad_hook(
                             self._param_grad_hook(name, pname)))
 
-    def _arm_backward(self):
-        """Full backward hooks on the modules seen taking an input that requires grad.
+    def _arm_backward(self, hunt: bool):
+        """Full backward hooks on the modules seen taking an input that requires grad: the norm
+        layers always (their input-gradient norm is a statistic, and checks the gradient for
+        free), every other leaf only on hunting steps (``hunt``).
 
         Learned from the forward hooks, so a module is hooked from its second sampled step on:
         torch decides at call time whether a module's backward hooks fire and warns when a
@@ -550,14 +606,19 @@ class Watch:
             # Leaves only: containers would double the hook machinery (~1/3 of the backward
             # overhead); a gradient going bad inside a container's own code is attributed to
             # that container from the leaves around it (see _complete).
-            if (key in self._bw_ok and key not in self._bw_handles
-                    and not getattr(m, "inplace", False) and not m._modules):
-                h = m.register_full_backward_hook(self._any_backward)
-                self._bw_handles[key] = h
-                self._armed_handles.append(h)
+            want = (key in self._bw_ok and not getattr(m, "inplace", False) and not m._modules
+                    and (hunt or key in self._norm_of))
+            h = self._bw_handles.get(key)
+            if want and h is None:
+                self._bw_handles[key] = m.register_full_backward_hook(self._any_backward)
+            elif h is not None and not want:
+                h.remove()
+                del self._bw_handles[key]
 
     def _disarm(self):
         for h in self._armed_handles:
+            h.remove()
+        for h in self._bw_handles.values():
             h.remove()
         self._armed_handles = []
         self._bw_handles = {}
@@ -571,11 +632,29 @@ class Watch:
             s = cur.layers[name] = LayerStats(kind=kind)
         return s
 
-    @staticmethod
     @_safe
-    def _root_grad(cur, g):
+    def _root_grad(self, cur, g):
         if g is not None:
             cur.root_grad_bad = bool(cur.root_grad_bad) or _nonfinite([g]) > 0
+        if not cur.hunt and not cur.bw_end_queued:
+            cur.bw_end_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(
+                functools.partial(self._backward_end, cur))
+
+    @_safe
+    def _backward_end(self, cur):
+        """At the end of a backward without the leaves hooked: are all parameter gradients
+        finite?  One fused norm over them (``_foreach_norm``); catches a gradient going bad
+        where no norm layer sees it (below the first norm, e.g. in the embedding)."""
+        params = [(n, p.grad) for n, p in self._params if p.grad is not None]
+        if not params:
+            return
+        norms = torch.stack(torch._foreach_norm([g.detach() for _, g in params]))
+        bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+        if bad:
+            # The last module in registration order whose parameters got a non-finite
+            # gradient: the gradient went bad there or downstream of it.
+            cur.param_grad_bad = params[bad[-1]][0].rpartition(".")[0] or "<model>"
 
     @_safe
     def _norm_pre(self, module, args):
@@ -629,7 +708,10 @@ class Watch:
             cur.rows.append((s, mean, rstd.double().square().reciprocal_().sub_(eps)))
         y = _first_tensor(output)
         if y is not None:
-            s.add_output(y)
+            bad = s.add_output(y)
+            _remember(y, bad)  # the hunt's check of this output is then free
+            if bad:
+                cur.suspect = True
 
     @_safe
     def _any_post(self, module, args, kwargs, output):
@@ -641,10 +723,17 @@ class Watch:
             if any(t.requires_grad for t in _tensors(args) + _tensors(kwargs)):
                 self._bw_ok.add(key)
                 self._bw_new = True
+        name = self._module_names.get(key, "?")
+        if cur.lazy:
+            # Autograd keeps (nearly) every activation alive until backward anyway, so holding
+            # references until the forward ends costs no memory; the reductions are paid only
+            # when the forward produced a non-finite value somewhere.
+            cur.calls.append((name, _tensors(args) + _tensors(kwargs), _tensors(output)))
+            return
         bad = _nonfinite(_tensors(output))
         if bad:
             clean_in = _nonfinite(_tensors(args) + _tensors(kwargs)) == 0
-            cur.fwd.append((self._module_names.get(id(module), "?"), clean_in, bad))
+            cur.fwd.append((name, clean_in, bad))
 
     @_safe
     def _any_backward(self, module, grad_input, grad_output):
@@ -653,17 +742,20 @@ class Watch:
             return
         info = self._norm_of.get(id(module))
         gin = [g for g in grad_input if isinstance(g, torch.Tensor)]
-        bad = _nonfinite(gin)
+        s = None
         if info is not None and gin:
             name, kind, how, nd = info
             s = cur.layers.get(name)
             if s is not None:
-                g = gin[0].detach()
-                s.grad_input_norm = _vnorm(g)
-                if bad:
-                    n = math.prod(g.shape[g.dim() - nd:]) if how in ("last", "sink") else 1
-                    rows = (~torch.isfinite(g)).reshape(-1, max(n, 1)).any(dim=1)
-                    s.grad_nonfinite_rows += int(rows.sum())
+                s.grad_input_norm = _vnorm(gin[0])
+                if math.isfinite(s.grad_input_norm):
+                    _remember(gin[0], 0)  # a finite norm proves it finite: no second pass
+        bad = _nonfinite(gin)
+        if s is not None and bad:
+            g = gin[0].detach()
+            n = math.prod(g.shape[g.dim() - nd:]) if how in ("last", "sink") else 1
+            rows = (~torch.isfinite(g)).reshape(-1, max(n, 1)).any(dim=1)
+            s.grad_nonfinite_rows += int(rows.sum())
         if bad:
             gout = [g for g in grad_output if isinstance(g, torch.Tensor)]
             clean_out = _nonfinite(gout) == 0
@@ -754,7 +846,21 @@ class Watch:
             first = cur.bwd[0][0]
             outside = first.rpartition(".")[0] or "<model>"
         bwd = _resolve(cur.bwd, outside)
+        fwd["resolved"] = True
+        # With only the norm layers' backward hooked, a gradient that went non-finite between
+        # the model's output and the first norm that received it is placed in that norm's
+        # innermost container, provisionally; the next step hunts with every leaf hooked.
+        bwd["resolved"] = cur.hunt or bwd["origin"] is None or bwd["origin"] != outside or \
+            outside == "<loss>"
+        if bwd["origin"] is None and cur.param_grad_bad is not None:
+            bwd.update(origin=cur.param_grad_bad, resolved=False)
         layers = {n: cur.layers[n] for n in self.layer_names if n in cur.layers}
+        if bwd["origin"] is not None:
+            # Keep hunting while the fault persists; an unresolved step is followed by a sampled
+            # hunting step at once (not with reduce="all": every rank must sample alike).
+            self._hunt_next = True
+            if not bwd["resolved"] and self.reduce is None:
+                self._force = True
         if self.reduce == "all" and self._dist:
             fwd, bwd = self._reduce(layers, fwd, bwd)
             if self._rank != 0:
@@ -771,20 +877,28 @@ class Watch:
         self._win.append(layers)
         self.records += 1
         new_alerts: list[Alert] = []
+        deferred, self._deferred = self._deferred, []
         for pname, res in (("forward", fwd), ("backward", bwd)):
             if res["origin"] is None:
                 continue
             ev = {"step": cur.number, "pass": pname, **res}
             self.nonfinite_events.append(ev)
-            if self.nonfinite_origin is None:
+            if self.nonfinite_origin is None or not self._origin_resolved:
                 self.nonfinite_origin = res["origin"]
+                self._origin_resolved = res["resolved"]
             if not export:
                 continue  # reduce="all": rank 0 alerts for everyone, once
-            a = self.rules.fire("nonfinite", self.model_name, self.model_version, res["origin"],
-                                f"non-finite values in {pname} at step {cur.number}, origin "
-                                f"{res['origin']}, {len(res['propagators'])} propagating modules")
-            if a is not None:
-                new_alerts.append(a)
+            if not res["resolved"]:
+                self._deferred.append((cur.number, pname, res))  # alerted after the hunt
+                continue
+            # A hunt that found the module also answers the provisional events before it.
+            for number, _, _ in (deferred if pname == "backward" else ()):
+                self._alert(pname, number, res, new_alerts)
+            if pname == "backward":
+                deferred = []
+            self._alert(pname, cur.number, res, new_alerts)
+        for number, pname, res in deferred:  # the fault did not persist: alert as placed
+            self._alert(pname, number, res, new_alerts)
         drift = None
         if (export and self.baseline_ref is not None
                 and self.records % self.drift_every == 0):
@@ -795,6 +909,14 @@ class Watch:
             return self._record(cur, layers, fwd, bwd, drift, alerts)
 
         return build if export else None
+
+    def _alert(self, pname: str, number: int, res: dict, out: list[Alert]) -> None:
+        where = "origin" if res["resolved"] else "provisionally placed in"
+        a = self.rules.fire("nonfinite", self.model_name, self.model_version, res["origin"],
+                            f"non-finite values in {pname} at step {number}, {where} "
+                            f"{res['origin']}, {len(res['propagators'])} propagating modules")
+        if a is not None:
+            out.append(a)
 
     def _record(self, cur, layers, fwd, bwd, drift, alerts) -> dict:
         """The JSON record of a step (schema in ``normkit.monitor.exporters``); built on the
@@ -899,7 +1021,8 @@ def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
           every: int | float = 1, exporters: Iterable = (), baseline: Baseline | None = None,
           alerts: AlertRules | None = None, reduce: str | None = None,
           thresholds: DriftThresholds | None = None, window: int = 50, drift_every: int = 10,
-          backward: bool = True, seed: int = 0, background_export: bool = True) -> Watch:
+          backward: bool = True, seed: int = 0, background_export: bool = True,
+          backward_hunt: str = "on_detect") -> Watch:
     """Watch every norm layer of ``model``: statistics, NaN/Inf origin, drift, alerts.
 
     Use as a context manager (``with normkit.watch(model, ...) as w:``) or keep the returned,
@@ -926,6 +1049,12 @@ def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
         seed: seed of the fractional sampler.
         background_export: run the exporters on a background thread (default), so the step
             never waits for them; ``flush()`` and ``stop()`` wait until every record is out.
+        backward_hunt: "on_detect" (default): backward hooks on the norm layers only, whose
+            input gradients are checked anyway; when a gradient goes non-finite between two
+            norms, the event is recorded with ``resolved: False`` and the next step is sampled
+            with every leaf module hooked, which names the exact module if the fault persists.
+            "always": every leaf hooked on every sampled step — the exact module at once, even
+            for a one-step fault, for about 1% more step time.
 
     Returns:
         The started ``Watch``.
@@ -933,4 +1062,5 @@ def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
     return Watch(model, model_name=model_name, model_version=model_version, every=every,
                  exporters=exporters, baseline=baseline, alerts=alerts, reduce=reduce,
                  thresholds=thresholds, window=window, drift_every=drift_every,
-                 backward=backward, seed=seed, background_export=background_export).start()
+                 backward=backward, seed=seed, background_export=background_export,
+                 backward_hunt=backward_hunt).start()
