@@ -536,10 +536,14 @@ class _NormFunction(torch.autograd.Function):
         dx, dw, db = _kernel_backward(
             ctx.kern, v, weight, bias, stats, dy, dh, rms, zc, casting, need[1] or need[2]
         )
+        if dw is not None and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
+        if db is not None and db.dtype != bias.dtype:
+            db = db.to(bias.dtype)
         return (
             dx if need[0] else None,
-            None if dw is None or not need[1] else dw.to(weight.dtype),
-            None if db is None or not need[2] else db.to(bias.dtype),
+            dw if need[1] else None,
+            db if need[2] else None,
             dx if need[3] else None,
             None, None, None, None, None, None,
         )

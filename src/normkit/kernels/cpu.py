@@ -54,17 +54,22 @@ _MARKER = {
 }
 
 # Below this many elements a row loop runs serially on the calling thread.  A parallel launch on
-# numba's workqueue layer (chosen for fork safety, see below) wakes sleeping threads and cost
-# ~100 µs on a 2-core VM: 64x768 took 133 µs in parallel against 22 µs serially.  At 2M elements
-# (8 MiB of float32, >= 1.5 ms of work) that is under 7%.  Serial and parallel drivers give
+# numba's OpenMP layer costs ~2 µs (its threads spin briefly between regions) and 32K elements
+# of float32 are ~15 µs of work per core, so both cores pay off from here on (torch's own CPU
+# grain is 32K elements too).  On the workqueue layer a launch wakes sleeping threads (~40-100
+# µs on a 2-core VM), so there the threshold is 2M elements.  Serial and parallel drivers give
 # identical bits (tested), so this is speed only.
-PARALLEL_MIN_ELEMENTS = 1 << 21
+PARALLEL_MIN_ELEMENTS = 1 << 15
 
 # Flags passed as one int.
 _RES, _W, _B, _ZC, _NROUND, _STATS, _DW = 1, 2, 4, 8, 16, 32, 128
 
-# dγ/dβ: rows are split into at most this many contiguous blocks (a function of M only).
+# Backward: rows are split into contiguous blocks of at least _MIN_BLOCK_ROWS rows, at most
+# _MAX_BLOCKS of them — a function of M only, so dγ/dβ (one partial row per block, summed in
+# block order) have the same bits whatever the thread count.  Blocks are also the unit of
+# parallel work, with or without dγ/dβ.
 _MAX_BLOCKS = 64
+_MIN_BLOCK_ROWS = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,18 +423,43 @@ def _sum_blocks(nblk, n, pa, oa, SK):  # pragma: no cover - compiled
 # Host functions: torch tensors in, torch tensors out
 # ----------------------------------------------------------------------------------------------
 
-# numba's own "workqueue" threading layer, not its default pick here, "omp" (GNU OpenMP): with omp a
-# process that forks after a parallel kernel ran — every DataLoader with workers — has its
-# children killed ("fork() called from a process already using GNU OpenMP, this is unsafe"; seen
-# here, tested in test_invariance.py).  workqueue must not be entered from two threads at once,
-# which _PAR_LOCK below guarantees for normkit's kernels.  A layer the user chose is kept.
+# Threading layer: OpenMP where numba has it (GNU OpenMP on Linux), TBB next, numba's own
+# workqueue last; a layer the user chose (NUMBA_THREADING_LAYER) is kept.  OpenMP launches in
+# ~2 µs against ~40 µs for workqueue, which is what lets mid-sized batches (4096x64, 512x768)
+# use both cores at all.  GNU OpenMP is not fork-safe: numba kills a forked child that starts a
+# parallel region when the parent had already run one ("fork() called from a process already
+# using GNU OpenMP") — every DataLoader worker, every pre-forking server.  So a child forked
+# after the parent's first parallel launch runs every kernel on the serial driver (same bits:
+# serial and parallel drivers agree bit for bit), see ``_after_fork_in_child``.  One parallel
+# region at a time (``_PAR_LOCK``): concurrent callers would oversubscribe the cores anyway.
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    numba.config.THREADING_LAYER = "default"
+elif os.environ["NUMBA_THREADING_LAYER"] == "workqueue":
+    PARALLEL_MIN_ELEMENTS = 1 << 21
 
-# One parallel region at a time.  numba's workqueue layer must not be entered concurrently, and
-# even with a layer that allows it, 8 calling threads × all cores would oversubscribe the
-# machine; serialising the (already all-core) parallel launches keeps threads == cores.  Small
-# calls run serially on the calling thread and never take the lock.
+_parallel_used = False  # this process has launched a parallel region
+_serial_only = False  # forked after the parent had: parallel regions would be fatal here
+
+
+def _after_fork_in_child():
+    global _serial_only
+    if _parallel_used:
+        _serial_only = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _first_parallel_launch():
+    """Once per process: note the launch (see the fork handling above) and, should numba have
+    fallen back to its workqueue layer, raise the threshold to what pays off there."""
+    global _parallel_used, PARALLEL_MIN_ELEMENTS
+    _parallel_used = True
+    if numba.threading_layer() == "workqueue":
+        PARALLEL_MIN_ELEMENTS = max(PARALLEL_MIN_ELEMENTS, 1 << 21)
+
 _PAR_LOCK = threading.Lock()
 
 # Large outputs: ask for transparent huge pages before the first write.  A fresh output above
@@ -622,11 +652,12 @@ def infer(x, n, weight, bias, eps, rms, residual=None):
     else:
         args = (m, n, rms, flags, eps, x.data_ptr(), n, 0, 0, 0, y.data_ptr(), wa, ba, 0, *p[0])
     entry = p[1]
-    if entry is not None and m * n < PARALLEL_MIN_ELEMENTS:
+    serial = m * n < PARALLEL_MIN_ELEMENTS or _serial_only
+    if entry is not None and serial:
         entry(*args)
     else:
         _launch(_fwd_serial, _fwd_parallel, m * n, args)
-        if p[1] is None and m * n < PARALLEL_MIN_ELEMENTS:
+        if p[1] is None and serial:
             p[1] = _ENTRIES[(_fwd_serial, *map(id, p[0]))]
     return y if h is None else (y, h)
 
@@ -650,12 +681,14 @@ _ENTRIES: dict = {}
 
 
 def _launch(serial, parallel, elements, args):
-    driver = serial if elements < PARALLEL_MIN_ELEMENTS else parallel
+    driver = serial if elements < PARALLEL_MIN_ELEMENTS or _serial_only else parallel
     key = (driver, *map(id, args[-5:]))
     entry = _ENTRIES.get(key)
     if driver is parallel:
         with _PAR_LOCK:
             _call(driver, key, entry, args)
+            if not _parallel_used:
+                _first_parallel_launch()
     else:
         _call(driver, key, entry, args)
 
@@ -698,18 +731,18 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     dhrs = n
     if dh is None:
         dh, dhrs = _const_row(0, n, x.dtype), 0  # one zero row for every row: +0 is exact
-    nblk = min(m, _MAX_BLOCKS) if (want_w or want_b) else 1
+    nblk = max(1, min(_MAX_BLOCKS, m // _MIN_BLOCK_ROWS))
     flags = (
         (_DW if want_w else 0)
         | (_B if want_b else 0)
         | (_ZC if zero_centered else 0)
         | (_NROUND if nd is not None else 0)
     )
-    dx = torch.empty((m, n), dtype=x.dtype)
+    dx = torch.empty_like(x)  # x is contiguous (M, N)
     if m * n >= _HUGE_MIN_ELEMENTS:
         _hugepages(dx)
     # Partial sums only when wanted (_DW/_B); one zeroed allocation for both (~4 µs each at M=1).
-    partials = torch.zeros((2, nblk, n if (want_w or want_b) else 0), dtype=sd)
+    partials = torch.zeros((2, nblk if (want_w or want_b) else 0, n), dtype=sd)
     pw, pb = partials[0], partials[1]
     args = (
         m, nblk, n, rms, flags,
