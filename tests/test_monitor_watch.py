@@ -91,6 +91,22 @@ def test_forward_nan_origin_is_the_linear_feeding_norm_k(impl):
     assert {e["origin"] for e in w.nonfinite_events if e["pass"] == "backward"} == {"<loss>"}
 
 
+def test_forward_origin_in_a_frozen_model_with_autograd_on():
+    """Outputs outside the autograd graph are checked as they come (not kept to the end of the
+    forward): the origin is still the injecting module, in the same step."""
+    m = _model("normkit")
+    for p in m.parameters():
+        p.requires_grad_(False)
+    feeder = m.feeder_of(K)
+    with watch(m, model_name="lm", model_version="v1", alerts=AlertRules(log_alerts=False)) as w:
+        m(lm_batch()[0])
+        m.get_submodule(feeder).inject_forward = ROWS
+        m(lm_batch()[0])
+    assert [(e["step"], e["pass"], e["origin"]) for e in w.nonfinite_events] == [
+        (2, "forward", feeder)]
+    assert w.nonfinite_events[0]["origin_values"] == len(ROWS) * 32
+
+
 def test_second_dedupe_window_pages_again():
     m = _model("torch")
     clock = FakeClock()

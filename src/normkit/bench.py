@@ -93,7 +93,7 @@ OP_NAMES = {
 PASSES = ("fwd", "bwd")
 # "copy" is the reference every ratio divides by; "clone" is a copy that allocates its output
 # (see clone_fraction); the others are peers timed side by side.
-PEERS = ("torch", "compile", "onnxruntime", "copy", "clone")
+PEERS = ("torch", "compile", "onnxruntime", "copy", "clone", "out")
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -575,6 +575,25 @@ def _build_normkit(case: Case, t: _Inputs, cfg: BenchConfig) -> Callable[[], obj
     return _wrap(case, t, forward)
 
 
+def _build_normkit_out(case: Case, t: _Inputs, cfg: BenchConfig) -> Callable[[], object]:
+    """normkit forward writing into a buffer allocated once (``out=``): the same bytes moved as
+    the copy reference, which also writes into an existing buffer."""
+    if case.pass_ != "fwd" or case.fused:
+        raise Skip("out= peer: LN/RMSNorm forward only")
+    import normkit
+
+    fn = normkit.rms_norm if case.rms else normkit.layer_norm
+    eps = RMS_EPS if case.rms else LN_EPS
+    params = _params(case, t, grad=False)
+    buf = torch.empty_like(t.x)
+
+    def run_out():
+        with torch.no_grad():
+            return fn(t.x, (t.x.shape[-1],), *params, eps, out=buf)
+
+    return run_out
+
+
 def _build_onnxruntime(case: Case, t: _Inputs, cfg: BenchConfig) -> Callable[[], object]:
     if case.op != "ln" or case.pass_ != "fwd" or case.dtype != "float32":
         raise Skip("ONNX Runtime peer: LayerNormalization forward float32 only")
@@ -646,6 +665,7 @@ _IMPLS: dict[str, tuple[Callable[[Case, _Inputs, BenchConfig], Callable[[], obje
     "clone": (_build_clone, "clone"),
     "torch": (_build_torch, "torch"),
     "normkit": (_build_normkit, "normkit"),
+    "out": (_build_normkit_out, "out"),
     "compile": (_build_compile, "compile"),
     "onnxruntime": (_build_onnxruntime, "onnxruntime"),
 }
@@ -708,7 +728,7 @@ def _bench_case(case: Case, cfg: BenchConfig, timer: Timer,
         # measurement (on a shared VM, e.g. waking an idle vCPU costs milliseconds).
         rec["noisy"] = rec["median_s"] > NOISY_RATIO * rec["min_s"]
     # Stable column order in the JSON: normkit first, then peers, then the copy references.
-    order = ["normkit", "torch", "compile", "onnxruntime", "copy", "clone"]
+    order = ["normkit", "out", "torch", "compile", "onnxruntime", "copy", "clone"]
     record = dict(case.key())
     record["ideal_bytes"] = nbytes
     record["impls"] = {k: impls[k] for k in order if k in impls}
@@ -881,6 +901,8 @@ def bar_check(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             copy_fraction_needed=need,
             copy_ok=None if cf is None else cf >= need,
             clone_fraction=nk.get("clone_fraction"),
+            # normkit with out= (forward only): the copy reference's own terms, no allocation
+            copy_fraction_out=r.get("impls", {}).get("out", {}).get("copy_fraction"),
             speedup_vs_torch=sp,
             speedup_needed=min_speedup,
             speedup_ok=None if sp is None else sp >= min_speedup,

@@ -224,6 +224,7 @@ def layer_norm(
     return_residual: bool = False,
     casting: str = "torch",
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ):
     """LayerNorm over the last ``len(normalized_shape)`` dims, optionally fused with a residual add.
 
@@ -247,6 +248,11 @@ def layer_norm(
             "t5": normalize in float32, cast to weight.dtype only when that is 16-bit, then
             multiply; output weight.dtype (16-bit weight) or float32.
         out_dtype: output dtype for "torch"/"gemma" casting.
+        out: a tensor to write y into (shape of x, the output dtype, contiguous, same device);
+            it is returned as y.  It may be x itself (each row is read before it is written).
+            No autograd through it, as with torch's ``out=`` arguments: with a gradient wanted
+            this raises.  Saves the allocation and the first-touch page faults of a fresh
+            output, which for large tensors cost as much as the op.
 
     Returns:
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype).
@@ -255,12 +261,12 @@ def layer_norm(
     accelerators) it runs in float32 and returns float32; on the CPU autocast leaves it alone.
     """
     if casting == "torch" and out_dtype is None and not zero_centered_gamma:
-        out = _infer(x, normalized_shape, weight, bias, eps, False, residual)
-        if out is not None:
-            return _finish(out, x, residual, return_residual)
+        res = _infer(x, normalized_shape, weight, bias, eps, False, residual, out)
+        if res is not None:
+            return _finish(res, x, residual, return_residual)
     return _norm(
         x, normalized_shape, weight, bias, eps, residual, zero_centered_gamma,
-        return_residual, casting, out_dtype, False,
+        return_residual, casting, out_dtype, False, out,
     )
 
 
@@ -275,12 +281,13 @@ def rms_norm(
     return_residual: bool = False,
     casting: str = "torch",
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ):
     """RMSNorm: ``y = h * rsqrt(mean(h²) + eps) * g``, optionally fused with a residual add.
 
     Args:
         x, normalized_shape, weight, residual, zero_centered_gamma, return_residual, casting,
-            out_dtype: as in ``layer_norm`` (no bias).
+            out_dtype, out: as in ``layer_norm`` (no bias).
         eps: added to the mean square; None means ``torch.finfo(x.dtype).eps``, as in
             ``torch.nn.functional.rms_norm``.
 
@@ -291,12 +298,12 @@ def rms_norm(
     if casting == "torch" and out_dtype is None and not zero_centered_gamma:
         if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             eps = torch.finfo(x.dtype).eps
-        out = _infer(x, normalized_shape, weight, None, eps, True, residual)
-        if out is not None:
-            return _finish(out, x, residual, return_residual)
+        res = _infer(x, normalized_shape, weight, None, eps, True, residual, out)
+        if res is not None:
+            return _finish(res, x, residual, return_residual)
     return _norm(
         x, normalized_shape, weight, None, eps, residual, zero_centered_gamma,
-        return_residual, casting, out_dtype, True,
+        return_residual, casting, out_dtype, True, out,
     )
 
 
@@ -312,7 +319,7 @@ def _finish(out, x, residual, return_residual):
     return out if return_residual else out[0]
 
 
-def _infer(x, n, weight, bias, eps, rms, residual):
+def _infer(x, n, weight, bias, eps, rms, residual, out=None):
     """Eager inference in the common form (int normalized_shape, contiguous CPU x, 1-D γ/β, no
     gradient) with the fewest checks that make it safe; None means "take the general path",
     which validates everything and raises the errors.  At M=1 every 0.1 µs here counts: torch's
@@ -333,7 +340,7 @@ def _infer(x, n, weight, bias, eps, rms, residual):
         if type(n) is not tuple or len(n) != 1 or type(n[0]) is not int:  # nn.LayerNorm's form
             return None
         n = n[0]
-    return cpu.infer(x, n, weight, bias, eps, rms, residual)
+    return cpu.infer(x, n, weight, bias, eps, rms, residual, out)
 
 
 def _check_param(name, p, shape, x):
@@ -413,6 +420,23 @@ def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dty
     return ns, n, eps
 
 
+def _check_out(out, x, weight, bias, residual, casting, out_dtype):
+    """``out=``: a contiguous tensor shaped like x in the output dtype, outside autograd."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    want = reference.output_dtype(x.dtype, None if weight is None else weight.dtype, casting,
+                                  out_dtype)
+    if out.shape != x.shape or out.dtype != want or out.device != x.device:
+        raise ValueError(f"out must have x's shape {tuple(x.shape)}, dtype {want} and device "
+                         f"{x.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, residual, out)):
+        raise ValueError("out= does not support autograd (as torch's out= arguments): call "
+                         "without out, or under torch.no_grad()")
+
+
 def _rows(t, m, n, flat):
     """(M, N) view of t (a copy only when the last dim is not contiguous: the kernels read rows
     with a stride but need unit stride within a row)."""
@@ -423,9 +447,11 @@ def _rows(t, m, n, flat):
 
 
 def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual, casting,
-          out_dtype, rms):
+          out_dtype, rms, out=None):
     ns, n, eps = _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dtype,
                            rms)
+    if out is not None:
+        _check_out(out, x, weight, bias, residual, casting, out_dtype)
     if not x.is_cpu and torch.is_autocast_enabled(x.device.type):
         # torch's autocast runs layer_norm / rms_norm in float32 on accelerators (CPU: no policy).
         x, weight, bias, residual = (
@@ -462,16 +488,24 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
             or (b is not None and b.requires_grad)
             or (r2 is not None and r2.requires_grad)
         )):
-            y, h, stats = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype,
-                                       sink is not None)
+            if out is not None and kern is _cpu_module:
+                y, h, stats = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype,
+                                           sink is not None, y=_rows(out, m, n, flat))
+            else:
+                y, h, stats = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype,
+                                           sink is not None)
             if sink is not None:
                 _report_stats(sink, stats, eps, rms)
         else:
-            out = _NormFunction.apply(x2, w, b, r2, eps, rms, zc, casting, out_dtype, kern)
-            y, h = out if r2 is not None else (out, None)
+            res = _NormFunction.apply(x2, w, b, r2, eps, rms, zc, casting, out_dtype, kern)
+            y, h = res if r2 is not None else (res, None)
     if not flat:
         y = y.view(x.shape)
         h = None if h is None else h.view(x.shape)
+    if out is not None:
+        if y.data_ptr() != out.data_ptr():
+            out.copy_(y)
+        y = out
     if return_residual:
         return y, (x if h is None else h)  # no residual: h is x itself
     return y

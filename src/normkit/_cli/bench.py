@@ -300,6 +300,8 @@ def _print_bar(out, bar: dict[str, Any]) -> None:
         cf = "–" if p["copy_fraction"] is None else f"{p['copy_fraction']:.2f}"
         sp = "–" if p["speedup_vs_torch"] is None else f"{p['speedup_vs_torch']:.2f}"
         cl = "" if p["clone_fraction"] is None else f"of clone {p['clone_fraction']:.2f}"
+        if p.get("copy_fraction_out") is not None:
+            cl += f"  with out=: of copy {p['copy_fraction_out']:.2f}"
         out.print(f"  {p['op']:<7} {p['pass']} {p['dtype']:<8}  of copy {cf:>5} "
                   f"(≥ {p['copy_fraction_needed']:.2f}) {mark(p['copy_ok'])}   "
                   f"vs torch {sp:>5} {mark(p['speedup_ok'])}   [dim]{cl}[/dim]")

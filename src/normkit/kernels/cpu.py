@@ -537,13 +537,16 @@ def supports(x, weight, bias, casting, out_dtype) -> bool:
     return plan(x.dtype, wd, bd, casting, out_dtype) is not None
 
 
-def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats):
+def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats,
+            y=None):
     """Forward on rows.
 
     Args:
         x: (M, N) with ``x.stride(1) == 1`` (rows may be strided).  residual: like x or None.
         weight, bias: (N,) contiguous, or None.  Other args as in ``reference.norm_forward``.
         need_stats: also return the (M, 3) statistics [m1, dm, rstd] that backward needs.
+        y: a contiguous (M, N) output buffer of the output dtype (checked by the caller), or
+            None to allocate one.  It may be x: every row is read before it is written.
 
     Returns:
         (y, h, stats): y (M, N) contiguous; h (M, N) in x.dtype or None; stats or None.
@@ -569,10 +572,11 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
     # empty_like is ~1 µs cheaper than empty(shape, dtype=...) and gives a contiguous (M, N)
     # whenever x is contiguous; otherwise ask for the layout explicitly.
     contiguous = x.is_contiguous()
-    y = torch.empty_like(x) if contiguous and od == x.dtype else torch.empty((m, n), dtype=od)
     big = m * n >= _HUGE_MIN_ELEMENTS
-    if big:
-        _hugepages(y)
+    if y is None:
+        y = torch.empty_like(x) if contiguous and od == x.dtype else torch.empty((m, n), dtype=od)
+        if big:
+            _hugepages(y)
     h = stats = None
     if residual is not None:
         h = torch.empty_like(x) if contiguous else torch.empty((m, n), dtype=x.dtype)
@@ -591,12 +595,13 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
     return y, h, stats
 
 
-def infer(x, n, weight, bias, eps, rms, residual=None):
+def infer(x, n, weight, bias, eps, rms, residual=None, out=None):
     """The serving call in its most common form, as cheap as it can be, or None.
 
     For a contiguous CPU x whose last dim is n, γ/β None or contiguous (n,), an optional
-    contiguous residual like x, "torch" casting, no statistics, no gradient wanted.  Returns y,
-    or (y, h) with a residual.  Anything else — including arguments that are not tensors at all —
+    contiguous residual like x, "torch" casting, no statistics, no gradient wanted, and ``out``
+    None or a contiguous CPU tensor like x.  Returns y (``out`` when given), or (y, h) with a
+    residual.  Anything else — including arguments that are not tensors at all —
     returns None, and the caller takes the general path, which validates everything and raises
     the named errors.  The caller has checked eps and torch.compile.
     """
@@ -629,6 +634,10 @@ def infer(x, n, weight, bias, eps, rms, residual=None):
                 return None
             ra = residual.data_ptr()
             flags |= _RES
+        if out is not None:
+            if (out.shape != x.shape or out.dtype != x.dtype or not out.is_cpu
+                    or not out.is_contiguous() or (grad and out.requires_grad)):
+                return None
         m = x.numel() // n if n else 0
     except (AttributeError, IndexError, TypeError):
         return None
@@ -638,11 +647,14 @@ def infer(x, n, weight, bias, eps, rms, residual=None):
         p = _INFER_PLANS[key] = _infer_plan(*key)
     if not p or m == 0:
         return None
-    y = torch.empty_like(x)
-    h = None
     big = m * n >= _HUGE_MIN_ELEMENTS
-    if big:
-        _hugepages(y)
+    if out is None:
+        y = torch.empty_like(x)
+        if big:
+            _hugepages(y)
+    else:
+        y = out
+    h = None
     if ra:
         h = torch.empty_like(x)
         if big:

@@ -282,7 +282,7 @@ class _Step:
         # Lazy forward hunt (steps with autograd on): module calls in hook order, as (name,
         # inputs, outputs), checked only if the forward turned out to produce a non-finite value.
         self.lazy = lazy
-        self.calls: list[tuple[str, list[torch.Tensor], list[torch.Tensor]]] = []
+        self.calls: list[tuple] = []  # or (name, clean_in, bad) for a call checked at once
         self.suspect = False  # a norm layer saw a non-finite input or produced one
         self.hunt = hunt  # every leaf module's backward hooked (else: norm layers only)
         self.bw_end_queued = False
@@ -543,6 +543,9 @@ class Watch:
             calls, cur.calls = cur.calls, []
             if cur.suspect or _nonfinite(_tensors(output)):
                 for name, ins, outs in calls:
+                    if isinstance(outs, int):  # checked when it ran: (name, clean_in, bad)
+                        cur.fwd.append((name, ins, outs))
+                        continue
                     bad = _nonfinite(outs)
                     if bad:
                         cur.fwd.append((name, _nonfinite(ins) == 0, bad))
@@ -724,16 +727,22 @@ class Watch:
                 self._bw_ok.add(key)
                 self._bw_new = True
         name = self._module_names.get(key, "?")
-        if cur.lazy:
-            # Autograd keeps (nearly) every activation alive until backward anyway, so holding
-            # references until the forward ends costs no memory; the reductions are paid only
-            # when the forward produced a non-finite value somewhere.
-            cur.calls.append((name, _tensors(args) + _tensors(kwargs), _tensors(output)))
+        outs = _tensors(output)
+        if cur.lazy and all(t.requires_grad for t in outs):
+            # Autograd keeps such activations alive until backward anyway, so holding references
+            # until the forward ends costs no memory; the reductions are paid only when the
+            # forward produced a non-finite value somewhere.  (Outputs outside the graph — a
+            # frozen part of the model — are checked now, not kept.)
+            cur.calls.append((name, _tensors(args) + _tensors(kwargs), outs))
             return
-        bad = _nonfinite(_tensors(output))
+        bad = _nonfinite(outs)
         if bad:
             clean_in = _nonfinite(_tensors(args) + _tensors(kwargs)) == 0
-            cur.fwd.append((name, clean_in, bad))
+            if cur.lazy:  # keep the hook order: resolved with the recorded calls
+                cur.calls.append((name, clean_in, bad))
+                cur.suspect = True
+            else:
+                cur.fwd.append((name, clean_in, bad))
 
     @_safe
     def _any_backward(self, module, grad_input, grad_output):

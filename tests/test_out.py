@@ -1,0 +1,77 @@
+"""``out=``: y written into a caller's buffer (or into x itself), bit for bit the allocating
+result, on every path (the inference fast path, the general path, the reference backend), and
+clear errors for a buffer that does not fit or a call that needs autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normkit
+
+
+def _args(rms, shape, dtype, residual, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = torch.randn(shape, generator=g).to(dtype)
+    w = torch.randn(n, generator=g).to(dtype)
+    b = None if rms else torch.randn(n, generator=g).to(dtype)
+    r = torch.randn(shape, generator=g).to(dtype) if residual else None
+    return x, w, b, r
+
+
+def _call(rms, x, w, b, r, **kw):
+    if rms:
+        return normkit.rms_norm(x, x.shape[-1], w, 1e-6, residual=r, **kw)
+    return normkit.layer_norm(x, x.shape[-1], w, b, 1e-5, residual=r, **kw)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 64), (300, 768), (0, 16)])
+@pytest.mark.parametrize("rms", [False, True])
+def test_out_gives_the_allocating_result_bit_for_bit(rms, shape, dtype, residual, backend):
+    x, w, b, r = _args(rms, shape, dtype, residual)
+    with normkit.use_backend(backend):
+        want = _call(rms, x, w, b, r)
+        out = torch.full_like(x, float("nan"))  # every element must be written
+        got = _call(rms, x, w, b, r, out=out)
+    assert got is out
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("rms", [False, True])
+def test_out_may_be_x_itself(rms, residual):
+    x, w, b, r = _args(rms, (257, 1000), torch.float32, residual)
+    want = _call(rms, x, w, b, r)
+    y = _call(rms, x, w, b, r, out=x)
+    assert y is x and torch.equal(x, want)
+
+
+def test_out_on_the_general_path_and_with_the_parallel_driver():
+    x, w, b, _ = _args(False, (2048, 64), torch.bfloat16, False)  # 128K elements: parallel
+    w32 = w.float()
+    for kw in ({"casting": "llama"}, {"zero_centered_gamma": True}, {"out_dtype": torch.float32},
+               {}):
+        want = normkit.layer_norm(x, 64, w32, b.float(), **kw)
+        out = torch.empty_like(want)
+        assert normkit.layer_norm(x, 64, w32, b.float(), out=out, **kw) is out
+        assert torch.equal(out, want), kw
+
+
+def test_bad_out_is_named():
+    x, w, b, _ = _args(False, (4, 8), torch.float32, False)
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        normkit.layer_norm(x, 8, w, b, out=[0.0] * 32)
+    with pytest.raises(ValueError, match="out must have x's shape"):
+        normkit.layer_norm(x, 8, w, b, out=torch.empty(4, 9))
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        normkit.layer_norm(x, 8, w, b, out=torch.empty(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        normkit.layer_norm(x, 8, w, b, out=torch.empty(8, 4).t())
+    with pytest.raises(ValueError, match="autograd"):
+        normkit.layer_norm(x, 8, w.requires_grad_(), b, out=torch.empty(4, 8))
+    with torch.no_grad():  # the same call without a gradient wanted is fine
+        assert normkit.layer_norm(x, 8, w, b, out=torch.empty(4, 8)).shape == (4, 8)
