@@ -30,7 +30,7 @@ FAST = bench.TimingPolicy(min_time_s=0.002, min_reps=3, max_time_s=0.02, floor_r
 
 def tiny(**kw) -> bench.BenchConfig:
     base = dict(ops=("ln", "add_rms"), dtypes=("float32",), Ms=(1, 8), Ns=(64,),
-                peers=("torch", "onnxruntime", "copy", "clone"), backend="reference",
+                peers=("torch", "onnxruntime", "copy", "clone", "out"), backend="reference",
                 timing=FAST)
     base.update(kw)
     return bench.BenchConfig(**base)
@@ -155,6 +155,11 @@ def test_run_bench_document_is_well_formed(capsys):
         else:
             assert "skipped" in ort
         assert "compile" not in r["impls"]  # not asked for
+        out = r["impls"]["out"]  # normkit with out=: LN/RMS forward only
+        if (r["op"], r["pass"]) == ("ln", "fwd"):
+            assert _positive_finite(out["copy_fraction"]), out
+        else:
+            assert "skipped" in out
     assert any("compile" in n for n in doc["notes"])
 
     bar = doc["bar"]
@@ -297,3 +302,10 @@ def test_cli_help_lists_bench(capsys):
         main(["--help"])
     assert exc.value.code == 0
     assert "bench" in capsys.readouterr().out
+
+
+def test_cli_lists_mirror_the_library():
+    """The CLI keeps its own copies (so --help does not import torch); they must agree."""
+    from normkit._cli import bench as cli
+
+    assert (cli._OPS, cli._PEERS) == (bench.OPS, bench.PEERS)

@@ -26,7 +26,7 @@ HELP = "benchmark the norms against torch, torch.compile, ONNX Runtime and a mem
 # Kept in sync with normkit.bench (not imported here: this module loads for `normkit --help`).
 _OPS = ("ln", "rms", "add_ln", "add_rms")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
-_PEERS = ("torch", "compile", "onnxruntime", "copy", "clone")
+_PEERS = ("torch", "compile", "onnxruntime", "copy", "clone", "out")
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -649,7 +649,8 @@ class Watch:
         """At the end of a backward without the leaves hooked: are all parameter gradients
         finite?  One fused norm over them (``_foreach_norm``); catches a gradient going bad
         where no norm layer sees it (below the first norm, e.g. in the embedding)."""
-        params = [(n, p.grad) for n, p in self._params if p.grad is not None]
+        params = [(n, p.grad) for n, p in self._params
+                  if p.grad is not None and p.grad.layout == torch.strided]
         if not params:
             return
         norms = torch.stack(torch._foreach_norm([g.detach() for _, g in params]))
