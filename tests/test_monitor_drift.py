@@ -187,11 +187,14 @@ def test_batched_row_statistics_equal_the_per_layer_path():
 
     g = torch.Generator().manual_seed(3)
     items = []
-    for kind, m in (("ln", 40), ("rms", 7), ("ln", 1)):
+    for kind, m in (("ln", 40), ("ln", 0), ("rms", 7), ("ln", 1), ("ln", 3)):
         mean = None if kind == "rms" else torch.randn(m, generator=g)
         second = torch.rand(m, generator=g) * 3
         if m == 40:
             second[5] = math.inf  # a non-finite row is counted, not summed
+            mean[9] = math.nan
+        if m == 3:
+            second[:] = math.nan  # a layer with no finite row at all
         items.append((kind, mean, second))
     one = [LayerStats(kind=k) for k, _, _ in items]
     many = [LayerStats(kind=k) for k, _, _ in items]
