@@ -141,7 +141,7 @@ def main(argv=None) -> int:
 
     def stats(v):
         q = statistics.quantiles(v, n=4)
-        return {"median": statistics.median(v), "p25": q[0], "p75": q[2], "n_blocks": len(v)}
+        return {"median": statistics.median(v), "p25": q[0], "p75": q[2], "n": len(v)}
 
     result = {
         "schema": "normkit.bench.watch_overhead",
