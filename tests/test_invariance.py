@@ -156,3 +156,24 @@ def test_forked_child_can_run_parallel_kernels():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "True", "True"], out.stdout + out.stderr
+
+
+def test_normkit_uses_no_more_threads_than_torch_may(monkeypatch):
+    """torch.set_num_threads(1) (a worker process, the watch benchmark) keeps normkit on the
+    calling thread too; with more torch threads large calls go parallel.  Same bits either way."""
+    drivers = []
+    real = cpu._call
+    monkeypatch.setattr(cpu, "_call", lambda d, *a: (drivers.append(d), real(d, *a))[1])
+    x = torch.randn(512, 1024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = normkit.layer_norm(x, 1024)
+        torch.set_num_threads(2)
+        y2 = normkit.layer_norm(x, 1024)
+    finally:
+        torch.set_num_threads(before)
+    assert drivers[0] is cpu._fwd_serial
+    if numba.config.NUMBA_NUM_THREADS > 1:
+        assert drivers[1] is cpu._fwd_parallel
+    assert torch.equal(y1, y2)

@@ -461,6 +461,7 @@ def _first_parallel_launch():
         PARALLEL_MIN_ELEMENTS = max(PARALLEL_MIN_ELEMENTS, 1 << 21)
 
 _PAR_LOCK = threading.Lock()
+_threads = threading.local()  # .n: the numba thread count last set from this Python thread
 
 # Large outputs: ask for transparent huge pages before the first write.  A fresh output above
 # glibc's mmap threshold is fresh pages, and faulting them in 4 KiB at a time costs more than the
@@ -693,11 +694,20 @@ _ENTRIES: dict = {}
 
 
 def _launch(serial, parallel, elements, args):
-    driver = serial if elements < PARALLEL_MIN_ELEMENTS or _serial_only else parallel
+    driver = serial
+    if elements >= PARALLEL_MIN_ELEMENTS and not _serial_only:
+        # As many threads as torch is allowed (torch.set_num_threads), never more than numba
+        # started: a worker process limited to one torch thread gets no second normkit thread.
+        nt = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        if nt > 1:
+            driver = parallel
     key = (driver, *map(id, args[-5:]))
     entry = _ENTRIES.get(key)
     if driver is parallel:
         with _PAR_LOCK:
+            if getattr(_threads, "n", None) != nt:  # numba's setting is per calling thread
+                numba.set_num_threads(nt)
+                _threads.n = nt
             _call(driver, key, entry, args)
             if not _parallel_used:
                 _first_parallel_launch()
