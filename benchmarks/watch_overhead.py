@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     result["meets_bar"] = (result["overhead_every_1"]["median"] <= 0.05
                            and result["overhead_every_10"]["median"] <= 0.01)
     out = args.out or (ROOT / "benchmarks" / "results" /
-                       f"watch-overhead-{dt.datetime.now(dt.timezone.utc):%Y%m%d}.json")
+                       f"watch-overhead-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmpname = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
