@@ -75,3 +75,17 @@ def test_bad_out_is_named():
         normkit.layer_norm(x, 8, w.requires_grad_(), b, out=torch.empty(4, 8))
     with torch.no_grad():  # the same call without a gradient wanted is fine
         assert normkit.layer_norm(x, 8, w, b, out=torch.empty(4, 8)).shape == (4, 8)
+
+
+def test_out_under_tracing_is_written_too():
+    """torch.jit.trace takes torch's own ops (see test_export); out= must still be filled."""
+    x, w, b, _ = _args(False, (4, 16), torch.float32, False)
+
+    def f(x):
+        out = torch.zeros_like(x)
+        normkit.layer_norm(x, 16, w, b, out=out)
+        return out
+
+    with torch.no_grad():
+        traced = torch.jit.trace(f, (x,), check_trace=False)
+        assert torch.allclose(traced(x), normkit.layer_norm(x, 16, w, b), atol=1e-6)

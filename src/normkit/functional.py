@@ -463,6 +463,8 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
         # would be recorded as a constant output, so trace torch's own ops instead — on x as
         # it is, so that a dynamic batch dim stays dynamic in the graph.
         y, h = _traceable(x, ns, n, weight, bias, residual, eps, rms, zc, casting, out_dtype)
+        if out is not None:
+            y = out.copy_(y)
         return (y, x if h is None else h) if return_residual else y
     # Flatten to rows here, never inside the autograd.Function (STYLE habit 2).
     flat = x.dim() == 2 and len(ns) == 1
