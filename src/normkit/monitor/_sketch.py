@@ -65,19 +65,6 @@ class Histogram:
         self.hi = float(hi)
 
     @classmethod
-    def of_rows(cls, v: torch.Tensor) -> list[Histogram]:
-        """One histogram per row of a (k, M) tensor of finite values (one bucketize and one
-        bincount for all rows)."""
-        k, m = v.shape
-        if m == 0:
-            return [cls() for _ in range(k)]
-        idx = torch.bucketize(v, _EDGES_T[v.dtype])
-        idx += torch.arange(k).unsqueeze(1) * NBUCKETS
-        counts = torch.bincount(idx.reshape(-1), minlength=k * NBUCKETS).view(k, NBUCKETS)
-        ext = torch.cat([v.amin(1), v.amax(1)]).tolist()
-        return [cls(counts[i], m, ext[i], ext[k + i]) for i in range(k)]
-
-    @classmethod
     def of(cls, values: torch.Tensor) -> Histogram:
         """The histogram of a 1-D tensor's finite values."""
         v = _finite_values(values)

@@ -62,40 +62,8 @@ class LayerStats:
     def add_rows(self, mean: torch.Tensor | None, second: torch.Tensor) -> None:
         """Adds per-row input statistics: ``mean`` (M,) and ``second`` = variance (M,) for "ln",
         ``mean`` None and ``second`` = mean square (M,) for "rms".  Non-finite rows are counted,
-        not summed.  About a dozen small tensor ops and one host transfer per call."""
-        second = second.detach().reshape(-1)
-        if second.dtype != torch.float64:
-            second = second.float()
-        v = second.unsqueeze(0)
-        if mean is not None:
-            v = torch.stack([mean.detach().reshape(-1).to(second.dtype), second])
-        m = v.shape[1]
-        ok = torch.isfinite(v).all(0)
-        good = int(ok.sum())
-        self.rows += good
-        self.nonfinite_rows += m - good
-        if good < m:
-            v = v[:, ok]
-        if good == 0:
-            return
-        v = v.clone()
-        v[-1].clamp_(min=0)  # 1/rstd² − eps may round a hair below 0
-        vd = v.double()
-        if mean is None:
-            self.sum_ms += float(vd[0].sum())
-            v[0].sqrt_()
-            self.hist_scale.merge(Histogram.of_rows(v)[0])
-            return
-        mu, var = vd[0], vd[1]
-        s = torch.stack([mu.sum(), (mu * mu).sum(), var.sum()]).tolist()
-        self.sum_mean += s[0]
-        self.sum_mean_sq += s[1]
-        self.sum_var += s[2]
-        self.sum_ms += s[2] + s[1]  # E[x²] = var + mean² per row
-        v[1].sqrt_()
-        hm, hs = Histogram.of_rows(v)
-        self.hist_mean.merge(hm)
-        self.hist_scale.merge(hs)
+        not summed.  One layer of ``add_rows_many``."""
+        add_rows_many([(self, mean, second)])
 
     def add_output(self, y: torch.Tensor) -> int:
         """Adds the pooled mean/variance of an output tensor (one pass; sampled steps only).
