@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .reference import cast_dtype, effective_gamma, output_dtype, param_dtype
+from .reference import cast_dtype, effective_gamma, kernel_dtypes, param_dtype
 
 __all__ = ["forward", "backward", "infer", "supports", "plan", "PARALLEL_MIN_ELEMENTS"]
 
@@ -507,21 +507,15 @@ def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
     except KeyError:
         pass
     result = None
-    if x_dtype in _MARKER and all(d is None or d in _MARKER for d in (w_dtype, b_dtype)):
-        ok = x_dtype == torch.float64 or torch.float64 not in (w_dtype, b_dtype)
-        if casting in ("llama", "t5") and None not in (w_dtype, b_dtype) and w_dtype != b_dtype:
-            ok = False
-        if ok:
-            pd = param_dtype(x_dtype, w_dtype, b_dtype)
-            w_used = None if w_dtype is None else pd
-            od = output_dtype(x_dtype, w_used if casting in ("llama", "t5") else w_dtype,
-                              casting, out_dtype)
-            nd = cast_dtype(x_dtype, w_used, casting)
+    if (x_dtype in _MARKER and all(d is None or d in _MARKER for d in (w_dtype, b_dtype))
+            and (x_dtype == torch.float64 or torch.float64 not in (w_dtype, b_dtype))):
+        dts = kernel_dtypes(x_dtype, w_dtype, b_dtype, casting, out_dtype)
+        if dts is not None and dts[1] in _MARKER:
+            pd, od, nd = dts
             sd = torch.float64 if x_dtype == torch.float64 else torch.float32
-            if od in _MARKER:
-                markers = (_MARKER[x_dtype], _MARKER[od], _MARKER[pd], _MARKER[nd or x_dtype],
-                           _MARKER[sd])
-                result = (pd, od, nd is not None, markers)
+            markers = (_MARKER[x_dtype], _MARKER[od], _MARKER[pd], _MARKER[nd or x_dtype],
+                       _MARKER[sd])
+            result = (pd, od, nd is not None, markers)
     _PLANS[key] = result
     return result
 

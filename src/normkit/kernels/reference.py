@@ -73,6 +73,20 @@ def cast_dtype(x_dtype, wd, casting):
     return None
 
 
+def kernel_dtypes(x_dtype, w_dtype, b_dtype, casting, out_dtype):
+    """(γ/β storage dtype, output dtype, x̂ rounding dtype or None) as the CPU and Triton
+    kernels compute the op, or None for the combination both leave to the reference:
+    "llama"/"t5" casting with γ and β of different dtypes (each applies in its own dtype).
+    Which storage dtypes a backend takes is for the backend to check."""
+    if casting in ("llama", "t5") and None not in (w_dtype, b_dtype) and w_dtype != b_dtype:
+        return None
+    pd = param_dtype(x_dtype, w_dtype, b_dtype)
+    w_used = None if w_dtype is None else pd
+    od = output_dtype(x_dtype, w_used if casting in ("llama", "t5") else w_dtype, casting,
+                      out_dtype)
+    return pd, od, cast_dtype(x_dtype, w_used, casting)
+
+
 def effective_gamma(weight, zero_centered, rounds):
     """(γ as the kernels multiply by it, whether 1 must still be added to it).
 

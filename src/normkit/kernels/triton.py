@@ -53,7 +53,7 @@ except (ImportError, AttributeError):  # pragma: no cover - older triton
 
 import torch
 
-from .reference import cast_dtype, effective_gamma, output_dtype, param_dtype
+from .reference import cast_dtype, effective_gamma, kernel_dtypes, param_dtype
 
 __all__ = ["forward", "backward", "supports", "plan", "config", "INTERPRET"]
 
@@ -403,14 +403,9 @@ def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
         pass
     result = None
     if x_dtype in _DTYPES and all(d is None or d in _DTYPES for d in (w_dtype, b_dtype)):
-        if not (casting in ("llama", "t5") and None not in (w_dtype, b_dtype)
-                and w_dtype != b_dtype):
-            pd = param_dtype(x_dtype, w_dtype, b_dtype)
-            w_used = None if w_dtype is None else pd
-            od = output_dtype(x_dtype, w_used if casting in ("llama", "t5") else w_dtype,
-                              casting, out_dtype)
-            if od in _DTYPES:
-                result = (pd, od, cast_dtype(x_dtype, w_used, casting))
+        dts = kernel_dtypes(x_dtype, w_dtype, b_dtype, casting, out_dtype)
+        if dts is not None and dts[1] in _DTYPES:
+            result = dts
     _PLANS[key] = result
     return result
 
