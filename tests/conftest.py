@@ -98,3 +98,15 @@ def torch_op(x, weight=None, bias=None, residual=None, eps=1e-5, rms=False, zc=F
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``): its
+    tests push a few rows through tiny models, where on a shared 2-core CI machine two threads
+    fighting for a busy core at every op cost more than they give (the audit CLI makes the same
+    choice)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

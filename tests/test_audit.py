@@ -17,15 +17,7 @@ import audit_models as A  # noqa: E402
 
 from normkit.audit import CHECKS, RULES, SCHEMA_VERSION, AuditReport, Finding, audit  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The audits here push a few rows through tiny models: one torch thread is faster than
-    two fighting for a busy CI core at every op (the CLI makes the same choice)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 LOUD = "warning"  # "silent" means: no finding at warning or above (info may describe facts)

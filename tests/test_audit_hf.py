@@ -10,14 +10,7 @@ from normkit.audit import audit
 
 T = pytest.importorskip("transformers")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The audits here push a few rows through tiny models: one torch thread is faster than
-    two fighting for a busy CI core at every op (the CLI makes the same choice)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 _DECODER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,

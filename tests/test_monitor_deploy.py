@@ -25,12 +25,7 @@ _METRIC = re.compile(r"\bnormkit_[a-z0-9_]*[a-z0-9]\b(?!\*)")
 _RECORDED = re.compile(r"\bnormkit:[a-z0-9_:]+[a-z0-9]\b")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared machine: see test_monitor_watch
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _promtool():

@@ -22,13 +22,7 @@ from normkit.monitor import (
 from normkit.monitor._sketch import Histogram, ks, psi
 from normkit.monitor._stats import LayerStats
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared machine: see test_monitor_watch
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(impl="torch"):

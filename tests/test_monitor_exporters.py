@@ -22,12 +22,7 @@ from normkit.monitor import PrometheusExporter, TensorBoardExporter, watch
 pytest.importorskip("prometheus_client")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared machine: see test_monitor_watch
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _free_port() -> int:
