@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["names", "positive_int", "positive_float"]
+__all__ = ["names", "int_list", "positive_int", "positive_float"]
 
 
 def names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
@@ -19,6 +19,23 @@ def names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
             raise argparse.ArgumentTypeError(
                 f"invalid value {text!r}; a comma-separated list from: {', '.join(allowed)}"
             )
+        return tuple(dict.fromkeys(items))
+
+    return parse
+
+
+def int_list(minimum: int, what: str, example: str) -> Callable[[str], tuple[int, ...]]:
+    """A parser of comma-separated integers >= ``minimum`` (de-duplicated, order kept); the
+    error names them as ``what``, e.g. ``example``."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            items = tuple(int(s) for s in text.split(",") if s.strip())
+        except ValueError:
+            items = ()
+        if not items or any(v < minimum for v in items):
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}; a comma-separated list of {what}, e.g. {example}")
         return tuple(dict.fromkeys(items))
 
     return parse

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._args import names, positive_float
+from ._args import int_list, names, positive_float
 
 HELP = "benchmark the norms against torch, torch.compile, ONNX Runtime and a memory copy"
 
@@ -29,16 +29,7 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _PEERS = ("torch", "compile", "onnxruntime", "copy", "clone", "out")
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        items = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        items = ()
-    if not items or any(v < 1 for v in items):
-        raise argparse.ArgumentTypeError(
-            f"invalid value {text!r}; a comma-separated list of positive integers, e.g. 1,8,512"
-        )
-    return tuple(dict.fromkeys(items))
+_ints = int_list(1, "positive integers", "1,8,512")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._args import positive_float, positive_int
+from ._args import int_list, names, positive_float, positive_int
 
 HELP = "train small models and report what norm placement and type do (plots + HTML report)"
 
@@ -27,24 +27,8 @@ HELP = "train small models and report what norm placement and type do (plots + H
 _EXPERIMENTS = ("placement", "norms", "batch", "recurrent")
 
 
-def _experiments(text: str) -> tuple[str, ...]:
-    items = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    bad = [s for s in items if s not in _EXPERIMENTS]
-    if not items or bad:
-        raise argparse.ArgumentTypeError(
-            f"invalid value {text!r}; a comma-separated list from: {', '.join(_EXPERIMENTS)}")
-    return items
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        items = tuple(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
-    except ValueError:
-        items = ()
-    if not items or any(s < 0 for s in items):
-        raise argparse.ArgumentTypeError(
-            f"invalid value {text!r}; a comma-separated list of seeds >= 0, e.g. 0,1,2")
-    return items
+_experiments = names(_EXPERIMENTS)
+_seeds = int_list(0, "seeds >= 0", "0,1,2")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
