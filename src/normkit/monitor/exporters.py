@@ -363,7 +363,7 @@ class TensorBoardExporter:
                     add(tag=self._tag(prefix, layer, "drift_" + k), simple_value=d[k])
         ev = self._event_pb2.Event(wall_time=record["time_unix"], step=int(record["step"]),
                                    summary=summary)
-        self._writer.add_event(ev)
+        self._writer.write(ev)
 
     def close(self) -> None:
         self._writer.close()
@@ -398,8 +398,6 @@ class _EventFile:
         self._f.write(b"".join((head, struct.pack("<I", _masked_crc32c(head)), data,
                                 struct.pack("<I", _masked_crc32c(data)))))
         self._f.flush()
-
-    add_event = write
 
     def close(self) -> None:
         if self._f is not None:

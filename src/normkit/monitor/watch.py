@@ -144,10 +144,7 @@ def _nonfinite(tensors: Iterable[torch.Tensor]) -> int:
         d = t.detach()
         s = d.sum(dtype=torch.float32) if d.dtype in (torch.float16, torch.bfloat16) else d.sum()
         b = 0 if math.isfinite(s.item()) else int((~torch.isfinite(d)).sum())
-        try:
-            _seen[key] = (weakref.ref(t), t._version, b)
-        except TypeError:
-            pass
+        _remember(t, b)
         bad += b
     return bad
 
