@@ -25,6 +25,7 @@ Design points, each with the reason:
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -494,6 +495,7 @@ def _hugepages(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@functools.cache
 def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
     """How the kernels compute operands of these dtypes, or None when they do not.
 
@@ -501,11 +503,6 @@ def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
     before γ ("llama"/"t5" casting), markers = (x, y, γ/β, cast, stats).
     Cached per combination: the eager path pays one dict look-up instead of the promotion logic.
     """
-    key = (x_dtype, w_dtype, b_dtype, casting, out_dtype)
-    try:
-        return _PLANS[key]
-    except KeyError:
-        pass
     result = None
     if (x_dtype in _MARKER and all(d is None or d in _MARKER for d in (w_dtype, b_dtype))
             and (x_dtype == torch.float64 or torch.float64 not in (w_dtype, b_dtype))):
@@ -516,11 +513,8 @@ def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
             markers = (_MARKER[x_dtype], _MARKER[od], _MARKER[pd], _MARKER[nd or x_dtype],
                        _MARKER[sd])
             result = (pd, od, nd is not None, markers)
-    _PLANS[key] = result
     return result
 
-
-_PLANS: dict = {}
 
 
 def supports(x, weight, bias, casting, out_dtype) -> bool:

@@ -39,6 +39,8 @@ Design points, each with the reason:
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -386,9 +388,8 @@ def bwd_blocks(m: int, n: int) -> int:
     return -(-m // rpb)  # no empty blocks
 
 
-_PLANS: dict = {}
 
-
+@functools.cache
 def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
     """(param dtype, output dtype, x̂ rounding dtype or None), or None when not covered.
 
@@ -396,17 +397,11 @@ def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
     γ and β of different dtypes are left to the reference (as on the CPU).  float64 is left to
     the reference: it is not a GPU training dtype and fp64 throughput is 1/2–1/64 of fp32.
     """
-    key = (x_dtype, w_dtype, b_dtype, casting, out_dtype)
-    try:
-        return _PLANS[key]
-    except KeyError:
-        pass
     result = None
     if x_dtype in _DTYPES and all(d is None or d in _DTYPES for d in (w_dtype, b_dtype)):
         dts = kernel_dtypes(x_dtype, w_dtype, b_dtype, casting, out_dtype)
         if dts is not None and dts[1] in _DTYPES:
             result = dts
-    _PLANS[key] = result
     return result
 
 
