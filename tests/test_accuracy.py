@@ -202,6 +202,54 @@ def test_backward_weight_only_and_input_only(dtype):
     assert gx.shape == x.shape and torch.isfinite(gx).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "add"])
+@pytest.mark.parametrize("m", [1, 7, 40])
+def test_training_fast_path_equals_general_path(dtype, rms, residual, m):
+    """A contiguous x takes the lean autograd path (``_FastNorm``), a row-strided one the general
+    path (``_NormFunction``): same kernels, so y, h and every gradient agree bit for bit, for
+    leading dims too (2, m, n) and with γ in float32 under a bfloat16 x."""
+    from normkit.functional import _FastNorm, _NormFunction
+
+    n = 37
+    x = torch.randn(2, m, n).to(dtype)
+    r = torch.randn(2, m, n).to(dtype) if residual else None
+    w, b = torch.randn(n), (None if rms else torch.randn(n))
+    dy = torch.randn(2, m, n).to(dtype)
+    dh = torch.randn(2, m, n).to(dtype) if residual else None
+
+    def run(strided):
+        def leaf(t):
+            if t is None:
+                return None
+            if strided:  # same values, rows 3 elements apart
+                t = torch.cat([t, torch.zeros(*t.shape[:-1], 3, dtype=t.dtype)], -1)[..., :n]
+            return t.detach().requires_grad_()
+
+        xx, rr, ww, bb = leaf(x), leaf(r), w.clone().requires_grad_(), leaf(b)
+        seen = []
+        with pytest.MonkeyPatch.context() as mp:
+            for fn in (_FastNorm, _NormFunction):
+                real = fn.forward
+                mp.setattr(fn, "forward", staticmethod(
+                    lambda *a, _r=real, _f=fn: (seen.append(_f), _r(*a))[1]))
+            if rms:
+                out = normkit.rms_norm(xx, n, ww, 1e-5, residual=rr, return_residual=residual)
+            else:
+                out = normkit.layer_norm(xx, n, ww, bb, residual=rr, return_residual=residual)
+        outs, grads = ((list(out), [dy, dh]) if residual else ([out], [dy]))
+        leaves = [t for t in (xx, rr, ww, bb) if t is not None]
+        return seen, outs, torch.autograd.grad(outs, leaves, grads)
+
+    normkit.layer_norm(torch.ones(1, 2), 2)  # the first call of a process loads the backend
+    seen_fast, out_fast, g_fast = run(False)
+    seen_general, out_general, g_general = run(True)
+    assert seen_fast == [_FastNorm] and seen_general == [_NormFunction]
+    for a, b_ in zip(out_fast + list(g_fast), out_general + list(g_general), strict=True):
+        assert a.shape == b_.shape and a.dtype == b_.dtype and torch.equal(a, b_)
+
+
 def test_double_backward_falls_back_to_reference():
     x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
     w = torch.randn(9, dtype=torch.float64, requires_grad=True)
@@ -213,6 +261,13 @@ def test_double_backward_falls_back_to_reference():
         (x, w, b, r),
     )
     assert torch.autograd.gradgradcheck(lambda x, w: normkit.rms_norm(x, 9, w, 1e-6), (x, w))
+    # Leading dims on the lean training path (its double backward works on rows of x)
+    x3 = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    r3 = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b, r: normkit.layer_norm(x, 9, w, b, residual=r, return_residual=True),
+        (x3, w, b, r3),
+    )
 
 
 # ------------------------------------------------------------------------------------------

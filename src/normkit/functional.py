@@ -340,7 +340,7 @@ def _infer(x, n, weight, bias, eps, rms, residual, out=None):
         if type(n) is not tuple or len(n) != 1 or type(n[0]) is not int:  # nn.LayerNorm's form
             return None
         n = n[0]
-    return cpu.infer(x, n, weight, bias, eps, rms, residual, out)
+    return cpu.infer(x, n, weight, bias, eps, rms, residual, out, _FastNorm.apply)
 
 
 def _check_param(name, p, shape, x):
@@ -583,6 +583,44 @@ class _NormFunction(torch.autograd.Function):
             dx if need[3] else None,
             None, None, None, None, None, None,
         )
+
+
+class _FastNorm(torch.autograd.Function):
+    """Autograd for the common training call (what ``cpu.infer`` accepts: contiguous CPU x,
+    1-D γ/β in the kernels' dtype, "torch" casting), with as little Python per call as it can:
+    at M=1 the engine's own cost of a Python Function is most of torch's LayerNorm backward.
+    Same kernels and bits as ``_NormFunction``; x keeps its shape (the rows are its last dim)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, rms, markers):
+        y, h, stats = _cpu_module.train_forward(x, weight, bias, residual, eps, rms, markers)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, bias, residual, h, stats)
+        ctx.opts = (eps, rms, markers)
+        return y if h is None else (y, h)
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        x, weight, bias, residual, h, stats = ctx.saved_tensors
+        eps, rms, markers = ctx.opts
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: double backward via the reference
+            n = x.shape[-1]
+            rows = [None if t is None else t.reshape(-1, n) for t in (x, residual, dy, dh)]
+            g = _reference_backward(need, rows[0], weight, bias, rows[1], rows[2], rows[3],
+                                    (eps, rms, False, "torch", None))
+            shaped = [None if t is None else t.view(x.shape) for t in (g[0], g[3])]
+            return shaped[0], g[1], g[2], shaped[1], None, None, None
+        dy = torch.zeros_like(x) if dy is None else dy.contiguous()  # dy None: only h was used
+        if dh is not None:
+            dh = dh.contiguous()
+        dx, dw, db = _cpu_module.train_backward(dy, dh, x if h is None else h, weight, stats, rms,
+                                                need[1], need[2], markers)
+        if dw is not None and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
+        if db is not None and db.dtype != bias.dtype:
+            db = db.to(bias.dtype)
+        return dx if need[0] else None, dw, db, dx if need[3] else None, None, None, None
 
 
 def _zero_dy(x, weight, casting, out_dtype):

@@ -39,7 +39,8 @@ from numba.extending import intrinsic, overload
 
 from .reference import cast_dtype, effective_gamma, kernel_dtypes, param_dtype
 
-__all__ = ["forward", "backward", "infer", "supports", "plan", "PARALLEL_MIN_ELEMENTS"]
+__all__ = ["forward", "backward", "infer", "train_forward", "train_backward", "supports", "plan",
+           "PARALLEL_MIN_ELEMENTS"]
 
 # Only what vectorization needs; never nnan/ninf (NaN must propagate).
 _FM = {"reassoc", "contract"}
@@ -53,6 +54,7 @@ _MARKER = {
     torch.bfloat16: np.empty(0, np.uint16),
     torch.float16: np.empty(0, np.int16),
 }
+_DTYPE = {id(marker): dtype for dtype, marker in _MARKER.items()}
 
 # Below this many elements a row loop runs serially on the calling thread.  A parallel launch on
 # numba's OpenMP layer costs ~2 µs (its threads spin briefly between regions) and 32K elements
@@ -340,6 +342,10 @@ def _bwd_rows(
     st = _row(sa, 0, 3 * hi, SK)
     dw = _row(dwa, 0, n if (flags & _DW) else 0, SK)
     db = _row(dba, 0, n if acc_b else 0, SK)
+    for j in range(dw.size):  # this block's partial rows start from zero
+        dw[j] = z
+    for j in range(db.size):
+        db[j] = z
     for i in range(lo, hi):
         x = _row(xa, i * n, n, XK)
         dy = _row(dya, i * n, n, OK)
@@ -388,36 +394,47 @@ def _bwd_rows(
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _bwd_serial(
-    m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
+    m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
+    XK, OK, WK, NK, SK,
 ):  # pragma: no cover - compiled
     rpb = (m + nblk - 1) // nblk
     for k in range(nblk):
         _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
                   pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
+    _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK)
 
 
 @njit(cache=_CACHE, fastmath=_FM, parallel=True, error_model="numpy")
 def _bwd_parallel(
-    m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
+    m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
+    XK, OK, WK, NK, SK,
 ):  # pragma: no cover - compiled
     rpb = (m + nblk - 1) // nblk
     for k in prange(nblk):
         _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
                   pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
+    _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK)
 
 
 @njit(cache=_CACHE, error_model="numpy")
-def _sum_blocks(nblk, n, pa, oa, SK):  # pragma: no cover - compiled
-    """out[j] = Σ_k partial[k, j], k in order: a fixed summation order, so dγ/dβ are bitwise
-    reproducible from run to run whatever the thread count."""
-    out = _row(oa, 0, n, SK)
-    p = _row(pa, 0, n, SK)
-    for j in range(n):
-        out[j] = p[j]
-    for k in range(1, nblk):
-        p = _row(pa, k * n, n, SK)
+def _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK):  # pragma: no cover - compiled
+    """dγ[j] = Σ_k partial[k, j] (dβ alike), k in order: a fixed summation order, so dγ/dβ are
+    bitwise reproducible from run to run whatever the thread count.  With one block the block
+    wrote dγ/dβ directly (the host passes the same addresses) and there is nothing to do."""
+    if nblk == 1:
+        return
+    for which in range(2):
+        if which == 0 and (flags & _DW) == 0 or which == 1 and (flags & _B) == 0:
+            continue
+        pa = pwa if which == 0 else pba
+        out = _row(dwa if which == 0 else dba, 0, n, SK)
+        p = _row(pa, 0, n, SK)
         for j in range(n):
-            out[j] += p[j]
+            out[j] = p[j]
+        for k in range(1, nblk):
+            p = _row(pa, k * n, n, SK)
+            for j in range(n):
+                out[j] += p[j]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,51 +597,54 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
         flags |= _STATS
     _launch(_fwd_serial, _fwd_parallel, m * n,
             (m, n, rms, flags, eps, x.data_ptr(), x.stride(0), ra, rrs, ha, y.data_ptr(), wa, ba,
-             sa, *mk))
+             sa, *mk), mk)
     return y, h, stats
 
 
-def infer(x, n, weight, bias, eps, rms, residual=None, out=None):
-    """The serving call in its most common form, as cheap as it can be, or None.
+def infer(x, n, weight, bias, eps, rms, residual=None, out=None, autograd=None):
+    """The eager call in its most common form, as cheap as it can be, or None.
 
-    For a contiguous CPU x whose last dim is n, γ/β None or contiguous (n,), an optional
-    contiguous residual like x, "torch" casting, no statistics, no gradient wanted, and ``out``
+    For a contiguous CPU x whose last dim is n, γ/β None or contiguous (n,) in the dtype the
+    kernels read them in, an optional contiguous residual like x, "torch" casting, and ``out``
     None or a contiguous CPU tensor like x.  Returns y (``out`` when given), or (y, h) with a
-    residual.  Anything else — including arguments that are not tensors at all —
-    returns None, and the caller takes the general path, which validates everything and raises
-    the named errors.  The caller has checked eps and torch.compile.
+    residual.  When a gradient is wanted (grad mode and an input that requires it) the result is
+    ``autograd(x, weight, bias, residual, eps, rms, markers)`` — the caller's autograd.Function,
+    whose forward calls ``train_forward`` — or None without ``autograd`` or with ``out``.
+    Anything else — including arguments that are not tensors at all — returns None, and the
+    caller takes the general path, which validates everything and raises the named errors.
+    The caller has checked eps and torch.compile.
     """
     try:
         if x.shape[-1] != n or not x.is_cpu or not x.is_contiguous():
             return None
         grad = torch.is_grad_enabled()
-        if grad and x.requires_grad:
-            return None
+        train = grad and x.requires_grad
         wd = bd = None
         wa = ba = ra = 0
         flags = 0
         if weight is not None:
-            if (weight.shape != (n,) or not weight.is_cpu or not weight.is_contiguous()
-                    or (grad and weight.requires_grad)):
+            if weight.shape != (n,) or not weight.is_cpu or not weight.is_contiguous():
                 return None
+            train = train or (grad and weight.requires_grad)
             wd = weight.dtype
             wa = weight.data_ptr()
             flags = _W
         if bias is not None:
-            if (bias.shape != (n,) or not bias.is_cpu or not bias.is_contiguous()
-                    or (grad and bias.requires_grad)):
+            if bias.shape != (n,) or not bias.is_cpu or not bias.is_contiguous():
                 return None
+            train = train or (grad and bias.requires_grad)
             bd = bias.dtype
             ba = bias.data_ptr()
             flags |= _B
         if residual is not None:
             if (residual.shape != x.shape or residual.dtype != x.dtype or not residual.is_cpu
-                    or not residual.is_contiguous() or (grad and residual.requires_grad)):
+                    or not residual.is_contiguous()):
                 return None
+            train = train or (grad and residual.requires_grad)
             ra = residual.data_ptr()
             flags |= _RES
         if out is not None:
-            if (out.shape != x.shape or out.dtype != x.dtype or not out.is_cpu
+            if (train or out.shape != x.shape or out.dtype != x.dtype or not out.is_cpu
                     or not out.is_contiguous() or (grad and out.requires_grad)):
                 return None
         m = x.numel() // n if n else 0
@@ -636,6 +656,8 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None):
         p = _INFER_PLANS[key] = _infer_plan(*key)
     if not p or m == 0:
         return None
+    if train:
+        return None if autograd is None else autograd(x, weight, bias, residual, eps, rms, p[0])
     big = m * n >= _HUGE_MIN_ELEMENTS
     if out is None:
         y = torch.empty_like(x)
@@ -657,10 +679,59 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None):
     if entry is not None and serial:
         entry(*args)
     else:
-        _launch(_fwd_serial, _fwd_parallel, m * n, args)
+        _launch(_fwd_serial, _fwd_parallel, m * n, args, p[0])
         if p[1] is None and serial:
-            p[1] = _ENTRIES[(_fwd_serial, *map(id, p[0]))]
+            p[1] = _ENTRIES[(_fwd_serial, id(p[0]))]
     return y if h is None else (y, h)
+
+
+def train_forward(x, weight, bias, residual, eps, rms, markers):
+    """Forward for the autograd fast path, on operands ``infer`` accepted: (y, h or None, stats).
+
+    Same bits as every other path (same row function); statistics (M, 3) for the backward.
+    """
+    n = x.shape[-1]
+    m = x.numel() // n
+    y = torch.empty_like(x)
+    big = m * n >= _HUGE_MIN_ELEMENTS
+    if big:
+        _hugepages(y)
+    flags = _STATS
+    wa = ba = ra = ha = 0
+    if weight is not None:
+        wa = weight.data_ptr()
+        flags |= _W
+    if bias is not None:
+        ba = bias.data_ptr()
+        flags |= _B
+    h = None
+    if residual is not None:
+        h = torch.empty_like(x)
+        if big:
+            _hugepages(h)
+        ra, ha = residual.data_ptr(), h.data_ptr()
+        flags |= _RES
+    stats = torch.empty((m, 3), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    _launch(_fwd_serial, _fwd_parallel, m * n,
+            (m, n, rms, flags, eps, x.data_ptr(), n, ra, n, ha, y.data_ptr(), wa, ba,
+             stats.data_ptr(), *markers), markers)
+    return y, h, stats
+
+
+def train_backward(dy, dh, v, weight, stats, rms, need_w, need_b, markers):
+    """Backward for the autograd fast path: v is x (or h) as ``train_forward`` read it, dy/dh
+    contiguous in x's dtype, markers as ``infer`` gave them.  Returns (dx, dγ, dβ) like
+    ``backward``; dγ/dβ in the statistics dtype, None where not wanted."""
+    n = v.shape[-1]
+    m = stats.shape[0]
+    if weight is None:
+        need_w = False
+        weight = _const_row(1, n, _DTYPE[id(markers[2])])  # as in backward
+    dhrs = n
+    if dh is None:
+        dh, dhrs = _const_row(0, n, v.dtype), 0
+    flags = (_DW if need_w else 0) | (_B if need_b else 0)
+    return _bwd_launch(m, n, rms, flags, v, dy, dh, dhrs, weight, stats, markers)
 
 
 # (x dtype, γ dtype, β dtype) -> [markers, serial entry point or None], or False when the
@@ -679,37 +750,45 @@ def _infer_plan(x_dtype, wd, bd):
 # numba's type dispatch (~0.5 µs of the ~4.5 µs that torch's whole LayerNorm takes at M=1).
 # Every other argument has a fixed type (ints, bool, float), so the markers decide the types.
 _ENTRIES: dict = {}
+_KEYED: list = []
 
 
-def _launch(serial, parallel, elements, args):
-    driver = serial
+def _launch(serial, parallel, elements, args, markers):
+    """Run ``args`` on the serial or the parallel driver.  ``markers`` is the tuple that ends
+    ``args``, one of the persistent tuples of ``plan``/``_bwd_markers``: its id is the key of the
+    compiled entry point (a key of five ids would cost ~0.5 µs per call)."""
+    # As many threads as torch is allowed (torch.set_num_threads), never more than numba
+    # started: a worker process limited to one torch thread gets no second normkit thread.
+    nt = 1
     if elements >= PARALLEL_MIN_ELEMENTS and not _serial_only:
-        # As many threads as torch is allowed (torch.set_num_threads), never more than numba
-        # started: a worker process limited to one torch thread gets no second normkit thread.
         nt = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-        if nt > 1:
-            driver = parallel
-    key = (driver, *map(id, args[-5:]))
-    entry = _ENTRIES.get(key)
-    if driver is parallel:
-        with _PAR_LOCK:
-            if getattr(_threads, "n", None) != nt:  # numba's setting is per calling thread
-                numba.set_num_threads(nt)
-                _threads.n = nt
-            _call(driver, key, entry, args)
-            if not _parallel_used:
-                _first_parallel_launch()
-    else:
-        _call(driver, key, entry, args)
-
-
-def _call(driver, key, entry, args):
-    if entry is not None:
-        entry(*args)
+    if nt <= 1:
+        key = (serial, id(markers))
+        entry = _ENTRIES.get(key)
+        if entry is not None:
+            entry(*args)
+        else:
+            _first_call(serial, key, args, markers)
         return
+    key = (parallel, id(markers))
+    entry = _ENTRIES.get(key)
+    with _PAR_LOCK:
+        if getattr(_threads, "n", None) != nt:  # numba's setting is per calling thread
+            numba.set_num_threads(nt)
+            _threads.n = nt
+        if entry is not None:
+            entry(*args)
+        else:
+            _first_call(parallel, key, args, markers)
+        if not _parallel_used:
+            _first_parallel_launch()
+
+
+def _first_call(driver, key, args, markers):
     driver(*args)  # compiles or loads from the cache on first use
     sig = tuple(map(numba.typeof, args))
     _ENTRIES[key] = driver.overloads[sig].entry_point
+    _KEYED.append(markers)  # an id in a key must never be reused by another tuple
 
 
 def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw):
@@ -741,28 +820,46 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     dhrs = n
     if dh is None:
         dh, dhrs = _const_row(0, n, x.dtype), 0  # one zero row for every row: +0 is exact
-    nblk = max(1, min(_MAX_BLOCKS, m // _MIN_BLOCK_ROWS))
     flags = (
         (_DW if want_w else 0)
         | (_B if want_b else 0)
         | (_ZC if zero_centered else 0)
         | (_NROUND if nd is not None else 0)
     )
-    dx = torch.empty_like(x)  # x is contiguous (M, N)
+    return _bwd_launch(m, n, rms, flags, x, dy, dh, dhrs, weight, stats,
+                       _bwd_markers(x.dtype, dy.dtype, pd, nd or x.dtype, sd))
+
+
+@functools.cache
+def _bwd_markers(*dtypes):
+    """The markers of these dtypes as one persistent tuple (``_launch`` keys on its id)."""
+    return tuple(_MARKER[d] for d in dtypes)
+
+
+def _bwd_launch(m, n, rms, flags, x, dy, dh, dhrs, weight, stats, markers):
+    """Allocate dx and the dγ/dβ the flags ask for, launch, return (dx, dγ or None, dβ or None).
+
+    Each row block writes one partial row of dγ (dβ); the driver sums them in block order into
+    the outputs.  With a single block (M < 2·_MIN_BLOCK_ROWS) the block writes the outputs
+    themselves: two fewer allocations, which at M=1 is ~10% of the whole backward call.
+    """
+    nblk = max(1, min(_MAX_BLOCKS, m // _MIN_BLOCK_ROWS))
+    sd = stats.dtype
+    dx = torch.empty_like(x)  # x is contiguous
     if m * n >= _HUGE_MIN_ELEMENTS:
         _hugepages(dx)
-    # Partial sums only when wanted (_DW/_B); one zeroed allocation for both (~4 µs each at M=1).
-    partials = torch.zeros((2, nblk if (want_w or want_b) else 0, n), dtype=sd)
-    pw, pb = partials[0], partials[1]
-    args = (
-        m, nblk, n, rms, flags,
-        x.data_ptr(), dy.data_ptr(), dh.data_ptr(), dhrs, dx.data_ptr(),
-        weight.data_ptr(), stats.data_ptr(), pw.data_ptr(), pb.data_ptr(),
-        _MARKER[x.dtype], _MARKER[dy.dtype], _MARKER[pd], _MARKER[nd or x.dtype], _MARKER[sd],
-    )
-    _launch(_bwd_serial, _bwd_parallel, m * n, args)
-    dw = _reduce(pw, nblk, n) if want_w else None
-    db = _reduce(pb, nblk, n) if want_b else None
+    dw = torch.empty(n, dtype=sd) if flags & _DW else None
+    db = torch.empty(n, dtype=sd) if flags & _B else None
+    dwa = 0 if dw is None else dw.data_ptr()
+    dba = 0 if db is None else db.data_ptr()
+    pwa, pba = dwa, dba
+    if nblk > 1 and (dw is not None or db is not None):
+        partials = torch.empty((2, nblk, n), dtype=sd)
+        pwa = partials.data_ptr()
+        pba = pwa + nblk * n * partials.element_size()
+    args = (m, nblk, n, rms, flags, x.data_ptr(), dy.data_ptr(), dh.data_ptr(), dhrs,
+            dx.data_ptr(), weight.data_ptr(), stats.data_ptr(), pwa, pba, dwa, dba, *markers)
+    _launch(_bwd_serial, _bwd_parallel, m * n, args, markers)
     return dx, dw, db
 
 
@@ -779,11 +876,3 @@ def _const_row(value, n, dtype):
             _CONST_ROWS.clear()
         row = _CONST_ROWS[key] = torch.full((n,), value, dtype=dtype)
     return row
-
-
-def _reduce(partial, nblk, n):
-    if nblk == 1:
-        return partial[0]
-    out = torch.empty(n, dtype=partial.dtype)
-    _sum_blocks(nblk, n, partial.data_ptr(), out.data_ptr(), _MARKER[partial.dtype])
-    return out
