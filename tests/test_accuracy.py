@@ -206,16 +206,20 @@ def test_backward_weight_only_and_input_only(dtype):
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "add"])
 @pytest.mark.parametrize("m", [1, 7, 40])
-def test_training_fast_path_equals_general_path(dtype, rms, residual, m):
+@pytest.mark.parametrize("params", ["float32", "like_x"])
+def test_training_fast_path_equals_general_path(dtype, rms, residual, m, params):
     """A contiguous x takes the lean autograd path (``_FastNorm``), a row-strided one the general
     path (``_NormFunction``): same kernels, so y, h and every gradient agree bit for bit, for
-    leading dims too (2, m, n) and with γ in float32 under a bfloat16 x."""
+    leading dims too (2, m, n), with one or several dγ blocks (m=40), and with γ/β in float32
+    or in x's dtype (the fast path rounds dγ/dβ to bfloat16 in the kernel, the general path
+    with ``.to()``)."""
     from normkit.functional import _FastNorm, _NormFunction
 
     n = 37
     x = torch.randn(2, m, n).to(dtype)
     r = torch.randn(2, m, n).to(dtype) if residual else None
-    w, b = torch.randn(n), (None if rms else torch.randn(n))
+    pdt = torch.float32 if params == "float32" else dtype
+    w, b = torch.randn(n).to(pdt), (None if rms else torch.randn(n).to(pdt))
     dy = torch.randn(2, m, n).to(dtype)
     dh = torch.randn(2, m, n).to(dtype) if residual else None
 

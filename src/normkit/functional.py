@@ -325,8 +325,10 @@ def _infer(x, n, weight, bias, eps, rms, residual, out=None):
     which validates everything and raises the errors.  At M=1 every 0.1 µs here counts: torch's
     whole LayerNorm takes ~4.5 µs."""
     cpu = _cpu_module
+    if cpu is None and _backend in ("auto", "cpu") and isinstance(x, torch.Tensor) and x.is_cpu:
+        cpu = _load_cpu()  # the first CPU call of the process (None if numba is unusable)
     if (
-        cpu is None  # loaded by the first general-path call
+        cpu is None
         or _backend == "reference"
         or _backend == "triton"  # forced triton on CPU tensors (interpreter tests)
         or _observers
@@ -592,17 +594,17 @@ class _FastNorm(torch.autograd.Function):
     Same kernels and bits as ``_NormFunction``; x keeps its shape (the rows are its last dim)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, rms, markers):
-        y, h, stats = _cpu_module.train_forward(x, weight, bias, residual, eps, rms, markers)
+    def forward(ctx, x, weight, bias, residual, eps, rms, plan):
+        y, h, stats = _cpu_module.train_forward(x, weight, bias, residual, eps, rms, plan)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, bias, residual, h, stats)
-        ctx.opts = (eps, rms, markers)
+        ctx.opts = (eps, rms, plan)
         return y if h is None else (y, h)
 
     @staticmethod
     def backward(ctx, dy, dh=None):
         x, weight, bias, residual, h, stats = ctx.saved_tensors
-        eps, rms, markers = ctx.opts
+        eps, rms, plan = ctx.opts
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: double backward via the reference
             n = x.shape[-1]
@@ -615,11 +617,7 @@ class _FastNorm(torch.autograd.Function):
         if dh is not None:
             dh = dh.contiguous()
         dx, dw, db = _cpu_module.train_backward(dy, dh, x if h is None else h, weight, stats, rms,
-                                                need[1], need[2], markers)
-        if dw is not None and dw.dtype != weight.dtype:
-            dw = dw.to(weight.dtype)
-        if db is not None and db.dtype != bias.dtype:
-            db = db.to(bias.dtype)
+                                                need[1], need[2], plan)
         return dx if need[0] else None, dw, db, dx if need[3] else None, None, None, None
 
 
@@ -721,8 +719,8 @@ def _norm_bwd_op(
                                       rms, zero_centered, casting, True)
     dw = x.new_empty(0) if dw is None else dw.to(weight.dtype)
     db = x.new_empty(0) if db is None else db.to(bias.dtype)
-    # A kernel may return dγ and dβ as rows of one buffer (the cpu backend at M=1); the outputs
-    # of a custom op must not alias each other.
+    # A kernel may return dγ and dβ as rows of one buffer (the triton backend with one row
+    # block); the outputs of a custom op must not alias each other.
     if dw.numel() and db.numel() and (dw.untyped_storage().data_ptr()
                                       == db.untyped_storage().data_ptr()):
         db = db.clone()

@@ -395,46 +395,48 @@ def _bwd_rows(
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _bwd_serial(
     m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
-    XK, OK, WK, NK, SK,
+    XK, OK, WK, NK, SK, GK,
 ):  # pragma: no cover - compiled
     rpb = (m + nblk - 1) // nblk
     for k in range(nblk):
         _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
                   pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
-    _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK)
+    _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
 
 
 @njit(cache=_CACHE, fastmath=_FM, parallel=True, error_model="numpy")
 def _bwd_parallel(
     m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
-    XK, OK, WK, NK, SK,
+    XK, OK, WK, NK, SK, GK,
 ):  # pragma: no cover - compiled
     rpb = (m + nblk - 1) // nblk
     for k in prange(nblk):
         _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
                   pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
-    _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK)
+    _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
 
 
-@njit(cache=_CACHE, error_model="numpy")
-def _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK):  # pragma: no cover - compiled
-    """dγ[j] = Σ_k partial[k, j] (dβ alike), k in order: a fixed summation order, so dγ/dβ are
-    bitwise reproducible from run to run whatever the thread count.  With one block the block
-    wrote dγ/dβ directly (the host passes the same addresses) and there is nothing to do."""
-    if nblk == 1:
-        return
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
+def _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK):  # pragma: no cover - compiled
+    """dγ[j] = Σ_k partial[k, j] (dβ alike), k in order, then rounded once to GK: a fixed
+    summation order, so dγ/dβ are bitwise reproducible from run to run whatever the thread
+    count.  Where the host let the single block write the output itself there is nothing to do.
+    """
     for which in range(2):
         if which == 0 and (flags & _DW) == 0 or which == 1 and (flags & _B) == 0:
             continue
         pa = pwa if which == 0 else pba
-        out = _row(dwa if which == 0 else dba, 0, n, SK)
-        p = _row(pa, 0, n, SK)
-        for j in range(n):
-            out[j] = p[j]
+        oa = dwa if which == 0 else dba
+        if pa == oa:
+            continue
+        acc = _row(pa, 0, n, SK)
         for k in range(1, nblk):
             p = _row(pa, k * n, n, SK)
             for j in range(n):
-                out[j] += p[j]
+                acc[j] += p[j]
+        out = _row(oa, 0, n, GK)
+        for j in range(n):
+            out[j] = _st(acc[j], GK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,7 +610,7 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, autograd=None):
     kernels read them in, an optional contiguous residual like x, "torch" casting, and ``out``
     None or a contiguous CPU tensor like x.  Returns y (``out`` when given), or (y, h) with a
     residual.  When a gradient is wanted (grad mode and an input that requires it) the result is
-    ``autograd(x, weight, bias, residual, eps, rms, markers)`` — the caller's autograd.Function,
+    ``autograd(x, weight, bias, residual, eps, rms, plan)`` — the caller's autograd.Function,
     whose forward calls ``train_forward`` — or None without ``autograd`` or with ``out``.
     Anything else — including arguments that are not tensors at all — returns None, and the
     caller takes the general path, which validates everything and raises the named errors.
@@ -657,7 +659,7 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, autograd=None):
     if not p or m == 0:
         return None
     if train:
-        return None if autograd is None else autograd(x, weight, bias, residual, eps, rms, p[0])
+        return None if autograd is None else autograd(x, weight, bias, residual, eps, rms, p)
     big = m * n >= _HUGE_MIN_ELEMENTS
     if out is None:
         y = torch.empty_like(x)
@@ -685,10 +687,10 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, autograd=None):
     return y if h is None else (y, h)
 
 
-def train_forward(x, weight, bias, residual, eps, rms, markers):
-    """Forward for the autograd fast path, on operands ``infer`` accepted: (y, h or None, stats).
-
-    Same bits as every other path (same row function); statistics (M, 3) for the backward.
+def train_forward(x, weight, bias, residual, eps, rms, p):
+    """Forward for the autograd fast path, on operands ``infer`` accepted with its plan ``p``:
+    (y, h or None, stats).  Same bits as every other path (same row function); the (M, 3)
+    statistics are for ``train_backward``.
     """
     n = x.shape[-1]
     m = x.numel() // n
@@ -712,30 +714,34 @@ def train_forward(x, weight, bias, residual, eps, rms, markers):
         ra, ha = residual.data_ptr(), h.data_ptr()
         flags |= _RES
     stats = torch.empty((m, 3), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    markers = p[0]
     _launch(_fwd_serial, _fwd_parallel, m * n,
             (m, n, rms, flags, eps, x.data_ptr(), n, ra, n, ha, y.data_ptr(), wa, ba,
              stats.data_ptr(), *markers), markers)
     return y, h, stats
 
 
-def train_backward(dy, dh, v, weight, stats, rms, need_w, need_b, markers):
+def train_backward(dy, dh, v, weight, stats, rms, need_w, need_b, p):
     """Backward for the autograd fast path: v is x (or h) as ``train_forward`` read it, dy/dh
-    contiguous in x's dtype, markers as ``infer`` gave them.  Returns (dx, dγ, dβ) like
-    ``backward``; dγ/dβ in the statistics dtype, None where not wanted."""
+    contiguous in x's dtype, ``p`` the plan ``infer`` gave.  Returns (dx, dγ, dβ) like
+    ``backward``, but dγ/dβ in γ/β's own dtype (rounded once in the kernel), None where not
+    wanted."""
     n = v.shape[-1]
     m = stats.shape[0]
+    pd = p[3]
     if weight is None:
         need_w = False
-        weight = _const_row(1, n, _DTYPE[id(markers[2])])  # as in backward
+        weight = _const_row(1, n, pd)  # as in backward
     dhrs = n
     if dh is None:
         dh, dhrs = _const_row(0, n, v.dtype), 0
     flags = (_DW if need_w else 0) | (_B if need_b else 0)
-    return _bwd_launch(m, n, rms, flags, v, dy, dh, dhrs, weight, stats, markers)
+    return _bwd_launch(m, n, rms, flags, v, dy, dh, dhrs, weight, stats, p[2], pd)
 
 
-# (x dtype, γ dtype, β dtype) -> [markers, serial entry point or None], or False when the
-# inference fast path does not cover the combination (γ/β need a conversion first).
+# (x dtype, γ dtype, β dtype) -> [forward markers, serial forward entry point or None, backward
+# markers, γ/β dtype], or False when the fast paths do not cover the combination (γ/β need a
+# conversion first).
 _INFER_PLANS: dict = {}
 
 
@@ -743,7 +749,9 @@ def _infer_plan(x_dtype, wd, bd):
     p = plan(x_dtype, wd, bd, "torch", None)
     if p is None or (wd is not None and wd != p[0]) or (bd is not None and bd != p[0]):
         return False
-    return [p[3], None]
+    pd, sd = p[0], (torch.float64 if x_dtype == torch.float64 else torch.float32)
+    # The autograd path's backward: x, dy, γ/β and the cast in x's dtype, dγ/dβ out in γ's.
+    return [p[3], None, _bwd_markers(x_dtype, x_dtype, pd, x_dtype, sd, pd), pd]
 
 
 # The compiled entry point of each (driver, dtype markers) specialization.  Calling it skips
@@ -827,7 +835,7 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
         | (_NROUND if nd is not None else 0)
     )
     return _bwd_launch(m, n, rms, flags, x, dy, dh, dhrs, weight, stats,
-                       _bwd_markers(x.dtype, dy.dtype, pd, nd or x.dtype, sd))
+                       _bwd_markers(x.dtype, dy.dtype, pd, nd or x.dtype, sd, sd), sd)
 
 
 @functools.cache
@@ -836,31 +844,45 @@ def _bwd_markers(*dtypes):
     return tuple(_MARKER[d] for d in dtypes)
 
 
-def _bwd_launch(m, n, rms, flags, x, dy, dh, dhrs, weight, stats, markers):
-    """Allocate dx and the dγ/dβ the flags ask for, launch, return (dx, dγ or None, dβ or None).
+def _bwd_launch(m, n, rms, flags, x, dy, dh, dhrs, weight, stats, markers, grad_dtype):
+    """Allocate dx and the dγ/dβ the flags ask for (in ``grad_dtype``, marked by the last of the
+    six ``markers``), launch, return (dx, dγ or None, dβ or None).
 
-    Each row block writes one partial row of dγ (dβ); the driver sums them in block order into
-    the outputs.  With a single block (M < 2·_MIN_BLOCK_ROWS) the block writes the outputs
-    themselves: two fewer allocations, which at M=1 is ~10% of the whole backward call.
+    Each row block accumulates one partial row of dγ (dβ) in the statistics dtype, in this
+    thread's scratch buffer; the driver sums them in block order and rounds once into the
+    outputs.  A single block (M < 2·_MIN_BLOCK_ROWS) whose output needs no rounding writes it
+    directly.  Every allocation saved counts at M=1: inside a backward, torch.empty costs ~2 µs.
     """
     nblk = max(1, min(_MAX_BLOCKS, m // _MIN_BLOCK_ROWS))
     sd = stats.dtype
     dx = torch.empty_like(x)  # x is contiguous
     if m * n >= _HUGE_MIN_ELEMENTS:
         _hugepages(dx)
-    dw = torch.empty(n, dtype=sd) if flags & _DW else None
-    db = torch.empty(n, dtype=sd) if flags & _B else None
+    dw = torch.empty(n, dtype=grad_dtype) if flags & _DW else None
+    db = torch.empty(n, dtype=grad_dtype) if flags & _B else None
     dwa = 0 if dw is None else dw.data_ptr()
     dba = 0 if db is None else db.data_ptr()
     pwa, pba = dwa, dba
-    if nblk > 1 and (dw is not None or db is not None):
-        partials = torch.empty((2, nblk, n), dtype=sd)
-        pwa = partials.data_ptr()
-        pba = pwa + nblk * n * partials.element_size()
+    if (nblk > 1 or grad_dtype != sd) and (dw is not None or db is not None):
+        row = nblk * n * stats.element_size()
+        pwa = _scratch(2 * row)
+        pba = pwa + row
     args = (m, nblk, n, rms, flags, x.data_ptr(), dy.data_ptr(), dh.data_ptr(), dhrs,
             dx.data_ptr(), weight.data_ptr(), stats.data_ptr(), pwa, pba, dwa, dba, *markers)
     _launch(_bwd_serial, _bwd_parallel, m * n, args, markers)
     return dx, dw, db
+
+
+# Per Python thread: one byte buffer for the dγ/dβ block partials, grown on demand (at most
+# 2·64·N float64).  Partials live only during a launch, and a launch runs on its caller's thread.
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes):
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _SCRATCH.buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buf.data_ptr()
 
 
 # Read-only rows of ones / zeros, per (value, N, dtype): the backward's stand-ins for an absent
