@@ -47,6 +47,15 @@ _cpu_error: str | None = None
 _triton_module = None  # normkit.kernels.triton, imported when a CUDA tensor (or test) needs it
 _triton_error: str | None = None
 _tracing_state = torch._C._get_tracing_state  # bound once: ~60 ns on the M=1 fast path
+_is_compiling = torch.compiler.is_compiling
+# The CPU kernels module while the eager fast paths may be taken (backend "auto" or "cpu", no
+# statistics sink anywhere), else None: one global read on every call instead of four checks.
+_fast = None
+
+
+def _refresh_fast():
+    global _fast
+    _fast = _cpu_module if _backend in ("auto", "cpu") and not _observers else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,10 +81,12 @@ class use_backend(contextlib.AbstractContextManager):
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
         self._previous = _backend
         _backend = name
+        _refresh_fast()
 
     def __exit__(self, *exc):
         global _backend
         _backend = self._previous
+        _refresh_fast()
         return False
 
 
@@ -118,6 +129,7 @@ def _load_cpu():
             from .kernels import cpu
 
             _cpu_module = cpu
+            _refresh_fast()
         except Exception as e:  # numba missing or broken: auto falls back to the reference
             _cpu_error = f"{type(e).__name__}: {e}"
             log.warning("normkit cpu backend unavailable (%s); using the reference", _cpu_error)
@@ -192,6 +204,7 @@ def _set_stats_sink(sink):
     _tls.sink = sink
     with _observers_lock:
         _observers += (sink is not None) - (previous is not None)
+        _refresh_fast()
     return previous
 
 
@@ -260,10 +273,16 @@ def layer_norm(
     Under ``torch.autocast`` the op behaves like torch's own ``layer_norm``: on CUDA (and other
     accelerators) it runs in float32 and returns float32; on the CPU autocast leaves it alone.
     """
-    if casting == "torch" and out_dtype is None and not zero_centered_gamma:
-        res = _infer(x, normalized_shape, weight, bias, eps, False, residual, out)
+    fast = _fast or _first_call(x)
+    if (fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma
+            and type(eps) is float and 0.0 <= eps < math.inf
+            and not _is_compiling() and _tracing_state() is None):
+        res = fast.infer(x, normalized_shape, weight, bias, eps, False, residual, out,
+                         _FastNorm.apply)
         if res is not None:
-            return _finish(res, x, residual, return_residual)
+            if residual is None:
+                return (res, x) if return_residual else res
+            return res if return_residual else res[0]
     return _norm(
         x, normalized_shape, weight, bias, eps, residual, zero_centered_gamma,
         return_residual, casting, out_dtype, False, out,
@@ -295,12 +314,18 @@ def rms_norm(
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True``.  Output dtype: see
         ``layer_norm``.
     """
-    if casting == "torch" and out_dtype is None and not zero_centered_gamma:
+    fast = _fast or _first_call(x)
+    if fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma:
         if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             eps = torch.finfo(x.dtype).eps
-        res = _infer(x, normalized_shape, weight, None, eps, True, residual, out)
-        if res is not None:
-            return _finish(res, x, residual, return_residual)
+        if (type(eps) is float and 0.0 <= eps < math.inf and not _is_compiling()
+                and _tracing_state() is None):
+            res = fast.infer(x, normalized_shape, weight, None, eps, True, residual, out,
+                             _FastNorm.apply)
+            if res is not None:
+                if residual is None:
+                    return (res, x) if return_residual else res
+                return res if return_residual else res[0]
     return _norm(
         x, normalized_shape, weight, None, eps, residual, zero_centered_gamma,
         return_residual, casting, out_dtype, True, out,
@@ -312,37 +337,12 @@ def rms_norm(
 # ----------------------------------------------------------------------------------------------
 
 
-def _finish(out, x, residual, return_residual):
-    """The fast path's result in the public form: y, or (y, h) with h = x when no residual."""
-    if residual is None:
-        return (out, x) if return_residual else out
-    return out if return_residual else out[0]
-
-
-def _infer(x, n, weight, bias, eps, rms, residual, out=None):
-    """Eager inference in the common form (int normalized_shape, contiguous CPU x, 1-D γ/β, no
-    gradient) with the fewest checks that make it safe; None means "take the general path",
-    which validates everything and raises the errors.  At M=1 every 0.1 µs here counts: torch's
-    whole LayerNorm takes ~4.5 µs."""
-    cpu = _cpu_module
-    if cpu is None and _backend in ("auto", "cpu") and isinstance(x, torch.Tensor) and x.is_cpu:
-        cpu = _load_cpu()  # the first CPU call of the process (None if numba is unusable)
-    if (
-        cpu is None
-        or _backend == "reference"
-        or _backend == "triton"  # forced triton on CPU tensors (interpreter tests)
-        or _observers
-        or type(eps) is not float
-        or not 0.0 <= eps < math.inf
-        or torch.compiler.is_compiling()
-        or _tracing_state() is not None  # torch.jit.trace / the TorchScript ONNX exporter
-    ):
-        return None
-    if type(n) is not int:
-        if type(n) is not tuple or len(n) != 1 or type(n[0]) is not int:  # nn.LayerNorm's form
-            return None
-        n = n[0]
-    return cpu.infer(x, n, weight, bias, eps, rms, residual, out, _FastNorm.apply)
+def _first_call(x):
+    """``_fast`` for a call made before the CPU backend was loaded: load it when x is a CPU tensor
+    (numba's import is not paid for by CUDA-only use).  None when the fast paths are off."""
+    if _cpu_module is None and _cpu_error is None and isinstance(x, torch.Tensor) and x.is_cpu:
+        _load_cpu()
+    return _fast
 
 
 def _check_param(name, p, shape, x):

@@ -606,7 +606,8 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
 def infer(x, n, weight, bias, eps, rms, residual=None, out=None, autograd=None):
     """The eager call in its most common form, as cheap as it can be, or None.
 
-    For a contiguous CPU x whose last dim is n, γ/β None or contiguous (n,) in the dtype the
+    For an int n (or a 1-tuple, as nn.LayerNorm passes it), a contiguous CPU x whose last dim
+    is n, γ/β None or contiguous (n,) in the dtype the
     kernels read them in, an optional contiguous residual like x, "torch" casting, and ``out``
     None or a contiguous CPU tensor like x.  Returns y (``out`` when given), or (y, h) with a
     residual.  When a gradient is wanted (grad mode and an input that requires it) the result is
@@ -614,8 +615,12 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, autograd=None):
     whose forward calls ``train_forward`` — or None without ``autograd`` or with ``out``.
     Anything else — including arguments that are not tensors at all — returns None, and the
     caller takes the general path, which validates everything and raises the named errors.
-    The caller has checked eps and torch.compile.
+    The caller has checked eps, the casting options, tracing and torch.compile.
     """
+    if type(n) is not int:
+        if type(n) is not tuple or len(n) != 1 or type(n[0]) is not int:  # nn.LayerNorm's form
+            return None
+        n = n[0]
     try:
         if x.shape[-1] != n or not x.is_cpu or not x.is_contiguous():
             return None
