@@ -58,14 +58,52 @@ def test_row_bits_do_not_depend_on_batch(dtype, n, rms, monkeypatch):
     assert torch.equal(bits(one_y), bits(batch_y))
 
 
-def test_serial_and_parallel_drivers_agree(monkeypatch):
-    x = torch.randn(50, 333)
-    w, b = torch.randn(333), torch.randn(333)
+def _record_launches(monkeypatch):
+    """The list of drivers launched from now on (each launch looks its entry point up)."""
+    drivers = []
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            drivers.append(key[0])
+            return super().get(key, default)
+
+    monkeypatch.setattr(cpu, "_ENTRIES", Recording(cpu._ENTRIES))
+    return drivers
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [64, 333, 4096])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("affine", ["none", "weight", "both"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "add"])
+def test_serial_and_parallel_drivers_agree(dtype, n, rms, affine, residual, monkeypatch):
+    """The row function is inlined into each driver; each variant of its loops (γ/β present or
+    not, residual or not) must compile to the same arithmetic in both."""
+    x = torch.randn(50, n).to(dtype)
+    r = torch.randn(50, n).to(dtype) if residual else None
+    w = None if affine == "none" else torch.randn(n)
+    b = torch.randn(n) if affine == "both" else None
+
+    def run():
+        if rms:
+            return normkit.rms_norm(x, n, w, 1e-6, residual=r, return_residual=True)
+        return normkit.layer_norm(x, n, w, b, residual=r, return_residual=True)
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here: there is no parallel driver to compare")
+    drivers = _record_launches(monkeypatch)
     monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 1 << 62)
-    serial = normkit.layer_norm(x, 333, w, b)
+    serial = run()
     monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 0)
-    parallel = normkit.layer_norm(x, 333, w, b)
-    assert torch.equal(bits(serial), bits(parallel))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel = run()
+    finally:
+        torch.set_num_threads(before)
+    assert cpu._fwd_parallel in drivers
+    for a, c in zip(serial, parallel, strict=True):
+        assert torch.equal(bits(a), bits(c))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -161,14 +199,7 @@ def test_forked_child_can_run_parallel_kernels():
 def test_normkit_uses_no_more_threads_than_torch_may(monkeypatch):
     """torch.set_num_threads(1) (a worker process, the watch benchmark) keeps normkit on the
     calling thread too; with more torch threads large calls go parallel.  Same bits either way."""
-    drivers = []
-
-    class Recording(dict):  # every launch looks its driver's entry point up here
-        def get(self, key, default=None):
-            drivers.append(key[0])
-            return super().get(key, default)
-
-    monkeypatch.setattr(cpu, "_ENTRIES", Recording(cpu._ENTRIES))
+    drivers = _record_launches(monkeypatch)
     x = torch.randn(512, 1024)
     before = torch.get_num_threads()
     try:

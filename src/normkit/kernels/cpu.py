@@ -203,7 +203,7 @@ def _c_impl(v, marker):
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
 def _fwd_row(
     i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK
 ):  # pragma: no cover - compiled
