@@ -155,8 +155,8 @@ def test_run_bench_document_is_well_formed(capsys):
         else:
             assert "skipped" in ort
         assert "compile" not in r["impls"]  # not asked for
-        out = r["impls"]["out"]  # normkit with out=: LN/RMS forward only
-        if (r["op"], r["pass"]) == ("ln", "fwd"):
+        out = r["impls"]["out"]  # normkit with out= (and residual_out=): forward only
+        if r["pass"] == "fwd":
             assert _positive_finite(out["copy_fraction"]), out
         else:
             assert "skipped" in out

@@ -1,6 +1,7 @@
-"""``out=``: y written into a caller's buffer (or into x itself), bit for bit the allocating
-result, on every path (the inference fast path, the general path, the reference backend), and
-clear errors for a buffer that does not fit or a call that needs autograd."""
+"""``out=`` / ``residual_out=``: y and h written into a caller's buffers (or into x and the
+residual themselves), bit for bit the allocating result, on every path (the inference fast
+path, the general path, the reference backend), and clear errors for a buffer that does not fit
+or a call that needs autograd."""
 
 from __future__ import annotations
 
@@ -89,3 +90,62 @@ def test_out_under_tracing_is_written_too():
     with torch.no_grad():
         traced = torch.jit.trace(f, (x,), check_trace=False)
         assert torch.allclose(traced(x), normkit.layer_norm(x, 16, w, b), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 64), (300, 768), (0, 16)])
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("with_out", [False, True], ids=["h_only", "y_and_h"])
+def test_residual_out_gives_the_allocating_result_bit_for_bit(rms, shape, dtype, backend,
+                                                              with_out):
+    x, w, b, r = _args(rms, shape, dtype, True)
+    with normkit.use_backend(backend):
+        want_y, want_h = _call(rms, x, w, b, r, return_residual=True)
+        h = torch.full_like(x, float("nan"))
+        y = torch.full_like(x, float("nan")) if with_out else None
+        got_y, got_h = _call(rms, x, w, b, r, return_residual=True, out=y, residual_out=h)
+    assert got_h is h and torch.equal(h, want_h) and torch.equal(got_y, want_y)
+    assert not with_out or got_y is y
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_residual_stream_updated_in_place(rms):
+    """The serving engines' step: h into the residual buffer, y into x's."""
+    x, w, b, r = _args(rms, (257, 1000), torch.float32, True)
+    want_y, want_h = _call(rms, x, w, b, r, return_residual=True)
+    y, h = _call(rms, x, w, b, r, return_residual=True, out=x, residual_out=r)
+    assert y is x and h is r and torch.equal(x, want_y) and torch.equal(r, want_h)
+
+
+def test_residual_out_on_the_general_path():
+    x, w, b, r = _args(False, (2048, 64), torch.bfloat16, True)  # 128K elements: parallel
+    w32 = w.float()
+    for kw in ({"casting": "llama"}, {"zero_centered_gamma": True}, {}):
+        want_y, want_h = normkit.layer_norm(x, 64, w32, b.float(), residual=r,
+                                            return_residual=True, **kw)
+        h = torch.empty_like(want_h)
+        y, got_h = normkit.layer_norm(x, 64, w32, b.float(), residual=r, return_residual=True,
+                                      residual_out=h, **kw)
+        assert got_h is h and torch.equal(h, want_h) and torch.equal(y, want_y), kw
+
+
+def test_bad_residual_out_is_named():
+    x, w, b, r = _args(False, (4, 8), torch.float32, True)
+    with pytest.raises(TypeError, match="residual_out must be a torch.Tensor"):
+        normkit.layer_norm(x, 8, w, b, residual=r, residual_out=[0.0] * 32)
+    with pytest.raises(ValueError, match="residual_out needs residual"):
+        normkit.layer_norm(x, 8, w, b, residual_out=torch.empty(4, 8))
+    with pytest.raises(ValueError, match="residual_out must have x's shape"):
+        normkit.layer_norm(x, 8, w, b, residual=r, residual_out=torch.empty(4, 9))
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        normkit.layer_norm(x, 8, w, b, residual=r,
+                           residual_out=torch.empty(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="residual_out must be contiguous"):
+        normkit.layer_norm(x, 8, w, b, residual=r, residual_out=torch.empty(8, 4).t())
+    both = torch.empty(4, 8)
+    with pytest.raises(ValueError, match="different tensors"):
+        normkit.layer_norm(x, 8, w, b, residual=r, out=both, residual_out=both)
+    with pytest.raises(ValueError, match="autograd"):
+        normkit.layer_norm(x, 8, w.requires_grad_(), b, residual=r,
+                           residual_out=torch.empty(4, 8))

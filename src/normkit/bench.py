@@ -576,20 +576,23 @@ def _build_normkit(case: Case, t: _Inputs, cfg: BenchConfig) -> Callable[[], obj
 
 
 def _build_normkit_out(case: Case, t: _Inputs, cfg: BenchConfig) -> Callable[[], object]:
-    """normkit forward writing into a buffer allocated once (``out=``): the same bytes moved as
-    the copy reference, which also writes into an existing buffer."""
-    if case.pass_ != "fwd" or case.fused:
-        raise Skip("out= peer: LN/RMSNorm forward only")
+    """normkit forward writing into buffers allocated once (``out=``, and ``residual_out=`` for
+    the fused ops): the same bytes moved as the copy reference, which also writes into existing
+    buffers."""
+    if case.pass_ != "fwd":
+        raise Skip("out= peer: forward only")
     import normkit
 
     fn = normkit.rms_norm if case.rms else normkit.layer_norm
     eps = RMS_EPS if case.rms else LN_EPS
     params = _params(case, t, grad=False)
     buf = torch.empty_like(t.x)
+    hbuf = torch.empty_like(t.x) if case.fused else None
+    kw = {"residual": t.r, "return_residual": True, "residual_out": hbuf} if case.fused else {}
 
     def run_out():
         with torch.no_grad():
-            return fn(t.x, (t.x.shape[-1],), *params, eps, out=buf)
+            return fn(t.x, (t.x.shape[-1],), *params, eps, out=buf, **kw)
 
     return run_out
 
@@ -901,7 +904,8 @@ def bar_check(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             copy_fraction_needed=need,
             copy_ok=None if cf is None else cf >= need,
             clone_fraction=nk.get("clone_fraction"),
-            # normkit with out= (forward only): the copy reference's own terms, no allocation
+            # normkit with out= (and residual_out=; forward only): the copy reference's own
+            # terms, no allocation
             copy_fraction_out=r.get("impls", {}).get("out", {}).get("copy_fraction"),
             speedup_vs_torch=sp,
             speedup_needed=min_speedup,

@@ -238,6 +238,7 @@ def layer_norm(
     casting: str = "torch",
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ):
     """LayerNorm over the last ``len(normalized_shape)`` dims, optionally fused with a residual add.
 
@@ -266,6 +267,10 @@ def layer_norm(
             No autograd through it, as with torch's ``out=`` arguments: with a gradient wanted
             this raises.  Saves the allocation and the first-touch page faults of a fresh
             output, which for large tensors cost as much as the op.
+        residual_out: with ``residual``, a tensor to write h into (x's shape and dtype,
+            contiguous, same device, not ``out``); it is returned as h.  It may be ``residual``
+            itself — the in-place update of the residual stream that serving engines use — or
+            x.  No autograd through it, as ``out``.
 
     Returns:
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype).
@@ -278,14 +283,14 @@ def layer_norm(
             and type(eps) is float and 0.0 <= eps < math.inf
             and not _is_compiling() and _tracing_state() is None):
         res = fast.infer(x, normalized_shape, weight, bias, eps, False, residual, out,
-                         _FastNorm.apply)
+                         residual_out, _FastNorm.apply)
         if res is not None:
             if residual is None:
                 return (res, x) if return_residual else res
             return res if return_residual else res[0]
     return _norm(
         x, normalized_shape, weight, bias, eps, residual, zero_centered_gamma,
-        return_residual, casting, out_dtype, False, out,
+        return_residual, casting, out_dtype, False, out, residual_out,
     )
 
 
@@ -301,12 +306,13 @@ def rms_norm(
     casting: str = "torch",
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ):
     """RMSNorm: ``y = h * rsqrt(mean(h²) + eps) * g``, optionally fused with a residual add.
 
     Args:
         x, normalized_shape, weight, residual, zero_centered_gamma, return_residual, casting,
-            out_dtype, out: as in ``layer_norm`` (no bias).
+            out_dtype, out, residual_out: as in ``layer_norm`` (no bias).
         eps: added to the mean square; None means ``torch.finfo(x.dtype).eps``, as in
             ``torch.nn.functional.rms_norm``.
 
@@ -321,14 +327,14 @@ def rms_norm(
         if (type(eps) is float and 0.0 <= eps < math.inf and not _is_compiling()
                 and _tracing_state() is None):
             res = fast.infer(x, normalized_shape, weight, None, eps, True, residual, out,
-                             _FastNorm.apply)
+                             residual_out, _FastNorm.apply)
             if res is not None:
                 if residual is None:
                     return (res, x) if return_residual else res
                 return res if return_residual else res[0]
     return _norm(
         x, normalized_shape, weight, None, eps, residual, zero_centered_gamma,
-        return_residual, casting, out_dtype, True, out,
+        return_residual, casting, out_dtype, True, out, residual_out,
     )
 
 
@@ -433,10 +439,32 @@ def _check_out(out, x, weight, bias, residual, casting, out_dtype):
                          f"{x.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, residual, out)):
-        raise ValueError("out= does not support autograd (as torch's out= arguments): call "
-                         "without out, or under torch.no_grad()")
+    _check_no_autograd("out", x, weight, bias, residual, out)
+
+
+def _check_residual_out(residual_out, out, x, weight, bias, residual):
+    """``residual_out=``: where h goes; like x, contiguous, not out, outside autograd."""
+    if not isinstance(residual_out, torch.Tensor):
+        raise TypeError(f"residual_out must be a torch.Tensor or None, got "
+                        f"{type(residual_out).__name__}")
+    if residual is None:
+        raise ValueError("residual_out needs residual: without it there is no h to write")
+    if (residual_out.shape != x.shape or residual_out.dtype != x.dtype
+            or residual_out.device != x.device):
+        raise ValueError(f"residual_out must have x's shape {tuple(x.shape)}, dtype {x.dtype} "
+                         f"and device {x.device}; got {tuple(residual_out.shape)}, "
+                         f"{residual_out.dtype}, {residual_out.device}")
+    if not residual_out.is_contiguous():
+        raise ValueError("residual_out must be contiguous")
+    if out is not None and out.numel() and out.data_ptr() == residual_out.data_ptr():
+        raise ValueError("out and residual_out must be different tensors")
+    _check_no_autograd("residual_out", x, weight, bias, residual, residual_out)
+
+
+def _check_no_autograd(name, *tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(f"{name}= does not support autograd (as torch's out= arguments): call "
+                         f"without {name}, or under torch.no_grad()")
 
 
 def _rows(t, m, n, flat):
@@ -449,11 +477,13 @@ def _rows(t, m, n, flat):
 
 
 def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual, casting,
-          out_dtype, rms, out=None):
+          out_dtype, rms, out=None, residual_out=None):
     ns, n, eps = _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dtype,
                            rms)
     if out is not None:
         _check_out(out, x, weight, bias, residual, casting, out_dtype)
+    if residual_out is not None:
+        _check_residual_out(residual_out, out, x, weight, bias, residual)
     if not x.is_cpu and torch.is_autocast_enabled(x.device.type):
         # torch's autocast runs layer_norm / rms_norm in float32 on accelerators (CPU: no policy).
         x, weight, bias, residual = (
@@ -467,6 +497,8 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
         y, h = _traceable(x, ns, n, weight, bias, residual, eps, rms, zc, casting, out_dtype)
         if out is not None:
             y = out.copy_(y)
+        if residual_out is not None:
+            h = residual_out.copy_(h)
         return (y, x if h is None else h) if return_residual else y
     # Flatten to rows here, never inside the autograd.Function (STYLE habit 2).
     flat = x.dim() == 2 and len(ns) == 1
@@ -492,9 +524,11 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
             or (b is not None and b.requires_grad)
             or (r2 is not None and r2.requires_grad)
         )):
-            if out is not None and kern is _cpu_module:
-                y, h, stats = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype,
-                                           sink is not None, y=_rows(out, m, n, flat))
+            if (out is not None or residual_out is not None) and kern is _cpu_module:
+                y, h, stats = kern.forward(
+                    x2, w, b, r2, eps, rms, zc, casting, out_dtype, sink is not None,
+                    y=None if out is None else _rows(out, m, n, flat),
+                    h=None if residual_out is None else _rows(residual_out, m, n, flat))
             else:
                 y, h, stats = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype,
                                            sink is not None)
@@ -510,6 +544,10 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
         if y.data_ptr() != out.data_ptr():
             out.copy_(y)
         y = out
+    if residual_out is not None:
+        if h.data_ptr() != residual_out.data_ptr():
+            residual_out.copy_(h)
+        h = residual_out
     if return_residual:
         return y, (x if h is None else h)  # no residual: h is x itself
     return y

@@ -546,7 +546,7 @@ def supports(x, weight, bias, casting, out_dtype) -> bool:
 
 
 def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats,
-            y=None):
+            y=None, h=None):
     """Forward on rows.
 
     Args:
@@ -555,6 +555,7 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
         need_stats: also return the (M, 3) statistics [m1, dm, rstd] that backward needs.
         y: a contiguous (M, N) output buffer of the output dtype (checked by the caller), or
             None to allocate one.  It may be x: every row is read before it is written.
+        h: likewise for h (x's dtype), with a residual; it may be x or the residual.
 
     Returns:
         (y, h, stats): y (M, N) contiguous; h (M, N) in x.dtype or None; stats or None.
@@ -585,11 +586,14 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
         y = torch.empty_like(x) if contiguous and od == x.dtype else torch.empty((m, n), dtype=od)
         if big:
             _hugepages(y)
-    h = stats = None
-    if residual is not None:
-        h = torch.empty_like(x) if contiguous else torch.empty((m, n), dtype=x.dtype)
-        if big:
-            _hugepages(h)
+    stats = None
+    if residual is None:
+        h = None
+    else:
+        if h is None:
+            h = torch.empty_like(x) if contiguous else torch.empty((m, n), dtype=x.dtype)
+            if big:
+                _hugepages(h)
         ra, rrs, ha = residual.data_ptr(), residual.stride(0), h.data_ptr()
         flags |= _RES
     if need_stats:
@@ -603,14 +607,14 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
     return y, h, stats
 
 
-def infer(x, n, weight, bias, eps, rms, residual=None, out=None, autograd=None):
+def infer(x, n, weight, bias, eps, rms, residual=None, out=None, h_out=None, autograd=None):
     """The eager call in its most common form, as cheap as it can be, or None.
 
     For an int n (or a 1-tuple, as nn.LayerNorm passes it), a contiguous CPU x whose last dim
     is n, γ/β None or contiguous (n,) in the dtype the
     kernels read them in, an optional contiguous residual like x, "torch" casting, and ``out``
-    None or a contiguous CPU tensor like x.  Returns y (``out`` when given), or (y, h) with a
-    residual.  When a gradient is wanted (grad mode and an input that requires it) the result is
+    (``h_out``, with a residual) None or a contiguous CPU tensor like x, not the same tensor.
+    Returns y (``out`` when given), or (y, h) with a residual (h is ``h_out`` when given).  When a gradient is wanted (grad mode and an input that requires it) the result is
     ``autograd(x, weight, bias, residual, eps, rms, plan)`` — the caller's autograd.Function,
     whose forward calls ``train_forward`` — or None without ``autograd`` or with ``out``.
     Anything else — including arguments that are not tensors at all — returns None, and the
@@ -654,6 +658,12 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, autograd=None):
             if (train or out.shape != x.shape or out.dtype != x.dtype or not out.is_cpu
                     or not out.is_contiguous() or (grad and out.requires_grad)):
                 return None
+        if h_out is not None:
+            if (train or not ra or h_out.shape != x.shape or h_out.dtype != x.dtype
+                    or not h_out.is_cpu or not h_out.is_contiguous()
+                    or (grad and h_out.requires_grad)
+                    or (out is not None and out.data_ptr() == h_out.data_ptr())):
+                return None
         m = x.numel() // n if n else 0
     except (AttributeError, IndexError, TypeError):
         return None
@@ -674,9 +684,11 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, autograd=None):
         y = out
     h = None
     if ra:
-        h = torch.empty_like(x)
-        if big:
-            _hugepages(h)
+        h = h_out
+        if h is None:
+            h = torch.empty_like(x)
+            if big:
+                _hugepages(h)
         args = (m, n, rms, flags, eps, x.data_ptr(), n, ra, n, h.data_ptr(), y.data_ptr(), wa, ba,
                 0, *p[0])
     else:
