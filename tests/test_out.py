@@ -42,10 +42,12 @@ def test_out_gives_the_allocating_result_bit_for_bit(rms, shape, dtype, residual
     assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("rms", [False, True])
-def test_out_may_be_x_itself(rms, residual):
-    x, w, b, r = _args(rms, (257, 1000), torch.float32, residual)
+def test_out_may_be_x_itself(rms, residual, dtype):
+    """In place the kernel loops over one array (another compiled loop): same bits."""
+    x, w, b, r = _args(rms, (257, 1000), dtype, residual)
     want = _call(rms, x, w, b, r)
     y = _call(rms, x, w, b, r, out=x)
     assert y is x and torch.equal(x, want)
@@ -109,13 +111,18 @@ def test_residual_out_gives_the_allocating_result_bit_for_bit(rms, shape, dtype,
     assert not with_out or got_y is y
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rms", [False, True])
-def test_residual_stream_updated_in_place(rms):
-    """The serving engines' step: h into the residual buffer, y into x's."""
-    x, w, b, r = _args(rms, (257, 1000), torch.float32, True)
+@pytest.mark.parametrize("where", ["y_in_x_h_in_r", "h_in_r", "h_in_x"])
+def test_residual_stream_updated_in_place(rms, dtype, where):
+    """The serving engines' step: h into the residual buffer, y into x's; or h over x."""
+    x, w, b, r = _args(rms, (257, 1000), dtype, True)
     want_y, want_h = _call(rms, x, w, b, r, return_residual=True)
-    y, h = _call(rms, x, w, b, r, return_residual=True, out=x, residual_out=r)
-    assert y is x and h is r and torch.equal(x, want_y) and torch.equal(r, want_h)
+    out = x if where == "y_in_x_h_in_r" else None
+    hbuf = x if where == "h_in_x" else r
+    y, h = _call(rms, x, w, b, r, return_residual=True, out=out, residual_out=hbuf)
+    assert h is hbuf and torch.equal(h, want_h) and torch.equal(y, want_y)
+    assert out is None or y is x
 
 
 def test_residual_out_on_the_general_path():
