@@ -12,6 +12,7 @@ from .functional import (
     BACKENDS,
     CASTINGS,
     available_backends,
+    empty_cache,
     get_backend,
     layer_norm,
     rms_norm,
@@ -52,6 +53,7 @@ __all__ = [
     "use_backend",
     "get_backend",
     "available_backends",
+    "empty_cache",
     "BACKENDS",
     "CASTINGS",
     # modules and conversion

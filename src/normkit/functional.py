@@ -29,6 +29,7 @@ __all__ = [
     "use_backend",
     "get_backend",
     "available_backends",
+    "empty_cache",
     "BACKENDS",
     "CASTINGS",
 ]
@@ -88,6 +89,18 @@ class use_backend(contextlib.AbstractContextManager):
         _backend = self._previous
         _refresh_fast()
         return False
+
+
+def empty_cache() -> None:
+    """Free the CPU output buffers normkit keeps for reuse (as ``torch.cuda.empty_cache``).
+
+    Outputs of at least 1M elements (y, h, dx) come from a pool of earlier outputs' buffers,
+    which saves their page faults — about as much time as the op itself.  Buffers still used by
+    a tensor stay with it.  The pool holds at most ``NORMKIT_CPU_POOL_MB`` MiB (default 2048;
+    0 turns it off), set before the first call.
+    """
+    if _cpu_module is not None:
+        _cpu_module.release_buffers()
 
 
 def get_backend() -> str:

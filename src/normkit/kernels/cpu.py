@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
 import threading
@@ -40,7 +41,7 @@ from numba.extending import intrinsic, overload
 from .reference import cast_dtype, effective_gamma, kernel_dtypes, param_dtype
 
 __all__ = ["forward", "backward", "infer", "train_forward", "train_backward", "supports", "plan",
-           "PARALLEL_MIN_ELEMENTS"]
+           "release_buffers", "PARALLEL_MIN_ELEMENTS"]
 
 # Only what vectorization needs; never nnan/ninf (NaN must propagate).
 _FM = {"reassoc", "contract"}
@@ -546,6 +547,68 @@ def _hugepages(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# Large outputs (y, h, dx) come from a pool of buffers that earlier outputs left behind.  A fresh
+# 64 MiB tensor costs its page faults — the kernel zeroing every new page — even with huge
+# pages: ~3 ms here, as much as the whole op on a 2-core VM, and torch's CPU allocator hands
+# such sizes straight to mmap/munmap, so every call pays again.  A pooled buffer is a numpy
+# array the tensor is built on (torch.from_numpy keeps a reference to it); it is free again
+# exactly when no tensor uses its memory any more, which its reference count says (the pool's
+# entry and the loop's name are the only references then).  Buffers are reused only for the
+# same byte size; the pool holds at most NORMKIT_CPU_POOL_MB MiB (default 2048, 0 turns it off),
+# and ``normkit.empty_cache()`` empties it.  Tensors from the pool have
+# storage that cannot be resized (resize_ raises), as any tensor from torch.from_numpy.
+_POOL: list = []  # [numpy uint8 array, byte offset of the 64-byte aligned start, nbytes]
+_POOL_LOCK = threading.Lock()
+_POOL_MAX_BYTES = int(os.environ.get("NORMKIT_CPU_POOL_MB", "2048")) << 20
+_FREE_REFS = 3  # sys.getrefcount of a pooled array no tensor uses: the list, the loop, the call
+
+
+def _big_empty(shape, dtype):
+    """An uninitialized contiguous CPU tensor of at least _HUGE_MIN_ELEMENTS elements, from the
+    pool when a free buffer of its byte size is there."""
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    with _POOL_LOCK:
+        for entry in _POOL:
+            a = entry[0]
+            if entry[2] == nbytes and sys.getrefcount(a) == _FREE_REFS:
+                return _view(a, entry[1], nbytes, shape, dtype)
+        pooled = sum(e[2] for e in _POOL)
+        if pooled + nbytes > _POOL_MAX_BYTES:
+            return _hugepages(torch.empty(shape, dtype=dtype))
+        a = np.empty(nbytes + 64, np.uint8)
+        off = -a.ctypes.data % 64  # torch's own alignment
+        _POOL.append([a, off, nbytes])
+        t = _view(a, off, nbytes, shape, dtype)
+    return _hugepages(t)
+
+
+def _view(a, off, nbytes, shape, dtype):
+    return torch.from_numpy(a[off:off + nbytes]).view(dtype).view(shape)
+
+
+def release_buffers():
+    """Forget every pooled buffer; the memory of those no tensor uses is freed now."""
+    with _POOL_LOCK:
+        _POOL.clear()
+
+
+_ITEMSIZE = {d: torch.empty(0, dtype=d).element_size() for d in _MARKER}
+
+
+def _empty_like_rows(x, dtype=None):
+    """A contiguous tensor shaped like x (or (M, N) when x is strided) for an output."""
+    dtype = x.dtype if dtype is None else dtype
+    contiguous = x.is_contiguous()
+    shape = x.shape if contiguous else (x.shape[0], x.shape[1])
+    if x.numel() >= _HUGE_MIN_ELEMENTS:
+        return _big_empty(shape, dtype) if _POOL_MAX_BYTES > 0 else _hugepages(
+            torch.empty(shape, dtype=dtype))
+    # empty_like is ~1 µs cheaper than empty(shape, dtype=...) where it applies
+    if contiguous and dtype == x.dtype:
+        return torch.empty_like(x)
+    return torch.empty(shape, dtype=dtype)
+
+
 @functools.cache
 def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
     """How the kernels compute operands of these dtypes, or None when they do not.
@@ -610,22 +673,14 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
             bias = bias.to(pd)
         ba = bias.data_ptr()
         flags |= _B
-    # empty_like is ~1 µs cheaper than empty(shape, dtype=...) and gives a contiguous (M, N)
-    # whenever x is contiguous; otherwise ask for the layout explicitly.
-    contiguous = x.is_contiguous()
-    big = m * n >= _HUGE_MIN_ELEMENTS
     if y is None:
-        y = torch.empty_like(x) if contiguous and od == x.dtype else torch.empty((m, n), dtype=od)
-        if big:
-            _hugepages(y)
+        y = _empty_like_rows(x, od)
     stats = None
     if residual is None:
         h = None
     else:
         if h is None:
-            h = torch.empty_like(x) if contiguous else torch.empty((m, n), dtype=x.dtype)
-            if big:
-                _hugepages(h)
+            h = _empty_like_rows(x)
         ra, rrs, ha = residual.data_ptr(), residual.stride(0), h.data_ptr()
         flags |= _RES
     if need_stats:
@@ -709,18 +764,14 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, h_out=None, aut
         return None if autograd is None else autograd(x, weight, bias, residual, eps, rms, p)
     big = m * n >= _HUGE_MIN_ELEMENTS
     if out is None:
-        y = torch.empty_like(x)
-        if big:
-            _hugepages(y)
+        y = _empty_like_rows(x) if big else torch.empty_like(x)
     else:
         y = out
     h = None
     if ra:
         h = h_out
         if h is None:
-            h = torch.empty_like(x)
-            if big:
-                _hugepages(h)
+            h = _empty_like_rows(x) if big else torch.empty_like(x)
         args = (m, n, rms, flags, eps, x.data_ptr(), n, ra, n, h.data_ptr(), y.data_ptr(), wa, ba,
                 0, *p[0])
     else:
@@ -743,10 +794,7 @@ def train_forward(x, weight, bias, residual, eps, rms, p):
     """
     n = x.shape[-1]
     m = x.numel() // n
-    y = torch.empty_like(x)
-    big = m * n >= _HUGE_MIN_ELEMENTS
-    if big:
-        _hugepages(y)
+    y = _empty_like_rows(x)
     flags = _STATS
     wa = ba = ra = ha = 0
     if weight is not None:
@@ -757,9 +805,7 @@ def train_forward(x, weight, bias, residual, eps, rms, p):
         flags |= _B
     h = None
     if residual is not None:
-        h = torch.empty_like(x)
-        if big:
-            _hugepages(h)
+        h = _empty_like_rows(x)
         ra, ha = residual.data_ptr(), h.data_ptr()
         flags |= _RES
     stats = torch.empty((m, 3), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -904,9 +950,7 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, dhrs, weight, stats, markers, grad_
     """
     nblk = max(1, min(_MAX_BLOCKS, m // _MIN_BLOCK_ROWS))
     sd = stats.dtype
-    dx = torch.empty_like(x)  # x is contiguous
-    if m * n >= _HUGE_MIN_ELEMENTS:
-        _hugepages(dx)
+    dx = _empty_like_rows(x)  # x is contiguous
     dw = torch.empty(n, dtype=grad_dtype) if flags & _DW else None
     db = torch.empty(n, dtype=grad_dtype) if flags & _B else None
     dwa = 0 if dw is None else dw.data_ptr()
