@@ -96,8 +96,8 @@ def empty_cache() -> None:
 
     Outputs of at least 1M elements (y, h, dx) come from a pool of earlier outputs' buffers,
     which saves their page faults — about as much time as the op itself.  Buffers still used by
-    a tensor stay with it.  The pool holds at most ``NORMKIT_CPU_POOL_MB`` MiB (default 2048;
-    0 turns it off), set before the first call.
+    a tensor stay with it.  The pool holds at most ``NORMKIT_CPU_POOL_MB`` MiB (default: an
+    eighth of the machine's memory, at most 2048; 0 turns it off), set before the first call.
     """
     if _cpu_module is not None:
         _cpu_module.release_buffers()

@@ -55,7 +55,6 @@ _MARKER = {
     torch.bfloat16: np.empty(0, np.uint16),
     torch.float16: np.empty(0, np.int16),
 }
-_DTYPE = {id(marker): dtype for dtype, marker in _MARKER.items()}
 
 # Below this many elements a row loop runs serially on the calling thread.  A parallel launch on
 # numba's OpenMP layer costs ~2 µs (its threads spin briefly between regions) and 32K elements
@@ -554,12 +553,26 @@ def _hugepages(t: torch.Tensor) -> torch.Tensor:
 # array the tensor is built on (torch.from_numpy keeps a reference to it); it is free again
 # exactly when no tensor uses its memory any more, which its reference count says (the pool's
 # entry and the loop's name are the only references then).  Buffers are reused only for the
-# same byte size; the pool holds at most NORMKIT_CPU_POOL_MB MiB (default 2048, 0 turns it off),
-# and ``normkit.empty_cache()`` empties it.  Tensors from the pool have
-# storage that cannot be resized (resize_ raises), as any tensor from torch.from_numpy.
+# same byte size; the pool holds at most NORMKIT_CPU_POOL_MB MiB (default: an eighth of the
+# machine's memory, at most 2 GiB; 0 turns it off), and ``normkit.empty_cache()`` empties it.
+# Tensors from the pool have storage that cannot be resized (resize_ raises), as any tensor
+# from torch.from_numpy.
 _POOL: list = []  # [numpy uint8 array, byte offset of the 64-byte aligned start, nbytes]
 _POOL_LOCK = threading.Lock()
-_POOL_MAX_BYTES = int(os.environ.get("NORMKIT_CPU_POOL_MB", "2048")) << 20
+
+
+def _pool_max_bytes():
+    mib = os.environ.get("NORMKIT_CPU_POOL_MB")
+    if mib is not None:
+        return int(mib) << 20
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        memory = 16 << 30
+    return min(2 << 30, memory // 8)
+
+
+_POOL_MAX_BYTES = _pool_max_bytes()
 _FREE_REFS = 3  # sys.getrefcount of a pooled array no tensor uses: the list, the loop, the call
 
 
@@ -698,12 +711,13 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, h_out=None, aut
     """The eager call in its most common form, as cheap as it can be, or None.
 
     For an int n (or a 1-tuple, as nn.LayerNorm passes it), a contiguous CPU x whose last dim
-    is n, γ/β None or contiguous (n,) in the dtype the
-    kernels read them in, an optional contiguous residual like x, "torch" casting, and ``out``
-    (``h_out``, with a residual) None or a contiguous CPU tensor like x, not the same tensor.
-    Returns y (``out`` when given), or (y, h) with a residual (h is ``h_out`` when given).  When a gradient is wanted (grad mode and an input that requires it) the result is
-    ``autograd(x, weight, bias, residual, eps, rms, plan)`` — the caller's autograd.Function,
-    whose forward calls ``train_forward`` — or None without ``autograd`` or with ``out``.
+    is n, γ/β None or contiguous (n,) in the dtype the kernels read them in, an optional
+    contiguous residual like x, "torch" casting, and ``out`` (``h_out``, with a residual) None
+    or a contiguous CPU tensor like x, not the same tensor.  Returns y (``out`` when given), or
+    (y, h) with a residual (h is ``h_out`` when given).  When a gradient is wanted (grad mode
+    and an input that requires it) the result is ``autograd(x, weight, bias, residual, eps,
+    rms, plan)`` — the caller's autograd.Function, whose forward calls ``train_forward`` — or
+    None without ``autograd`` or with ``out``/``h_out``.
     Anything else — including arguments that are not tensors at all — returns None, and the
     caller takes the general path, which validates everything and raises the named errors.
     The caller has checked eps, the casting options, tracing and torch.compile.
