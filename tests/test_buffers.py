@@ -91,3 +91,27 @@ def test_pooled_outputs_are_aligned_contiguous_and_right(dtype):
         y_ref, h_ref = normkit.layer_norm(x, 1024, w, b, residual=r, return_residual=True)
     assert torch.equal(h, h_ref)
     assert (y.float() - y_ref.float()).abs().max() < 0.05
+
+
+def test_threads_never_share_a_live_buffer():
+    """Four threads take and drop pooled outputs at once; each result stays its own."""
+    import threading
+
+    xs = [torch.randn(BIG) for _ in range(4)]
+    with torch.no_grad():
+        wants = [normkit.layer_norm(x.clone(), BIG[1]) for x in xs]
+    bad = []
+
+    def work(k):
+        with torch.no_grad():
+            for _ in range(6):
+                y = normkit.layer_norm(xs[k], BIG[1])
+                if not torch.equal(y, wants[k]):
+                    bad.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
