@@ -573,7 +573,27 @@ def _pool_max_bytes():
 
 
 _POOL_MAX_BYTES = _pool_max_bytes()
-_FREE_REFS = 3  # sys.getrefcount of a pooled array no tensor uses: the list, the loop, the call
+
+
+def _count_free_refs():
+    """sys.getrefcount of a pooled array that no tensor uses, as ``_big_empty`` sees it: the
+    pool's entry, the loop's name and the call's argument on CPython 3.11, but versions count
+    borrowed references differently, so it is measured, not assumed.  None (no pool) should a
+    tensor on the array not show in the count."""
+    pool = [[np.empty(1, np.uint8), 0, 1]]
+    for entry in pool:
+        a = entry[0]
+        free = sys.getrefcount(a)
+        held = torch.from_numpy(a[0:1])
+        used = sys.getrefcount(a)
+        del held
+        return free if used > free and sys.getrefcount(a) == free else None
+    return None
+
+
+_FREE_REFS = _count_free_refs()
+if _FREE_REFS is None:
+    _POOL_MAX_BYTES = 0
 
 
 def _big_empty(shape, dtype):
