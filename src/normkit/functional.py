@@ -298,9 +298,7 @@ def layer_norm(
         res = fast.infer(x, normalized_shape, weight, bias, eps, False, residual, out,
                          residual_out, _FastNorm.apply)
         if res is not None:
-            if residual is None:
-                return (res, x) if return_residual else res
-            return res if return_residual else res[0]
+            return _finish(res, x, residual, return_residual)
     return _norm(
         x, normalized_shape, weight, bias, eps, residual, zero_centered_gamma,
         return_residual, casting, out_dtype, False, out, residual_out,
@@ -342,9 +340,7 @@ def rms_norm(
             res = fast.infer(x, normalized_shape, weight, None, eps, True, residual, out,
                              residual_out, _FastNorm.apply)
             if res is not None:
-                if residual is None:
-                    return (res, x) if return_residual else res
-                return res if return_residual else res[0]
+                return _finish(res, x, residual, return_residual)
     return _norm(
         x, normalized_shape, weight, None, eps, residual, zero_centered_gamma,
         return_residual, casting, out_dtype, True, out, residual_out,
@@ -354,6 +350,13 @@ def rms_norm(
 # ----------------------------------------------------------------------------------------------
 # Validation and dispatch
 # ----------------------------------------------------------------------------------------------
+
+
+def _finish(res, x, residual, return_residual):
+    """The fast path's result in the public form: y, or (y, h) with h = x when no residual."""
+    if residual is None:
+        return (res, x) if return_residual else res
+    return res if return_residual else res[0]
 
 
 def _first_call(x):
