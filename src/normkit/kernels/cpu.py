@@ -598,8 +598,9 @@ if _FREE_REFS is None:
 
 def _big_empty(shape, dtype):
     """An uninitialized contiguous CPU tensor of at least _HUGE_MIN_ELEMENTS elements, from the
-    pool when a free buffer of its byte size is there."""
-    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    pool when a free buffer of its byte size is there (a plain torch tensor when the pool is
+    full or off)."""
+    nbytes = math.prod(shape) * dtype.itemsize
     with _POOL_LOCK:
         for entry in _POOL:
             a = entry[0]
@@ -625,17 +626,13 @@ def release_buffers():
         _POOL.clear()
 
 
-_ITEMSIZE = {d: torch.empty(0, dtype=d).element_size() for d in _MARKER}
-
-
 def _empty_like_rows(x, dtype=None):
     """A contiguous tensor shaped like x (or (M, N) when x is strided) for an output."""
     dtype = x.dtype if dtype is None else dtype
     contiguous = x.is_contiguous()
     shape = x.shape if contiguous else (x.shape[0], x.shape[1])
     if x.numel() >= _HUGE_MIN_ELEMENTS:
-        return _big_empty(shape, dtype) if _POOL_MAX_BYTES > 0 else _hugepages(
-            torch.empty(shape, dtype=dtype))
+        return _big_empty(shape, dtype)
     # empty_like is ~1 µs cheaper than empty(shape, dtype=...) where it applies
     if contiguous and dtype == x.dtype:
         return torch.empty_like(x)
@@ -855,17 +852,9 @@ def train_backward(dy, dh, v, weight, stats, rms, need_w, need_b, p):
     contiguous in x's dtype, ``p`` the plan ``infer`` gave.  Returns (dx, dγ, dβ) like
     ``backward``, but dγ/dβ in γ/β's own dtype (rounded once in the kernel), None where not
     wanted."""
-    n = v.shape[-1]
-    m = stats.shape[0]
-    pd = p[3]
-    if weight is None:
-        need_w = False
-        weight = _const_row(1, n, pd)  # as in backward
-    dhrs = n
-    if dh is None:
-        dh, dhrs = _const_row(0, n, v.dtype), 0
-    flags = (_DW if need_w else 0) | (_B if need_b else 0)
-    return _bwd_launch(m, n, rms, flags, v, dy, dh, dhrs, weight, stats, p[2], pd)
+    flags = (_DW if need_w and weight is not None else 0) | (_B if need_b else 0)
+    return _bwd_launch(stats.shape[0], v.shape[-1], rms, flags, v, dy, dh, weight, p[3], stats,
+                       p[2], p[3])
 
 
 # (x dtype, γ dtype, β dtype) -> [forward markers, serial forward entry point or None, backward
@@ -948,22 +937,18 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     want_w = need_dw and weight is not None
     want_b = need_dw and has_bias
     if weight is None:
-        weight = _const_row(1, n, pd)  # dy·1 is exact; keeps the row loops branch-free
         zero_centered = False
     else:
         if weight.dtype != pd:
             weight = weight.to(pd)
         weight, zero_centered = effective_gamma(weight, zero_centered, nd is not None)
-    dhrs = n
-    if dh is None:
-        dh, dhrs = _const_row(0, n, x.dtype), 0  # one zero row for every row: +0 is exact
     flags = (
         (_DW if want_w else 0)
         | (_B if want_b else 0)
         | (_ZC if zero_centered else 0)
         | (_NROUND if nd is not None else 0)
     )
-    return _bwd_launch(m, n, rms, flags, x, dy, dh, dhrs, weight, stats,
+    return _bwd_launch(m, n, rms, flags, x, dy, dh, weight, pd, stats,
                        _bwd_markers(x.dtype, dy.dtype, pd, nd or x.dtype, sd, sd), sd)
 
 
@@ -973,15 +958,23 @@ def _bwd_markers(*dtypes):
     return tuple(_MARKER[d] for d in dtypes)
 
 
-def _bwd_launch(m, n, rms, flags, x, dy, dh, dhrs, weight, stats, markers, grad_dtype):
+def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers, grad_dtype):
     """Allocate dx and the dγ/dβ the flags ask for (in ``grad_dtype``, marked by the last of the
     six ``markers``), launch, return (dx, dγ or None, dβ or None).
+
+    γ (in ``param_dtype``) or dh may be None: the kernel then reads a row of ones (dy·1 is
+    exact) or one zero row for every row (+0 is exact), which keeps its row loops branch-free.
 
     Each row block accumulates one partial row of dγ (dβ) in the statistics dtype, in this
     thread's scratch buffer; the driver sums them in block order and rounds once into the
     outputs.  A single block (M < 2·_MIN_BLOCK_ROWS) whose output needs no rounding writes it
     directly.  Every allocation saved counts at M=1: inside a backward, torch.empty costs ~2 µs.
     """
+    if weight is None:
+        weight = _const_row(1, n, param_dtype)
+    dhrs = n
+    if dh is None:
+        dh, dhrs = _const_row(0, n, x.dtype), 0
     nblk = max(1, min(_MAX_BLOCKS, m // _MIN_BLOCK_ROWS))
     sd = stats.dtype
     dx = _empty_like_rows(x)  # x is contiguous
