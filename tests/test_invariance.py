@@ -108,9 +108,11 @@ def test_serial_and_parallel_drivers_agree(dtype, n, rms, affine, residual, monk
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
-def test_backward_is_bitwise_reproducible(dtype, rms, monkeypatch):
-    """dx, dγ, dβ identical run to run, with 1 or all threads, serial or parallel driver."""
-    m, n = 301, 257
+@pytest.mark.parametrize("shape", [(301, 257), (8, 4096)], ids=["many_rows", "few_long_rows"])
+def test_backward_is_bitwise_reproducible(dtype, rms, shape, monkeypatch):
+    """dx, dγ, dβ identical run to run, with 1 or all threads, serial or parallel driver.
+    Both block partitions: blocks of rows, and a few long rows split into blocks of elements."""
+    m, n = shape
     x = torch.randn(m, n).to(dtype).requires_grad_()
     w = torch.randn(n, requires_grad=True)
     b = None if rms else torch.randn(n, requires_grad=True)
@@ -121,7 +123,10 @@ def test_backward_is_bitwise_reproducible(dtype, rms, monkeypatch):
         y = normkit.rms_norm(x, n, w) if rms else normkit.layer_norm(x, n, w, b)
         return torch.autograd.grad(y, params, dy)
 
+    drivers = _record_launches(monkeypatch)
     first = grads()
+    if numba.config.NUMBA_NUM_THREADS >= 2 and torch.get_num_threads() >= 2:
+        assert cpu._bwd_parallel in drivers  # the parallel driver really ran
     threads = numba.get_num_threads()
     runs = [grads()]
     try:

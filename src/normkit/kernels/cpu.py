@@ -68,11 +68,21 @@ PARALLEL_MIN_ELEMENTS = 1 << 15
 _RES, _W, _B, _ZC, _NROUND, _STATS, _DH, _DW = 1, 2, 4, 8, 16, 32, 64, 128
 
 # Backward: rows are split into contiguous blocks of at least _MIN_BLOCK_ROWS rows, at most
-# _MAX_BLOCKS of them — a function of M only, so dγ/dβ (one partial row per block, summed in
-# block order) have the same bits whatever the thread count.  Blocks are also the unit of
-# parallel work, with or without dγ/dβ.
+# _MAX_BLOCKS of them — or, for fewer rows than two such blocks, into blocks of at least
+# _MIN_BLOCK_ELEMENTS elements (a few long rows: 8x4096 is two blocks) — a function of M and N
+# only, so dγ/dβ (one partial row per block, summed in block order) have the same bits whatever
+# the thread count.  Blocks are also the unit of parallel work, with or without dγ/dβ; a single
+# block runs on the calling thread.
 _MAX_BLOCKS = 64
 _MIN_BLOCK_ROWS = 16
+_MIN_BLOCK_ELEMENTS = 1 << 14
+
+
+def _bwd_blocks(m, n):
+    """The number of row blocks of an (m, n) backward (see above)."""
+    if m >= 2 * _MIN_BLOCK_ROWS:
+        return min(_MAX_BLOCKS, m // _MIN_BLOCK_ROWS)
+    return max(1, min(m, m * n // _MIN_BLOCK_ELEMENTS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1012,7 +1022,7 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers
 
     Each row block accumulates one partial row of dγ (dβ) in the statistics dtype, in this
     thread's scratch buffer; the driver sums them in block order and rounds once into the
-    outputs.  A single block (M < 2·_MIN_BLOCK_ROWS) whose output needs no rounding writes it
+    outputs.  A single block (see ``_bwd_blocks``) whose output needs no rounding writes it
     directly.  Every allocation saved counts at M=1: inside a backward, torch.empty costs ~2 µs.
     """
     if weight is None:
@@ -1021,7 +1031,7 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers
     if dh is not None:
         dha = dh.data_ptr()
         flags |= _DH
-    nblk = max(1, min(_MAX_BLOCKS, m // _MIN_BLOCK_ROWS))
+    nblk = _bwd_blocks(m, n)
     sd = stats.dtype
     dx = _empty_like_rows(x)  # x is contiguous
     dw = torch.empty(n, dtype=grad_dtype) if flags & _DW else None
@@ -1035,7 +1045,7 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers
         pba = pwa + row
     args = (m, nblk, n, rms, flags, x.data_ptr(), dy.data_ptr(), dha,
             dx.data_ptr(), weight.data_ptr(), stats.data_ptr(), pwa, pba, dwa, dba, *markers)
-    _launch(_bwd_serial, _bwd_parallel, m * n, args, markers)
+    _launch(_bwd_serial, _bwd_parallel, m * n if nblk > 1 else 0, args, markers)
     return dx, dw, db
 
 
