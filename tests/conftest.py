@@ -18,17 +18,6 @@ from normkit.kernels import reference
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-
-
-def pytest_sessionstart(session):
-    """The native entry point builds (or loads) in the background from the first CPU call on,
-    and serves calls once it is ready: wait for it here, so that every test sees the same paths
-    whatever the timing.  Where it cannot be built, the Python path serves all along."""
-    from normkit.kernels import native
-
-    native.wait(timeout=900)
-
-
 # The accuracy rule (flash-attention's): a normkit result's max error against the float64
 # reference must be at most 2x the error of PyTorch's own op in the same dtype, plus ATOL.
 # ATOL covers the cases where torch happens to be exact by luck (e.g. tiny rows), and is a few

@@ -369,10 +369,8 @@ def test_jit_cache_falls_back_to_user_cache_dir(tmp_path):
                     ignore=shutil.ignore_patterns("__pycache__"))
     (root / "normkit" / "kernels" / "__pycache__").write_text("not a directory")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
-    # NORMKIT_NATIVE=0: this is about numba's cache; the native entry point would start a
-    # C++ build into the empty cache in the background of both runs.
     env.update(PYTHONPATH=str(root), XDG_CACHE_HOME=str(tmp_path / "cache"),
-               PYTHONDONTWRITEBYTECODE="1", NORMKIT_NATIVE="0")
+               PYTHONDONTWRITEBYTECODE="1")
     code = textwrap.dedent(
         """
         import time, torch, normkit

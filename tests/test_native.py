@@ -20,12 +20,20 @@ from normkit.kernels import cpu, native
 
 @pytest.fixture(scope="module")
 def mod():
-    m = native.wait(timeout=900)
-    if m is None:
-        if shutil.which("c++") is None and shutil.which("g++") is None:
-            pytest.skip(f"no C++ compiler on this machine: {native.status()}")
-        pytest.fail(f"the native entry point did not build: {native.status()}")
-    return m
+    """The entry point, turned on (it is opt-in) for this module and off again after it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NORMKIT_NATIVE", "1")
+        if native._module is None:
+            mp.setattr(native, "_error", None)  # a start() while it was off recorded "off"
+            mp.setattr(native, "_thread", None)
+        normkit.layer_norm(torch.zeros(1, 1), 1)  # loads the CPU kernels
+        m = native.wait(timeout=900)
+        if m is None:
+            if shutil.which("c++") is None and shutil.which("g++") is None:
+                pytest.skip(f"no C++ compiler on this machine: {native.status()}")
+            pytest.fail(f"the native entry point did not build: {native.status()}")
+        yield m
+        mp.setattr(cpu, "_native", None)  # the rest of the session: the default, Python path
 
 
 @pytest.fixture
@@ -201,19 +209,22 @@ def test_threads_share_it_safely(mod):
     assert native.calls() - before == 8 * 200 * 2
 
 
-def test_turned_off_by_environment():
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_off_unless_asked_for(setting):
     code = textwrap.dedent("""
         import torch, normkit
         from normkit.kernels import native
         normkit.layer_norm(torch.randn(2, 8), 8)
-        print(native.wait(), native.status(), native.calls())
+        print(native.wait(), native.calls(), native.status())
     """)
-    env = dict(os.environ, NORMKIT_NATIVE="0")
+    env = {k: v for k, v in os.environ.items() if k != "NORMKIT_NATIVE"}
+    if setting is not None:
+        env["NORMKIT_NATIVE"] = setting
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["None", "unavailable:", "turned", "off", "(NORMKIT_NATIVE=0)",
-                                  "0"]
+    assert out.stdout.split() == ["None", "0", "unavailable:", "off", "(NORMKIT_NATIVE=1",
+                                  "turns", "it", "on)"]
 
 
 def test_a_broken_toolchain_leaves_the_python_path(tmp_path):
@@ -232,7 +243,7 @@ def test_a_broken_toolchain_leaves_the_python_path(tmp_path):
         p.write_text("#!/bin/sh\nexit 1\n")
         p.chmod(0o755)
     env = dict(os.environ, NORMKIT_CACHE_DIR=str(tmp_path / "cache"), CXX=str(bindir / "c++"),
-               PATH=f"{bindir}:{os.environ['PATH']}")
+               PATH=f"{bindir}:{os.environ['PATH']}", NORMKIT_NATIVE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0, out.stderr

@@ -976,8 +976,9 @@ def _version(dist: str) -> str | None:
 
 
 def _wait_for_native() -> None:
-    """Time the steady state: the native entry point serves eager CPU calls once its background
-    build (seconds; once per machine) is over, so wait for it before the first case."""
+    """Time the steady state: where the native entry point is on (NORMKIT_NATIVE=1), it serves
+    eager CPU calls once its background build (seconds; once per machine) is over, so wait for
+    it before the first case (a no-op when it is off)."""
     import normkit
     from normkit.kernels import native
 

@@ -412,46 +412,26 @@ def _bwd_rows(
         # One loop per case, so that each stays branch-free (see _fwd_out).
         if acc_w and acc_b:
             for j in range(n):
-                d = _ld(dy[j])
-                xh = ((_ld(x[j]) - m1) - dm) * rstd
-                if cache:
-                    ds[j] = d
-                    xs[j] = xh
-                gdy = d * g[j]
+                d, xh, gdy = _first_pass(j, cache, ds, xs, dy, x, g, m1, dm, rstd)
                 c1 += gdy
                 c2 += gdy * xh
                 dw[j] += d * xh
                 db[j] += d
         elif acc_w:
             for j in range(n):
-                d = _ld(dy[j])
-                xh = ((_ld(x[j]) - m1) - dm) * rstd
-                if cache:
-                    ds[j] = d
-                    xs[j] = xh
-                gdy = d * g[j]
+                d, xh, gdy = _first_pass(j, cache, ds, xs, dy, x, g, m1, dm, rstd)
                 c1 += gdy
                 c2 += gdy * xh
                 dw[j] += d * xh
         elif acc_b:
             for j in range(n):
-                d = _ld(dy[j])
-                xh = ((_ld(x[j]) - m1) - dm) * rstd
-                if cache:
-                    ds[j] = d
-                    xs[j] = xh
-                gdy = d * g[j]
+                d, xh, gdy = _first_pass(j, cache, ds, xs, dy, x, g, m1, dm, rstd)
                 c1 += gdy
                 c2 += gdy * xh
                 db[j] += d
         else:
             for j in range(n):
-                d = _ld(dy[j])
-                xh = ((_ld(x[j]) - m1) - dm) * rstd
-                if cache:
-                    ds[j] = d
-                    xs[j] = xh
-                gdy = d * g[j]
+                d, xh, gdy = _first_pass(j, cache, ds, xs, dy, x, g, m1, dm, rstd)
                 c1 += gdy
                 c2 += gdy * xh
         c1 = z if rms else c1 / nf
@@ -469,6 +449,18 @@ def _bwd_rows(
             for j in range(n):
                 d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
                 dw[j] += d * _ld(_st(xh, NK))
+
+
+@njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
+def _first_pass(j, cache, ds, xs, dy, x, g, m1, dm, rstd):  # pragma: no cover - compiled
+    """Element j of a row's first backward pass: (dy, x̂, g·dy) in the compute dtype, dy and x̂
+    kept in the block's rows when ``cache``."""
+    d = _ld(dy[j])
+    xh = ((_ld(x[j]) - m1) - dm) * rstd
+    if cache:
+        ds[j] = d
+        xs[j] = xh
+    return d, xh, d * g[j]
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
@@ -797,6 +789,8 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, h_out=None, aut
     Anything else — including arguments that are not tensors at all — returns None, and the
     caller takes the general path, which validates everything and raises the named errors.
     The caller has checked eps, the casting options, tracing and torch.compile.
+    Once the native entry point is built (native.py), it serves these calls first, with the
+    same launches; what it declines continues here.
     """
     if (_native is not None and out is None and h_out is None and autograd is not None
             and PARALLEL_MIN_ELEMENTS == _native_par_min):
@@ -1116,8 +1110,9 @@ def _ones_row(n, dtype):
     return row
 
 
-# The native entry point builds (or loads) in the background from the first CPU call on.
-if os.environ.get("NORMKIT_NATIVE", "1") != "0":
+# The native entry point (opt-in: NORMKIT_NATIVE=1) builds or loads in the background from the
+# first CPU call on.
+if os.environ.get("NORMKIT_NATIVE", "0") == "1":
     from . import native as _native_module
 
     _native_module.start()
