@@ -65,7 +65,7 @@ _MARKER = {
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
 # Flags passed as one int.
-_RES, _W, _B, _ZC, _NROUND, _STATS, _DH, _DW = 1, 2, 4, 8, 16, 32, 64, 128
+_RES, _W, _B, _ZC, _NROUND, _STATS, _DW = 1, 2, 4, 8, 16, 32, 128
 
 # Backward: rows are split into contiguous blocks of at least _MIN_BLOCK_ROWS rows, at most
 # _MAX_BLOCKS of them — or, for fewer rows than two such blocks, into blocks of at least
@@ -364,20 +364,16 @@ def _fwd_parallel(
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _bwd_rows(
-    lo, hi, n, rms, flags, xa, dya, dha, dxa, wa, sa, dwa, dba, XK, OK, WK, NK, SK
+    lo, hi, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, dwa, dba, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
     """Rows [lo, hi): dx, and this block's dγ/dβ partial sums (float32 rows dwa/dba).
 
     With x̂ = (v - m1 - dm)·rstd (LN) or v·rstd (RMS) and g = γ (or 1+γ), per row:
         dx = rstd · (g·dy − mean(g·dy) − x̂·mean(g·dy·x̂)) + dh   (RMS drops the mean(g·dy) term)
         dγ += dy · x̂  (x̂ cast as in the forward for "llama"/"t5"),  dβ += dy
-    dh is the gradient that reached the returned pre-norm sum h (flag _DH; without it the
-    kernel reads none).  The host always passes a γ (ones when there is none: dy·1 is exact).
-
-    The first pass over a row reads x and dy once, keeps dy and x̂ in compute-dtype rows of this
-    block (a row fits in L1) and adds them into dγ/dβ; the second pass computes dx from those
-    rows.  For 16-bit storage this halves the conversions, which are what bound the backward on
-    AVX2 (bf16 4096x4096, one core: 0.77 -> 0.61 ns per element); g is converted once per block.
+    dh is the gradient that reached the returned pre-norm sum h.  The host always passes a γ
+    (ones when there is none: dy·1 is exact) and a dh (one zero row read with stride ``dhrs=0``
+    when there is none: +0 is exact), so the row loops have no branches to keep them scalar.
     """
     z = _c(0, XK)
     nf = _c(n, XK)
@@ -392,105 +388,72 @@ def _bwd_rows(
         dw[j] = z
     for j in range(db.size):
         db[j] = z
-    g = np.empty(n, SK.dtype)  # γ (+1) in the compute dtype, once per block
-    for j in range(n):
-        g[j] = _ld(w[j]) + zc
-    # 16-bit storage: this row's x̂ and dy in the compute dtype.  float32/float64 rows are
-    # cheaper to read again than to store (memory-bound: 7.2 vs 7.9 ms at 4096x4096 float32).
-    cache = not _same_kind(XK, SK)
-    xs = np.empty(n if cache else 0, SK.dtype)
-    ds = np.empty(n if cache else 0, SK.dtype)
     for i in range(lo, hi):
         x = _row(xa, i * n, n, XK)
         dy = _row(dya, i * n, n, OK)
+        dh = _row(dha, i * dhrs, n, XK)
         dx = _row(dxa, i * n, n, XK)
         m1 = st[3 * i]
         dm = st[3 * i + 1]
         rstd = st[3 * i + 2]
         c1 = z
         c2 = z
-        # One loop per case, so that each stays branch-free (see _fwd_out).
-        if acc_w and acc_b:
-            for j in range(n):
-                d, xh, gdy = _first_pass(j, cache, ds, xs, dy, x, g, m1, dm, rstd)
-                c1 += gdy
-                c2 += gdy * xh
-                dw[j] += d * xh
-                db[j] += d
-        elif acc_w:
-            for j in range(n):
-                d, xh, gdy = _first_pass(j, cache, ds, xs, dy, x, g, m1, dm, rstd)
-                c1 += gdy
-                c2 += gdy * xh
-                dw[j] += d * xh
-        elif acc_b:
-            for j in range(n):
-                d, xh, gdy = _first_pass(j, cache, ds, xs, dy, x, g, m1, dm, rstd)
-                c1 += gdy
-                c2 += gdy * xh
-                db[j] += d
-        else:
-            for j in range(n):
-                d, xh, gdy = _first_pass(j, cache, ds, xs, dy, x, g, m1, dm, rstd)
-                c1 += gdy
-                c2 += gdy * xh
+        for j in range(n):
+            gdy = _ld(dy[j]) * (_ld(w[j]) + zc)
+            c1 += gdy
+            c2 += gdy * (((_ld(x[j]) - m1) - dm) * rstd)
         c1 = z if rms else c1 / nf
         c2 = c2 / nf
-        if flags & _DH:
-            dh = _row(dha, i * n, n, XK)
+        if acc_w and acc_b:
             for j in range(n):
-                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
-                dx[j] = _st(rstd * (d * g[j] - c1 - xh * c2) + _ld(dh[j]), XK)
+                xh = ((_ld(x[j]) - m1) - dm) * rstd
+                d = _ld(dy[j])
+                dw[j] += d * xh
+                db[j] += d
+                dx[j] = _st(rstd * (d * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]), XK)
+        elif acc_w:
+            for j in range(n):
+                xh = ((_ld(x[j]) - m1) - dm) * rstd
+                d = _ld(dy[j])
+                dw[j] += d * xh
+                dx[j] = _st(rstd * (d * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]), XK)
+        elif acc_b:
+            for j in range(n):
+                xh = ((_ld(x[j]) - m1) - dm) * rstd
+                d = _ld(dy[j])
+                db[j] += d
+                dx[j] = _st(rstd * (d * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]), XK)
         else:
             for j in range(n):
-                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
-                dx[j] = _st(rstd * (d * g[j] - c1 - xh * c2), XK)
+                xh = ((_ld(x[j]) - m1) - dm) * rstd
+                dx[j] = _st(rstd * (_ld(dy[j]) * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]),
+                            XK)
         if (flags & _DW) and (flags & _NROUND):  # dγ against x̂ as the forward rounded it
             for j in range(n):
-                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
-                dw[j] += d * _ld(_st(xh, NK))
-
-
-@njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
-def _first_pass(j, cache, ds, xs, dy, x, g, m1, dm, rstd):  # pragma: no cover - compiled
-    """Element j of a row's first backward pass: (dy, x̂, g·dy) in the compute dtype, dy and x̂
-    kept in the block's rows when ``cache``."""
-    d = _ld(dy[j])
-    xh = ((_ld(x[j]) - m1) - dm) * rstd
-    if cache:
-        ds[j] = d
-        xs[j] = xh
-    return d, xh, d * g[j]
-
-
-@njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
-def _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd):  # pragma: no cover - compiled
-    """dy[j] and x̂[j] in the compute dtype: from the first pass's rows, or computed again."""
-    if cache:
-        return ds[j], xs[j]
-    return _ld(dy[j]), ((_ld(x[j]) - m1) - dm) * rstd
+                xh = ((_ld(x[j]) - m1) - dm) * rstd
+                dw[j] += _ld(dy[j]) * _ld(_st(xh, NK))
 
 
 @njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
 def _bwd_serial(
-    m, nblk, n, rms, flags, xa, dya, dha, dxa, wa, sa, pwa, pba, dwa, dba,
+    m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
     XK, OK, WK, NK, SK, GK,
 ):  # pragma: no cover - compiled
     rpb = (m + nblk - 1) // nblk
     for k in range(nblk):
-        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dxa, wa, sa,
+        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
                   pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
     _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
 
 
 @njit(cache=_CACHE, fastmath=_FM, parallel=True, error_model="numpy")
 def _bwd_parallel(
-    m, nblk, n, rms, flags, xa, dya, dha, dxa, wa, sa, pwa, pba, dwa, dba,
+    m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
     XK, OK, WK, NK, SK, GK,
 ):  # pragma: no cover - compiled
     rpb = (m + nblk - 1) // nblk
     for k in prange(nblk):
-        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dxa, wa, sa,
+        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
                   pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
     _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
 
@@ -558,10 +521,6 @@ def _first_parallel_launch():
     _parallel_used = True
     if numba.threading_layer() == "workqueue":
         PARALLEL_MIN_ELEMENTS = max(PARALLEL_MIN_ELEMENTS, 1 << 21)
-        if _native is not None:
-            from . import native
-
-            native._sync_limits(_native)
 
 _PAR_LOCK = threading.Lock()
 _threads = threading.local()  # .n: the numba thread count last set from this Python thread
@@ -789,14 +748,7 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, h_out=None, aut
     Anything else — including arguments that are not tensors at all — returns None, and the
     caller takes the general path, which validates everything and raises the named errors.
     The caller has checked eps, the casting options, tracing and torch.compile.
-    Once the native entry point is built (native.py), it serves these calls first, with the
-    same launches; what it declines continues here.
     """
-    if (_native is not None and out is None and h_out is None and autograd is not None
-            and PARALLEL_MIN_ELEMENTS == _native_par_min):
-        res = _native.run(x, n, weight, bias, residual, eps, rms)  # see native.py
-        if res is not None:
-            return res
     if type(n) is not int:
         if type(n) is not tuple or len(n) != 1 or type(n[0]) is not int:  # nn.LayerNorm's form
             return None
@@ -847,8 +799,6 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, h_out=None, aut
     p = _INFER_PLANS.get(key)
     if p is None:
         p = _INFER_PLANS[key] = _infer_plan(*key)
-    if _native is not None and p and key not in _native_keys:  # new, or made while it was off
-        _native_register(_native, key, p)
     if not p or m == 0:
         return None
     if train:
@@ -915,35 +865,6 @@ def train_backward(dy, dh, v, weight, stats, rms, need_w, need_b, p):
     flags = (_DW if need_w and weight is not None else 0) | (_B if need_b else 0)
     return _bwd_launch(stats.shape[0], v.shape[-1], rms, flags, v, dy, dh, weight, p[3], stats,
                        p[2], p[3])
-
-
-# The native entry point (native.py) once its background build has finished, and the
-# PARALLEL_MIN_ELEMENTS it was given: a caller that changes the limit (tests do) gets the Python
-# path, which reads the limit on every call.
-_native = None
-_native_par_min = -1
-_NATIVE_LOCK = threading.RLock()
-_native_keys: set = set()
-
-
-def _native_ready(mod):
-    """Called by native.py when the extension is loaded: register every plan made so far."""
-    global _native, _native_par_min
-    with _NATIVE_LOCK:
-        for key, p in list(_INFER_PLANS.items()):
-            if p:
-                _native_register(mod, key, p)
-        _native_par_min = PARALLEL_MIN_ELEMENTS
-        _native = mod
-
-
-def _native_register(mod, key, p):
-    from . import native
-
-    with _NATIVE_LOCK:
-        if key not in _native_keys:
-            native.register(mod, key, p)
-            _native_keys.add(key)
 
 
 # (x dtype, γ dtype, β dtype) -> [forward markers, serial forward entry point or None, backward
@@ -1051,8 +972,8 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers
     """Allocate dx and the dγ/dβ the flags ask for (in ``grad_dtype``, marked by the last of the
     six ``markers``), launch, return (dx, dγ or None, dβ or None).
 
-    γ (in ``param_dtype``) may be None: the kernel then reads a row of ones (dy·1 is exact),
-    which keeps its row loops free of branches.  dh may be None: the kernel then reads none.
+    γ (in ``param_dtype``) or dh may be None: the kernel then reads a row of ones (dy·1 is
+    exact) or one zero row for every row (+0 is exact), which keeps its row loops branch-free.
 
     Each row block accumulates one partial row of dγ (dβ) in the statistics dtype, in this
     thread's scratch buffer; the driver sums them in block order and rounds once into the
@@ -1060,11 +981,10 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers
     directly.  Every allocation saved counts at M=1: inside a backward, torch.empty costs ~2 µs.
     """
     if weight is None:
-        weight = _ones_row(n, param_dtype)
-    dha = 0
-    if dh is not None:
-        dha = dh.data_ptr()
-        flags |= _DH
+        weight = _const_row(1, n, param_dtype)
+    dhrs = n
+    if dh is None:
+        dh, dhrs = _const_row(0, n, x.dtype), 0
     nblk = _bwd_blocks(m, n)
     sd = stats.dtype
     dx = _empty_like_rows(x)  # x is contiguous
@@ -1077,7 +997,7 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers
         row = nblk * n * stats.element_size()
         pwa = _scratch(2 * row)
         pba = pwa + row
-    args = (m, nblk, n, rms, flags, x.data_ptr(), dy.data_ptr(), dha,
+    args = (m, nblk, n, rms, flags, x.data_ptr(), dy.data_ptr(), dh.data_ptr(), dhrs,
             dx.data_ptr(), weight.data_ptr(), stats.data_ptr(), pwa, pba, dwa, dba, *markers)
     _launch(_bwd_serial, _bwd_parallel, m * n if nblk > 1 else 0, args, markers)
     return dx, dw, db
@@ -1095,24 +1015,16 @@ def _scratch(nbytes):
     return buf.data_ptr()
 
 
-# Read-only rows of ones, per (N, dtype): the backward's stand-in for an absent γ.  A handful of
-# entries in practice; cleared if it ever grows large.
-_ONES_ROWS: dict = {}
+# Read-only rows of ones / zeros, per (value, N, dtype): the backward's stand-ins for an absent
+# γ or dh.  A handful of entries in practice; cleared if it ever grows large.
+_CONST_ROWS: dict = {}
 
 
-def _ones_row(n, dtype):
-    key = (n, dtype)
-    row = _ONES_ROWS.get(key)
+def _const_row(value, n, dtype):
+    key = (value, n, dtype)
+    row = _CONST_ROWS.get(key)
     if row is None:
-        if len(_ONES_ROWS) > 64:
-            _ONES_ROWS.clear()
-        row = _ONES_ROWS[key] = torch.ones(n, dtype=dtype)
+        if len(_CONST_ROWS) > 64:
+            _CONST_ROWS.clear()
+        row = _CONST_ROWS[key] = torch.full((n,), value, dtype=dtype)
     return row
-
-
-# The native entry point (opt-in: NORMKIT_NATIVE=1) builds or loads in the background from the
-# first CPU call on.
-if os.environ.get("NORMKIT_NATIVE", "0") == "1":
-    from . import native as _native_module
-
-    _native_module.start()
