@@ -672,8 +672,8 @@ class _FastNorm(torch.autograd.Function):
 
 
 def _fast_double_backward(need, x, weight, bias, residual, dy, dh, eps, rms):
-    """(dx, dγ, dβ, d-residual) of the lean paths (``_FastNorm`` and the native node) for
-    ``create_graph=True``: the reference's, on rows, differentiable again."""
+    """(dx, dγ, dβ, d-residual) of the lean path (``_FastNorm``) for ``create_graph=True``: the
+    reference's, on rows, differentiable again."""
     n = x.shape[-1]
     rows = [None if t is None else t.reshape(-1, n) for t in (x, residual, dy, dh)]
     g = _reference_backward(need, rows[0], weight, bias, rows[1], rows[2], rows[3],
