@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -110,3 +113,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def run_python(code, env=None, timeout=300):
+    """Run ``code`` (dedented) in a fresh interpreter with ``env`` added to the environment;
+    its stdout, after asserting that it exited cleanly."""
+    full_env = dict(os.environ, **(env or {}))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, env=full_env, timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return out.stdout

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import max_err
+from conftest import max_err, run_python
 
 import normkit
 from normkit.kernels import reference
@@ -312,16 +312,8 @@ def test_custom_ops_are_registered():
 # ------------------------------------------------------------------------------------------
 
 
-def _run_py(code, env=None):
-    full_env = dict(os.environ, **(env or {}))
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                         text=True, env=full_env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
 def test_import_is_lean():
-    out = _run_py(
+    out = run_python(
         """
         import sys, torch
         import normkit, normkit.nn
@@ -348,9 +340,9 @@ def test_cold_start_with_warm_cache(tmp_path):
         t2 = time.perf_counter()
         print(t1 - t0, t2 - t1)
     """
-    _run_py(code, env)  # compiles and fills the cache
+    run_python(code, env)  # compiles and fills the cache
     assert any(tmp_path.rglob("*.nbi")), "numba wrote no cache index"
-    t_torch, t_first = map(float, _run_py(code, env).split())
+    t_torch, t_first = map(float, run_python(code, env).split())
     # numba's own import is ~0.3-0.5 s; loading cached machine code is tens of ms.
     assert t_first < max(1.5, 1.5 * t_torch), (t_torch, t_first)
 

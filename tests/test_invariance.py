@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 import threading
 
 import numba
 import pytest
 import torch
-from conftest import DTYPES
+from conftest import DTYPES, run_python
 
 import normkit
 from normkit.kernels import cpu
@@ -229,7 +225,7 @@ def test_bits_do_not_depend_on_the_jit_cache(tmp_path):
     cache give the same bits, forward and backward.  (A row function compiled on its own and
     called from the drivers was inlined into them or not depending on whether it came from the
     cache, and dx moved in the last place between the two.)"""
-    code = textwrap.dedent("""
+    code = """
         import hashlib, torch, normkit
         torch.manual_seed(0)
         out = []
@@ -244,15 +240,8 @@ def test_bits_do_not_depend_on_the_jit_cache(tmp_path):
                 for t in (y, *g):
                     out.append(hashlib.sha1(t.detach().view(torch.uint8).numpy()).hexdigest())
         print(" ".join(out))
-    """)
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-
-    def run():
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                           timeout=600)
-        assert r.returncode == 0, r.stderr
-        return r.stdout.split()
-
-    compiled = run()
+    """
+    env = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    compiled = run_python(code, env, timeout=600).split()
     assert any(tmp_path.rglob("*.nbi")), "numba wrote no cache"
-    assert run() == compiled
+    assert run_python(code, env, timeout=600).split() == compiled
