@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numba
+import numpy as np
 import pytest
 import torch
 from conftest import DTYPES, run_python
@@ -222,11 +223,14 @@ def test_normkit_uses_no_more_threads_than_torch_may(monkeypatch):
 
 def test_bits_do_not_depend_on_the_jit_cache(tmp_path):
     """The process that compiles the kernels and every later one that loads them from numba's
-    cache give the same bits, forward and backward.  (A row function compiled on its own and
-    called from the drivers was inlined into them or not depending on whether it came from the
-    cache, and dx moved in the last place between the two.)"""
+    cache give the same bits, forward and backward, serial and parallel shapes.  (With
+    ``fastmath={"reassoc"}`` they did not: a row function was inlined into its driver or not
+    depending on whether it came from the cache, LLVM summed the row in another order, and dx
+    moved in the last place.)  The reason they cannot differ is checked too: no fast-math flag
+    in any compiled driver, so LLVM may only make changes that keep every bit."""
     code = """
-        import hashlib, torch, normkit
+        import hashlib, re, torch, normkit
+        from normkit.kernels import cpu
         torch.manual_seed(0)
         out = []
         for dt in (torch.float32, torch.bfloat16):
@@ -240,8 +244,72 @@ def test_bits_do_not_depend_on_the_jit_cache(tmp_path):
                 for t in (y, *g):
                     out.append(hashlib.sha1(t.detach().view(torch.uint8).numpy()).hexdigest())
         print(" ".join(out))
+        flags, drivers = set(), 0
+        for d in (cpu._fwd_serial, cpu._fwd_parallel, cpu._bwd_serial, cpu._bwd_parallel):
+            for sig in d.overloads:
+                drivers += 1
+                flags.update(re.findall(r"\\b(?:fast|reassoc|contract|nnan|ninf|nsz|arcp|afn)\\b",
+                                        d.inspect_llvm(sig)))
+        print(drivers, sorted(flags))
     """
     env = {"NUMBA_CACHE_DIR": str(tmp_path)}
-    compiled = run_python(code, env, timeout=600).split()
+    compiled, ir_check = run_python(code, env, timeout=600).splitlines()
     assert any(tmp_path.rglob("*.nbi")), "numba wrote no cache"
-    assert run_python(code, env, timeout=600).split() == compiled
+    assert run_python(code, env, timeout=600).splitlines()[0] == compiled
+    drivers, flags = ir_check.split(" ", 1)
+    assert int(drivers) >= 4 and flags == "[]", ir_check
+
+
+def _ordered_sum(v: np.ndarray) -> np.float32:
+    """The kernels' documented summation order (kernels/_simd.py, cpu._row_moments), spelled
+    out in numpy float32, whose element-wise operations round exactly as the kernels' do:
+    16-lane vectors summed within blocks of 1024 elements, the blocks in order, the lanes by a
+    pairwise tree (lane k + lane k+8, then k+4, ...), then the tail one element at a time."""
+    n = v.size
+    nv = n - n % 16
+    total = np.zeros(16, np.float32)
+    for jb in range(0, nv, 1024):
+        block = np.zeros(16, np.float32)
+        for j in range(jb, min(jb + 1024, nv), 16):
+            block = block + v[j:j + 16]
+        total = total + block
+    while total.size > 1:
+        half = total.size // 2
+        total = total[:half] + total[half:]
+    s = total[0]
+    for j in range(nv, n):
+        s = np.float32(s + v[j])
+    return s
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_statistics_follow_the_documented_order_exactly(rms):
+    """The forward's bits — its saved statistics and y — are those of the written-down
+    algorithm: the order of every row sum is part of the contract (the same on every machine and
+    compiler), not a choice LLVM makes.  N spans two reduction blocks, whole vectors and a
+    5-element tail; rows far from zero and heavy-tailed rows, where a changed order shows."""
+    n = 2 * 1024 + 3 * 16 + 5
+    f32 = np.float32
+    heavy = torch.randn(4, n) * torch.exp(2 * torch.randn(4, n))
+    x = torch.cat([torch.randn(4, n) * 3 + 1e3, heavy])
+    w, b = torch.randn(n), torch.randn(n)
+    eps = 1e-6 if rms else 1e-5
+    xs, ws, bs = x.numpy(), w.numpy(), b.numpy()
+    want_y, want_stats = np.empty_like(xs), np.zeros((x.shape[0], 3), np.float32)
+    for i, row in enumerate(xs):
+        if rms:
+            rstd = f32(1) / np.sqrt(_ordered_sum(row * row) / f32(n) + f32(eps))
+            want_y[i] = row * rstd * ws
+            want_stats[i, 2] = rstd
+        else:
+            m1 = _ordered_sum(row) / f32(n)
+            d = row - m1
+            dm = _ordered_sum(d) / f32(n)
+            var = max(_ordered_sum(d * d) / f32(n) - dm * dm, f32(0))
+            rstd = f32(1) / np.sqrt(var + f32(eps))
+            want_y[i] = (d - dm) * rstd * ws + bs
+            want_stats[i] = (m1, dm, rstd)
+    y, _, stats = cpu.forward(x, w, None if rms else b, None, eps, rms, False, "torch", None,
+                              need_stats=True)
+    assert torch.equal(bits(stats), bits(torch.from_numpy(want_stats)))
+    assert torch.equal(bits(y), bits(torch.from_numpy(want_y)))

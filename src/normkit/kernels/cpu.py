@@ -15,8 +15,11 @@ Design points, each with the reason:
   NaN stays a NaN.
 * Statistics accumulate in float32 (float64 for float64 input) with the shifted two-pass scheme
   of the reference: exact ``x - m1`` for rows far from zero.
-* fastmath is only ``reassoc`` + ``contract``: enough for LLVM to vectorize the row reductions,
-  without the ``nnan``/``ninf`` assumptions that would let a NaN row come out finite.
+* No fast-math flag at all.  Row sums run on explicit 16-lane vectors in a fixed order
+  (``_simd.py``); element-wise loops vectorize without help.  So LLVM may only make changes that
+  keep every bit, and a row's result cannot depend on how the code was compiled: inlined or not,
+  serial or parallel driver, compiled in this process or loaded from numba's cache (with
+  ``reassoc`` it did, in the last bit of dx).  No ``nnan``/``ninf`` either: a NaN row stays NaN.
 * A row's bits depend only on the row, γ, β, ε and N: the serial and the parallel drivers run the
   same row function, rows never share a reduction, and the dγ/dβ reduction uses a partition of
   the rows that depends on M alone (never on the thread count), summed in a fixed order.
@@ -38,13 +41,12 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
+from ._simd import W, vload, vstore, vsum, vzero
 from .reference import cast_dtype, effective_gamma, kernel_dtypes, param_dtype
 
 __all__ = ["forward", "backward", "infer", "train_forward", "train_backward", "supports", "plan",
            "release_buffers", "PARALLEL_MIN_ELEMENTS"]
 
-# Only what vectorization needs; never nnan/ninf (NaN must propagate).
-_FM = {"reassoc", "contract"}
 _CACHE = os.environ.get("NORMKIT_NUMBA_CACHE", "1") != "0"
 
 # Markers: zero-size arrays whose dtype tells numba how to read a pointer.
@@ -76,6 +78,10 @@ _RES, _W, _B, _ZC, _NROUND, _STATS, _DW = 1, 2, 4, 8, 16, 32, 128
 _MAX_BLOCKS = 64
 _MIN_BLOCK_ROWS = 16
 _MIN_BLOCK_ELEMENTS = 1 << 14
+
+# Row sums add W-lane vectors within blocks of this many elements, then the blocks in order
+# (see _row_moments): a fixed order that keeps every lane's chain of additions short.
+_BLOCK = 1024
 
 
 def _bwd_blocks(m, n):
@@ -165,7 +171,7 @@ def _c(v, marker):  # pragma: no cover - typed by the overload below
     """
 
 
-@overload(_ld, jit_options={"fastmath": _FM})
+@overload(_ld)
 def _ld_impl(v):
     if v in (types.float32, types.float64):
         return lambda v: v
@@ -176,7 +182,7 @@ def _ld_impl(v):
     return None
 
 
-@overload(_st, jit_options={"fastmath": _FM})
+@overload(_st)
 def _st_impl(v, marker):
     dt = marker.dtype
     if dt == types.float32:
@@ -223,7 +229,7 @@ def _same_kind_impl(a, b):
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
+@njit(cache=_CACHE, error_model="numpy", inline="always")
 def _fwd_row(
     i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK
 ):  # pragma: no cover - compiled
@@ -264,22 +270,11 @@ def _fwd_row(
     if rms:
         m1 = z
         dm = z
-        q = z
-        for j in range(n):
-            v = _ld(src[j])
-            q += v * v
+        q = _row_moments(src, n, z, XK)[1]
         rstd = one / np.sqrt(q / nf + e)
     else:
-        s = z
-        for j in range(n):
-            s += _ld(src[j])
-        m1 = s / nf
-        s1 = z
-        s2 = z
-        for j in range(n):
-            d = _ld(src[j]) - m1
-            s1 += d
-            s2 += d * d
+        m1 = _row_moments(src, n, z, XK)[0] / nf
+        s1, s2 = _row_moments(src, n, m1, XK)
         dm = s1 / nf
         var = max(s2 / nf - dm * dm, z)
         rstd = one / np.sqrt(var + e)
@@ -295,7 +290,36 @@ def _fwd_row(
     return m1, dm, rstd
 
 
-@njit(cache=_CACHE, fastmath=_FM, error_model="numpy", inline="always")
+@njit(cache=_CACHE, error_model="numpy", inline="always")
+def _row_moments(src, n, shift, XK):  # pragma: no cover - compiled
+    """(Σd, Σd²) over the row, d = src[j] − shift, in the compute dtype, in a fixed order
+    (_simd.py): W-lane vectors summed over blocks of _BLOCK elements, the blocks' vectors
+    summed in order, the lanes by vsum's tree, then the n % W tail one by one.  Two levels
+    keep each lane's chain short (≤ 64 additions within a block, N/1024 across blocks), which
+    matters at large N: one chain of N/16 float32 additions lost a digit against torch at
+    N = 65539.  A sum the caller drops is dead code: the compiler removes it."""
+    nv = n - n % W
+    s1v = vzero(XK)
+    s2v = vzero(XK)
+    for jb in range(0, nv, _BLOCK):
+        b1 = vzero(XK)
+        b2 = vzero(XK)
+        for j in range(jb, min(jb + _BLOCK, nv), W):
+            d = vload(src, j, XK) - shift
+            b1 += d
+            b2 += d * d
+        s1v += b1
+        s2v += b2
+    s1 = vsum(s1v)
+    s2 = vsum(s2v)
+    for j in range(nv, n):
+        d = _ld(src[j]) - shift
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(cache=_CACHE, error_model="numpy", inline="always")
 def _fwd_out(src, y, w, b, m1, dm, rstd, zc, flags, OK, NK):  # pragma: no cover - compiled
     """y = ((src - m1) - dm)·rstd·(γ + zc) + β, as the flags and casting say; src may be y."""
     has_w = (flags & _W) != 0
@@ -327,7 +351,7 @@ def _fwd_out(src, y, w, b, m1, dm, rstd, zc, flags, OK, NK):  # pragma: no cover
             y[j] = _st(t, OK)
 
 
-@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
+@njit(cache=_CACHE, error_model="numpy")
 def _fwd_serial(
     m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
@@ -342,7 +366,7 @@ def _fwd_serial(
             st[3 * i + 2] = rstd
 
 
-@njit(cache=_CACHE, fastmath=_FM, parallel=True, error_model="numpy")
+@njit(cache=_CACHE, parallel=True, error_model="numpy")
 def _fwd_parallel(
     m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
@@ -362,7 +386,7 @@ def _fwd_parallel(
 # ----------------------------------------------------------------------------------------------
 
 
-@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
+@njit(cache=_CACHE, error_model="numpy")
 def _bwd_rows(
     lo, hi, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, dwa, dba, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
@@ -374,6 +398,12 @@ def _bwd_rows(
     dh is the gradient that reached the returned pre-norm sum h.  The host always passes a γ
     (ones when there is none: dy·1 is exact) and a dh (one zero row read with stride ``dhrs=0``
     when there is none: +0 is exact), so the row loops have no branches to keep them scalar.
+
+    Per row, a first pass reads x and dy for the two row sums, a second computes dx and adds
+    into dγ/dβ.  For 16-bit x the first pass also keeps dy and x̂ in compute-dtype rows of this
+    block (a row fits in L1), so the second converts nothing again: conversions, not memory,
+    bound this loop without bf16 instructions.  float32/float64 rows are cheaper to read again
+    than to store.  γ (+1) is converted once per block.
     """
     z = _c(0, XK)
     nf = _c(n, XK)
@@ -388,6 +418,13 @@ def _bwd_rows(
         dw[j] = z
     for j in range(db.size):
         db[j] = z
+    g = np.empty(n, SK.dtype)  # γ (+1) in the compute dtype, converted once per block
+    for j in range(n):
+        g[j] = _ld(w[j]) + zc
+    cache = not _same_kind(XK, SK)
+    ds = np.empty(n if cache else 0, SK.dtype)
+    xs = np.empty(n if cache else 0, SK.dtype)
+    nv = n - n % W
     for i in range(lo, hi):
         x = _row(xa, i * n, n, XK)
         dy = _row(dya, i * n, n, OK)
@@ -396,45 +433,75 @@ def _bwd_rows(
         m1 = st[3 * i]
         dm = st[3 * i + 1]
         rstd = st[3 * i + 2]
-        c1 = z
-        c2 = z
-        for j in range(n):
-            gdy = _ld(dy[j]) * (_ld(w[j]) + zc)
+        # First pass: the two row sums in _row_moments's fixed order; 16-bit rows keep dy and
+        # x̂ for the second pass.
+        c1v = vzero(SK)
+        c2v = vzero(SK)
+        for jb in range(0, nv, _BLOCK):
+            b1 = vzero(SK)
+            b2 = vzero(SK)
+            for j in range(jb, min(jb + _BLOCK, nv), W):
+                d = vload(dy, j, SK)
+                xh = ((vload(x, j, SK) - m1) - dm) * rstd
+                gdy = d * vload(g, j, SK)
+                b1 += gdy
+                b2 += gdy * xh
+                if cache:
+                    vstore(ds, j, d)
+                    vstore(xs, j, xh)
+            c1v += b1
+            c2v += b2
+        c1 = vsum(c1v)
+        c2 = vsum(c2v)
+        for j in range(nv, n):
+            d = _ld(dy[j])
+            xh = ((_ld(x[j]) - m1) - dm) * rstd
+            gdy = d * g[j]
             c1 += gdy
-            c2 += gdy * (((_ld(x[j]) - m1) - dm) * rstd)
+            c2 += gdy * xh
+            if cache:
+                ds[j] = d
+                xs[j] = xh
         c1 = z if rms else c1 / nf
         c2 = c2 / nf
+        # Second pass, element-wise: dx, and dγ/dβ accumulated per column.  One loop per case,
+        # so that each stays branch-free (see _fwd_out).
         if acc_w and acc_b:
             for j in range(n):
-                xh = ((_ld(x[j]) - m1) - dm) * rstd
-                d = _ld(dy[j])
+                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
                 dw[j] += d * xh
                 db[j] += d
-                dx[j] = _st(rstd * (d * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]), XK)
+                dx[j] = _st(rstd * (d * g[j] - c1 - xh * c2) + _ld(dh[j]), XK)
         elif acc_w:
             for j in range(n):
-                xh = ((_ld(x[j]) - m1) - dm) * rstd
-                d = _ld(dy[j])
+                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
                 dw[j] += d * xh
-                dx[j] = _st(rstd * (d * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]), XK)
+                dx[j] = _st(rstd * (d * g[j] - c1 - xh * c2) + _ld(dh[j]), XK)
         elif acc_b:
             for j in range(n):
-                xh = ((_ld(x[j]) - m1) - dm) * rstd
-                d = _ld(dy[j])
+                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
                 db[j] += d
-                dx[j] = _st(rstd * (d * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]), XK)
+                dx[j] = _st(rstd * (d * g[j] - c1 - xh * c2) + _ld(dh[j]), XK)
         else:
             for j in range(n):
-                xh = ((_ld(x[j]) - m1) - dm) * rstd
-                dx[j] = _st(rstd * (_ld(dy[j]) * (_ld(w[j]) + zc) - c1 - xh * c2) + _ld(dh[j]),
-                            XK)
+                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
+                dx[j] = _st(rstd * (d * g[j] - c1 - xh * c2) + _ld(dh[j]), XK)
         if (flags & _DW) and (flags & _NROUND):  # dγ against x̂ as the forward rounded it
             for j in range(n):
-                xh = ((_ld(x[j]) - m1) - dm) * rstd
-                dw[j] += _ld(dy[j]) * _ld(_st(xh, NK))
+                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
+                dw[j] += d * _ld(_st(xh, NK))
 
 
-@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
+@njit(cache=_CACHE, error_model="numpy", inline="always")
+def _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd):  # pragma: no cover - compiled
+    """dy[j] and x̂[j] in the compute dtype: kept by the first pass, or read again (the same
+    operations give the same bits either way)."""
+    if cache:
+        return ds[j], xs[j]
+    return _ld(dy[j]), ((_ld(x[j]) - m1) - dm) * rstd
+
+
+@njit(cache=_CACHE, error_model="numpy")
 def _bwd_serial(
     m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
     XK, OK, WK, NK, SK, GK,
@@ -446,7 +513,7 @@ def _bwd_serial(
     _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
 
 
-@njit(cache=_CACHE, fastmath=_FM, parallel=True, error_model="numpy")
+@njit(cache=_CACHE, parallel=True, error_model="numpy")
 def _bwd_parallel(
     m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
     XK, OK, WK, NK, SK, GK,
@@ -458,7 +525,7 @@ def _bwd_parallel(
     _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
 
 
-@njit(cache=_CACHE, fastmath=_FM, error_model="numpy")
+@njit(cache=_CACHE, error_model="numpy")
 def _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK):  # pragma: no cover - compiled
     """dγ[j] = Σ_k partial[k, j] (dβ alike), k in order, then rounded once to GK: a fixed
     summation order, so dγ/dβ are bitwise reproducible from run to run whatever the thread
