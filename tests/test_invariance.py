@@ -313,3 +313,47 @@ def test_statistics_follow_the_documented_order_exactly(rms):
                               need_stats=True)
     assert torch.equal(bits(stats), bits(torch.from_numpy(want_stats)))
     assert torch.equal(bits(y), bits(torch.from_numpy(want_y)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [5, 33, 771, 4096])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "add"])
+def test_streamed_outputs_have_the_same_bits(dtype, n, rms, residual, monkeypatch):
+    """Large fresh outputs (y, dx) are written with streaming stores after a scalar head that
+    aligns each row; with every output streamed (threshold 0) — odd N, so rows start at every
+    alignment — forward and backward give the plain stores' bits, serial and parallel."""
+    def run():
+        torch.manual_seed(1)
+        x = torch.randn(67, n).to(dtype).requires_grad_()
+        r = torch.randn(67, n).to(dtype).requires_grad_() if residual else None
+        w = torch.randn(n).to(dtype).requires_grad_()
+        b = None if rms else torch.randn(n).to(dtype).requires_grad_()
+        y, h = _both(x, w, b, r, rms)
+        leaves = [t for t in (x, r, w, b) if t is not None]
+        grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
+        with torch.no_grad():
+            y_inf = _both(x, w, b, r, rms)[0]
+        return [y, h, y_inf, *grads]
+
+    plain = run()
+    monkeypatch.setattr(cpu, "_STREAM_MIN_BYTES", 0)
+    streamed = run()
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 1 << 8)
+    parallel = run()
+    for a, s_, p in zip(plain, streamed, parallel, strict=True):
+        assert torch.equal(bits(a.detach()), bits(s_.detach()))
+        assert torch.equal(bits(a.detach()), bits(p.detach()))
+
+
+def test_stream_threshold(monkeypatch):
+    """Outputs are streamed from 3/4 of the last-level cache on (NORMKIT_STREAM_MIN_MB
+    overrides), not below."""
+    monkeypatch.delenv("NORMKIT_STREAM_MIN_MB", raising=False)
+    assert cpu._stream_min_bytes() >= 1 << 20
+    monkeypatch.setenv("NORMKIT_STREAM_MIN_MB", "2")
+    assert cpu._stream_min_bytes() == 2 << 20
+    monkeypatch.setattr(cpu, "_STREAM_MIN_BYTES", 2 << 20)
+    assert cpu._stream_flag(1 << 19, torch.float32) == cpu._STREAM
+    assert cpu._stream_flag((1 << 19) - 1, torch.float32) == 0
+    assert cpu._stream_flag(1 << 19, torch.bfloat16) == 0

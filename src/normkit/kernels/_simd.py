@@ -21,9 +21,12 @@ float32; both keep a memory-bound loop fed (one vector add in flight per 16 elem
 ``Vec`` is the numba type of a vector of compute values (float32, or float64 for float64
 storage); ``vload`` reads W elements of any storage type (float32, float64, bfloat16 as uint16
 words, float16 as int16 words) and converts them in registers to the compute dtype of a
-marker array; ``+``, ``-``, ``*`` work on two
-vectors of one dtype or a vector and a scalar of its dtype (a float64 scalar with a float32
-vector is a typing error, not a silent promotion).
+marker; ``vstore`` rounds and writes them back (round to nearest even, bit for bit as the
+scalar conversions of cpu.py); ``vstream`` does so with a non-temporal store, for outputs too
+large for the caches.  ``+``, ``-``, ``*`` work on two vectors of one dtype or a vector and a
+scalar of its dtype (a float64 scalar with a float32 vector is a typing error, not a silent
+promotion).  Loads and stores take arrays or typed pointers (``ptr``); the kernels' loops use
+pointers, which carry no reference count.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, models, overload, register_model
 
-__all__ = ["W", "Vec", "vzero", "vload", "vstore", "vsum"]
+__all__ = ["W", "Vec", "STREAM_ALIGN", "ptr", "address", "vzero", "vload", "vstore", "vstream",
+           "vround", "vsum", "sfence"]
 
 W = 16
 
@@ -64,42 +68,134 @@ def _compute(storage):
     return None
 
 
+def _like_dtype(like):
+    """The compute dtype a ``like`` argument asks for: a marker array's or a typed pointer's (by
+    its storage dtype), a vector's, or a float scalar's own."""
+    if isinstance(like, (types.Array, types.CPointer)):
+        return _compute(like.dtype)
+    if isinstance(like, Vec):
+        return like.dtype
+    if like in (types.float32, types.float64):
+        return like
+    return None
+
+
+def _vt(dtype):
+    return ir.VectorType(_LL[dtype], W)
+
+
+def _ivec(bits, values=None):
+    t = ir.VectorType(ir.IntType(bits), W)
+    return t if values is None else ir.Constant(t, [values] * W)
+
+
 def _splat(builder, scalar, vt):
     v = builder.insert_element(ir.Constant(vt, ir.Undefined), scalar, ir.IntType(32)(0))
     return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined),
                                   ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W))
 
 
+def _is_ref(t):
+    """An array, or a typed pointer (``ptr``), of a storage dtype."""
+    return isinstance(t, (types.Array, types.CPointer)) and _compute(t.dtype) is not None
+
+
 def _element_ptr(context, builder, arrty, arr, j, jty):
-    a = context.make_array(arrty)(context, builder, arr)
-    return builder.gep(a.data, [context.cast(builder, j, jty, types.intp)])
+    if isinstance(arrty, types.CPointer):
+        base = arr
+    else:
+        base = context.make_array(arrty)(context, builder, arr).data
+    return builder.gep(base, [context.cast(builder, j, jty, types.intp)])
 
 
 @intrinsic
-def vzero(typingctx, marker):
-    """A zero vector of the compute dtype of ``marker``'s (an array's) storage dtype."""
-    ct = _compute(getattr(marker, "dtype", None))
+def ptr(typingctx, arr):
+    """The typed pointer to an array's first element.  Kernels index pointers, not arrays, in
+    their loops: a pointer carries no reference count, so no NRT_incref/decref (atomic
+    instructions, which also drain the streamed stores' write-combining buffers) is left in a
+    loop whose body branches."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return context.make_array(sig.args[0])(context, builder, args[0]).data
+
+    return types.CPointer(arr.dtype)(arr), codegen
+
+
+@intrinsic
+def address(typingctx, p):
+    """A typed pointer's address as an integer."""
+    if not isinstance(p, types.CPointer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.ptrtoint(args[0], context.get_value_type(types.intp))
+
+    return types.intp(p), codegen
+
+
+def _to_compute(builder, v, st, ct):
+    """Storage words → compute values, exact: a bfloat16 word shifted into the high half of a
+    float32, a float16 word widened by ``fpext`` (F16C on x86), float32 → float64 widened."""
+    if st == types.uint16:
+        v = builder.bitcast(builder.shl(builder.zext(v, _ivec(32)), _ivec(32, 16)),
+                            _vt(types.float32))
+    elif st == types.int16:
+        v = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), W)), _vt(types.float32))
+    if _compute(st) != ct:
+        v = builder.fpext(v, _vt(ct))
+    return v
+
+
+def _to_storage(builder, v, ct, st):
+    """Compute values → storage words, rounding to nearest even exactly as the scalar ``_st``
+    of cpu.py does: bfloat16 by adding 0x7FFF plus the lowest kept bit and dropping 16 bits, a
+    NaN becoming the quiet NaN 0x7FC0 (rounding its bits could carry it into Inf); float16 and
+    float32 (from float64) by ``fptrunc``."""
+    if st == types.uint16:
+        if ct != types.float32:
+            v = builder.fptrunc(v, _vt(types.float32))
+        u = builder.bitcast(v, _ivec(32))
+        odd = builder.and_(builder.lshr(u, _ivec(32, 16)), _ivec(32, 1))
+        rne = builder.lshr(builder.add(builder.add(u, _ivec(32, 0x7FFF)), odd), _ivec(32, 16))
+        nan = builder.fcmp_unordered("uno", v, v)
+        return builder.trunc(builder.select(nan, _ivec(32, 0x7FC0), rne), _ivec(16))
+    if st == types.int16:
+        if ct != types.float32:
+            v = builder.fptrunc(v, _vt(types.float32))
+        return builder.bitcast(builder.fptrunc(v, ir.VectorType(ir.HalfType(), W)), _ivec(16))
+    if st != ct:
+        return builder.fptrunc(v, _vt(st))
+    return v
+
+
+def _storable(arr, j, v):
+    return _is_ref(arr) and isinstance(j, types.Integer) and isinstance(v, Vec)
+
+
+@intrinsic
+def vzero(typingctx, like):
+    """A zero vector of the compute dtype ``like`` asks for (see ``vload``)."""
+    ct = _like_dtype(like)
     if ct is None:
         return None
 
     def codegen(context, builder, sig, args):
-        return ir.Constant(ir.VectorType(_LL[ct], W), None)
+        return ir.Constant(_vt(ct), None)
 
-    return Vec(ct)(marker), codegen
+    return Vec(ct)(like), codegen
 
 
 @intrinsic
 def vload(typingctx, arr, j, like):
-    """arr[j : j + W] converted to the compute dtype of ``like`` (an array: float64 for float64
-    storage, else float32).  No bounds check: j + W <= arr.size is the caller's.  bfloat16
-    words are shifted into the high half of a float32, float16 words widened by ``fpext`` (F16C
-    on x86), float32 widened to float64 where asked — all exact, as ``_ld`` one element at a
-    time."""
-    if (not isinstance(arr, types.Array) or not isinstance(j, types.Integer)
-            or not isinstance(like, types.Array)):
+    """arr[j : j + W] (an array or a typed pointer) converted exactly to a compute dtype: that
+    of ``like``, a marker array or pointer (float64 for float64 storage, else float32), a vector
+    or a float scalar.  No bounds check: j + W <= arr.size is the caller's."""
+    if not _is_ref(arr) or not isinstance(j, types.Integer):
         return None
     st = arr.dtype
-    cs, ct = _compute(st), _compute(like.dtype)
+    cs, ct = _compute(st), _like_dtype(like)
     if cs is None or ct is None or (cs == types.float64 and ct == types.float32):
         return None  # never a silent narrowing
 
@@ -108,34 +204,82 @@ def vload(typingctx, arr, j, like):
         svt = ir.VectorType(context.get_data_type(st), W)
         v = builder.load(builder.bitcast(p, svt.as_pointer()), typ=svt)
         v.align = st.bitwidth // 8
-        if st == types.uint16:
-            wide = builder.zext(v, ir.VectorType(ir.IntType(32), W))
-            wide = builder.shl(wide, ir.Constant(ir.VectorType(ir.IntType(32), W), [16] * W))
-            v = builder.bitcast(wide, ir.VectorType(ir.FloatType(), W))
-        elif st == types.int16:
-            v = builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), W)),
-                              ir.VectorType(ir.FloatType(), W))
-        if cs != ct:
-            v = builder.fpext(v, ir.VectorType(_LL[ct], W))
-        return v
+        return _to_compute(builder, v, st, ct)
 
     return Vec(ct)(arr, j, like), codegen
 
 
+def _store_codegen(streaming):
+    def codegen(context, builder, sig, args):
+        arrty, _, vty = sig.args
+        p = _element_ptr(context, builder, arrty, args[0], args[1], sig.args[1])
+        words = _to_storage(builder, args[2], vty.dtype, arrty.dtype)
+        s = builder.store(words, builder.bitcast(p, words.type.as_pointer()))
+        size = arrty.dtype.bitwidth // 8
+        if streaming:
+            # A non-temporal store writes around the caches: no read-for-ownership of the
+            # destination line, a third of a fresh output's memory traffic.
+            s.align = min(STREAM_ALIGN, W * size)
+            s.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        else:
+            s.align = size
+        return context.get_dummy_value()
+
+    return codegen
+
+
 @intrinsic
 def vstore(typingctx, arr, j, v):
-    """arr[j : j + W] = v, for an array of v's own dtype (compute-dtype scratch rows)."""
-    if (not isinstance(arr, types.Array) or not isinstance(j, types.Integer)
-            or not isinstance(v, Vec) or arr.dtype != v.dtype):
+    """arr[j : j + W] = v rounded to arr's storage dtype (see ``_to_storage``)."""
+    if not _storable(arr, j, v):
+        return None
+    return types.none(arr, j, v), _store_codegen(False)
+
+
+STREAM_ALIGN = 64
+
+
+@intrinsic
+def vstream(typingctx, arr, j, v):
+    """``vstore`` with a non-temporal store, for outputs too large to stay in the caches.  The
+    address of arr[j] must be a multiple of STREAM_ALIGN bytes; call ``sfence`` after the last
+    streamed store of a thread, before another thread may read what it wrote."""
+    if not _storable(arr, j, v):
+        return None
+    return types.none(arr, j, v), _store_codegen(True)
+
+
+@intrinsic
+def vround(typingctx, v, marker):
+    """v rounded to the storage dtype of ``marker`` (an array or a typed pointer) and back: what
+    storing and loading again would give."""
+    if not isinstance(v, Vec) or not _is_ref(marker):
+        return None
+    st = marker.dtype
+    if _compute(st) is None:
         return None
 
     def codegen(context, builder, sig, args):
-        p = _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        s = builder.store(args[2], builder.bitcast(p, args[2].type.as_pointer()))
-        s.align = v.dtype.bitwidth // 8
+        return _to_compute(builder, _to_storage(builder, args[0], v.dtype, st), st, v.dtype)
+
+    return v(v, marker), codegen
+
+
+@intrinsic
+def sfence(typingctx):
+    """Order this thread's streamed stores before its later stores (x86 ``sfence``; a full
+    fence elsewhere)."""
+
+    def codegen(context, builder, sig, args):
+        if builder.module.triple.startswith(("x86_64", "i686", "i386")):
+            fn = builder.module.declare_intrinsic("llvm.x86.sse.sfence", (), ir.FunctionType(
+                ir.VoidType(), []))
+            builder.call(fn, [])
+        else:
+            builder.fence("seq_cst")
         return context.get_dummy_value()
 
-    return types.none(arr, j, v), codegen
+    return types.none(), codegen
 
 
 @intrinsic
@@ -175,7 +319,7 @@ def _lanewise(name):
                 return None  # e.g. a float64 scalar with a float32 vector: no silent promotion
 
         def codegen(context, builder, sig, args):
-            vt = ir.VectorType(_LL[vec.dtype], W)
+            vt = _vt(vec.dtype)
             x, y = (v if isinstance(t, Vec) else _splat(builder, v, vt)
                     for v, t in zip(args, sig.args, strict=True))
             return getattr(builder, name)(x, y)

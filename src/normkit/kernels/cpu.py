@@ -41,7 +41,20 @@ from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
 
-from ._simd import W, vload, vstore, vsum, vzero
+from ._simd import (
+    STREAM_ALIGN,
+    Vec,
+    W,
+    address,
+    ptr,
+    sfence,
+    vload,
+    vround,
+    vstore,
+    vstream,
+    vsum,
+    vzero,
+)
 from .reference import cast_dtype, effective_gamma, kernel_dtypes, param_dtype
 
 __all__ = ["forward", "backward", "infer", "train_forward", "train_backward", "supports", "plan",
@@ -67,7 +80,7 @@ _MARKER = {
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
 # Flags passed as one int.
-_RES, _W, _B, _ZC, _NROUND, _STATS, _DW = 1, 2, 4, 8, 16, 32, 128
+_RES, _W, _B, _ZC, _NROUND, _STATS, _DW, _STREAM = 1, 2, 4, 8, 16, 32, 128, 256
 
 # Backward: rows are split into contiguous blocks of at least _MIN_BLOCK_ROWS rows, at most
 # _MAX_BLOCKS of them — or, for fewer rows than two such blocks, into blocks of at least
@@ -224,6 +237,71 @@ def _same_kind_impl(a, b):
     return lambda a, b: same
 
 
+# One spelling of the element-wise math for the scalar head/tail of a row and its vector body:
+# ``tag`` is a compute-dtype scalar (one element at j) or a Vec (W elements from j), and these
+# dispatch on it.  Scalar and vector operations round identically, so every element gets the
+# same bits whichever part of the row it falls in.
+
+
+def _get(arr, j, tag):  # pragma: no cover - typed by the overload below
+    """arr[j] (tag a scalar) or arr[j : j + W] (tag a Vec), in tag's compute dtype."""
+
+
+def _put(arr, j, v):  # pragma: no cover - typed by the overload below
+    """arr[j] = v or arr[j : j + W] = v, rounded to arr's storage dtype.
+
+    Not inlined by numba (LLVM inlines it): numba's dead-code elimination of inlined code does
+    not know that a store through a pointer argument is visible outside, and dropped it."""
+
+
+def _round(v, marker):  # pragma: no cover - typed by the overload below
+    """v rounded to ``marker``'s storage dtype and back."""
+
+
+@overload(_get, inline="always")
+def _get_impl(arr, j, tag):
+    if isinstance(tag, Vec):
+        return lambda arr, j, tag: vload(arr, j, tag)
+    if tag == types.float64:
+        return lambda arr, j, tag: np.float64(_ld(arr[j]))
+    return lambda arr, j, tag: _ld(arr[j])
+
+
+@overload(_put)
+def _put_impl(arr, j, v):
+    if isinstance(v, Vec):
+        return lambda arr, j, v: vstore(arr, j, v)
+
+    def put(arr, j, v):
+        arr[j] = _st(v, arr)
+
+    return put
+
+
+@overload(_round, inline="always")
+def _round_impl(v, marker):
+    if isinstance(v, Vec):
+        return lambda v, marker: vround(v, marker)
+    return lambda v, marker: _ld(_st(v, marker))
+
+
+def _spans(p, n, stream):  # pragma: no cover - typed by the overload below
+    """(j0, j1): a row of n elements at pointer p is split into a scalar head [0, j0), whole
+    vectors [j0, j1) and a scalar tail [j1, n).  With ``stream`` the vectors start at a
+    multiple of STREAM_ALIGN bytes, as streamed stores need; else j0 = 0."""
+
+
+@overload(_spans, inline="always")
+def _spans_impl(p, n, stream):
+    size = p.dtype.bitwidth // 8
+
+    def spans(p, n, stream):
+        j0 = min(n, (-address(p) % STREAM_ALIGN) // size) * int(stream)
+        return j0, j0 + (n - j0) - (n - j0) % W
+
+    return spans
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -284,9 +362,9 @@ def _fwd_row(
     b = _row(ba, 0, n if flags & _B else 0, WK)
     zc = one if flags & _ZC else z
     if _same_kind(XK, OK) and ya + i * n * OK.itemsize == src.ctypes.data:
-        _fwd_out(y, y, w, b, m1, dm, rstd, zc, flags, OK, NK)
+        _fwd_out(y, y, w, b, rms, m1, dm, rstd, zc, flags, XK, NK)
     else:
-        _fwd_out(src, y, w, b, m1, dm, rstd, zc, flags, OK, NK)
+        _fwd_out(src, y, w, b, rms, m1, dm, rstd, zc, flags, XK, NK)
     return m1, dm, rstd
 
 
@@ -320,65 +398,82 @@ def _row_moments(src, n, shift, XK):  # pragma: no cover - compiled
 
 
 @njit(cache=_CACHE, error_model="numpy", inline="always")
-def _fwd_out(src, y, w, b, m1, dm, rstd, zc, flags, OK, NK):  # pragma: no cover - compiled
-    """y = ((src - m1) - dm)·rstd·(γ + zc) + β, as the flags and casting say; src may be y."""
-    has_w = (flags & _W) != 0
-    has_b = (flags & _B) != 0
-    # One loop per case rather than branches inside one loop: an absent γ/β is a zero-length
-    # array at address 0 whose load LLVM may not speculate, so a branchy loop is vectorized only
-    # when LLVM unswitches it itself, which it stops doing once the body grows (bf16: 4x slower).
+def _fwd_out(src, y, w, b, rms, m1, dm, rstd, zc, flags, XK, NK):  # pragma: no cover - compiled
+    """y = ((src − m1) − dm)·rstd·(γ + zc) + β, as the flags and casting say; src may be y.
+
+    Vectors in the body of the row, single elements in its head and tail (see ``_spans``);
+    with _STREAM the vectors are streamed (non-temporal stores).  The flag tests are constant
+    over the row: a predictable branch per W elements, not a scalar loop."""
     n = y.size
-    if (flags & _NROUND) == 0:
-        if has_w and has_b:
-            for j in range(n):
-                y[j] = _st(((_ld(src[j]) - m1) - dm) * rstd * (_ld(w[j]) + zc) + _ld(b[j]), OK)
-        elif has_w:
-            for j in range(n):
-                y[j] = _st(((_ld(src[j]) - m1) - dm) * rstd * (_ld(w[j]) + zc), OK)
-        elif has_b:
-            for j in range(n):
-                y[j] = _st(((_ld(src[j]) - m1) - dm) * rstd + _ld(b[j]), OK)
-        else:
-            for j in range(n):
-                y[j] = _st(((_ld(src[j]) - m1) - dm) * rstd, OK)
-    else:  # "llama"/"t5": round x̂ to NK, multiply, round to OK, then add β
-        for j in range(n):
-            t = _ld(_st(((_ld(src[j]) - m1) - dm) * rstd, NK))
-            if has_w:
-                t = _ld(_st(t * (_ld(w[j]) + zc), OK))
-            if has_b:
-                t = t + _ld(b[j])
-            y[j] = _st(t, OK)
+    sp, yp, wp, bp, nk = ptr(src), ptr(y), ptr(w), ptr(b), ptr(NK)  # see _simd.ptr
+    elem = _c(0, XK)
+    vec = vzero(XK)
+    stream = (flags & _STREAM) != 0
+    j0, j1 = _spans(yp, n, stream)
+    for j in range(j0):
+        _put(yp, j, _y_at(j, elem, sp, wp, bp, rms, m1, dm, rstd, zc, flags, yp, nk))
+    for j in range(j0, j1, W):
+        _emit(yp, j, _y_at(j, vec, sp, wp, bp, rms, m1, dm, rstd, zc, flags, yp, nk), stream)
+    for j in range(j1, n):
+        _put(yp, j, _y_at(j, elem, sp, wp, bp, rms, m1, dm, rstd, zc, flags, yp, nk))
+
+
+@njit(cache=_CACHE, error_model="numpy", inline="always")
+def _y_at(j, tag, src, w, b, rms, m1, dm, rstd, zc, flags, OK, NK):  # pragma: no cover
+    """y at j (one element or a vector, as ``tag``), before its rounding to OK.  "llama"/"t5"
+    casting (_NROUND) rounds x̂ to NK and x̂·γ to OK before β is added.  The branches are
+    constant over a row; taking them skips what the compiler may not drop itself: RMSNorm's
+    ``(v − 0) − 0`` and ``γ + 0`` without a zero-centred γ (``−0 + 0`` is +0), a third of the
+    arithmetic of a bfloat16 row."""
+    v = _get(src, j, tag)
+    t = v * rstd if rms else ((v - m1) - dm) * rstd
+    if flags & _NROUND:
+        t = _round(t, NK)
+    if flags & _W:
+        g = _get(w, j, tag) + zc if flags & _ZC else _get(w, j, tag)
+        t = _round(t * g, OK) if flags & _NROUND else t * g
+    if flags & _B:
+        t = t + _get(b, j, tag)
+    return t
+
+
+@njit(cache=_CACHE, error_model="numpy", inline="always")
+def _fwd_rows(
+    lo, hi, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
+):  # pragma: no cover - compiled
+    """Rows [lo, hi), their statistics into sa when asked, then a store fence when y was
+    streamed (before the launch returns and another thread reads y)."""
+    st = _row(sa, 0, 3 * hi if flags & _STATS else 0, SK)
+    for i in range(lo, hi):
+        m1, dm, rstd = _fwd_row(
+            i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK
+        )
+        if flags & _STATS:
+            st[3 * i] = m1
+            st[3 * i + 1] = dm
+            st[3 * i + 2] = rstd
+    if flags & _STREAM:
+        sfence()
 
 
 @njit(cache=_CACHE, error_model="numpy")
 def _fwd_serial(
     m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
-    st = _row(sa, 0, 3 * m if flags & _STATS else 0, SK)
-    for i in range(m):
-        m1, dm, rstd = _fwd_row(
-            i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK
-        )
-        if flags & _STATS:
-            st[3 * i] = m1
-            st[3 * i + 1] = dm
-            st[3 * i + 2] = rstd
+    _fwd_rows(0, m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK)
 
 
 @njit(cache=_CACHE, parallel=True, error_model="numpy")
 def _fwd_parallel(
     m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
-    st = _row(sa, 0, 3 * m if flags & _STATS else 0, SK)
-    for i in prange(m):
-        m1, dm, rstd = _fwd_row(
-            i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, XK, OK, WK, NK
-        )
-        if flags & _STATS:
-            st[3 * i] = m1
-            st[3 * i + 1] = dm
-            st[3 * i + 2] = rstd
+    # Contiguous blocks of rows, each ended by its fence (rows are independent: the split
+    # changes no bit).
+    nblk = max(1, min(m, _MAX_BLOCKS))
+    rpb = (m + nblk - 1) // nblk
+    for k in prange(nblk):
+        _fwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya,
+                  wa, ba, sa, XK, OK, WK, NK, SK)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,11 +515,14 @@ def _bwd_rows(
         db[j] = z
     g = np.empty(n, SK.dtype)  # γ (+1) in the compute dtype, converted once per block
     for j in range(n):
-        g[j] = _ld(w[j]) + zc
+        g[j] = _ld(w[j]) + zc if flags & _ZC else _ld(w[j])  # γ + 0 would turn −0 into +0
     cache = not _same_kind(XK, SK)
     ds = np.empty(n if cache else 0, SK.dtype)
     xs = np.empty(n if cache else 0, SK.dtype)
     nv = n - n % W
+    elem = _c(0, SK)
+    vec = vzero(SK)
+    stream = (flags & _STREAM) != 0
     for i in range(lo, hi):
         x = _row(xa, i * n, n, XK)
         dy = _row(dya, i * n, n, OK)
@@ -464,41 +562,61 @@ def _bwd_rows(
                 xs[j] = xh
         c1 = z if rms else c1 / nf
         c2 = c2 / nf
-        # Second pass, element-wise: dx, and dγ/dβ accumulated per column.  One loop per case,
-        # so that each stays branch-free (see _fwd_out).
-        if acc_w and acc_b:
-            for j in range(n):
-                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
-                dw[j] += d * xh
-                db[j] += d
-                dx[j] = _st(rstd * (d * g[j] - c1 - xh * c2) + _ld(dh[j]), XK)
-        elif acc_w:
-            for j in range(n):
-                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
-                dw[j] += d * xh
-                dx[j] = _st(rstd * (d * g[j] - c1 - xh * c2) + _ld(dh[j]), XK)
-        elif acc_b:
-            for j in range(n):
-                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
-                db[j] += d
-                dx[j] = _st(rstd * (d * g[j] - c1 - xh * c2) + _ld(dh[j]), XK)
-        else:
-            for j in range(n):
-                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
-                dx[j] = _st(rstd * (d * g[j] - c1 - xh * c2) + _ld(dh[j]), XK)
-        if (flags & _DW) and (flags & _NROUND):  # dγ against x̂ as the forward rounded it
-            for j in range(n):
-                d, xh = _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd)
-                dw[j] += d * _ld(_st(xh, NK))
+        # Second pass, element-wise: dx, and dγ/dβ accumulated per column; vectors in the
+        # body of the row, single elements in its head and tail (see _fwd_out).
+        p = (ptr(ds), ptr(xs), ptr(dy), ptr(x), ptr(g), ptr(dh), ptr(dx), ptr(dw), ptr(db),
+             ptr(NK))  # see _simd.ptr
+        j0, j1 = _spans(p[6], n, stream)
+        for j in range(j0):
+            _bwd_at(j, elem, False, cache, p, m1, dm, rstd, c1, c2, flags, acc_w, acc_b)
+        for j in range(j0, j1, W):
+            _bwd_at(j, vec, stream, cache, p, m1, dm, rstd, c1, c2, flags, acc_w, acc_b)
+        for j in range(j1, n):
+            _bwd_at(j, elem, False, cache, p, m1, dm, rstd, c1, c2, flags, acc_w, acc_b)
+    if stream:
+        sfence()
 
 
 @njit(cache=_CACHE, error_model="numpy", inline="always")
-def _dy_xh(j, cache, ds, xs, dy, x, m1, dm, rstd):  # pragma: no cover - compiled
-    """dy[j] and x̂[j] in the compute dtype: kept by the first pass, or read again (the same
-    operations give the same bits either way)."""
+def _bwd_at(
+    j, tag, stream, cache, p, m1, dm, rstd, c1, c2, flags, acc_w, acc_b
+):  # pragma: no cover - compiled
+    """dx at j (one element or a vector, as ``tag``), and its dγ/dβ terms; p holds the row's
+    pointers.  dy and x̂ come from the first pass's rows or are computed again: the same
+    operations, the same bits."""
+    ds, xs, dy, x, g, dh, dx, dw, db, NK = p
     if cache:
-        return ds[j], xs[j]
-    return _ld(dy[j]), ((_ld(x[j]) - m1) - dm) * rstd
+        d = _get(ds, j, tag)
+        xh = _get(xs, j, tag)
+    else:
+        d = _get(dy, j, tag)
+        xh = ((_get(x, j, tag) - m1) - dm) * rstd
+    if acc_w:
+        _put(dw, j, _get(dw, j, tag) + d * xh)
+    elif flags & _DW:  # "llama"/"t5": dγ against x̂ as the forward rounded it
+        _put(dw, j, _get(dw, j, tag) + d * _round(xh, NK))
+    if acc_b:
+        _put(db, j, _get(db, j, tag) + d)
+    v = rstd * (d * _get(g, j, tag) - c1 - xh * c2) + _get(dh, j, tag)
+    _emit(dx, j, v, stream)
+
+
+def _emit(arr, j, v, stream):  # pragma: no cover - typed by the overload below
+    """``_put``, streamed when ``stream`` and v is a vector."""
+
+
+@overload(_emit)
+def _emit_impl(arr, j, v, stream):
+    if isinstance(v, Vec):
+
+        def emit(arr, j, v, stream):
+            if stream:
+                vstream(arr, j, v)
+            else:
+                vstore(arr, j, v)
+
+        return emit
+    return lambda arr, j, v, stream: _put(arr, j, v)
 
 
 @njit(cache=_CACHE, error_model="numpy")
@@ -621,6 +739,43 @@ def _hugepages(t: torch.Tensor) -> torch.Tensor:
         if end > start:
             _madvise(start, end - start, _MADV_HUGEPAGE)
     return t
+
+
+
+# Outputs (y, dx) of at least this many bytes are written with streaming (non-temporal) stores
+# when normkit allocated them: a plain store first reads the destination's cache line from memory
+# (read-for-ownership), so a fresh output costs twice its size in traffic — a memory-bound op then
+# runs at ~2/3 of a copy (measured: a 4096x4096 float32 output loop 7.3 ms with plain stores,
+# 5.4 ms streamed, np.copyto 5.5 ms, one core).  Streamed lines bypass the caches, so outputs
+# that would still be cached for the next op are stored plainly: the threshold is 3/4 of the
+# last-level cache, as glibc's memcpy does (NORMKIT_STREAM_MIN_MB overrides; 0 streams all).
+def _stream_min_bytes():
+    mib = os.environ.get("NORMKIT_STREAM_MIN_MB")
+    if mib is not None:
+        return int(float(mib) * (1 << 20))
+    size = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        indices = [d for d in os.listdir(base) if d.startswith("index")]
+    except OSError:
+        indices = []
+    for index in indices:  # the largest cache level's size, e.g. "32768K"
+        try:
+            with open(os.path.join(base, index, "size")) as f:
+                text = f.read().strip()
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            size = max(size, int(text.rstrip("KMG")) * unit)
+        except (OSError, ValueError):
+            continue
+    return (size or (32 << 20)) * 3 // 4
+
+
+_STREAM_MIN_BYTES = _stream_min_bytes()
+
+
+def _stream_flag(elements, dtype):
+    """_STREAM for a fresh output of this size, else 0."""
+    return _STREAM if elements * dtype.itemsize >= _STREAM_MIN_BYTES else 0
 
 
 # Large outputs (y, h, dx) come from a pool of buffers that earlier outputs left behind.  A fresh
@@ -782,6 +937,7 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
         flags |= _B
     if y is None:
         y = _empty_like_rows(x, od)
+        flags |= _stream_flag(m * n, od)
     stats = None
     if residual is None:
         h = None
@@ -873,6 +1029,7 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, h_out=None, aut
     big = m * n >= _HUGE_MIN_ELEMENTS
     if out is None:
         y = _empty_like_rows(x) if big else torch.empty_like(x)
+        flags |= _stream_flag(m * n, x.dtype)
     else:
         y = out
     h = None
@@ -903,7 +1060,7 @@ def train_forward(x, weight, bias, residual, eps, rms, p):
     n = x.shape[-1]
     m = x.numel() // n
     y = _empty_like_rows(x)
-    flags = _STATS
+    flags = _STATS | _stream_flag(m * n, x.dtype)
     wa = ba = ra = ha = 0
     if weight is not None:
         wa = weight.data_ptr()
@@ -1064,6 +1221,7 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers
         row = nblk * n * stats.element_size()
         pwa = _scratch(2 * row)
         pba = pwa + row
+    flags |= _stream_flag(m * n, x.dtype)
     args = (m, nblk, n, rms, flags, x.data_ptr(), dy.data_ptr(), dh.data_ptr(), dhrs,
             dx.data_ptr(), weight.data_ptr(), stats.data_ptr(), pwa, pba, dwa, dba, *markers)
     _launch(_bwd_serial, _bwd_parallel, m * n if nblk > 1 else 0, args, markers)
