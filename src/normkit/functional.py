@@ -661,18 +661,25 @@ class _FastNorm(torch.autograd.Function):
         eps, rms, plan = ctx.opts
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: double backward via the reference
-            n = x.shape[-1]
-            rows = [None if t is None else t.reshape(-1, n) for t in (x, residual, dy, dh)]
-            g = _reference_backward(need, rows[0], weight, bias, rows[1], rows[2], rows[3],
-                                    (eps, rms, False, "torch", None))
-            shaped = [None if t is None else t.view(x.shape) for t in (g[0], g[3])]
-            return shaped[0], g[1], g[2], shaped[1], None, None, None
+            return _fast_double_backward(need, x, weight, bias, residual, dy, dh, eps,
+                                         rms) + (None, None, None)
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()  # dy None: only h was used
         if dh is not None:
             dh = dh.contiguous()
         dx, dw, db = _cpu_module.train_backward(dy, dh, x if h is None else h, weight, stats, rms,
                                                 need[1], need[2], plan)
         return dx if need[0] else None, dw, db, dx if need[3] else None, None, None, None
+
+
+def _fast_double_backward(need, x, weight, bias, residual, dy, dh, eps, rms):
+    """(dx, dγ, dβ, d-residual) of the lean paths (``_FastNorm`` and the native node) for
+    ``create_graph=True``: the reference's, on rows, differentiable again."""
+    n = x.shape[-1]
+    rows = [None if t is None else t.reshape(-1, n) for t in (x, residual, dy, dh)]
+    g = _reference_backward(need, rows[0], weight, bias, rows[1], rows[2], rows[3],
+                            (eps, rms, False, "torch", None))
+    shaped = [None if t is None else t.view(x.shape) for t in (g[0], g[3])]
+    return shaped[0], g[1], g[2], shaped[1]
 
 
 def _zero_dy(x, weight, casting, out_dtype):

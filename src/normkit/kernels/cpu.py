@@ -706,6 +706,10 @@ def _first_parallel_launch():
     _parallel_used = True
     if numba.threading_layer() == "workqueue":
         PARALLEL_MIN_ELEMENTS = max(PARALLEL_MIN_ELEMENTS, 1 << 21)
+        if _native is not None:
+            from . import native
+
+            native._sync_limits(_native)
 
 _PAR_LOCK = threading.Lock()
 _threads = threading.local()  # .n: the numba thread count last set from this Python thread
@@ -971,7 +975,14 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, h_out=None, aut
     Anything else — including arguments that are not tensors at all — returns None, and the
     caller takes the general path, which validates everything and raises the named errors.
     The caller has checked eps, the casting options, tracing and torch.compile.
+    Once the native entry point is built (native.py), it serves these calls first, with the
+    same compiled drivers; what it declines continues here.
     """
+    if (_native is not None and out is None and h_out is None and autograd is not None
+            and PARALLEL_MIN_ELEMENTS == _native_par_min):
+        res = _native.run(x, n, weight, bias, residual, eps, rms)  # see native.py
+        if res is not None:
+            return res
     if type(n) is not int:
         if type(n) is not tuple or len(n) != 1 or type(n[0]) is not int:  # nn.LayerNorm's form
             return None
@@ -1022,6 +1033,8 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, h_out=None, aut
     p = _INFER_PLANS.get(key)
     if p is None:
         p = _INFER_PLANS[key] = _infer_plan(*key)
+    if _native is not None and p and key not in _native_keys:  # new, or made while it was off
+        _native_register(_native, key, p)
     if not p or m == 0:
         return None
     if train:
@@ -1089,6 +1102,35 @@ def train_backward(dy, dh, v, weight, stats, rms, need_w, need_b, p):
     flags = (_DW if need_w and weight is not None else 0) | (_B if need_b else 0)
     return _bwd_launch(stats.shape[0], v.shape[-1], rms, flags, v, dy, dh, weight, p[3], stats,
                        p[2], p[3])
+
+
+# The native entry point (native.py) once its background build has finished, and the
+# PARALLEL_MIN_ELEMENTS it was given: a caller that changes the limit (tests do) gets the Python
+# path, which reads the limit on every call.
+_native = None
+_native_par_min = -1
+_NATIVE_LOCK = threading.RLock()
+_native_keys: set = set()
+
+
+def _native_ready(mod):
+    """Called by native.py when the extension is loaded: register every plan made so far."""
+    global _native, _native_par_min
+    with _NATIVE_LOCK:
+        for key, p in list(_INFER_PLANS.items()):
+            if p:
+                _native_register(mod, key, p)
+        _native_par_min = PARALLEL_MIN_ELEMENTS
+        _native = mod
+
+
+def _native_register(mod, key, p):
+    from . import native
+
+    with _NATIVE_LOCK:
+        if key not in _native_keys:
+            native.register(mod, key, p)
+            _native_keys.add(key)
 
 
 # (x dtype, γ dtype, β dtype) -> [forward markers, serial forward entry point or None, backward
@@ -1253,3 +1295,9 @@ def _const_row(value, n, dtype):
             _CONST_ROWS.clear()
         row = _CONST_ROWS[key] = torch.full((n,), value, dtype=dtype)
     return row
+
+
+# The native entry point builds or loads in the background from the first CPU call on.
+from . import native as _native_module  # noqa: E402 - it needs the names above
+
+_native_module.start()
