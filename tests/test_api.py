@@ -340,7 +340,10 @@ def test_cold_start_with_warm_cache(tmp_path):
         t2 = time.perf_counter()
         print(t1 - t0, t2 - t1)
     """
-    run_python(code, env)  # compiles and fills the cache
+    # compiles and fills the cache, the native entry point's registrations included (they
+    # compile in a background thread, which a process that exits at once would cut short)
+    warm = textwrap.dedent(code) + "from normkit.kernels import native; native.wait(900)\n"
+    run_python(warm, env, timeout=900)
     assert any(tmp_path.rglob("*.nbi")), "numba wrote no cache index"
     t_torch, t_first = map(float, run_python(code, env).split())
     # numba's own import is ~0.3-0.5 s; loading cached machine code is tens of ms.

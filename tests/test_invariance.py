@@ -332,9 +332,10 @@ def test_statistics_follow_the_documented_order_exactly(rms):
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "add"])
 def test_streamed_outputs_have_the_same_bits(dtype, n, rms, residual, monkeypatch):
-    """Large fresh outputs (y, dx) are written with streaming stores after a scalar head that
-    aligns each row; with every output streamed (threshold 0) — odd N, so rows start at every
-    alignment — forward and backward give the plain stores' bits, serial and parallel."""
+    """Large outputs (y, dx; fresh or a caller's ``out=``) are written with streaming stores
+    after a scalar head that aligns each row; with every output streamed (threshold 0) — odd N,
+    so rows start at every alignment — forward and backward give the plain stores' bits,
+    serial and parallel."""
     def run():
         torch.manual_seed(1)
         x = torch.randn(67, n).to(dtype).requires_grad_()
@@ -346,7 +347,12 @@ def test_streamed_outputs_have_the_same_bits(dtype, n, rms, residual, monkeypatc
         grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
         with torch.no_grad():
             y_inf = _both(x, w, b, r, rms)[0]
-        return [y, h, y_inf, *grads]
+            y_out = torch.empty_like(y_inf)  # a caller's buffer is streamed too
+            if rms:
+                normkit.rms_norm(x, n, w, 1e-6, residual=r, out=y_out)
+            else:
+                normkit.layer_norm(x, n, w, b, residual=r, out=y_out)
+        return [y, h, y_inf, y_out, *grads]
 
     plain = run()
     monkeypatch.setattr(cpu, "_STREAM_MIN_BYTES", 0)

@@ -746,13 +746,14 @@ def _hugepages(t: torch.Tensor) -> torch.Tensor:
 
 
 
-# Outputs (y, dx) of at least this many bytes are written with streaming (non-temporal) stores
-# when normkit allocated them: a plain store first reads the destination's cache line from memory
-# (read-for-ownership), so a fresh output costs twice its size in traffic — a memory-bound op then
-# runs at ~2/3 of a copy (measured: a 4096x4096 float32 output loop 7.3 ms with plain stores,
-# 5.4 ms streamed, np.copyto 5.5 ms, one core).  Streamed lines bypass the caches, so outputs
-# that would still be cached for the next op are stored plainly: the threshold is 3/4 of the
-# last-level cache, as glibc's memcpy does (NORMKIT_STREAM_MIN_MB overrides; 0 streams all).
+# Outputs (y, dx) of at least _STREAM_MIN_BYTES are written with streaming (non-temporal)
+# stores, unless y overwrites x in place (and h never: the row's statistics read it right back).
+# A plain store first reads the destination's cache line from memory (read-for-ownership), so an
+# output costs twice its size in traffic — a memory-bound op then runs at ~2/3 of a copy
+# (measured: a 4096x4096 float32 output loop 7.3 ms with plain stores, 5.4 ms streamed,
+# np.copyto 5.5 ms, one core).  Streamed lines bypass the caches, so outputs that would still be
+# cached for the next op are stored plainly: the threshold is 3/4 of the last-level cache, as
+# glibc's memcpy does (NORMKIT_STREAM_MIN_MB overrides; 0 streams all).
 def _stream_min_bytes():
     mib = os.environ.get("NORMKIT_STREAM_MIN_MB")
     if mib is not None:
@@ -941,6 +942,7 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
         flags |= _B
     if y is None:
         y = _empty_like_rows(x, od)
+    if y.data_ptr() != x.data_ptr():  # in place, the row is in the caches already
         flags |= _stream_flag(m * n, od)
     stats = None
     if residual is None:
@@ -1045,6 +1047,8 @@ def infer(x, n, weight, bias, eps, rms, residual=None, out=None, h_out=None, aut
         flags |= _stream_flag(m * n, x.dtype)
     else:
         y = out
+        if y.data_ptr() != x.data_ptr():  # in place, the row is in the caches already
+            flags |= _stream_flag(m * n, x.dtype)
     h = None
     if ra:
         h = h_out
