@@ -98,6 +98,11 @@ def torch_op(x, weight=None, bias=None, residual=None, eps=1e-5, rms=False, zc=F
     return F.layer_norm(h, (n,), w, b, eps)
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits (so -0.0 != 0.0 and NaN payloads count)."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _default_cpu_path():
     """The whole session runs the CPU path users get once normkit has warmed up: the native

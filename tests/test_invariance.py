@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, native_or_skip, run_python
+from conftest import DTYPES, bits, native_or_skip, run_python
 
 import normkit
 from normkit.kernels import cpu
@@ -18,11 +18,6 @@ from normkit.kernels import cpu
 def _cpu_backend():
     with normkit.use_backend("cpu"):
         yield
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits (so -0.0 != 0.0 and NaN payloads count)."""
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _both(x, w, b, r, rms):

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import DTYPES, native_or_skip, run_python
+from conftest import DTYPES, bits, native_or_skip, run_python
 
 import normkit
 from normkit.kernels import cpu, native
@@ -17,10 +17,6 @@ from normkit.kernels import cpu, native
 @pytest.fixture(scope="module")
 def mod():
     return native_or_skip()
-
-
-def bits(t):
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _same(a, b):

@@ -20,7 +20,7 @@ import os
 
 import pytest
 import torch
-from conftest import ATOL, DTYPES, assert_close_to_ref, max_err, ref64, torch_op
+from conftest import ATOL, DTYPES, assert_close_to_ref, bits, max_err, ref64, torch_op
 
 import normkit
 from normkit import functional as nf
@@ -83,10 +83,6 @@ def path(request, tk, monkeypatch):
         monkeypatch.setattr(tk, "_MAX_BLOCK", 64)
         monkeypatch.setattr(tk, "_CHUNK", CHUNK)
     return request.param == "looped"
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0, shift=0.0):

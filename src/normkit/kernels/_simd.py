@@ -41,6 +41,7 @@ __all__ = ["W", "Vec", "STREAM_ALIGN", "ptr", "address", "vzero", "vload", "vsto
            "vround", "vsum", "sfence"]
 
 W = 16
+STREAM_ALIGN = 64  # bytes: where a streamed store of a vector must start
 
 _LL = {types.float32: ir.FloatType(), types.float64: ir.DoubleType()}
 
@@ -235,8 +236,6 @@ def vstore(typingctx, arr, j, v):
         return None
     return types.none(arr, j, v), _store_codegen(False)
 
-
-STREAM_ALIGN = 64
 
 
 @intrinsic
