@@ -268,18 +268,20 @@ def test_bits_do_not_depend_on_the_jit_cache(tmp_path):
 
 
 def _ordered_sum(v: np.ndarray) -> np.float32:
-    """The kernels' documented summation order (kernels/_simd.py, cpu._row_moments), spelled
-    out in numpy float32, whose element-wise operations round exactly as the kernels' do:
-    16-lane vectors summed within blocks of 1024 elements, the blocks in order, the lanes by a
-    pairwise tree (lane k + lane k+8, then k+4, ...), then the tail one element at a time."""
+    """The kernels' documented summation order (kernels/_simd.py, cpu._row_sums), spelled out
+    in numpy float32, whose element-wise operations round exactly as the kernels' do: 16-lane
+    vectors in blocks of 1024 elements, vector k of a block into accumulator k % 4, a block's
+    accumulators combined as (A0 + A1) + (A2 + A3) and added to the running vector, the blocks
+    in order, the lanes by a pairwise tree (lane k + lane k+8, then k+4, ...), then the tail one
+    element at a time."""
     n = v.size
     nv = n - n % 16
     total = np.zeros(16, np.float32)
     for jb in range(0, nv, 1024):
-        block = np.zeros(16, np.float32)
-        for j in range(jb, min(jb + 1024, nv), 16):
-            block = block + v[j:j + 16]
-        total = total + block
+        acc = [np.zeros(16, np.float32) for _ in range(4)]
+        for k, j in enumerate(range(jb, min(jb + 1024, nv), 16)):
+            acc[k % 4] = acc[k % 4] + v[j:j + 16]
+        total = total + ((acc[0] + acc[1]) + (acc[2] + acc[3]))
     while total.size > 1:
         half = total.size // 2
         total = total[:half] + total[half:]
@@ -294,8 +296,9 @@ def test_statistics_follow_the_documented_order_exactly(rms):
     """The forward's bits — its saved statistics and y — are those of the written-down
     algorithm: the order of every row sum is part of the contract (the same on every machine and
     compiler), not a choice LLVM makes.  N spans two reduction blocks, whole vectors and a
-    5-element tail; rows far from zero and heavy-tailed rows, where a changed order shows."""
-    n = 2 * 1024 + 3 * 16 + 5
+    5-element tail; the last block ends in three lone vectors (accumulators 0-2); rows far from
+    zero and heavy-tailed rows, where a changed order shows."""
+    n = 2 * 1024 + 7 * 16 + 5
     f32 = np.float32
     heavy = torch.randn(4, n) * torch.exp(2 * torch.randn(4, n))
     x = torch.cat([torch.randn(4, n) * 3 + 1e3, heavy])

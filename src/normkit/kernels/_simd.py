@@ -8,15 +8,16 @@ rather than compiled in this process, summed in another order, and dx moved in t
 disagreed).  So the kernels use no fast-math flag at all, and a reduction is written here as
 what it is meant to be:
 
-* ``W`` = 16 lanes; lane k accumulates elements k, k+16, k+32, ... of the row's first
-  ``n - n % W`` elements, in order;
+* ``W`` = 16 lanes; the row's first ``n - n % W`` elements are added as W-element vectors
+  in an order the caller writes down (cpu._row_sums: blocks of 1024 elements, four
+  accumulators per block, combined in a fixed pattern);
 * ``vsum`` adds the lanes pairwise (k with k+8, then k with k+4, ...), a fixed tree;
 * the caller adds the remaining ``n % W`` elements one by one after that.
 
 Without fast-math flags LLVM may only make changes that keep every result bit (IEEE semantics),
 so a row's result is a function of the row, its length and these rules alone — on every
 machine, in every compilation.  Sixteen lanes are one AVX-512 register or two AVX2 registers of
-float32; both keep a memory-bound loop fed (one vector add in flight per 16 elements).
+float32.
 
 ``Vec`` is the numba type of a vector of compute values (float32, or float64 for float64
 storage); ``vload`` reads W elements of any storage type (float32, float64, bfloat16 as uint16
