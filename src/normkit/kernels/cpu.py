@@ -13,8 +13,13 @@ Design points, each with the reason:
   shift, fp16 by LLVM ``fpext``/``fptrunc`` (F16C on x86).  No extra pass over memory, and the
   rounding of finite values is bit-identical to torch's ``.to()`` (round to nearest even); a
   NaN stays a NaN.
-* Statistics accumulate in float32 (float64 for float64 input) with the shifted two-pass scheme
-  of the reference: exact ``x - m1`` for rows far from zero.
+* Statistics accumulate in float32 (float64 for float64 input) with the shifted scheme of the
+  reference, ``d = v − m1``, ``dm = mean(d)``, ``var = mean(d²) − dm²``, where the shift m1 is
+  the mean of the row's first W elements — exact ``v − m1`` for rows far from zero, one pass
+  over the row for both moments.  Where that shift is far from the row's mean (dm² > var: the
+  first elements are not typical of the row) the moments are taken again about m1 + dm, as
+  close to the mean as the full first pass of the reference would be; rows shorter than W shift
+  by their mean.  Either way a function of the row alone.
 * No fast-math flag at all.  Row sums run on explicit 16-lane vectors in a fixed order
   (``_simd.py``); element-wise loops vectorize without help.  So LLVM may only make changes that
   keep every bit, and a row's result cannot depend on how the code was compiled: inlined or not,
@@ -363,11 +368,25 @@ def _fwd_row(
         q = _row_moments(src, n, z, XK)[1]
         rstd = one / np.sqrt(q / nf + e)
     else:
-        m1 = _row_moments(src, n, z, XK)[0] / nf
-        s1, s2 = _row_moments(src, n, m1, XK)
-        dm = s1 / nf
-        var = max(s2 / nf - dm * dm, z)
-        rstd = one / np.sqrt(var + e)
+        # The shift m1: the mean of the row's first W elements (one pass over the row saved),
+        # moved to m1 + dm for a second pass where that is far from the row's mean (see the
+        # module docstring); rows shorter than W shift by their mean.
+        if n >= W:
+            m1 = vsum(vload(src, 0, XK)) / _c(W, XK)
+            s1, s2 = _row_moments(src, n, m1, XK)
+            dm = s1 / nf
+            var = s2 / nf - dm * dm
+            if dm * dm > var:
+                m1 = m1 + dm
+                s1, s2 = _row_moments(src, n, m1, XK)
+                dm = s1 / nf
+                var = s2 / nf - dm * dm
+        else:
+            m1 = _row_moments(src, n, z, XK)[0] / nf
+            s1, s2 = _row_moments(src, n, m1, XK)
+            dm = s1 / nf
+            var = s2 / nf - dm * dm
+        rstd = one / np.sqrt(max(var, z) + e)
 
     y = _row(ya, i * n, n, OK)
     w = _row(wa, 0, n if flags & _W else 0, WK)

@@ -16,7 +16,8 @@ with ``g = weight`` or ``1 + weight`` (zero-centred γ).  The shift by the first
 what makes the statistics robust: for a row like ``1e4 + 1e-2*randn`` in float32, ``v - m1`` is
 exact (Sterbenz), whereas the textbook ``E[x²] - E[x]²`` cancels every significant digit and
 torch's Welford loses several.  The mean is kept as the pair (m1, dm); folding it into one float32
-would round it to ulp(1e4) ≈ 1e-3, a tenth of the row's standard deviation.
+would round it to ulp(1e4) ≈ 1e-3, a tenth of the row's standard deviation.  Any shift near the
+mean has these properties; the CPU kernels use a cheaper one (cpu.py's module docstring).
 
 Statistics are computed in float32 for 16/32-bit inputs and in float64 for float64 inputs.
 """
