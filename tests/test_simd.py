@@ -116,3 +116,41 @@ def test_the_fast_spelling_is_used_where_the_machine_has_it():
     for fn in (widen, narrow):
         asm = fn.inspect_asm(fn.signatures[0])
         assert ("vpermw" in asm) == has_bw
+
+
+_HASHES = """
+import hashlib, torch, normkit
+from normkit.kernels import cpu
+cpu._native = None  # the Python path: the native build would compile with the default spelling
+torch.manual_seed(0)
+out = []
+for dt in (torch.bfloat16, torch.float16):
+    for shape in ((3, 33), (67, 771)):
+        n = shape[-1]
+        for rms in (False, True):
+            x = torch.randn(shape).to(dt).requires_grad_()
+            r = torch.randn(shape).to(dt).requires_grad_()
+            w = torch.randn(n).to(dt).requires_grad_()
+            b = None if rms else torch.randn(n).to(dt).requires_grad_()
+            f = normkit.rms_norm if rms else normkit.layer_norm
+            y, h = f(x, n, w, b, residual=r, return_residual=True) if not rms else \\
+                f(x, n, w, residual=r, return_residual=True)
+            leaves = [t for t in (x, r, w, b) if t is not None]
+            g = torch.autograd.grad((y, h), leaves, (torch.randn_like(y), torch.randn_like(h)))
+            for t in (y, h, *g):
+                out.append(hashlib.sha1(t.detach().view(torch.uint8).numpy()).hexdigest()[:12])
+print(" ".join(out))
+"""
+
+
+def test_kernels_give_the_same_bits_with_the_generic_conversions(tmp_path):
+    """The kernels compiled with the generic 16-bit conversions — as on a machine without
+    AVX-512BW, where the backward also keeps float32 copies of dy and x̂ between its passes —
+    give the bits of the default build, forward and backward, LayerNorm and RMSNorm with the
+    fused residual, bfloat16 and float16."""
+    from conftest import run_python
+
+    generic = run_python("import normkit.kernels._simd as s; s.PERMW = False\n" + _HASHES,
+                         {"NUMBA_CACHE_DIR": str(tmp_path)}, timeout=900)
+    default = run_python(_HASHES, timeout=900)  # numba's usual cache: mostly compiled by now
+    assert generic == default

@@ -39,7 +39,7 @@ from numba import types
 from numba.extending import intrinsic, models, overload, register_model
 
 __all__ = ["W", "Vec", "STREAM_ALIGN", "ptr", "address", "vzero", "vload", "vstore", "vstream",
-           "vround", "vsum", "sfence"]
+           "vround", "vsum", "sfence", "fast_widening"]
 
 W = 16
 STREAM_ALIGN = 64  # bytes: where a streamed store of a vector must start
@@ -148,6 +148,17 @@ def _avx512bw(context):
     if PERMW is False:
         return False
     return "+avx512bw" in getattr(context.codegen(), "_tm_features", "")
+
+
+@intrinsic
+def fast_widening(typingctx):
+    """Whether 16-bit loads widen in one shuffle here (vpermw, AVX-512BW; F16C's vcvtph2ps
+    beside it): a compile-time constant of the target machine, so a branch on it folds away."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.IntType(1), int(_avx512bw(context)))
+
+    return types.boolean(), codegen
 
 
 def _permw(builder, words, idx):
