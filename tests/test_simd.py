@@ -102,17 +102,17 @@ def test_float16_words_round_trip_and_round_as_torch(spelling):
     assert np.isnan(torch.from_numpy(vec[nan]).view(torch.float16).float().numpy()).all()
 
 
-def test_the_fast_spelling_is_used_where_the_machine_has_it():
+def test_the_fast_spelling_is_used_where_the_machine_has_it(monkeypatch):
     """On an AVX-512BW machine the kernels' bfloat16 conversions are the vpermw ones the tests
     above compare (else this checks the generic spelling is what runs)."""
-    _simd.PERMW = None
+    from numba.core.registry import cpu_target
+
+    monkeypatch.setattr(_simd, "PERMW", None)
     widen, narrow, _ = _fresh_kernels()
     words = np.zeros(W, np.uint16)
     widen(words, np.empty(W, np.float32))
     narrow(np.zeros(W, np.float32), words)
-    from numba.core.registry import cpu_target
-
-    has_bw = "+avx512bw" in getattr(cpu_target.target_context.codegen(), "_tm_features", "")
+    has_bw = _simd._avx512bw(cpu_target.target_context)
     for fn in (widen, narrow):
         asm = fn.inspect_asm(fn.signatures[0])
         assert ("vpermw" in asm) == has_bw

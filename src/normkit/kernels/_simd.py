@@ -186,11 +186,11 @@ def _permw(builder, words, idx):
     return builder.call(fn, [words, index])
 
 
-def _to_compute(builder, v, st, ct, context=None):
+def _to_compute(builder, v, st, ct, context):
     """Storage words → compute values, exact: a bfloat16 word shifted into the high half of a
     float32 (with AVX-512BW: word k moved to the high half of lane k by vpermw, the low halves
     zeroed), a float16 word widened by ``fpext`` (F16C on x86), float32 → float64 widened."""
-    if st == types.uint16 and context is not None and _avx512bw(context):
+    if st == types.uint16 and _avx512bw(context):
         i32 = ir.IntType(32)
         wide = builder.shuffle_vector(v, ir.Constant(v.type, None),
                                       ir.Constant(ir.VectorType(i32, 2 * W), list(range(2 * W))))
@@ -208,7 +208,7 @@ def _to_compute(builder, v, st, ct, context=None):
     return v
 
 
-def _to_storage(builder, v, ct, st, context=None):
+def _to_storage(builder, v, ct, st, context):
     """Compute values → storage words, rounding to nearest even exactly as the scalar ``_st``
     of cpu.py does: bfloat16 by adding 0x7FFF plus the lowest kept bit and dropping 16 bits, a
     NaN becoming the quiet NaN 0x7FC0 (rounding its bits could carry it into Inf); float16 and
@@ -218,7 +218,7 @@ def _to_storage(builder, v, ct, st, context=None):
         if ct != types.float32:
             v = builder.fptrunc(v, _vt(types.float32))
         u = builder.bitcast(v, _ivec(32))
-        if context is not None and _avx512bw(context):
+        if _avx512bw(context):
             odd = builder.icmp_unsigned("!=", builder.and_(u, _ivec(32, 0x10000)), _ivec(32, 0))
             r = builder.add(u, builder.select(odd, _ivec(32, 0x8000), _ivec(32, 0x7FFF)))
             r = builder.select(builder.fcmp_unordered("uno", v, v), _ivec(32, 0x7FC00000), r)

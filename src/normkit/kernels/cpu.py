@@ -374,16 +374,13 @@ def _fwd_row(
         # module docstring); rows shorter than W shift by their mean.
         if n >= W:
             m1 = vsum(vload(src, 0, XK)) / _c(W, XK)
-            s1, s2 = _row_moments(src, n, m1, XK)
-            dm = s1 / nf
-            var = s2 / nf - dm * dm
-            if dm * dm > var:
-                m1 = m1 + dm
-                s1, s2 = _row_moments(src, n, m1, XK)
-                dm = s1 / nf
-                var = s2 / nf - dm * dm
         else:
             m1 = _row_moments(src, n, z, XK)[0] / nf
+        s1, s2 = _row_moments(src, n, m1, XK)
+        dm = s1 / nf
+        var = s2 / nf - dm * dm
+        if n >= W and dm * dm > var:
+            m1 = m1 + dm
             s1, s2 = _row_moments(src, n, m1, XK)
             dm = s1 / nf
             var = s2 / nf - dm * dm
@@ -653,8 +650,8 @@ def _bwd_rows(
         m1 = st[3 * i]
         dm = st[3 * i + 1]
         rstd = st[3 * i + 2]
-        # First pass: the two row sums in _row_sums's fixed order; 16-bit rows keep dy and x̂
-        # for the second pass.
+        # First pass: the two row sums in _row_sums's fixed order; with ``cache`` (16-bit rows
+        # without vpermw) dy and x̂ are kept for the second pass.
         c1, c2 = _row_sums(n, (ptr(dy), ptr(x), ptr(g), m1, dm, rstd, ptr(ds), ptr(xs), cache),
                            SK)
         c1 = z if rms else c1 / nf
