@@ -140,12 +140,24 @@ def test_backward_is_bitwise_reproducible(dtype, rms, shape, monkeypatch):
 
 
 def test_eight_threads_concurrently():
-    """8 Python threads calling at once (large and small calls): correct results, no deadlock."""
+    """8 Python threads calling at once (large and small calls, inference and training, so
+    parallel launches from the native entry point's forward and from autograd's backward):
+    correct results, no deadlock."""
+    from normkit.kernels import native
+
+    native.wait(timeout=900)  # its launches too, where it builds
     inputs = [torch.randn(m, n) for m, n in [(1, 64), (512, 1024), (3, 4096), (64, 333)] * 2]
     weights = [torch.randn(t.shape[-1]) for t in inputs]
     pairs = list(zip(inputs, weights, strict=True))
     expected = [normkit.layer_norm(t, t.shape[-1], w) for t, w in pairs]
     expected_r = [normkit.rms_norm(t, t.shape[-1], w) for t, w in pairs]
+
+    def grads(x, w):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = normkit.layer_norm(x, x.shape[-1], w)
+        return torch.autograd.grad(y, (x, w), torch.ones_like(y) + x.detach())
+
+    expected_g = [grads(t, w) for t, w in pairs]
     errors = []
 
     def work(k):
@@ -153,7 +165,9 @@ def test_eight_threads_concurrently():
             for _ in range(20):
                 y = normkit.layer_norm(inputs[k], inputs[k].shape[-1], weights[k])
                 z = normkit.rms_norm(inputs[k], inputs[k].shape[-1], weights[k])
-                if not (torch.equal(y, expected[k]) and torch.equal(z, expected_r[k])):
+                g = grads(inputs[k], weights[k])
+                if not (torch.equal(y, expected[k]) and torch.equal(z, expected_r[k])
+                        and all(map(torch.equal, g, expected_g[k]))):
                     errors.append(f"thread {k}: wrong result")
                     return
         except Exception as e:  # pragma: no cover - reported below
@@ -181,13 +195,17 @@ def test_forked_child_can_run_parallel_kernels():
     code = textwrap.dedent(
         """
         import multiprocessing as mp, torch, normkit
-        from normkit.kernels import cpu
-        x = torch.randn(2048, 1024); w = torch.randn(1024)
+        from normkit.kernels import cpu, native
+        native.wait()
+        x = torch.randn(2048, 1024); w = torch.randn(1024); x2 = x[:64].clone()
         y0 = normkit.layer_norm(x, 1024, w)          # parallel path in the parent
+        for _ in range(2):                           # and the native entry point's own launches
+            z0 = normkit.layer_norm(x2, 1024, w)
         def child(q):
+            z = normkit.layer_norm(x2, 1024, w)      # as many threads as the parent had
             torch.set_num_threads(1)                 # what DataLoader does in its workers
             y = normkit.layer_norm(x, 1024, w)
-            q.put((bool(torch.equal(y, y0)), cpu._serial_only))
+            q.put((bool(torch.equal(y, y0) and torch.equal(z, z0)), cpu._serial_only))
         ctx = mp.get_context("fork"); q = ctx.Queue()
         p = ctx.Process(target=child, args=(q,)); p.start(); p.join(60)
         print(p.exitcode, *(q.get(timeout=5) if p.exitcode == 0 else ()))

@@ -52,10 +52,35 @@ def test_inference_same_bits_as_python_path(mod, dtype, rms, affine, residual, m
             with monkeypatch.context() as mp:
                 mp.setattr(cpu, "_native", None)
                 want = _call(x, n, w, b, r, rms, True)
-        # on the serial driver; parallel inference launches are the Python path's own
-        assert served == (x.numel() < cpu.PARALLEL_MIN_ELEMENTS), shape
+        # every size below the pooled outputs': on the serial driver, or on the parallel one
+        # once a first launch through cpu._launch has handed it over (the call above)
+        assert served == 1, shape
         for a, e in zip(got, want, strict=True):
             _same(a, e)
+
+
+def test_parallel_launches_keep_the_callers_numba_thread_count(mod):
+    """A parallel launch from C++ sets numba's per-thread count for itself and puts the caller's
+    back, as the Python path's record of it (cpu._threads) assumes; its bits are the serial
+    driver's."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2 or torch.get_num_threads() < 2:
+        pytest.skip("one thread: no parallel launch")
+    x = torch.randn(64, 1024)
+    with torch.no_grad():
+        normkit.layer_norm(x, 1024)  # the first parallel launch: through cpu._launch
+        before = numba.get_num_threads()
+        calls = native.calls()
+        y = normkit.layer_norm(x, 1024)
+        assert native.calls() == calls + 1 and numba.get_num_threads() == before
+        limit = cpu.PARALLEL_MIN_ELEMENTS
+        try:
+            cpu.PARALLEL_MIN_ELEMENTS = 1 << 40  # the Python path, serial driver
+            want = normkit.layer_norm(x, 1024)
+        finally:
+            cpu.PARALLEL_MIN_ELEMENTS = limit
+    _same(y, want)
 
 
 def _train(x, r, w, b, dy, dh, rms, residual, wants):

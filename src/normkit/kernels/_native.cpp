@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <pthread.h>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -64,7 +65,22 @@ struct Plan {
   py::object* par_bwd;
   at::ScalarType param;  // γ/β dtype the kernels read (dγ/dβ come out in it)
   at::ScalarType stats;  // float32, float64 for float64 x
+  // The parallel drivers' C entry points, once Python has launched them (see par_launch).
+  std::atomic<FwdFn> fwd_par{nullptr};
+  std::atomic<BwdFn> bwd_par{nullptr};
+  mutable std::atomic<bool> par_launched{false};  // an inference launch went to par_fwd
 };
+
+// Parallel launches from here (par_launch): numba's threading layer's per-thread thread count
+// (its set/get_num_threads), the most threads numba started, and whether this is allowed at
+// all: only on a thread-safe layer (OpenMP, TBB), never in a child forked after a launch (GNU
+// OpenMP is not fork-safe; the Python path knows what to do there).  One region at a time, as
+// the Python path's lock does: concurrent regions would only oversubscribe the cores.
+std::atomic<bool> g_direct{false};
+void (*g_set_threads)(int) = nullptr;
+int (*g_get_threads)() = nullptr;
+int g_max_threads = 1;
+std::mutex g_par_mutex;
 
 // One slot per (x, γ, β) dtype: float32, float64, bfloat16, float16, and "absent" for γ/β.
 // Plans are written once (under the GIL) and never freed, so readers need no lock.
@@ -79,11 +95,12 @@ std::atomic<int64_t> g_block_elems{1 << 14};  // _MIN_BLOCK_ELEMENTS
 std::atomic<int64_t> g_max_blocks{64};     // _MAX_BLOCKS
 std::atomic<int64_t> g_native_calls{0};    // calls served here (tests read it)
 
-// Training calls (forward with autograd, and backward) launch the parallel driver only from
-// this many elements on.  Below it the serial cfunc, called straight from here, beats the
-// parallel driver reached through Python (backward with autograd on the 2-core CI machine:
-// 1024x64 86 vs 97 µs, 8x4096 69 vs 91 µs; 2048x64 115 vs 101 µs).  Same bits either way.
-constexpr int64_t kTrainParMin = 1 << 17;
+// Training calls (forward with autograd, and backward) launch the parallel driver from this
+// many elements on.  While parallel launches went through Python (cpu._launch) the serial cfunc
+// was faster up to 1 << 17 elements; launched from here (par_launch) the parallel driver pays
+// from where the inference calls' does (backward with autograd, 2-core CI machine: 512x64
+// 41 → 35 µs, 1024x64 60 → 46 µs).  Same bits either way.
+constexpr int64_t kTrainParMin = 1 << 15;
 
 PyTypeObject* g_parameter_type = nullptr;  // torch.nn.Parameter
 py::object* g_double_backward = nullptr;   // Python: create_graph=True backward
@@ -122,20 +139,53 @@ int64_t bwd_blocks(int64_t m, int64_t n) {  // cpu._bwd_blocks
   return std::max<int64_t>(1, std::min(m, m * n / g_block_elems.load()));
 }
 
-void call_fwd(const Plan* p, int64_t m, int64_t n, bool rms, int64_t flags, double eps,
-              int64_t xa, int64_t ra, int64_t ha, int64_t ya, int64_t wa, int64_t ba,
-              int64_t sa) {
-  const auto& k = p->fwd_isz;
-  p->fwd_fn(m, n, rms, flags, eps, xa, n, ra, ra ? n : 0, ha, ya, wa, ba, sa, NK_M(k[0]),
-            NK_M(k[1]), NK_M(k[2]), NK_M(k[3]), NK_M(k[4]));
+// The threads a parallel launch may use: as many as torch is allowed, never more than numba
+// started (cpu._launch's rule); 0 where this file may not launch the parallel driver of
+// ``fn`` itself (not registered yet, not allowed here).
+template <typename Fn>
+int par_threads(Fn fn) {
+  if (fn == nullptr || !g_direct.load(std::memory_order_acquire)) return 0;
+  return std::max(1, std::min(at::get_num_threads(), g_max_threads));
 }
 
-void call_bwd(const Plan* p, int64_t m, int64_t nblk, int64_t n, bool rms, int64_t flags,
-              int64_t xa, int64_t dya, int64_t dha, int64_t dhrs, int64_t dxa, int64_t wa,
-              int64_t sa, int64_t pwa, int64_t pba, int64_t dwa, int64_t dba) {
+// Run ``launch`` (a call of a parallel driver) on nt threads: numba's count is set for this
+// thread and put back after, so the Python path's own record of it stays true.
+//
+// numba's parallel driver takes the GIL on entry, lets it go for the region and takes it back
+// after, so a thread holding g_par_mutex may wait for the GIL: no thread may wait for
+// g_par_mutex while holding the GIL (the two would wait for each other forever).  A caller
+// with the GIL lets it go while it waits.
+template <typename F>
+void par_launch(int nt, F launch) {
+  std::unique_lock<std::mutex> lock(g_par_mutex, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    if (PyGILState_Check()) {
+      py::gil_scoped_release nogil;
+      lock.lock();
+    } else {
+      lock.lock();
+    }
+  }
+  int before = g_get_threads();
+  g_set_threads(nt);
+  launch();
+  g_set_threads(before);
+}
+
+void call_fwd(FwdFn fn, const Plan* p, int64_t m, int64_t n, bool rms, int64_t flags,
+              double eps, int64_t xa, int64_t ra, int64_t ha, int64_t ya, int64_t wa,
+              int64_t ba, int64_t sa) {
+  const auto& k = p->fwd_isz;
+  fn(m, n, rms, flags, eps, xa, n, ra, ra ? n : 0, ha, ya, wa, ba, sa, NK_M(k[0]), NK_M(k[1]),
+     NK_M(k[2]), NK_M(k[3]), NK_M(k[4]));
+}
+
+void call_bwd(BwdFn fn, const Plan* p, int64_t m, int64_t nblk, int64_t n, bool rms,
+              int64_t flags, int64_t xa, int64_t dya, int64_t dha, int64_t dhrs, int64_t dxa,
+              int64_t wa, int64_t sa, int64_t pwa, int64_t pba, int64_t dwa, int64_t dba) {
   const auto& k = p->bwd_isz;
-  p->bwd_fn(m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
-            NK_M(k[0]), NK_M(k[1]), NK_M(k[2]), NK_M(k[3]), NK_M(k[4]), NK_M(k[5]));
+  fn(m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba, NK_M(k[0]),
+     NK_M(k[1]), NK_M(k[2]), NK_M(k[3]), NK_M(k[4]), NK_M(k[5]));
 }
 
 // Read-only rows of ones / zeros per (value, N, dtype), as cpu._const_row: the backward's
@@ -158,12 +208,16 @@ at::Tensor const_row(int value, int64_t n, at::ScalarType dtype) {
 void launch_fwd(const Plan* p, bool serial, int64_t m, int64_t n, bool rms, int64_t flags,
                 double eps, int64_t xa, int64_t ra, int64_t ha, int64_t ya, int64_t wa,
                 int64_t ba, int64_t sa) {
-  if (serial) {
-    call_fwd(p, m, n, rms, flags, eps, xa, ra, ha, ya, wa, ba, sa);
-    return;
+  FwdFn par = serial ? nullptr : p->fwd_par.load(std::memory_order_acquire);
+  int nt = par_threads(par);
+  if (serial || nt == 1) {
+    call_fwd(p->fwd_fn, p, m, n, rms, flags, eps, xa, ra, ha, ya, wa, ba, sa);
+  } else if (nt > 1) {
+    par_launch(nt, [&] { call_fwd(par, p, m, n, rms, flags, eps, xa, ra, ha, ya, wa, ba, sa); });
+  } else {  // through cpu._launch, which also hands this file the parallel driver
+    py::gil_scoped_acquire gil;
+    (*p->par_fwd)(m, n, rms, flags, eps, xa, n, ra, n, ha, ya, wa, ba, sa);
   }
-  py::gil_scoped_acquire gil;
-  (*p->par_fwd)(m, n, rms, flags, eps, xa, n, ra, n, ha, ya, wa, ba, sa);
 }
 
 using Opt = std::optional<at::Tensor>;
@@ -241,9 +295,17 @@ struct Norm : public torch::autograd::Function<Norm> {
       pwa = ptr(partials);
       pba = pwa + row * static_cast<int64_t>(partials.element_size());
     }
-    if (nblk == 1 || m * n < std::max(kTrainParMin, g_par_min.load())) {
-      call_bwd(p, m, nblk, n, rms, flags, ptr(v), ptr(dy), ptr(dh), dhrs, ptr(dx), ptr(g),
+    bool serial = nblk == 1 || m * n < std::max(kTrainParMin, g_par_min.load());
+    BwdFn par = serial ? nullptr : p->bwd_par.load(std::memory_order_acquire);
+    int nt = par_threads(par);
+    auto bwd = [&](BwdFn fn) {
+      call_bwd(fn, p, m, nblk, n, rms, flags, ptr(v), ptr(dy), ptr(dh), dhrs, ptr(dx), ptr(g),
                ptr(stats), pwa, pba, dwa, dba);
+    };
+    if (serial || nt == 1) {
+      bwd(p->bwd_fn);
+    } else if (nt > 1) {
+      par_launch(nt, [&] { bwd(par); });
     } else {
       py::gil_scoped_acquire gil;
       (*p->par_bwd)(m, nblk, n, rms, flags, ptr(v), ptr(dy), ptr(dh), dhrs, ptr(dx), ptr(g),
@@ -310,11 +372,15 @@ py::object run(py::handle xo, py::handle no, py::handle wo, py::handle bo, py::h
     return py::cast(out[0]);
   }
   if (elements >= g_big_min.load()) return py::none();  // the Python path's pooled outputs
-  // A parallel launch goes through Python (cpu._launch) anyway: the Python path, already
-  // running, gets there without the detour (8x8192 float32: 17.8 vs 22.0 µs).
-  if (elements >= g_par_min.load()) return py::none();
+  // A parallel launch this file cannot make itself yet goes through Python (cpu._launch): the
+  // Python path, already running, gets there without the detour (8x8192 float32: 17.8 vs 22.0
+  // µs).  Once cpu._launch has run the parallel driver of this plan in training (par_fwd), or
+  // once this file has handed it one inference launch, the launches are made from here.
+  const bool serial = elements < g_par_min.load();
+  if (!serial && p->fwd_par.load(std::memory_order_acquire) == nullptr &&
+      p->par_launched.exchange(true))
+    return py::none();
   g_native_calls++;
-  const bool serial = true;
   at::Tensor y = at::empty_like(*x);
   int64_t flags = (w ? kW : 0) | (b ? kB : 0);
   if (r) {
@@ -366,6 +432,25 @@ void set_limits(int64_t par_min, int64_t big_min, int64_t block_rows, int64_t bl
 
 int64_t calls() { return g_native_calls.load(); }
 
+// The parallel drivers of a registered plan (0: not compiled yet).
+void set_parallel(py::handle x, py::handle w, py::handle b, int64_t fwd, int64_t bwd) {
+  Plan* p = g_plans[slot(kind_arg(x), kind_arg(w), kind_arg(b))].load(std::memory_order_acquire);
+  TORCH_CHECK(p != nullptr, "normkit native: set_parallel before register_plan");
+  if (fwd) p->fwd_par.store(reinterpret_cast<FwdFn>(fwd), std::memory_order_release);
+  if (bwd) p->bwd_par.store(reinterpret_cast<BwdFn>(bwd), std::memory_order_release);
+}
+
+// Allow parallel launches from here: numba's threading layer's set_num_threads and
+// get_num_threads, and the number of threads it started.
+void enable_parallel(int64_t set_threads, int64_t get_threads, int64_t max_threads) {
+  g_set_threads = reinterpret_cast<void (*)(int)>(set_threads);
+  g_get_threads = reinterpret_cast<int (*)()>(get_threads);
+  g_max_threads = static_cast<int>(max_threads);
+  g_direct.store(set_threads && get_threads && max_threads > 0, std::memory_order_release);
+}
+
+void after_fork_in_child() { g_direct.store(false); }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -374,4 +459,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("configure", &configure);
   mod.def("set_limits", &set_limits);
   mod.def("calls", &calls);
+  mod.def("set_parallel", &set_parallel);
+  mod.def("enable_parallel", &enable_parallel);
+  pthread_atfork(nullptr, nullptr, after_fork_in_child);
 }

@@ -45,6 +45,7 @@ import torch
 from llvmlite import ir
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic, overload
+from numba.np.ufunc.parallel import _iget_num_threads  # the launching thread's count
 
 from ._simd import (
     STREAM_ALIGN,
@@ -584,9 +585,11 @@ def _fwd_serial(
 def _fwd_parallel(
     m, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya, wa, ba, sa, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
-    # Contiguous blocks of rows, each ended by its fence (rows are independent: the split
-    # changes no bit).
-    nblk = max(1, min(m, _MAX_BLOCKS))
+    # One contiguous block of rows per thread, ended by its fence (rows are independent: the
+    # split changes no bit).  prange hands each thread an equal share of the blocks anyway;
+    # more blocks would only repeat each block's set-up (16-bit γ/β widened per block: at 8
+    # rows, once per row; 8x4096 bfloat16 10.8 → 8.3 µs).
+    nblk = max(1, min(m, _iget_num_threads()))
     rpb = (m + nblk - 1) // nblk
     for k in prange(nblk):
         _fwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya,

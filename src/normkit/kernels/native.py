@@ -17,6 +17,7 @@ benchmark and the tests use it).  ``NORMKIT_NATIVE=0`` turns it off.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import logging
@@ -173,16 +174,50 @@ def register(mod, key, plan) -> None:
     bwd = _c_entry(cpu._bwd_serial, _BWD_TYPES, bwd_markers)
     stats = torch.float64 if key[0] == torch.float64 else torch.float32
 
+    handed = [False, False]  # the parallel forward / backward driver
+
     def par_fwd(*args):
         cpu._launch(cpu._fwd_serial, cpu._fwd_parallel, args[0] * args[1], args + fwd_markers,
                     fwd_markers)
+        _hand_parallel(mod, key, cpu._fwd_parallel, _FWD_TYPES, fwd_markers, 0, handed)
 
     def par_bwd(*args):
         cpu._launch(cpu._bwd_serial, cpu._bwd_parallel, args[0] * args[2], args + bwd_markers,
                     bwd_markers)
+        _hand_parallel(mod, key, cpu._bwd_parallel, _BWD_TYPES, bwd_markers, 1, handed)
 
     mod.register_plan(key[0], key[1], key[2], fwd, bwd, [m.itemsize for m in fwd_markers],
                       [m.itemsize for m in bwd_markers], par_fwd, par_bwd, param, stats)
+
+
+def _hand_parallel(mod, key, driver, argtypes, markers, which, handed) -> None:
+    """After a launch through ``cpu._launch``: hand the extension the parallel driver it ran,
+    so that later parallel launches of this plan are made from C++ (no Python call, no argument
+    unboxing: 8x4096 float32 forward on 2 cores 10.7 → 6.6 µs, torch 8.7 µs).  Only where the
+    launch was parallel (the driver is compiled then), not in a child forked after a parallel
+    launch (those run serially, see cpu), and where numba's threading layer is thread-safe
+    (OpenMP or TBB; the workqueue layer aborts on concurrent launches, and C++ launches do not
+    take cpu's lock)."""
+    from . import cpu
+
+    global _parallel_enabled
+    if handed[which] or cpu._serial_only or (driver, id(markers)) not in cpu._ENTRIES:
+        return
+    if not _parallel_enabled:
+        from numba.np.ufunc import parallel
+
+        if numba.threading_layer() not in ("omp", "tbb"):
+            return
+        addr = [ctypes.cast(f, ctypes.c_void_p).value or 0
+                for f in (parallel._set_num_threads, parallel._get_num_threads)]
+        mod.enable_parallel(addr[0], addr[1], numba.config.NUMBA_NUM_THREADS)
+        _parallel_enabled = True
+    entry = _c_entry(driver, argtypes, markers)
+    mod.set_parallel(key[0], key[1], key[2], 0 if which else entry, entry if which else 0)
+    handed[which] = True
+
+
+_parallel_enabled = False  # the extension has numba's thread-count functions
 
 
 def _c_entry(driver, argtypes, markers) -> int:
