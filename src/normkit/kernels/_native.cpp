@@ -95,12 +95,13 @@ std::atomic<int64_t> g_block_elems{1 << 14};  // _MIN_BLOCK_ELEMENTS
 std::atomic<int64_t> g_max_blocks{64};     // _MAX_BLOCKS
 std::atomic<int64_t> g_native_calls{0};    // calls served here (tests read it)
 
-// Training calls (forward with autograd, and backward) launch the parallel driver from this
-// many elements on.  While parallel launches went through Python (cpu._launch) the serial cfunc
-// was faster up to 1 << 17 elements; launched from here (par_launch) the parallel driver pays
-// from where the inference calls' does (backward with autograd, 2-core CI machine: 512x64
-// 41 → 35 µs, 1024x64 60 → 46 µs).  Same bits either way.
-constexpr int64_t kTrainParMin = 1 << 15;
+// Training calls (forward with autograd, and backward) launch the parallel driver only from
+// this many elements on.  Below it the serial cfunc beats the parallel driver, even launched
+// from here (par_launch): the full CPU grid with 1 << 15 (bench-cpu-20261204-214844.json) had
+// the 8x8192 LN backward at 0.69x torch in float32 and 0.43x in bfloat16, and 512x64 no better
+// than serially (before parallel launches from here: 1024x64 86 vs 97 µs, 8x4096 69 vs 91 µs;
+// 2048x64 115 vs 101 µs).  Same bits either way.
+constexpr int64_t kTrainParMin = 1 << 17;
 
 PyTypeObject* g_parameter_type = nullptr;  // torch.nn.Parameter
 py::object* g_double_backward = nullptr;   // Python: create_graph=True backward
