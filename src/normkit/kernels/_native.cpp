@@ -10,10 +10,10 @@
 // launches — so the same bits (tests compare both paths bit for bit).
 //
 // Anything it does not cover returns None, and the caller takes the Python path: tensors that
-// are not plain CPU tensors, dtype combinations not registered yet, calls big enough for the
-// pooled output buffers, and inference calls big enough for the parallel driver.  Training
-// launches big enough for it go back to Python (cpu._launch: thread count, lock, fork
-// bookkeeping) with the arguments made here.
+// are not plain CPU tensors, dtype combinations not registered yet, and calls big enough for the
+// pooled output buffers.  A plan's first parallel launch goes back to Python (cpu._launch:
+// thread count, lock, fork bookkeeping) with the arguments made here; it hands this file the
+// parallel driver's C entry point, and later parallel launches are made here (par_launch).
 
 #include <torch/extension.h>
 #include <torch/csrc/autograd/python_variable.h>
