@@ -219,21 +219,28 @@ def test_forked_child_can_run_parallel_kernels():
 
 def test_normkit_uses_no_more_threads_than_torch_may(monkeypatch):
     """torch.set_num_threads(1) (a worker process, the watch benchmark) keeps normkit on the
-    calling thread too; with more torch threads large calls go parallel.  Same bits either way."""
-    drivers = _record_launches(monkeypatch)
+    calling thread too; with more torch threads large calls go parallel.  Same bits either way,
+    on the Python path (whose launches are recorded here) and on the native entry point (which
+    applies the same rule in par_threads; once handed the parallel driver it launches without
+    looking anything up in cpu._ENTRIES)."""
     x = torch.randn(512, 1024)
     before = torch.get_num_threads()
+    ys = []
     try:
-        torch.set_num_threads(1)
-        y1 = normkit.layer_norm(x, 1024)
-        torch.set_num_threads(2)
-        y2 = normkit.layer_norm(x, 1024)
+        for native in (False, True):
+            with monkeypatch.context() as mp:
+                if not native:
+                    mp.setattr(cpu, "_native", None)
+                    drivers = _record_launches(mp)
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    ys.append(normkit.layer_norm(x, 1024))
     finally:
         torch.set_num_threads(before)
     assert drivers[0] is cpu._fwd_serial
     if numba.config.NUMBA_NUM_THREADS > 1:
         assert drivers[1] is cpu._fwd_parallel
-    assert torch.equal(y1, y2)
+    assert all(torch.equal(y, ys[0]) for y in ys)
 
 
 def test_bits_do_not_depend_on_the_jit_cache(tmp_path):

@@ -68,7 +68,6 @@ struct Plan {
   // The parallel drivers' C entry points, once Python has launched them (see par_launch).
   std::atomic<FwdFn> fwd_par{nullptr};
   std::atomic<BwdFn> bwd_par{nullptr};
-  mutable std::atomic<bool> par_launched{false};  // an inference launch went to par_fwd
 };
 
 // Parallel launches from here (par_launch): numba's threading layer's per-thread thread count
@@ -143,8 +142,11 @@ int64_t bwd_blocks(int64_t m, int64_t n) {  // cpu._bwd_blocks
 // The threads a parallel launch may use: as many as torch is allowed, never more than numba
 // started (cpu._launch's rule); 0 where this file may not launch the parallel driver of
 // ``fn`` itself (not registered yet, not allowed here).
+// With one torch thread the answer is 1 whatever else holds: cpu._launch would take the serial
+// driver too (in a forked child as well).
 template <typename Fn>
 int par_threads(Fn fn) {
+  if (at::get_num_threads() <= 1) return 1;
   if (fn == nullptr || !g_direct.load(std::memory_order_acquire)) return 0;
   return std::max(1, std::min(at::get_num_threads(), g_max_threads));
 }
@@ -373,14 +375,9 @@ py::object run(py::handle xo, py::handle no, py::handle wo, py::handle bo, py::h
     return py::cast(out[0]);
   }
   if (elements >= g_big_min.load()) return py::none();  // the Python path's pooled outputs
-  // A parallel launch this file cannot make itself yet goes through Python (cpu._launch): the
-  // Python path, already running, gets there without the detour (8x8192 float32: 17.8 vs 22.0
-  // µs).  Once cpu._launch has run the parallel driver of this plan in training (par_fwd), or
-  // once this file has handed it one inference launch, the launches are made from here.
+  // A parallel launch this file cannot make itself yet goes through par_fwd (cpu._launch),
+  // which hands this file the plan's parallel driver: later launches are made from here.
   const bool serial = elements < g_par_min.load();
-  if (!serial && p->fwd_par.load(std::memory_order_acquire) == nullptr &&
-      p->par_launched.exchange(true))
-    return py::none();
   g_native_calls++;
   at::Tensor y = at::empty_like(*x);
   int64_t flags = (w ? kW : 0) | (b ? kB : 0);
