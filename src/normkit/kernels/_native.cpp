@@ -146,9 +146,10 @@ int64_t bwd_blocks(int64_t m, int64_t n) {  // cpu._bwd_blocks
 // driver too (in a forked child as well).
 template <typename Fn>
 int par_threads(Fn fn) {
-  if (at::get_num_threads() <= 1) return 1;
+  int torch_threads = at::get_num_threads();
+  if (torch_threads <= 1) return 1;
   if (fn == nullptr || !g_direct.load(std::memory_order_acquire)) return 0;
-  return std::max(1, std::min(at::get_num_threads(), g_max_threads));
+  return std::max(1, std::min(torch_threads, g_max_threads));
 }
 
 // Run ``launch`` (a call of a parallel driver) on nt threads: numba's count is set for this
@@ -173,6 +174,24 @@ void par_launch(int nt, F launch) {
   g_set_threads(nt);
   launch();
   g_set_threads(before);
+}
+
+// One launch of a forward or backward: ``call(driver)`` on the serial driver, or on the plan's
+// parallel driver from here, or ``python()`` (par_fwd / par_bwd: cpu._launch) while this file
+// has no parallel driver to launch.
+template <typename Fn, typename Call, typename Python>
+void run_driver(bool serial, Fn serial_fn, const std::atomic<Fn>& par_fn, Call call,
+                Python python) {
+  Fn par = serial ? nullptr : par_fn.load(std::memory_order_acquire);
+  int nt = serial ? 1 : par_threads(par);
+  if (nt == 1) {
+    call(serial_fn);
+  } else if (nt > 1) {
+    par_launch(nt, [&] { call(par); });
+  } else {  // through cpu._launch, which also hands this file the parallel driver
+    py::gil_scoped_acquire gil;
+    python();
+  }
 }
 
 void call_fwd(FwdFn fn, const Plan* p, int64_t m, int64_t n, bool rms, int64_t flags,
@@ -211,16 +230,10 @@ at::Tensor const_row(int value, int64_t n, at::ScalarType dtype) {
 void launch_fwd(const Plan* p, bool serial, int64_t m, int64_t n, bool rms, int64_t flags,
                 double eps, int64_t xa, int64_t ra, int64_t ha, int64_t ya, int64_t wa,
                 int64_t ba, int64_t sa) {
-  FwdFn par = serial ? nullptr : p->fwd_par.load(std::memory_order_acquire);
-  int nt = par_threads(par);
-  if (serial || nt == 1) {
-    call_fwd(p->fwd_fn, p, m, n, rms, flags, eps, xa, ra, ha, ya, wa, ba, sa);
-  } else if (nt > 1) {
-    par_launch(nt, [&] { call_fwd(par, p, m, n, rms, flags, eps, xa, ra, ha, ya, wa, ba, sa); });
-  } else {  // through cpu._launch, which also hands this file the parallel driver
-    py::gil_scoped_acquire gil;
-    (*p->par_fwd)(m, n, rms, flags, eps, xa, n, ra, n, ha, ya, wa, ba, sa);
-  }
+  run_driver(
+      serial, p->fwd_fn, p->fwd_par,
+      [&](FwdFn fn) { call_fwd(fn, p, m, n, rms, flags, eps, xa, ra, ha, ya, wa, ba, sa); },
+      [&] { (*p->par_fwd)(m, n, rms, flags, eps, xa, n, ra, n, ha, ya, wa, ba, sa); });
 }
 
 using Opt = std::optional<at::Tensor>;
@@ -299,21 +312,16 @@ struct Norm : public torch::autograd::Function<Norm> {
       pba = pwa + row * static_cast<int64_t>(partials.element_size());
     }
     bool serial = nblk == 1 || m * n < std::max(kTrainParMin, g_par_min.load());
-    BwdFn par = serial ? nullptr : p->bwd_par.load(std::memory_order_acquire);
-    int nt = par_threads(par);
-    auto bwd = [&](BwdFn fn) {
-      call_bwd(fn, p, m, nblk, n, rms, flags, ptr(v), ptr(dy), ptr(dh), dhrs, ptr(dx), ptr(g),
-               ptr(stats), pwa, pba, dwa, dba);
-    };
-    if (serial || nt == 1) {
-      bwd(p->bwd_fn);
-    } else if (nt > 1) {
-      par_launch(nt, [&] { bwd(par); });
-    } else {
-      py::gil_scoped_acquire gil;
-      (*p->par_bwd)(m, nblk, n, rms, flags, ptr(v), ptr(dy), ptr(dh), dhrs, ptr(dx), ptr(g),
-                    ptr(stats), pwa, pba, dwa, dba);
-    }
+    run_driver(
+        serial, p->bwd_fn, p->bwd_par,
+        [&](BwdFn fn) {
+          call_bwd(fn, p, m, nblk, n, rms, flags, ptr(v), ptr(dy), ptr(dh), dhrs, ptr(dx),
+                   ptr(g), ptr(stats), pwa, pba, dwa, dba);
+        },
+        [&] {
+          (*p->par_bwd)(m, nblk, n, rms, flags, ptr(v), ptr(dy), ptr(dh), dhrs, ptr(dx), ptr(g),
+                        ptr(stats), pwa, pba, dwa, dba);
+        });
     return {need_x ? dx : at::Tensor(), dw, db, need_r ? dx : at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }
