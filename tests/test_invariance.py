@@ -364,14 +364,15 @@ def test_statistics_follow_the_documented_order_exactly(rms):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [5, 33, 771, 4096])
+@pytest.mark.parametrize("n", [5, 33, 100, 771, 4096])
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "add"])
 def test_streamed_outputs_have_the_same_bits(dtype, n, rms, residual, monkeypatch):
     """Large outputs (y, dx; fresh or a caller's ``out=``) are written with streaming stores
     after a scalar head that aligns each row; with every output streamed (threshold 0) — odd N,
     so rows start at every alignment — forward and backward give the plain stores' bits,
-    serial and parallel."""
+    serial and parallel.  Streamed, the backward goes row by row; plain, rows of N ≤ 512 go in
+    groups, column by column (N = 100: four-vector columns, a single vector and a scalar tail)."""
     def run():
         torch.manual_seed(1)
         x = torch.randn(67, n).to(dtype).requires_grad_()
