@@ -1,7 +1,8 @@
 """The vector conversions of kernels/_simd.py, bit for bit: every bfloat16 and float16 word, and
 float32 values chosen to hit every rounding case, against torch's own conversions and against
 the scalar conversions of the kernels' row heads and tails.  Run twice where the machine has
-AVX-512BW: with the vpermw spelling and with the generic one (``_simd.PERMW = False``)."""
+AVX-512BW: with the vpermw (and vcvtneps2bf16) spelling and with the generic one
+(``_simd.PERMW = False``)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _fresh_kernels():
 def _rounding_cases(n: int) -> np.ndarray:
     """float32 values: random bit patterns, exact ties (even and odd kept bit), one ulp either
     side of a tie, the largest finite values (rounding up to Inf), subnormals, ±0, ±Inf, NaNs
-    with payloads that a carry would turn into Inf."""
+    with payloads that a carry would turn into Inf.  Most W-lane vectors hold no NaN and no
+    subnormal, some hold one (vcvtneps2bf16's spelling takes a different branch for those)."""
     rng = np.random.default_rng(7)
     random = rng.integers(0, 2**32, n, dtype=np.uint32)
     kept = rng.integers(0, 2**16, 4096, dtype=np.uint32) << 16
@@ -57,7 +59,11 @@ def _rounding_cases(n: int) -> np.ndarray:
                         dtype=np.uint32)
     bits = np.concatenate([random, ties, ties - 1, ties + 1, kept | 0x7FFF, specials])
     bits = np.concatenate([bits, np.zeros(-bits.size % W, np.uint32)])
-    return bits.view(np.float32)
+    values = bits.view(np.float32)
+    odd = (np.isnan(values) | ((values != 0) & (np.abs(values) < np.finfo(np.float32).tiny)))
+    per_vector = odd.reshape(-1, W).any(axis=1)
+    assert per_vector.any() and not per_vector.all()
+    return values
 
 
 def test_bfloat16_words_widen_exactly(spelling):
@@ -104,7 +110,8 @@ def test_float16_words_round_trip_and_round_as_torch(spelling):
 
 def test_the_fast_spelling_is_used_where_the_machine_has_it(monkeypatch):
     """On an AVX-512BW machine the kernels' bfloat16 conversions are the vpermw ones the tests
-    above compare (else this checks the generic spelling is what runs)."""
+    above compare, and with AVX512_BF16 the narrowing is vcvtneps2bf16 (else this checks the
+    generic spelling is what runs)."""
     from numba.core.registry import cpu_target
 
     monkeypatch.setattr(_simd, "PERMW", None)
@@ -116,6 +123,8 @@ def test_the_fast_spelling_is_used_where_the_machine_has_it(monkeypatch):
     for fn in (widen, narrow):
         asm = fn.inspect_asm(fn.signatures[0])
         assert ("vpermw" in asm) == has_bw
+    has_bf16 = _simd._avx512bf16(cpu_target.target_context)
+    assert ("vcvtneps2bf16" in narrow.inspect_asm(narrow.signatures[0])) == has_bf16
 
 
 _HASHES = """
