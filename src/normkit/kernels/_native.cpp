@@ -94,13 +94,12 @@ std::atomic<int64_t> g_block_elems{1 << 14};  // _MIN_BLOCK_ELEMENTS
 std::atomic<int64_t> g_max_blocks{64};     // _MAX_BLOCKS
 std::atomic<int64_t> g_native_calls{0};    // calls served here (tests read it)
 
-// Training calls (forward with autograd, and backward) launch the parallel driver only from
-// this many elements on.  Below it the serial cfunc beats the parallel driver, even launched
-// from here (par_launch): the full CPU grid with 1 << 15 (bench-cpu-20261204-214844.json) had
-// the 8x8192 LN backward at 0.69x torch in float32 and 0.43x in bfloat16, and 512x64 no better
-// than serially (before parallel launches from here: 1024x64 86 vs 97 µs, 8x4096 69 vs 91 µs;
-// 2048x64 115 vs 101 µs).  Same bits either way.
-constexpr int64_t kTrainParMin = 1 << 17;
+// Training calls (forward with autograd, and backward) go parallel from the same size as
+// inference calls (g_par_min).  They once waited for 1 << 17 elements: with a set-up per row
+// block, the grid of bench-cpu-20261204-214844.json had the 8x8192 LN backward at 0.69x torch
+// from 1 << 15.  With the set-up once per thread, from 1 << 15 is as good or better everywhere
+// measured (float32 autograd forward 128x768 24.7 -> 16.4 µs, 8x8192 18.2 -> 13.3; backward
+// 1024x64 56 -> 44, 512x128 52 -> 41, 8x8192 68 -> 57-64).  Same bits either way.
 
 PyTypeObject* g_parameter_type = nullptr;  // torch.nn.Parameter
 py::object* g_double_backward = nullptr;   // Python: create_graph=True backward
@@ -252,7 +251,7 @@ struct Norm : public torch::autograd::Function<Norm> {
     at::Tensor stats = at::empty({m, 3}, x.options().dtype(p->stats));
     int64_t flags = kStats | (w.defined() ? kW : 0) | (b.defined() ? kB : 0) |
                     (r.defined() ? kRes : 0);
-    bool serial = m * n < std::max(kTrainParMin, g_par_min.load());
+    bool serial = m * n < g_par_min.load();
     launch_fwd(p, serial, m, n, rms, flags, eps, ptr(x), ptr(r), ptr(h), ptr(y), ptr(w), ptr(b),
                ptr(stats));
     ctx->set_materialize_grads(false);
@@ -311,7 +310,7 @@ struct Norm : public torch::autograd::Function<Norm> {
       pwa = ptr(partials);
       pba = pwa + row * static_cast<int64_t>(partials.element_size());
     }
-    bool serial = nblk == 1 || m * n < std::max(kTrainParMin, g_par_min.load());
+    bool serial = nblk == 1 || m * n < g_par_min.load();
     run_driver(
         serial, p->bwd_fn, p->bwd_par,
         [&](BwdFn fn) {

@@ -609,9 +609,11 @@ def _fwd_parallel(
 
 @njit(cache=_CACHE, error_model="numpy")
 def _bwd_rows(
-    lo, hi, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, dwa, dba, XK, OK, WK, NK, SK
+    k0, k1, rpb, m, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK
 ):  # pragma: no cover - compiled
-    """Rows [lo, hi): dx, and this block's dγ/dβ partial sums (float32 rows dwa/dba).
+    """Row blocks [k0, k1) (block k: rows [k·rpb, (k + 1)·rpb) ∩ [0, m)): dx, and each block's
+    dγ/dβ partial sums (rows k of pwa/pba, in the compute dtype).  The set-up (γ converted, the
+    work rows) is made once for all these blocks: ~0.1 µs a block, 20% of a 1024x64 backward.
 
     With x̂ = (v - m1 - dm)·rstd (LN) or v·rstd (RMS) and g = γ (or 1+γ), per row:
         dx = rstd · (g·dy − mean(g·dy) − x̂·mean(g·dy·x̂)) + dh   (RMS drops the mean(g·dy) term)
@@ -638,57 +640,85 @@ def _bwd_rows(
     255 → 200 µs).
     """
     z = _c(0, XK)
-    nf = _c(n, XK)
     acc_w = (flags & _DW) != 0 and (flags & _NROUND) == 0  # dγ against x̂ in this loop
     acc_b = (flags & _B) != 0
     zc = _c(1, XK) if flags & _ZC else z
     w = _row(wa, 0, n, WK)
-    st = _row(sa, 0, 3 * hi, SK)
-    dw = _row(dwa, 0, n if (flags & _DW) else 0, SK)
-    db = _row(dba, 0, n if acc_b else 0, SK)
-    for j in range(dw.size):  # this block's partial rows start from zero
-        dw[j] = z
-    for j in range(db.size):
-        db[j] = z
-    g = np.empty(n, SK.dtype)  # γ (+1) in the compute dtype, converted once per block
+    st = _row(sa, 0, 3 * m, SK)
+    g = np.empty(n, SK.dtype)  # γ (+1) in the compute dtype, converted once
     for j in range(n):
         g[j] = _ld(w[j]) + zc if flags & _ZC else _ld(w[j])  # γ + 0 would turn −0 into +0
     cache = not _same_kind(XK, SK) and not fast_widening()
     ds = np.empty(n if cache else 0, SK.dtype)
     xs = np.empty(n if cache else 0, SK.dtype)
-    elem = _c(0, SK)
-    vec = vzero(SK)
     stream = (flags & _STREAM) != 0
     grp = 1 if cache or stream else max(1, min(_GROUP_ROWS, _GROUP_ELEMENTS // n))
-    if grp > 1:
-        q = np.empty(5 * grp, SK.dtype)  # per row of a group: m1, dm, rstd, c1, c2
-        qp = ptr(q)
-        nv = n - n % W
-        nc = n - n % (4 * W)
-        for i0 in range(lo, hi, grp):
-            i1 = min(hi, i0 + grp)
-            for i in range(i0, i1):
-                m1 = st[3 * i]
-                dm = st[3 * i + 1]
-                rstd = st[3 * i + 2]
-                c1, c2 = _row_sums(n, (ptr(_row(dya, i * n, n, OK)), ptr(_row(xa, i * n, n, XK)),
-                                       ptr(g), m1, dm, rstd, ptr(ds), ptr(xs), False), SK)
-                k = 5 * (i - i0)
-                qp[k] = m1
-                qp[k + 1] = dm
-                qp[k + 2] = rstd
-                qp[k + 3] = z if rms else c1 / nf
-                qp[k + 4] = c2 / nf
-            r = (i1 - i0, n, xa + i0 * n * XK.itemsize, dya + i0 * n * OK.itemsize,
-                 dha + i0 * dhrs * XK.itemsize, dhrs, dxa + i0 * n * XK.itemsize, qp, ptr(g),
-                 ptr(dw), ptr(db), flags, XK, OK, ptr(NK))
-            for j in range(0, nc, 4 * W):
-                _bwd_col4(j, vec, r)
-            for j in range(nc, nv, W):
-                _bwd_col(j, vec, r)
-            for j in range(nv, n):
-                _bwd_col(j, elem, r)
-        return
+    q = np.empty(5 * grp if grp > 1 else 0, SK.dtype)  # a group's rows: m1, dm, rstd, c1, c2
+    for k in range(k0, k1):
+        lo = k * rpb
+        hi = min(m, lo + rpb)
+        dw = _row(pwa + k * n * SK.itemsize, 0, n if (flags & _DW) else 0, SK)
+        db = _row(pba + k * n * SK.itemsize, 0, n if acc_b else 0, SK)
+        for j in range(dw.size):  # this block's partial rows start from zero
+            dw[j] = z
+        for j in range(db.size):
+            db[j] = z
+        if grp > 1:
+            _bwd_groups(lo, hi, grp, n, rms, flags, xa, dya, dha, dhrs, dxa, st, g, dw, db,
+                        ptr(q), XK, OK, NK, SK)
+        else:
+            _bwd_each_row(lo, hi, n, rms, flags, xa, dya, dha, dhrs, dxa, st, g, dw, db, ds, xs,
+                          cache, stream, acc_w, acc_b, XK, OK, NK, SK)
+    if stream:
+        sfence()
+
+
+@njit(cache=_CACHE, error_model="numpy", inline="always")
+def _bwd_groups(
+    lo, hi, grp, n, rms, flags, xa, dya, dha, dhrs, dxa, st, g, dw, db, qp, XK, OK, NK, SK
+):  # pragma: no cover - compiled
+    """Rows [lo, hi) in groups of grp rows (see _bwd_rows)."""
+    z = _c(0, SK)
+    nf = _c(n, SK)
+    elem = _c(0, SK)
+    vec = vzero(SK)
+    nv = n - n % W
+    nc = n - n % (4 * W)
+    for i0 in range(lo, hi, grp):
+        i1 = min(hi, i0 + grp)
+        for i in range(i0, i1):
+            m1 = st[3 * i]
+            dm = st[3 * i + 1]
+            rstd = st[3 * i + 2]
+            c1, c2 = _row_sums(n, (ptr(_row(dya, i * n, n, OK)), ptr(_row(xa, i * n, n, XK)),
+                                   ptr(g), m1, dm, rstd, ptr(g), ptr(g), False), SK)
+            k = 5 * (i - i0)
+            qp[k] = m1
+            qp[k + 1] = dm
+            qp[k + 2] = rstd
+            qp[k + 3] = z if rms else c1 / nf
+            qp[k + 4] = c2 / nf
+        r = (i1 - i0, n, xa + i0 * n * XK.itemsize, dya + i0 * n * OK.itemsize,
+             dha + i0 * dhrs * XK.itemsize, dhrs, dxa + i0 * n * XK.itemsize, qp, ptr(g),
+             ptr(dw), ptr(db), flags, XK, OK, ptr(NK))
+        for j in range(0, nc, 4 * W):
+            _bwd_col4(j, vec, r)
+        for j in range(nc, nv, W):
+            _bwd_col(j, vec, r)
+        for j in range(nv, n):
+            _bwd_col(j, elem, r)
+
+
+@njit(cache=_CACHE, error_model="numpy", inline="always")
+def _bwd_each_row(
+    lo, hi, n, rms, flags, xa, dya, dha, dhrs, dxa, st, g, dw, db, ds, xs, cache, stream, acc_w,
+    acc_b, XK, OK, NK, SK
+):  # pragma: no cover - compiled
+    """Rows [lo, hi) one by one (see _bwd_rows)."""
+    z = _c(0, SK)
+    nf = _c(n, SK)
+    elem = _c(0, SK)
+    vec = vzero(SK)
     for i in range(lo, hi):
         x = _row(xa, i * n, n, XK)
         dy = _row(dya, i * n, n, OK)
@@ -714,8 +744,6 @@ def _bwd_rows(
             _bwd_at(j, vec, stream, cache, p, m1, dm, rstd, c1, c2, flags, acc_w, acc_b)
         for j in range(j1, n):
             _bwd_at(j, elem, False, cache, p, m1, dm, rstd, c1, c2, flags, acc_w, acc_b)
-    if stream:
-        sfence()
 
 
 @njit(cache=_CACHE, error_model="numpy", inline="always")
@@ -842,10 +870,8 @@ def _bwd_serial(
     m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
     XK, OK, WK, NK, SK, GK,
 ):  # pragma: no cover - compiled
-    rpb = (m + nblk - 1) // nblk
-    for k in range(nblk):
-        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
-                  pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
+    _bwd_rows(0, nblk, (m + nblk - 1) // nblk, m, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
+              pwa, pba, XK, OK, WK, NK, SK)
     _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
 
 
@@ -854,10 +880,14 @@ def _bwd_parallel(
     m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
     XK, OK, WK, NK, SK, GK,
 ):  # pragma: no cover - compiled
+    # Each thread takes a contiguous run of blocks (the blocks, and so the bits, are the same
+    # whatever the thread count) and makes its set-up once.
     rpb = (m + nblk - 1) // nblk
-    for k in prange(nblk):
-        _bwd_rows(k * rpb, min(m, (k + 1) * rpb), n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
-                  pwa + k * n * SK.itemsize, pba + k * n * SK.itemsize, XK, OK, WK, NK, SK)
+    nt = max(1, min(nblk, _iget_num_threads()))
+    bpt = (nblk + nt - 1) // nt
+    for t in prange(nt):
+        _bwd_rows(t * bpt, min(nblk, (t + 1) * bpt), rpb, m, n, rms, flags, xa, dya, dha, dhrs,
+                  dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK)
     _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
 
 
