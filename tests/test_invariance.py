@@ -33,6 +33,7 @@ def test_row_bits_do_not_depend_on_batch(dtype, n, rms, monkeypatch):
     """A row alone, at any position of batches of several sizes (serial and parallel drivers),
     with 1 or all threads: identical bits."""
     monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 1 << 12)  # small batches go parallel too
+    monkeypatch.setattr(cpu, "_MIN_PAR_BLOCKS", 2)  # backwards of a few blocks as well
     big = max(3, (2 * cpu.PARALLEL_MIN_ELEMENTS) // n + 5)  # large enough for the parallel path
     x = torch.randn(big, n).to(dtype)
     r = torch.randn(big, n).to(dtype)
@@ -122,6 +123,7 @@ def test_backward_is_bitwise_reproducible(dtype, rms, shape, monkeypatch):
     first = grads()  # the native entry point's launches, where it serves the call
     runs = [grads()]
     monkeypatch.setattr(cpu, "_native", None)  # the Python path from here on
+    monkeypatch.setattr(cpu, "_MIN_PAR_BLOCKS", 2)  # 8x4096 is two blocks
     drivers = _record_launches(monkeypatch)
     runs.append(grads())
     if numba.config.NUMBA_NUM_THREADS >= 2 and torch.get_num_threads() >= 2:
@@ -395,6 +397,7 @@ def test_streamed_outputs_have_the_same_bits(dtype, n, rms, residual, monkeypatc
     monkeypatch.setattr(cpu, "_STREAM_MIN_BYTES", 0)
     streamed = run()
     monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 1 << 8)
+    monkeypatch.setattr(cpu, "_MIN_PAR_BLOCKS", 2)
     parallel = run()
     for a, s_, p in zip(plain, streamed, parallel, strict=True):
         assert torch.equal(bits(a.detach()), bits(s_.detach()))

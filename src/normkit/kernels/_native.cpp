@@ -92,6 +92,7 @@ std::atomic<int64_t> g_big_min{1 << 20};   // _HUGE_MIN_ELEMENTS: the pooled out
 std::atomic<int64_t> g_block_rows{16};     // _MIN_BLOCK_ROWS
 std::atomic<int64_t> g_block_elems{1 << 14};  // _MIN_BLOCK_ELEMENTS
 std::atomic<int64_t> g_max_blocks{64};     // _MAX_BLOCKS
+std::atomic<int64_t> g_min_par_blocks{8};  // _MIN_PAR_BLOCKS
 std::atomic<int64_t> g_native_calls{0};    // calls served here (tests read it)
 
 // Training calls (forward with autograd, and backward) go parallel from the same size as
@@ -310,7 +311,7 @@ struct Norm : public torch::autograd::Function<Norm> {
       pwa = ptr(partials);
       pba = pwa + row * static_cast<int64_t>(partials.element_size());
     }
-    bool serial = nblk == 1 || m * n < g_par_min.load();
+    bool serial = nblk < std::max<int64_t>(2, g_min_par_blocks.load()) || m * n < g_par_min.load();
     run_driver(
         serial, p->bwd_fn, p->bwd_par,
         [&](BwdFn fn) {
@@ -427,12 +428,13 @@ void configure(py::object parameter_type, py::object double_backward) {
 }
 
 void set_limits(int64_t par_min, int64_t big_min, int64_t block_rows, int64_t block_elems,
-                int64_t max_blocks) {
+                int64_t max_blocks, int64_t min_par_blocks) {
   g_par_min = par_min;
   g_big_min = big_min;
   g_block_rows = block_rows;
   g_block_elems = block_elems;
   g_max_blocks = max_blocks;
+  g_min_par_blocks = min_par_blocks;
 }
 
 int64_t calls() { return g_native_calls.load(); }

@@ -98,6 +98,10 @@ _RES, _W, _B, _ZC, _NROUND, _STATS, _DW, _STREAM = 1, 2, 4, 8, 16, 32, 128, 256
 _MAX_BLOCKS = 64
 _MIN_BLOCK_ROWS = 16
 _MIN_BLOCK_ELEMENTS = 1 << 14
+# A backward of fewer blocks than this (fewer than 128 rows, or a few long ones) runs on one
+# thread whatever its size: two threads gained at most 15% at M = 8 in quiet runs, and twice a
+# full grid had the two-thread 8x8192 backward at 0.69-0.71x torch where one thread is 1.2-1.4x.
+_MIN_PAR_BLOCKS = 8
 
 # Row sums add W-lane vectors within blocks of this many elements, then the blocks in order
 # (see _row_sums): a fixed order that keeps every lane's chain of additions short.
@@ -1518,7 +1522,8 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers
     flags |= _stream_flag(m * n, x.dtype)
     args = (m, nblk, n, rms, flags, x.data_ptr(), dy.data_ptr(), dh.data_ptr(), dhrs,
             dx.data_ptr(), weight.data_ptr(), stats.data_ptr(), pwa, pba, dwa, dba, *markers)
-    _launch(_bwd_serial, _bwd_parallel, m * n if nblk > 1 else 0, args, markers)
+    _launch(_bwd_serial, _bwd_parallel, m * n if nblk >= max(2, _MIN_PAR_BLOCKS) else 0, args,
+            markers)
     return dx, dw, db
 
 

@@ -160,7 +160,7 @@ def _sync_limits(mod) -> None:
     from . import cpu
 
     mod.set_limits(cpu.PARALLEL_MIN_ELEMENTS, cpu._HUGE_MIN_ELEMENTS, cpu._MIN_BLOCK_ROWS,
-                   cpu._MIN_BLOCK_ELEMENTS, cpu._MAX_BLOCKS)
+                   cpu._MIN_BLOCK_ELEMENTS, cpu._MAX_BLOCKS, cpu._MIN_PAR_BLOCKS)
 
 
 def register(mod, key, plan) -> None:
