@@ -480,6 +480,19 @@ def _row_sums(n, a, CK):  # pragma: no cover - compiled
     return s1, s2
 
 
+@njit(cache=_CACHE, error_model="numpy", inline="always")
+def _xhat(v, m1, dm, rstd):  # pragma: no cover - compiled
+    """x̂ = ((v − m1) − dm)·rstd: one spelling for the forward and every backward loop, so that
+    they all round it alike."""
+    return ((v - m1) - dm) * rstd
+
+
+@njit(cache=_CACHE, error_model="numpy", inline="always")
+def _dx(d, xh, g, c1, c2, rstd, dh):  # pragma: no cover - compiled
+    """dx = rstd·(g·dy − c1 − x̂·c2) + dh (see _bwd_rows): one spelling for both second passes."""
+    return rstd * (d * g - c1 - xh * c2) + dh
+
+
 def _terms(j, tag, a):  # pragma: no cover - typed by the overload below
     """The two summands of a row sum at j (one element or a vector, as ``tag``).  a = (src,
     shift): d and d² with d = src[j] − shift (the forward's moments).  a = (dy, x, g, m1, dm,
@@ -500,7 +513,7 @@ def _terms_impl(j, tag, a):
     def grads(j, tag, a):
         dy, x, g, m1, dm, rstd, ds, xs, cache = a
         d = _get(dy, j, tag)
-        xh = ((_get(x, j, tag) - m1) - dm) * rstd
+        xh = _xhat(_get(x, j, tag), m1, dm, rstd)
         gdy = d * _get(g, j, tag)
         if cache:
             _put(ds, j, d)
@@ -539,7 +552,7 @@ def _y_at(j, tag, src, w, b, rms, m1, dm, rstd, zc, flags, OK, NK):  # pragma: n
     ``(v − 0) − 0`` and ``γ + 0`` without a zero-centred γ (``−0 + 0`` is +0), a third of the
     arithmetic of a bfloat16 row."""
     v = _get(src, j, tag)
-    t = v * rstd if rms else ((v - m1) - dm) * rstd
+    t = v * rstd if rms else _xhat(v, m1, dm, rstd)
     if flags & _NROUND:
         t = _round(t, NK)
     if flags & _W:
@@ -695,7 +708,7 @@ def _bwd_groups(
             dm = st[3 * i + 1]
             rstd = st[3 * i + 2]
             c1, c2 = _row_sums(n, (ptr(_row(dya, i * n, n, OK)), ptr(_row(xa, i * n, n, XK)),
-                                   ptr(g), m1, dm, rstd, ptr(g), ptr(g), False), SK)
+                                   ptr(g), m1, dm, rstd, ptr(g), ptr(g), False), SK)  # no copies
             k = 5 * (i - i0)
             qp[k] = m1
             qp[k + 1] = dm
@@ -763,14 +776,14 @@ def _bwd_at(
         xh = _get(xs, j, tag)
     else:
         d = _get(dy, j, tag)
-        xh = ((_get(x, j, tag) - m1) - dm) * rstd
+        xh = _xhat(_get(x, j, tag), m1, dm, rstd)
     if acc_w:
         _put(dw, j, _get(dw, j, tag) + d * xh)
     elif flags & _DW:  # "llama"/"t5": dγ against x̂ as the forward rounded it
         _put(dw, j, _get(dw, j, tag) + d * _round(xh, NK))
     if acc_b:
         _put(db, j, _get(db, j, tag) + d)
-    v = rstd * (d * _get(g, j, tag) - c1 - xh * c2) + _get(dh, j, tag)
+    v = _dx(d, xh, _get(g, j, tag), c1, c2, rstd, _get(dh, j, tag))
     _emit(dx, j, v, stream)
 
 
@@ -783,9 +796,9 @@ def _bwd_cell(j, tag, q, k, x, dy, dh, dx, gv, wv, bv, flags, NK):  # pragma: no
     dm = q[k + 1]
     rstd = q[k + 2]
     d = _get(dy, j, tag)
-    xh = ((_get(x, j, tag) - m1) - dm) * rstd
+    xh = _xhat(_get(x, j, tag), m1, dm, rstd)
     xw = _round(xh, NK) if flags & _NROUND else xh  # "llama"/"t5": x̂ as the forward cast it
-    v = rstd * (d * gv - q[k + 3] - xh * q[k + 4]) + _get(dh, j, tag)
+    v = _dx(d, xh, gv, q[k + 3], q[k + 4], rstd, _get(dh, j, tag))
     _put(dx, j, v)
     return wv + d * xw, bv + d
 
