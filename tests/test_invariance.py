@@ -374,7 +374,10 @@ def test_streamed_outputs_have_the_same_bits(dtype, n, rms, residual, monkeypatc
     after a scalar head that aligns each row; with every output streamed (threshold 0) — odd N,
     so rows start at every alignment — forward and backward give the plain stores' bits,
     serial and parallel.  Streamed, the backward goes row by row; plain, rows of N ≤ 512 go in
-    groups, column by column (N = 100: four-vector columns, a single vector and a scalar tail)."""
+    groups, column by column (N = 100: four-vector columns, a single vector and a scalar tail).
+    With AVX512_BF16, bfloat16 forward rows of N ≥ 32 go by pairs (see _simd) — streamed, only
+    where every row starts on 64 bytes (N = 4096 here; N = 33, 100, 771 go by single vectors
+    then): the two spellings meet here too."""
     def run():
         torch.manual_seed(1)
         x = torch.randn(67, n).to(dtype).requires_grad_()

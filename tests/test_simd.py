@@ -12,7 +12,17 @@ import torch
 from numba import njit
 
 from normkit.kernels import _simd, cpu
-from normkit.kernels._simd import W, vload, vstore
+from normkit.kernels._simd import (
+    W,
+    prefetch,
+    ptr,
+    vload,
+    vload_even,
+    vload_odd,
+    vstore,
+    vstore_pair,
+    vstream_pair,
+)
 
 QNAN_BF16 = 0x7FC0
 
@@ -42,6 +52,42 @@ def _fresh_kernels():
             words[j] = cpu._st(values[j], words)
 
     return widen, narrow, narrow_scalar
+
+
+def _pair_kernels():
+    """Pairs (2W elements: the even ones, the odd ones) in and out, compiled in the test."""
+
+    @njit
+    def widen(words, out):
+        for j in range(0, words.size, 2 * W):
+            vstore(out, j, vload_even(words, j, out))
+            vstore(out, j + W, vload_odd(words, j, out))
+
+    @njit
+    def narrow(values, words, stream):
+        # values in the pair layout (evens then odds) → words in the natural order
+        for j in range(0, values.size, 2 * W):
+            e = vload(values, j, values)
+            o = vload(values, j + W, values)
+            if stream:
+                vstream_pair(ptr(words), j, e, o)
+            else:
+                vstore_pair(words, j, e, o)
+
+    return widen, narrow
+
+
+def _as_pairs(a: np.ndarray) -> np.ndarray:
+    """a (a multiple of 2W long) with each run of 2W laid out as its even then its odd
+    elements."""
+    r = a.reshape(-1, W, 2)
+    return np.concatenate([r[:, :, 0], r[:, :, 1]], axis=1).reshape(-1)
+
+
+def _aligned(n: int, dtype) -> np.ndarray:
+    buf = np.zeros(n + 64, dtype)
+    off = (-buf.ctypes.data % 64) // buf.itemsize
+    return buf[off:off + n]
 
 
 def _rounding_cases(n: int) -> np.ndarray:
@@ -108,6 +154,66 @@ def test_float16_words_round_trip_and_round_as_torch(spelling):
     assert np.isnan(torch.from_numpy(vec[nan]).view(torch.float16).float().numpy()).all()
 
 
+def test_pairs_widen_every_bfloat16_word_exactly(spelling):
+    widen, _ = _pair_kernels()
+    words = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(words.size, np.float32)
+    widen(words, out)
+    want = torch.from_numpy(words.view(np.int16)).view(torch.bfloat16).float().numpy()
+    assert np.array_equal(out.view(np.uint32), _as_pairs(want).view(np.uint32))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pairs_round_to_bfloat16_as_the_scalar_path(spelling, stream):
+    """Every rounding case, with pairs that hold a NaN or a subnormal and pairs that do not
+    (vcvtne2ps2bf16's spelling takes the addition for the former), streamed or not."""
+    _, narrow = _pair_kernels()
+    _, _, narrow_scalar = _fresh_kernels()
+    values = _rounding_cases(1 << 18)
+    values = np.concatenate([values, np.zeros(-values.size % (2 * W), np.float32)])
+    odd = np.isnan(values) | ((values != 0) & (np.abs(values) < np.finfo(np.float32).tiny))
+    per_pair = odd.reshape(-1, 2 * W).any(axis=1)
+    assert per_pair.any() and not per_pair.all()
+    words = _aligned(values.size, np.uint16)
+    narrow(_as_pairs(values), words, stream)
+    scalar = np.empty(values.size, np.uint16)
+    narrow_scalar(values, scalar)
+    assert np.array_equal(words, scalar)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_pairs_of_other_storage_types(dtype):
+    """The generic spelling (two vectors and a shuffle) for the other storage types: the
+    element-wise loops type-check and run with them, so they must be right too."""
+    widen, narrow = _pair_kernels()
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(8 * W).astype(dtype)
+    store = a.view(np.int16) if dtype == np.float16 else a
+    compute = np.float64 if dtype == np.float64 else np.float32
+    out = np.empty(a.size, compute)
+    widen(store, out)
+    assert np.array_equal(out, _as_pairs(a.astype(compute)))
+    back = np.zeros_like(store)
+    narrow(out, back, False)
+    assert np.array_equal(back, store)
+
+
+def test_prefetch_never_faults():
+    """A prefetch is a hint: the kernels fetch the row after the last one, which may be past
+    the end of the tensor or of the mapping."""
+
+    @njit
+    def touch(a, far):
+        p = ptr(a)
+        prefetch(p, 0)
+        prefetch(p, far)
+        return a[0]
+
+    a = np.ones(4, np.float32)
+    assert touch(a, 1 << 40) == 1.0
+    assert "prefetcht1" in touch.inspect_asm(touch.signatures[0])
+
+
 def test_the_fast_spelling_is_used_where_the_machine_has_it(monkeypatch):
     """On an AVX-512BW machine the kernels' bfloat16 conversions are the vpermw ones the tests
     above compare, and with AVX512_BF16 the narrowing is vcvtneps2bf16 (else this checks the
@@ -125,6 +231,15 @@ def test_the_fast_spelling_is_used_where_the_machine_has_it(monkeypatch):
         assert ("vpermw" in asm) == has_bw
     has_bf16 = _simd._avx512bf16(cpu_target.target_context)
     assert ("vcvtneps2bf16" in narrow.inspect_asm(narrow.signatures[0])) == has_bf16
+    # pairs: widened by a shift and a mask (no shuffle at all), narrowed by vcvtne2ps2bf16
+    # and one vpermw
+    pair_widen, pair_narrow = _pair_kernels()
+    pair_widen(np.zeros(2 * W, np.uint16), np.empty(2 * W, np.float32))
+    pair_narrow(np.zeros(2 * W, np.float32), np.zeros(2 * W, np.uint16), False)
+    asm = pair_widen.inspect_asm(pair_widen.signatures[0])
+    assert "vpslld" in asm and "vperm" not in asm and "vpmovzx" not in asm
+    asm = pair_narrow.inspect_asm(pair_narrow.signatures[0])
+    assert ("vcvtne2ps2bf16" in asm) == has_bf16
 
 
 _HASHES = """
@@ -134,7 +249,7 @@ cpu._native = None  # the Python path: the native build would compile with the d
 torch.manual_seed(0)
 out = []
 for dt in (torch.bfloat16, torch.float16):
-    for shape in ((3, 33), (67, 771)):
+    for shape in ((3, 33), (5, 84), (67, 771)):
         n = shape[-1]
         for rms in (False, True):
             x = torch.randn(shape).to(dt).requires_grad_()
@@ -148,6 +263,13 @@ for dt in (torch.bfloat16, torch.float16):
             g = torch.autograd.grad((y, h), leaves, (torch.randn_like(y), torch.randn_like(h)))
             for t in (y, h, *g):
                 out.append(hashlib.sha1(t.detach().view(torch.uint8).numpy()).hexdigest()[:12])
+# streamed outputs: rows that start on 64 bytes (N = 64) and rows that do not (N = 100)
+cpu._STREAM_MIN_BYTES = 0
+for n in (64, 100):
+    x = torch.randn(9, n).to(torch.bfloat16)
+    with torch.no_grad():
+        y = normkit.layer_norm(x, n, torch.randn(n), torch.randn(n))  # float32 γ/β
+    out.append(hashlib.sha1(y.view(torch.uint8).numpy()).hexdigest()[:12])
 print(" ".join(out))
 """
 
