@@ -231,7 +231,9 @@ def _to_compute(builder, v, st, ct, context):
 def _to_storage(builder, v, ct, st, context):
     """Compute values → storage words, rounding to nearest even exactly as the scalar ``_st``
     of cpu.py does: bfloat16 as ``_bfloat16_by_addition`` (or ``_bfloat16_by_cvt``, which
-    gives the same words), float16 and float32 (from float64) by ``fptrunc``."""
+    gives the same words), float16 and float32 (from float64) by ``fptrunc``.  W values; any
+    number of them for the storages other than bfloat16 (pairs store 2W)."""
+    n = v.type.count
     if st == types.uint16:
         if ct != types.float32:
             v = builder.fptrunc(v, _vt(types.float32))
@@ -240,11 +242,21 @@ def _to_storage(builder, v, ct, st, context):
         return _bfloat16_by_addition(builder, v, context)
     if st == types.int16:
         if ct != types.float32:
-            v = builder.fptrunc(v, _vt(types.float32))
-        return builder.bitcast(builder.fptrunc(v, ir.VectorType(ir.HalfType(), W)), _ivec(16))
+            v = builder.fptrunc(v, ir.VectorType(ir.FloatType(), n))
+        return builder.bitcast(builder.fptrunc(v, ir.VectorType(ir.HalfType(), n)),
+                               ir.VectorType(ir.IntType(16), n))
     if st != ct:
-        return builder.fptrunc(v, _vt(st))
+        return builder.fptrunc(v, ir.VectorType(_LL[st], n))
     return v
+
+
+def _bfloat16_high(builder, v):
+    """float32 → its bfloat16 rounding (nearest even) in the high half of each 32-bit lane, the
+    low half left as garbage; a NaN becomes 0x7FC0 (see ``_bfloat16_by_addition``)."""
+    u = builder.bitcast(v, _ivec(32))
+    odd = builder.and_(builder.lshr(u, _ivec(32, 16)), _ivec(32, 1))
+    r = builder.add(builder.add(u, _ivec(32, 0x7FFF)), odd)
+    return builder.select(builder.fcmp_unordered("uno", v, v), _ivec(32, 0x7FC00000), r)
 
 
 def _bfloat16_by_addition(builder, v, context):
@@ -261,10 +273,17 @@ def _bfloat16_by_addition(builder, v, context):
                    [2 * k + 1 for k in range(W)] * 2)
         return builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(ir.IntType(32), W),
                                                         list(range(W))))
-    odd = builder.and_(builder.lshr(u, _ivec(32, 16)), _ivec(32, 1))
-    rne = builder.lshr(builder.add(builder.add(u, _ivec(32, 0x7FFF)), odd), _ivec(32, 16))
-    nan = builder.fcmp_unordered("uno", v, v)
-    return builder.trunc(builder.select(nan, _ivec(32, 0x7FC0), rne), _ivec(16))
+    return builder.trunc(builder.lshr(_bfloat16_high(builder, v), _ivec(32, 16)), _ivec(16))
+
+
+def _rare_lanes(builder, v):
+    """Whether any lane of v is a NaN or a subnormal (vfpclassps), as a W-bit mask: the lanes
+    vcvtneps2bf16 would round otherwise than the addition."""
+    fpclass = builder.module.declare_intrinsic(
+        "llvm.x86.avx512.fpclass.ps.512", (),
+        ir.FunctionType(ir.VectorType(ir.IntType(1), W), [v.type, ir.IntType(32)]))
+    lanes = builder.call(fpclass, [v, ir.IntType(32)(0x01 | 0x20 | 0x80)])  # NaN, subnormal
+    return builder.bitcast(lanes, ir.IntType(W))
 
 
 def _bfloat16_by_cvt(builder, v, context):
@@ -274,11 +293,7 @@ def _bfloat16_by_cvt(builder, v, context):
     the addition does, but flushes subnormals to zero and keeps a NaN's sign and payload, so a
     vector with such a lane (vfpclassps tells: a branch that is all but never taken) is rounded
     by the addition: the same words either way."""
-    fpclass = builder.module.declare_intrinsic(
-        "llvm.x86.avx512.fpclass.ps.512", (),
-        ir.FunctionType(ir.VectorType(ir.IntType(1), W), [v.type, ir.IntType(32)]))
-    odd = builder.call(fpclass, [v, ir.IntType(32)(0x01 | 0x20 | 0x80)])  # NaN, subnormal
-    rare = builder.icmp_unsigned("!=", builder.bitcast(odd, ir.IntType(W)), ir.IntType(W)(0))
+    rare = builder.icmp_unsigned("!=", _rare_lanes(builder, v), ir.IntType(W)(0))
     with builder.if_else(rare, likely=False) as (slow, fast):
         with slow:
             by_addition = _bfloat16_by_addition(builder, v, context)
@@ -303,34 +318,25 @@ def _bfloat16_by_cvt(builder, v, context):
 # part of the bits).
 
 
-def _pair_words(context, builder, arrty, arr, j, jty):
-    """arr[j : j + 2W] (16-bit storage) as W 32-bit lanes."""
-    p = _element_ptr(context, builder, arrty, arr, j, jty)
-    v = builder.load(builder.bitcast(p, _ivec(32).as_pointer()), typ=_ivec(32))
-    v.align = 2
-    return v
+# lane k of the pair's natural order is lane k // 2 of the even (k even) or odd vector of
+# (even, odd) laid end to end
+_INTERLEAVE = [k // 2 + (k % 2) * W for k in range(2 * W)]
 
 
 def _pair_load_codegen(odd):
     def codegen(context, builder, sig, args):
         arrty, jty, _ = sig.args
         st, ct = arrty.dtype, sig.return_type.dtype
-        if st == types.uint16:
-            u = _pair_words(context, builder, arrty, args[0], args[1], jty)
+        p = _element_ptr(context, builder, arrty, args[0], args[1], jty)
+        if st == types.uint16:  # the 2W words as W 32-bit lanes
+            u = builder.load(builder.bitcast(p, _ivec(32).as_pointer()), typ=_ivec(32))
+            u.align = 2
             u = builder.and_(u, _ivec(32, 0xFFFF0000)) if odd else builder.shl(u, _ivec(32, 16))
             v = builder.bitcast(u, _vt(types.float32))
             return v if ct == types.float32 else builder.fpext(v, _vt(ct))
         # any other storage: two vectors, then their even or odd lanes
-        svt = ir.VectorType(context.get_data_type(st), W)
-        halves = []
-        for k in range(2):
-            jk = builder.add(context.cast(builder, args[1], jty, types.intp),
-                             ir.Constant(context.get_value_type(types.intp), k * W))
-            p = builder.gep(context.make_array(arrty)(context, builder, args[0]).data
-                            if isinstance(arrty, types.Array) else args[0], [jk])
-            w = builder.load(builder.bitcast(p, svt.as_pointer()), typ=svt)
-            w.align = st.bitwidth // 8
-            halves.append(_to_compute(builder, w, st, ct, context))
+        halves = [_load_vector(context, builder, builder.gep(p, [ir.IntType(64)(k * W)]), st, ct)
+                  for k in range(2)]
         idx = [2 * k + int(odd) for k in range(W)]
         return builder.shuffle_vector(halves[0], halves[1],
                                       ir.Constant(ir.VectorType(ir.IntType(32), W), idx))
@@ -338,37 +344,19 @@ def _pair_load_codegen(odd):
     return codegen
 
 
-def _pair_loadable(arr, j, like):
-    if not _is_ref(arr) or not isinstance(j, types.Integer):
-        return None
-    cs, ct = _compute(arr.dtype), _like_dtype(like)
-    if cs is None or ct is None or (cs == types.float64 and ct == types.float32):
-        return None
-    return Vec(ct)
-
-
 @intrinsic
 def vload_even(typingctx, arr, j, like):
     """arr[j], arr[j + 2], ..., arr[j + 2W − 2] as one vector (see ``vload`` for ``like``);
     with ``vload_odd`` the two halves of the pair at j."""
-    vt = _pair_loadable(arr, j, like)
+    vt = _loaded(arr, j, like)
     return None if vt is None else (vt(arr, j, like), _pair_load_codegen(False))
 
 
 @intrinsic
 def vload_odd(typingctx, arr, j, like):
     """arr[j + 1], arr[j + 3], ..., arr[j + 2W − 1] as one vector."""
-    vt = _pair_loadable(arr, j, like)
+    vt = _loaded(arr, j, like)
     return None if vt is None else (vt(arr, j, like), _pair_load_codegen(True))
-
-
-def _bfloat16_high(builder, v):
-    """float32 → its bfloat16 rounding (nearest even) in the high half of each 32-bit lane, the
-    low half left as garbage; a NaN becomes 0x7FC0 (see ``_bfloat16_by_addition``)."""
-    u = builder.bitcast(v, _ivec(32))
-    odd = builder.and_(builder.lshr(u, _ivec(32, 16)), _ivec(32, 1))
-    r = builder.add(builder.add(u, _ivec(32, 0x7FFF)), odd)
-    return builder.select(builder.fcmp_unordered("uno", v, v), _ivec(32, 0x7FC00000), r)
 
 
 def _bfloat16_pair(builder, even, odd, context):
@@ -385,13 +373,8 @@ def _bfloat16_pair(builder, even, odd, context):
 
     if not _avx512bf16(context):
         return by_addition()
-    fpclass = builder.module.declare_intrinsic(
-        "llvm.x86.avx512.fpclass.ps.512", (),
-        ir.FunctionType(ir.VectorType(ir.IntType(1), W), [even.type, ir.IntType(32)]))
-    cls = ir.IntType(32)(0x01 | 0x20 | 0x80)  # NaN, subnormal
-    odd_lanes = builder.or_(builder.bitcast(builder.call(fpclass, [even, cls]), ir.IntType(W)),
-                            builder.bitcast(builder.call(fpclass, [odd, cls]), ir.IntType(W)))
-    rare = builder.icmp_unsigned("!=", odd_lanes, ir.IntType(W)(0))
+    lanes = builder.or_(_rare_lanes(builder, even), _rare_lanes(builder, odd))
+    rare = builder.icmp_unsigned("!=", lanes, ir.IntType(W)(0))
     with builder.if_else(rare, likely=False) as (slow, fast):
         with slow:
             slow_words = by_addition()
@@ -403,7 +386,7 @@ def _bfloat16_pair(builder, even, odd, context):
                 "llvm.x86.avx512bf16.cvtne2ps2bf16.512", (),
                 ir.FunctionType(ir.VectorType(_BFloat(), 2 * W), [even.type, even.type]))
             cvt = builder.bitcast(builder.call(cvt2, [odd, even]), words)  # even in the low half
-            fast_words = _permw(builder, cvt, [k // 2 + (k % 2) * W for k in range(2 * W)])
+            fast_words = _permw(builder, cvt, _INTERLEAVE)
             fast_block = builder.block
     out = builder.phi(words)
     out.add_incoming(slow_words, slow_block)
@@ -424,32 +407,12 @@ def _pair_store_codegen(streaming):
             words = _bfloat16_pair(builder, even, odd, context)
         else:
             both = builder.shuffle_vector(even, odd, ir.Constant(
-                ir.VectorType(ir.IntType(32), 2 * W),
-                [k // 2 + (k % 2) * W for k in range(2 * W)]))
-            words = _to_storage_wide(builder, both, ct, st)
-        s = builder.store(words, builder.bitcast(p, words.type.as_pointer()))
-        size = st.bitwidth // 8
-        if streaming:
-            s.align = min(STREAM_ALIGN, 2 * W * size)
-            s.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
-        else:
-            s.align = size
+                ir.VectorType(ir.IntType(32), 2 * W), _INTERLEAVE))
+            words = _to_storage(builder, both, ct, st, context)
+        _store_words(builder, words, p, st, streaming)
         return context.get_dummy_value()
 
     return codegen
-
-
-def _to_storage_wide(builder, v, ct, st):
-    """2W compute values → 2W storage values, for the storages other than bfloat16."""
-    n = v.type.count
-    if st == types.int16:
-        if ct != types.float32:
-            v = builder.fptrunc(v, ir.VectorType(ir.FloatType(), n))
-        return builder.bitcast(builder.fptrunc(v, ir.VectorType(ir.HalfType(), n)),
-                               ir.VectorType(ir.IntType(16), n))
-    if st != ct:
-        return builder.fptrunc(v, ir.VectorType(_LL[st], n))
-    return v
 
 
 def _pair_storable(arr, j, even, odd):
@@ -512,6 +475,38 @@ def _storable(arr, j, v):
     return _is_ref(arr) and isinstance(j, types.Integer) and isinstance(v, Vec)
 
 
+def _loaded(arr, j, like):
+    """The vector type a load of arr at j converts to (see ``vload``), None where there is
+    none."""
+    if not _is_ref(arr) or not isinstance(j, types.Integer):
+        return None
+    cs, ct = _compute(arr.dtype), _like_dtype(like)
+    if cs is None or ct is None or (cs == types.float64 and ct == types.float32):
+        return None  # never a silent narrowing
+    return Vec(ct)
+
+
+def _load_vector(context, builder, p, st, ct):
+    """The W storage elements at pointer p, converted to compute dtype ct."""
+    svt = ir.VectorType(context.get_data_type(st), W)
+    v = builder.load(builder.bitcast(p, svt.as_pointer()), typ=svt)
+    v.align = st.bitwidth // 8
+    return _to_compute(builder, v, st, ct, context)
+
+
+def _store_words(builder, words, p, st, streaming):
+    """Store a vector of storage-dtype st words at pointer p, non-temporal when ``streaming``."""
+    s = builder.store(words, builder.bitcast(p, words.type.as_pointer()))
+    size = st.bitwidth // 8
+    if streaming:
+        # A non-temporal store writes around the caches: no read-for-ownership of the
+        # destination line, a third of a fresh output's memory traffic.
+        s.align = min(STREAM_ALIGN, words.type.count * size)
+        s.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+    else:
+        s.align = size
+
+
 @intrinsic
 def vzero(typingctx, like):
     """A zero vector of the compute dtype ``like`` asks for (see ``vload``)."""
@@ -530,21 +525,15 @@ def vload(typingctx, arr, j, like):
     """arr[j : j + W] (an array or a typed pointer) converted exactly to a compute dtype: that
     of ``like``, a marker array or pointer (float64 for float64 storage, else float32), a vector
     or a float scalar.  No bounds check: j + W <= arr.size is the caller's."""
-    if not _is_ref(arr) or not isinstance(j, types.Integer):
+    vt = _loaded(arr, j, like)
+    if vt is None:
         return None
-    st = arr.dtype
-    cs, ct = _compute(st), _like_dtype(like)
-    if cs is None or ct is None or (cs == types.float64 and ct == types.float32):
-        return None  # never a silent narrowing
 
     def codegen(context, builder, sig, args):
         p = _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-        svt = ir.VectorType(context.get_data_type(st), W)
-        v = builder.load(builder.bitcast(p, svt.as_pointer()), typ=svt)
-        v.align = st.bitwidth // 8
-        return _to_compute(builder, v, st, ct, context)
+        return _load_vector(context, builder, p, arr.dtype, vt.dtype)
 
-    return Vec(ct)(arr, j, like), codegen
+    return vt(arr, j, like), codegen
 
 
 def _store_codegen(streaming):
@@ -552,15 +541,7 @@ def _store_codegen(streaming):
         arrty, _, vty = sig.args
         p = _element_ptr(context, builder, arrty, args[0], args[1], sig.args[1])
         words = _to_storage(builder, args[2], vty.dtype, arrty.dtype, context)
-        s = builder.store(words, builder.bitcast(p, words.type.as_pointer()))
-        size = arrty.dtype.bitwidth // 8
-        if streaming:
-            # A non-temporal store writes around the caches: no read-for-ownership of the
-            # destination line, a third of a fresh output's memory traffic.
-            s.align = min(STREAM_ALIGN, W * size)
-            s.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
-        else:
-            s.align = size
+        _store_words(builder, words, p, arrty.dtype, streaming)
         return context.get_dummy_value()
 
     return codegen

@@ -367,23 +367,23 @@ def _fwd_row(
         r = _row(ra, i * rrs, n, XK)
         src = _row(ha, i * n, n, XK)
         # h is rounded to x's dtype and then normalized as stored
+        into_r = ha + i * n * XK.itemsize == ra + i * rrs * XK.itemsize
+        into_x = not into_r and ha + i * n * XK.itemsize == xa + i * xrs * XK.itemsize
         if _pairable(XK, XK):
             _add_pairs(ptr(x), ptr(r), ptr(src), n, XK)
-            if ha + i * n * XK.itemsize == ra + i * rrs * XK.itemsize:
-                src = r
-            elif ha + i * n * XK.itemsize == xa + i * xrs * XK.itemsize:
-                src = x
-        elif ha + i * n * XK.itemsize == ra + i * rrs * XK.itemsize:
+        elif into_r:
             for j in range(n):
                 r[j] = _st(_ld(x[j]) + _ld(r[j]), XK)
-            src = r
-        elif ha + i * n * XK.itemsize == xa + i * xrs * XK.itemsize:
+        elif into_x:
             for j in range(n):
                 x[j] = _st(_ld(x[j]) + _ld(r[j]), XK)
-            src = x
         else:
             for j in range(n):
                 src[j] = _st(_ld(x[j]) + _ld(r[j]), XK)
+        if into_r:
+            src = r
+        elif into_x:
+            src = x
     else:
         src = _row(xa, i * xrs, n, XK)
 
@@ -551,12 +551,13 @@ def _pairable_impl(XK, OK):
 
 
 @njit(cache=_CACHE, error_model="numpy", inline="always")
-def _deinterleave(src, dst, CK):  # pragma: no cover - compiled
-    """dst = src widened to CK's compute dtype, each whole run of 2W elements from the start
-    stored as its even elements, then its odd ones (how the pairs of _fwd_out read γ/β)."""
+def _widen(src, dst, CK, pairs):  # pragma: no cover - compiled
+    """dst = src widened to CK's compute dtype; with ``pairs`` each whole run of 2W elements
+    from the start stored as its even elements, then its odd ones (how the pairs of _fwd_out
+    read γ/β)."""
     n = dst.size
     sp, dp, vec = ptr(src), ptr(dst), vzero(CK)
-    jp = n - n % (2 * W)
+    jp = n - n % (2 * W) if pairs else 0
     for j in range(0, jp, 2 * W):
         vstore(dp, j, vload_even(sp, j, vec))
         vstore(dp, j + W, vload_odd(sp, j, vec))
@@ -579,6 +580,14 @@ def _add_pairs(xp, rp, hp, n, XK):  # pragma: no cover - compiled
 
 
 @njit(cache=_CACHE, error_model="numpy", inline="always")
+def _fwd_next_row(px, pr, j, flags):  # pragma: no cover - compiled
+    """Prefetch the next row's x (and residual) at j: see _simd.prefetch."""
+    prefetch(px, j)
+    if flags & _RES:
+        prefetch(pr, j)
+
+
+@njit(cache=_CACHE, error_model="numpy", inline="always")
 def _fwd_out(
     src, y, w, b, rms, m1, dm, rstd, zc, flags, XK, NK, pairs, px, pr
 ):  # pragma: no cover - compiled
@@ -596,9 +605,7 @@ def _fwd_out(
     stream = (flags & _STREAM) != 0
     jp = n - n % (2 * W) if pairs else 0
     for j in range(0, jp, 2 * W):
-        prefetch(px, j)
-        if flags & _RES:
-            prefetch(pr, j)
+        _fwd_next_row(px, pr, j, flags)
         ye = _y_of(vload_even(sp, j, vec), j, vec, wp, bp, rms, m1, dm, rstd, zc, flags, yp, nk)
         yo = _y_of(vload_odd(sp, j, vec), j + W, vec, wp, bp, rms, m1, dm, rstd, zc, flags, yp,
                    nk)
@@ -613,9 +620,7 @@ def _fwd_out(
     for j in range(jp, j0):
         _put(yp, j, _y_at(j, elem, sp, wp, bp, rms, m1, dm, rstd, zc, flags, yp, nk))
     for j in range(j0, j1, W):
-        prefetch(px, j)
-        if flags & _RES:
-            prefetch(pr, j)
+        _fwd_next_row(px, pr, j, flags)
         _emit(yp, j, _y_at(j, vec, sp, wp, bp, rms, m1, dm, rstd, zc, flags, yp, nk), stream)
     for j in range(j1, n):
         _put(yp, j, _y_at(j, elem, sp, wp, bp, rms, m1, dm, rstd, zc, flags, yp, nk))
@@ -671,14 +676,8 @@ def _fwd_rows(
     gb = np.empty(n if copy and flags & _B else 0, WM.dtype)
     w = _row(wa, 0, gw.size, WK)
     b = _row(ba, 0, gb.size, WK)
-    if pairs:
-        _deinterleave(w, gw, WM)
-        _deinterleave(b, gb, WM)
-    else:
-        for j in range(gw.size):
-            gw[j] = _ld(w[j])
-        for j in range(gb.size):
-            gb[j] = _ld(b[j])
+    _widen(w, gw, WM, pairs)
+    _widen(b, gb, WM, pairs)
     for i in range(lo, hi):
         m1, dm, rstd = _fwd_row(
             i, n, rms, flags, eps, xa, xrs, ra, rrs, ha, ya,
