@@ -294,28 +294,70 @@ def test_bits_do_not_depend_on_the_jit_cache(tmp_path):
     assert native == python
 
 
-def _ordered_sum(v: np.ndarray) -> np.float32:
+def _fma32(a, b, c):
+    """a·b + c rounded once to float32, element-wise (IEEE fusedMultiplyAdd; numpy has none).
+    a·b is exact in float64; the float64 sum s and its error e (Knuth's TwoSum) hold a·b + c
+    exactly; rounding that to odd in float64 (s, or its neighbour towards e where s is even and
+    e ≠ 0) and then to nearest float32 rounds once, as 53 ≥ 24 + 2 bits allow."""
+    p = np.asarray(a, np.float64) * np.asarray(b, np.float64)
+    c = np.asarray(c, np.float64)
+    s = p + c
+    bb = s - p
+    e = (p - (s - bb)) + (c - bb)
+    even = (s.view(np.int64) & 1) == 0
+    odd = np.where((e != 0) & even, np.nextafter(s, np.where(e > 0, np.inf, -np.inf)), s)
+    return odd.astype(np.float32)
+
+
+def test_fma32_rounds_once():
+    """The emulation above against cases where rounding twice (float64, then float32) errs:
+    a·b + c just past a float32 tie, and plain random operands against exact rationals."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.standard_normal(2000).astype(np.float32) for _ in range(3))
+    # ties: a·b is a float32 midpoint, c moves it by less than float64 resolves (2⁻⁶⁰)
+    a[:3], b[:3] = np.float32(1 + 2**-12), np.float32(1 + 2**-12)
+    c[:3] = np.float32(2**-60), np.float32(-(2**-60)), np.float32(0)
+    got = _fma32(a, b, c)
+    for x, y, z, g in zip(a, b, c, got, strict=True):
+        exact = Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))
+        lo = np.float32(float(exact))
+        cands = [lo, np.nextafter(lo, np.float32(np.inf)), np.nextafter(lo, np.float32(-np.inf))]
+        best = min(cands, key=lambda v: (abs(Fraction(float(v)) - exact),
+                                         int(np.float32(v).view(np.int32)) & 1))
+        assert g == best, (x, y, z, g, best)
+
+
+def _ordered_sum(v: np.ndarray, q: np.ndarray | None = None) -> np.float32:
     """The kernels' documented summation order (kernels/_simd.py, cpu._row_sums), spelled out
     in numpy float32, whose element-wise operations round exactly as the kernels' do: 16-lane
     vectors in blocks of 1024 elements, vector k of a block into accumulator k % 4, a block's
     accumulators combined as (A0 + A1) + (A2 + A3) and added to the running vector, the blocks
     in order, the lanes by a pairwise tree (lane k + lane k+8, then k+4, ...), then the tail one
-    element at a time."""
+    element at a time.  With q, the sum of v·q, each product fused into its addition (an FMA
+    into the accumulator, as the kernels' second row sum)."""
     n = v.size
+
+    def add(acc, j, k):
+        if q is None:
+            return acc + v[j:k]
+        return _fma32(v[j:k], q[j:k], acc)
+
     nv = n - n % 16
     total = np.zeros(16, np.float32)
     for jb in range(0, nv, 1024):
         acc = [np.zeros(16, np.float32) for _ in range(4)]
         for k, j in enumerate(range(jb, min(jb + 1024, nv), 16)):
-            acc[k % 4] = acc[k % 4] + v[j:j + 16]
+            acc[k % 4] = add(acc[k % 4], j, j + 16)
         total = total + ((acc[0] + acc[1]) + (acc[2] + acc[3]))
     while total.size > 1:
         half = total.size // 2
         total = total[:half] + total[half:]
-    s = total[0]
+    s = total[:1]
     for j in range(nv, n):
-        s = np.float32(s + v[j])
-    return s
+        s = add(s, j, j + 1)
+    return s[0]
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
@@ -339,7 +381,7 @@ def test_statistics_follow_the_documented_order_exactly(rms):
     fell_back = set()
     for i, row in enumerate(xs):
         if rms:
-            rstd = f32(1) / np.sqrt(_ordered_sum(row * row) / f32(n) + f32(eps))
+            rstd = f32(1) / np.sqrt(_ordered_sum(row, row) / f32(n) + f32(eps))
             want_y[i] = row * rstd * ws
             want_stats[i, 2] = rstd
         else:
@@ -348,15 +390,15 @@ def test_statistics_follow_the_documented_order_exactly(rms):
             m1 = _ordered_sum(row[:16]) / f32(16)
             d = row - m1
             dm = _ordered_sum(d) / f32(n)
-            var = _ordered_sum(d * d) / f32(n) - dm * dm
+            var = _ordered_sum(d, d) / f32(n) - dm * dm
             if dm * dm > var:
                 fell_back.add(i)
                 m1 = m1 + dm
                 d = row - m1
                 dm = _ordered_sum(d) / f32(n)
-                var = _ordered_sum(d * d) / f32(n) - dm * dm
+                var = _ordered_sum(d, d) / f32(n) - dm * dm
             rstd = f32(1) / np.sqrt(max(var, f32(0)) + f32(eps))
-            want_y[i] = (d - dm) * rstd * ws + bs
+            want_y[i] = _fma32((d - dm) * rstd, ws, bs)  # x̂·γ + β rounded once
             want_stats[i] = (m1, dm, rstd)
     y, _, stats = cpu.forward(x, w, None if rms else b, None, eps, rms, False, "torch", None,
                               need_stats=True)

@@ -14,6 +14,7 @@ from numba import njit
 from normkit.kernels import _simd, cpu
 from normkit.kernels._simd import (
     W,
+    fma,
     prefetch,
     ptr,
     vload,
@@ -212,6 +213,57 @@ def test_prefetch_never_faults():
     a = np.ones(4, np.float32)
     assert touch(a, 1 << 40) == 1.0
     assert "prefetcht1" in touch.inspect_asm(touch.signatures[0])
+
+
+def _exact_fma(a, b, c):
+    """a·b + c rounded once to the dtype of a (float32 or float64), by exact rationals."""
+    from fractions import Fraction
+
+    out = np.empty_like(a)
+    for k, (x, y, z) in enumerate(zip(a.tolist(), b.tolist(), c.tolist(), strict=True)):
+        exact = Fraction(x) * Fraction(y) + Fraction(z)
+        near = a.dtype.type(float(exact))  # within an ulp: pick the nearest, ties to even
+        cands = [near, np.nextafter(near, a.dtype.type(np.inf)),
+                 np.nextafter(near, a.dtype.type(-np.inf))]
+        out[k] = min(cands, key=lambda v: (abs(Fraction(float(v)) - exact),
+                                           int(np.array(v).view(f"i{a.itemsize}")) & 1))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fma_rounds_once_in_vectors_and_scalars(dtype):
+    """``fma`` is IEEE fusedMultiplyAdd in every form the kernels use — vectors, a scalar
+    broadcast to the lanes, and scalars (row tails) — and the same bits in each; with no
+    compiler contraction anywhere else, a product the kernels do not fuse rounds on its own."""
+
+    @njit
+    def forms(a, b, c, vv, vs, sc, plain):
+        s = b[0]
+        for j in range(0, a.size, W):
+            vstore(vv, j, fma(vload(a, j, a), vload(b, j, a), vload(c, j, a)))
+            vstore(vs, j, fma(vload(a, j, a), s, vload(c, j, a)))
+        for j in range(a.size):
+            sc[j] = fma(a[j], b[j], c[j])
+            plain[j] = a[j] * b[j] + c[j]
+
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.standard_normal(4 * W).astype(dtype) for _ in range(3))
+    # products whose exact sum with c sits next to a tie: where rounding twice goes wrong
+    a[:4] = b[:4] = dtype(1 + 2.0 ** -(np.finfo(dtype).nmant // 2 + 1))
+    c[:4] = [2.0 ** -(2 * np.finfo(dtype).nmant + 8), -(2.0 ** -(2 * np.finfo(dtype).nmant + 8)),
+             0, np.nan]
+    vv, vs, sc, plain = (np.empty_like(a) for _ in range(4))
+    forms(a, b, c, vv, vs, sc, plain)
+    want = _exact_fma(a[4:], b[4:], c[4:])
+    assert np.array_equal(sc[4:], want)
+    assert np.array_equal(sc[:3], _exact_fma(a[:3], b[:3], c[:3])) and np.isnan(sc[3])
+    assert np.array_equal(vv, sc, equal_nan=True)
+    keep = np.arange(a.size) != 3
+    assert np.array_equal(vs[keep], _exact_fma(a[keep], np.full_like(b, b[0])[keep], c[keep]))
+    assert np.isnan(vs[3])
+    assert not np.array_equal(plain[4:], sc[4:])  # separately rounded: other bits somewhere
+    asm = forms.inspect_asm(forms.signatures[0])
+    assert "vfmadd" in asm or "fma" in asm
 
 
 def test_the_fast_spelling_is_used_where_the_machine_has_it(monkeypatch):

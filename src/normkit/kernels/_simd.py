@@ -26,8 +26,9 @@ marker; ``vstore`` rounds and writes them back (round to nearest even, bit for b
 scalar conversions of cpu.py); ``vstream`` does so with a non-temporal store, for outputs too
 large for the caches.  ``+``, ``-``, ``*`` work on two vectors of one dtype or a vector and a
 scalar of its dtype (a float64 scalar with a float32 vector is a typing error, not a silent
-promotion).  Loads and stores take arrays or typed pointers (``ptr``); the kernels' loops use
-pointers, which carry no reference count.
+promotion).  ``fma(a, b, c)`` is a·b + c rounded once, for vectors and scalars alike: the
+kernels fuse a product into an addition only where they say so.  Loads and stores take arrays
+or typed pointers (``ptr``); the kernels' loops use pointers, which carry no reference count.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from numba.extending import intrinsic, models, overload, register_model
 
 __all__ = ["W", "Vec", "STREAM_ALIGN", "ptr", "address", "vzero", "vload", "vstore", "vstream",
            "vround", "vsum", "sfence", "fast_widening", "vload_even", "vload_odd", "vstore_pair",
-           "vstream_pair", "fast_pairs"]
+           "vstream_pair", "fast_pairs", "fma"]
 
 W = 16
 STREAM_ALIGN = 64  # bytes: where a streamed store of a vector must start
@@ -621,6 +622,30 @@ def vsum(typingctx, v):
         return builder.extract_element(x, ir.IntType(32)(0))
 
     return v.dtype(v), codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a·b + c rounded once (IEEE fusedMultiplyAdd), lane by lane: vectors and scalars of one
+    compute dtype, scalars broadcast, or three scalars.  Written out where the kernels want it
+    (LLVM's ``llvm.fma``: one instruction where the machine has FMA, libm's exact ``fma``
+    elsewhere), never left to the compiler's contraction, so the bits do not depend on it."""
+    vec = next((t for t in (a, b, c) if isinstance(t, Vec)), None)
+    dtype = vec.dtype if vec is not None else a
+    if dtype not in _LL or any(t != dtype and t != vec for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lt = _vt(dtype) if vec is not None else _LL[dtype]
+        vals = [v if isinstance(t, Vec) or vec is None else _splat(builder, v, lt)
+                for v, t in zip(args, sig.args, strict=True)]
+        name = (f"v{W}" if vec is not None else "") + ("f32" if dtype == types.float32
+                                                         else "f64")
+        fn = builder.module.declare_intrinsic("llvm.fma." + name, (),
+                                              ir.FunctionType(lt, [lt] * 3))
+        return builder.call(fn, vals)
+
+    return (vec if vec is not None else dtype)(a, b, c), codegen
 
 
 def _lanewise(name):
