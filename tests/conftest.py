@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,22 @@ def torch_op(x, weight=None, bias=None, residual=None, eps=1e-5, rms=False, zc=F
     if rms:
         return F.rms_norm(h, (n,), w, eps)
     return F.layer_norm(h, (n,), w, b, eps)
+
+
+def exact_fma(a, b, c):
+    """a·b + c rounded once to the dtype of numpy array a (float32 or float64), element-wise, by
+    exact rationals: the reference for the kernels' ``fma`` and for its numpy emulation."""
+    from fractions import Fraction
+
+    out = np.empty_like(a)
+    for k, (x, y, z) in enumerate(zip(a.tolist(), b.tolist(), c.tolist(), strict=True)):
+        exact = Fraction(x) * Fraction(y) + Fraction(z)
+        near = a.dtype.type(float(exact))  # within an ulp: pick the nearest, ties to even
+        cands = [near, np.nextafter(near, a.dtype.type(np.inf)),
+                 np.nextafter(near, a.dtype.type(-np.inf))]
+        out[k] = min(cands, key=lambda v: (abs(Fraction(float(v)) - exact),
+                                           int(np.array(v).view(f"i{a.itemsize}")) & 1))
+    return out
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

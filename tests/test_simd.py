@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import exact_fma
 from numba import njit
 
 from normkit.kernels import _simd, cpu
@@ -215,21 +216,6 @@ def test_prefetch_never_faults():
     assert "prefetcht1" in touch.inspect_asm(touch.signatures[0])
 
 
-def _exact_fma(a, b, c):
-    """a·b + c rounded once to the dtype of a (float32 or float64), by exact rationals."""
-    from fractions import Fraction
-
-    out = np.empty_like(a)
-    for k, (x, y, z) in enumerate(zip(a.tolist(), b.tolist(), c.tolist(), strict=True)):
-        exact = Fraction(x) * Fraction(y) + Fraction(z)
-        near = a.dtype.type(float(exact))  # within an ulp: pick the nearest, ties to even
-        cands = [near, np.nextafter(near, a.dtype.type(np.inf)),
-                 np.nextafter(near, a.dtype.type(-np.inf))]
-        out[k] = min(cands, key=lambda v: (abs(Fraction(float(v)) - exact),
-                                           int(np.array(v).view(f"i{a.itemsize}")) & 1))
-    return out
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fma_rounds_once_in_vectors_and_scalars(dtype):
     """``fma`` is IEEE fusedMultiplyAdd in every form the kernels use — vectors, a scalar
@@ -254,12 +240,12 @@ def test_fma_rounds_once_in_vectors_and_scalars(dtype):
              0, np.nan]
     vv, vs, sc, plain = (np.empty_like(a) for _ in range(4))
     forms(a, b, c, vv, vs, sc, plain)
-    want = _exact_fma(a[4:], b[4:], c[4:])
+    want = exact_fma(a[4:], b[4:], c[4:])
     assert np.array_equal(sc[4:], want)
-    assert np.array_equal(sc[:3], _exact_fma(a[:3], b[:3], c[:3])) and np.isnan(sc[3])
+    assert np.array_equal(sc[:3], exact_fma(a[:3], b[:3], c[:3])) and np.isnan(sc[3])
     assert np.array_equal(vv, sc, equal_nan=True)
     keep = np.arange(a.size) != 3
-    assert np.array_equal(vs[keep], _exact_fma(a[keep], np.full_like(b, b[0])[keep], c[keep]))
+    assert np.array_equal(vs[keep], exact_fma(a[keep], np.full_like(b, b[0])[keep], c[keep]))
     assert np.isnan(vs[3])
     assert not np.array_equal(plain[4:], sc[4:])  # separately rounded: other bits somewhere
     asm = forms.inspect_asm(forms.signatures[0])

@@ -512,6 +512,14 @@ def _xhat(v, m1, dm, rstd):  # pragma: no cover - compiled
 
 
 @njit(cache=_CACHE, error_model="numpy", inline="always")
+def _neg_means(c1, c2, n, rms, SK):  # pragma: no cover - compiled
+    """(−c1/N, −c2/N) from a row's two backward sums, as _dx takes them; RMSNorm has no c1
+    term: −0, so that fma(dy, g, −0) is g·dy exactly."""
+    nf = _c(n, SK)
+    return (-_c(0, SK) if rms else -(c1 / nf)), -(c2 / nf)
+
+
+@njit(cache=_CACHE, error_model="numpy", inline="always")
 def _dx(d, xh, g, nc1, nc2, rstd, dh):  # pragma: no cover - compiled
     """dx = rstd·(g·dy − c1 − x̂·c2) + dh (see _bwd_rows), given nc1 = −c1 and nc2 = −c2: three
     fused multiply-adds, in one spelling for both second passes."""
@@ -811,8 +819,6 @@ def _bwd_groups(
     lo, hi, grp, n, rms, flags, xa, dya, dha, dhrs, dxa, st, g, dw, db, qp, XK, OK, NK, SK
 ):  # pragma: no cover - compiled
     """Rows [lo, hi) in groups of grp rows (see _bwd_rows)."""
-    z = _c(0, SK)
-    nf = _c(n, SK)
     elem = _c(0, SK)
     vec = vzero(SK)
     nv = n - n % W
@@ -829,8 +835,7 @@ def _bwd_groups(
             qp[k] = m1
             qp[k + 1] = dm
             qp[k + 2] = rstd
-            qp[k + 3] = -z if rms else -(c1 / nf)  # −c1 and −c2: see _dx
-            qp[k + 4] = -(c2 / nf)
+            qp[k + 3], qp[k + 4] = _neg_means(c1, c2, n, rms, SK)
         r = (i1 - i0, n, xa + i0 * n * XK.itemsize, dya + i0 * n * OK.itemsize,
              dha + i0 * dhrs * XK.itemsize, dhrs, dxa + i0 * n * XK.itemsize, qp, ptr(g),
              ptr(dw), ptr(db), flags, XK, OK, ptr(NK))
@@ -848,8 +853,6 @@ def _bwd_each_row(
     acc_b, XK, OK, NK, SK
 ):  # pragma: no cover - compiled
     """Rows [lo, hi) one by one (see _bwd_rows)."""
-    z = _c(0, SK)
-    nf = _c(n, SK)
     elem = _c(0, SK)
     vec = vzero(SK)
     for i in range(lo, hi):
@@ -864,8 +867,7 @@ def _bwd_each_row(
         # without vpermw) dy and x̂ are kept for the second pass.
         c1, c2 = _row_sums(n, (ptr(dy), ptr(x), ptr(g), m1, dm, rstd, ptr(ds), ptr(xs), cache),
                            SK)
-        nc1 = -z if rms else -(c1 / nf)
-        nc2 = -(c2 / nf)
+        nc1, nc2 = _neg_means(c1, c2, n, rms, SK)
         # Second pass, element-wise: dx, and dγ/dβ accumulated per column; vectors in the
         # body of the row, single elements in its head and tail (see _fwd_out).
         p = (ptr(ds), ptr(xs), ptr(dy), ptr(x), ptr(g), ptr(dh), ptr(dx), ptr(dw), ptr(db),
