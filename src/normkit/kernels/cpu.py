@@ -509,9 +509,9 @@ def _row_sums_pair(n, a, b, CK):  # pragma: no cover - compiled
     """``_row_sums`` of two rows at once, for n ≤ _BLOCK (one block): for each row the same
     additions in the same order (_add_terms is _row_sums's step), so the same bits, the two
     rows' instructions interleaved, so that one row's reductions (combining the accumulators,
-    the lanes' tree) overlap the other's loads and products (4096x64 backward, one core, in the
-    caches: 4% faster).  _row_sums itself is left as it was written: the same steps through
-    _add_terms measured ~6% slower on the 4096x4096 bfloat16 backward."""
+    the lanes' tree) overlap the other's loads and products (see _bwd_groups: ~4%).  _row_sums
+    itself is left as it was written: the same steps through _add_terms measured ~6% slower on
+    the 4096x4096 bfloat16 backward."""
     nv = n - n % W
     vec = vzero(CK)
     a1 = b1 = c1 = d1 = a2 = b2 = c2 = d2 = vec
@@ -876,8 +876,9 @@ def _bwd_groups(
     """Rows [lo, hi) in groups of grp rows (see _bwd_rows).  The first pass takes the group's
     rows two at a time (_row_sums_pair) and keeps each row's x̂ in the group's rows xgp (in L1):
     the second pass loads it instead of computing it again from x — two subtractions and a
-    multiplication a vector fewer, and for 16-bit x no widening (4096x64 bfloat16 backward, one
-    core, in the caches: 57 → 53 µs; float32 unchanged).  The same bits either way."""
+    multiplication a vector fewer, and for 16-bit x no widening.  2048x64 backward, one core, in
+    the caches: bfloat16 57.8 → 50.8 µs (x̂ kept alone: 53), float32 41.5 → 39.8 µs.  The same
+    bits either way."""
     elem = _c(0, SK)
     vec = vzero(SK)
     nv = n - n % W
@@ -891,12 +892,12 @@ def _bwd_groups(
                 rb = _bwd_terms(i + 1, i0, n, xa, dya, st, g, xga, XK, OK, SK)
                 c1, c2, e1, e2 = _row_sums_pair(n, ra, rb, SK)
                 k = 3 * (i + 1 - i0)
-                qp[k] = rb[5]
+                qp[k] = st[3 * i + 5]  # row i + 1's rstd
                 qp[k + 1], qp[k + 2] = _neg_means(e1, e2, n, rms, SK)
             else:
                 c1, c2 = _row_sums(n, ra, SK)
             k = 3 * (i - i0)
-            qp[k] = ra[5]
+            qp[k] = st[3 * i + 2]
             qp[k + 1], qp[k + 2] = _neg_means(c1, c2, n, rms, SK)
         r = (i1 - i0, n, xga, dya + i0 * n * OK.itemsize, dha + i0 * dhrs * XK.itemsize, dhrs,
              dxa + i0 * n * XK.itemsize, qp, ptr(g), ptr(dw), ptr(db), flags, XK, OK, ptr(NK), SK)
@@ -1037,15 +1038,15 @@ def _bwd_col4(j, vec, r):  # pragma: no cover - compiled
         b2 = _get(db, j + 2 * W, vec)
         b3 = _get(db, j + 3 * W, vec)
     for i in range(rows):
-        x = ptr(_row(xsa, i * n, n, SK))
+        xs = ptr(_row(xsa, i * n, n, SK))
         dy = ptr(_row(dya, i * n, n, OK))
         dh = ptr(_row(dha, i * dhrs, n, XK))
         dx = ptr(_row(dxa, i * n, n, XK))
         k = 3 * i
-        w0, b0 = _bwd_cell(j, vec, q, k, x, dy, dh, dx, g0, w0, b0, flags, NK)
-        w1, b1 = _bwd_cell(j + W, vec, q, k, x, dy, dh, dx, g1, w1, b1, flags, NK)
-        w2, b2 = _bwd_cell(j + 2 * W, vec, q, k, x, dy, dh, dx, g2, w2, b2, flags, NK)
-        w3, b3 = _bwd_cell(j + 3 * W, vec, q, k, x, dy, dh, dx, g3, w3, b3, flags, NK)
+        w0, b0 = _bwd_cell(j, vec, q, k, xs, dy, dh, dx, g0, w0, b0, flags, NK)
+        w1, b1 = _bwd_cell(j + W, vec, q, k, xs, dy, dh, dx, g1, w1, b1, flags, NK)
+        w2, b2 = _bwd_cell(j + 2 * W, vec, q, k, xs, dy, dh, dx, g2, w2, b2, flags, NK)
+        w3, b3 = _bwd_cell(j + 3 * W, vec, q, k, xs, dy, dh, dx, g3, w3, b3, flags, NK)
     if flags & _DW:
         _put(dw, j, w0)
         _put(dw, j + W, w1)
