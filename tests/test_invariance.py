@@ -33,7 +33,6 @@ def test_row_bits_do_not_depend_on_batch(dtype, n, rms, monkeypatch):
     """A row alone, at any position of batches of several sizes (serial and parallel drivers),
     with 1 or all threads: identical bits."""
     monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 1 << 12)  # small batches go parallel too
-    monkeypatch.setattr(cpu, "_MIN_PAR_BLOCKS", 2)  # backwards of a few blocks as well
     big = max(3, (2 * cpu.PARALLEL_MIN_ELEMENTS) // n + 5)  # large enough for the parallel path
     x = torch.randn(big, n).to(dtype)
     r = torch.randn(big, n).to(dtype)
@@ -103,9 +102,47 @@ def test_serial_and_parallel_drivers_agree(dtype, n, rms, affine, residual, monk
         assert torch.equal(bits(a), bits(c))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [64, 771, 2048, 4099])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_backward_row_bits_do_not_depend_on_batch(dtype, n, rms):
+    """dx of a row: identical alone and at any position of a batch, whichever way the batch
+    takes it — in a group of rows (N ≤ 512; float32/float64 rows of N ≥ 2048, four at a time,
+    here with a last group of three) or row by row — and with the groups shifted by a row."""
+    m = 11
+    x = torch.randn(m, n).to(dtype)
+    dy = torch.randn(m, n).to(dtype)
+    w, b = torch.randn(n), torch.randn(n)
+
+    def dx(lo, hi):
+        xx = x[lo:hi].clone().requires_grad_()
+        y = normkit.rms_norm(xx, n, w, 1e-6) if rms else normkit.layer_norm(xx, n, w, b)
+        return torch.autograd.grad(y, xx, dy[lo:hi])[0]
+
+    full = dx(0, m)
+    for i in (0, 3, 4, 10):
+        assert torch.equal(bits(dx(i, i + 1)[0]), bits(full[i]))
+    assert torch.equal(bits(dx(1, m)), bits(full[1:]))
+
+
+def test_backward_partition():
+    """The dγ/dβ row blocks: a function of (M, N) alone, one block or at least _MIN_PAR_BLOCKS
+    (fewer would only cost partial rows on one thread), never more than M or _MAX_BLOCKS."""
+    assert cpu._bwd_blocks(1, 64) == 1
+    assert cpu._bwd_blocks(8, 8192) == 1  # four blocks of elements would be too few
+    assert cpu._bwd_blocks(16, 8192) == 8
+    assert cpu._bwd_blocks(127, 4096) == 1
+    assert cpu._bwd_blocks(128, 64) == 8
+    assert cpu._bwd_blocks(4096, 4096) == cpu._MAX_BLOCKS
+    for m in range(1, 300):
+        for n in (1, 64, 4096, 16384):
+            k = cpu._bwd_blocks(m, n)
+            assert k == 1 or cpu._MIN_PAR_BLOCKS <= k <= min(m, cpu._MAX_BLOCKS), (m, n, k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
-@pytest.mark.parametrize("shape", [(301, 257), (8, 4096)], ids=["many_rows", "few_long_rows"])
+@pytest.mark.parametrize("shape", [(301, 257), (8, 16384)], ids=["many_rows", "few_long_rows"])
 def test_backward_is_bitwise_reproducible(dtype, rms, shape, monkeypatch):
     """dx, dγ, dβ identical run to run, with 1 or all threads, serial or parallel driver.
     Both block partitions: blocks of rows, and a few long rows split into blocks of elements."""
@@ -123,7 +160,6 @@ def test_backward_is_bitwise_reproducible(dtype, rms, shape, monkeypatch):
     first = grads()  # the native entry point's launches, where it serves the call
     runs = [grads()]
     monkeypatch.setattr(cpu, "_native", None)  # the Python path from here on
-    monkeypatch.setattr(cpu, "_MIN_PAR_BLOCKS", 2)  # 8x4096 is two blocks
     drivers = _record_launches(monkeypatch)
     runs.append(grads())
     if numba.config.NUMBA_NUM_THREADS >= 2 and torch.get_num_threads() >= 2:
@@ -413,8 +449,8 @@ def test_streamed_outputs_have_the_same_bits(dtype, n, rms, residual, monkeypatc
     then): the two spellings meet here too."""
     def run():
         torch.manual_seed(1)
-        x = torch.randn(67, n).to(dtype).requires_grad_()
-        r = torch.randn(67, n).to(dtype).requires_grad_() if residual else None
+        x = torch.randn(131, n).to(dtype).requires_grad_()  # 8 row blocks: both drivers
+        r = torch.randn(131, n).to(dtype).requires_grad_() if residual else None
         w = torch.randn(n).to(dtype).requires_grad_()
         b = None if rms else torch.randn(n).to(dtype).requires_grad_()
         y, h = _both(x, w, b, r, rms)
@@ -433,7 +469,6 @@ def test_streamed_outputs_have_the_same_bits(dtype, n, rms, residual, monkeypatc
     monkeypatch.setattr(cpu, "_STREAM_MIN_BYTES", 0)
     streamed = run()
     monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 1 << 8)
-    monkeypatch.setattr(cpu, "_MIN_PAR_BLOCKS", 2)
     parallel = run()
     for a, s_, p in zip(plain, streamed, parallel, strict=True):
         assert torch.equal(bits(a.detach()), bits(s_.detach()))

@@ -135,8 +135,9 @@ const at::Tensor* plain(PyObject* obj) {
 
 int64_t bwd_blocks(int64_t m, int64_t n) {  // cpu._bwd_blocks
   int64_t rows = g_block_rows.load();
-  if (m >= 2 * rows) return std::min(g_max_blocks.load(), m / rows);
-  return std::max<int64_t>(1, std::min(m, m * n / g_block_elems.load()));
+  int64_t nblk = m >= 2 * rows ? std::min(g_max_blocks.load(), m / rows)
+                               : std::max<int64_t>(1, std::min(m, m * n / g_block_elems.load()));
+  return nblk >= g_min_par_blocks.load() ? nblk : 1;
 }
 
 // The threads a parallel launch may use: as many as torch is allowed, never more than numba
@@ -311,7 +312,7 @@ struct Norm : public torch::autograd::Function<Norm> {
       pwa = ptr(partials);
       pba = pwa + row * static_cast<int64_t>(partials.element_size());
     }
-    bool serial = nblk < std::max<int64_t>(2, g_min_par_blocks.load()) || m * n < g_par_min.load();
+    bool serial = nblk < 2 || m * n < g_par_min.load();
     run_driver(
         serial, p->bwd_fn, p->bwd_par,
         [&](BwdFn fn) {

@@ -104,16 +104,19 @@ _RES, _W, _B, _ZC, _NROUND, _STATS, _DW, _STREAM = 1, 2, 4, 8, 16, 32, 128, 256
 
 # Backward: rows are split into contiguous blocks of at least _MIN_BLOCK_ROWS rows, at most
 # _MAX_BLOCKS of them — or, for fewer rows than two such blocks, into blocks of at least
-# _MIN_BLOCK_ELEMENTS elements (a few long rows: 8x4096 is two blocks) — a function of M and N
-# only, so dγ/dβ (one partial row per block, summed in block order) have the same bits whatever
-# the thread count.  Blocks are also the unit of parallel work, with or without dγ/dβ; a single
-# block runs on the calling thread.
+# _MIN_BLOCK_ELEMENTS elements (a few long rows: 16x8192 is eight blocks) — and a partition of
+# fewer than _MIN_PAR_BLOCKS blocks is one block.  A function of M and N only, so dγ/dβ (one
+# partial row per block, summed in block order) have the same bits whatever the thread count.
+# Blocks are also the unit of parallel work, with or without dγ/dβ; a single block runs on the
+# calling thread and writes dγ/dβ directly.
 _MAX_BLOCKS = 64
 _MIN_BLOCK_ROWS = 16
 _MIN_BLOCK_ELEMENTS = 1 << 14
 # A backward of fewer blocks than this (fewer than 128 rows, or a few long ones) runs on one
 # thread whatever its size: two threads gained at most 15% at M = 8 in quiet runs, and twice a
 # full grid had the two-thread 8x8192 backward at 0.69-0.71x torch where one thread is 1.2-1.4x.
+# On one thread the blocks would only cost: each zeroes its partial rows and the driver sums
+# them, so such a backward is one block (8x8192 float32, one core: 4 blocks 37.6 µs, one 27.5).
 _MIN_PAR_BLOCKS = 8
 
 # Row sums add W-lane vectors within blocks of this many elements, then the blocks in order
@@ -125,13 +128,24 @@ _BLOCK = 1024
 # third slower; 32 rows of 128 spilled out of L1.
 _GROUP_ROWS = 16
 _GROUP_ELEMENTS = 1024
+# float32/float64 rows of N ≥ _LONG_GROUP_MIN go in groups of _LONG_GROUP_ROWS rows (see
+# _bwd_groups): there the dγ/dβ partial rows no longer share L1 with the row.  One core, serial
+# driver, one block, in µs (row by row → in groups of 4): float32 8x8192 27.3 → 20.5, 192x4096
+# 303 → 244, 768x4096 2478 → 1804, 1536x2048 2290 → 1834; 3072x1024 and 4096x768 the same.
+# Not for 16-bit rows: bfloat16 4096x768 927 → 1190-1210 and 192x4096 219 → 257 (without
+# dγ/dβ), whatever the cause (the interleaved rows' stores and loads, or their conversions).
+_LONG_GROUP_ROWS = 4
+_LONG_GROUP_MIN = 2048
 
 
 def _bwd_blocks(m, n):
-    """The number of row blocks of an (m, n) backward (see above)."""
+    """The number of row blocks of an (m, n) backward (see above): 1, or at least
+    _MIN_PAR_BLOCKS."""
     if m >= 2 * _MIN_BLOCK_ROWS:
-        return min(_MAX_BLOCKS, m // _MIN_BLOCK_ROWS)
-    return max(1, min(m, m * n // _MIN_BLOCK_ELEMENTS))
+        nblk = min(_MAX_BLOCKS, m // _MIN_BLOCK_ROWS)
+    else:
+        nblk = max(1, min(m, m * n // _MIN_BLOCK_ELEMENTS))
+    return nblk if nblk >= _MIN_PAR_BLOCKS else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -832,7 +846,9 @@ def _bwd_rows(
     without loading and storing the partial sums for every row (a second pass of 3 loads and a
     store per vector, not 6 and 3: 4096x64 float32, 2 cores, Zen 4: 87.7 → 72.7 µs, 16384x64
     255 → 200 µs).  The group's first pass also keeps each row's x̂ for the second (see
-    _bwd_groups).
+    _bwd_groups).  float32/float64 rows of N ≥ _LONG_GROUP_MIN go in groups of
+    _LONG_GROUP_ROWS the same way, x̂ computed again from x (streamed too, where every row
+    starts alike): there the partial rows, 8 bytes a column, spill out of L1 beside the row.
     """
     z = _c(0, XK)
     acc_w = (flags & _DW) != 0 and (flags & _NROUND) == 0  # dγ against x̂ in this loop
@@ -847,9 +863,18 @@ def _bwd_rows(
     ds = np.empty(n if cache else 0, SK.dtype)
     xs = np.empty(n if cache else 0, SK.dtype)
     stream = (flags & _STREAM) != 0
-    grp = 1 if cache or stream else max(1, min(_GROUP_ROWS, _GROUP_ELEMENTS // n))
+    short = n <= _GROUP_ELEMENTS // 2
+    long = n >= _LONG_GROUP_MIN and _same_kind(XK, SK)
+    if cache or stream and (short or n * XK.itemsize % STREAM_ALIGN):
+        grp = 1  # streamed rows of a group must all start alike: see _bwd_groups
+    elif short:
+        grp = max(1, min(_GROUP_ROWS, _GROUP_ELEMENTS // n))
+    elif long:
+        grp = _LONG_GROUP_ROWS
+    else:
+        grp = 1
     q = np.empty(3 * grp if grp > 1 else 0, SK.dtype)  # a group's rows: rstd, −c1/N, −c2/N
-    xg = np.empty(grp * n if grp > 1 else 0, SK.dtype)  # a group's rows of x̂
+    xg = np.empty(grp * n if grp > 1 and short else 0, SK.dtype)  # a group's rows of x̂
     for k in range(k0, k1):
         lo = k * rpb
         hi = min(m, lo + rpb)
@@ -859,9 +884,12 @@ def _bwd_rows(
             dw[j] = z
         for j in range(db.size):
             db[j] = z
-        if grp > 1:
+        if grp > 1 and short:
             _bwd_groups(lo, hi, grp, n, rms, flags, xa, dya, dha, dhrs, dxa, st, g, dw, db,
-                        ptr(q), ptr(xg), XK, OK, NK, SK)
+                        ptr(q), ptr(xg), None, False, XK, OK, NK, SK)
+        elif grp > 1:
+            _bwd_groups(lo, hi, grp, n, rms, flags, xa, dya, dha, dhrs, dxa, st, g, dw, db,
+                        ptr(q), ptr(xg), ptr(st), stream, XK, OK, NK, SK)
         else:
             _bwd_each_row(lo, hi, n, rms, flags, xa, dya, dha, dhrs, dxa, st, g, dw, db, ds, xs,
                           cache, stream, acc_w, acc_b, XK, OK, NK, SK)
@@ -871,42 +899,106 @@ def _bwd_rows(
 
 @njit(cache=_CACHE, error_model="numpy", inline="always")
 def _bwd_groups(
-    lo, hi, grp, n, rms, flags, xa, dya, dha, dhrs, dxa, st, g, dw, db, qp, xgp, XK, OK, NK, SK
+    lo, hi, grp, n, rms, flags, xa, dya, dha, dhrs, dxa, st, g, dw, db, qp, xgp, sp, stream, XK,
+    OK, NK, SK
 ):  # pragma: no cover - compiled
-    """Rows [lo, hi) in groups of grp rows (see _bwd_rows).  The first pass takes the group's
-    rows two at a time (_row_sums_pair) and keeps each row's x̂ in the group's rows xgp (in L1):
-    the second pass loads it instead of computing it again from x — two subtractions and a
-    multiplication a vector fewer, and for 16-bit x no widening.  2048x64 backward, one core, in
-    the caches: bfloat16 57.8 → 50.8 µs (x̂ kept alone: 53), float32 41.5 → 39.8 µs.  The same
-    bits either way."""
+    """Rows [lo, hi) in groups of grp rows (see _bwd_rows): a first pass over each row of the
+    group, then the second column by column through the group's rows, each column's dγ/dβ
+    partial sums in registers (a load and a store for the group, not for every row).
+
+    Short rows (``sp`` None): the first pass takes the group's rows two at a time
+    (_row_sums_pair) and keeps each row's x̂ in the group's rows xgp (in L1): the second pass
+    loads it instead of computing it again from x — two subtractions and a multiplication a
+    vector fewer, and for 16-bit x no widening.  2048x64 backward, one core, in the caches:
+    bfloat16 57.8 → 50.8 µs (x̂ kept alone: 53), float32 41.5 → 39.8 µs.
+
+    Long rows (``sp`` the statistics): x̂ is computed again from x and the row's statistics
+    (read through sp), as row by row; the group's rows are in L1/L2 from the first pass.  With
+    ``stream`` (every row then starts at the same offset from a STREAM_ALIGN boundary) dx is
+    streamed after the head that aligns it.  The next group's rows are fetched into L2 during
+    the second pass (see _simd.prefetch).
+
+    The same bits as row by row, either way."""
     elem = _c(0, SK)
     vec = vzero(SK)
-    nv = n - n % W
-    nc = n - n % (4 * W)
     xga = address(xgp)
+    keep = _is_none(sp)  # a constant of the compiled code
     for i0 in range(lo, hi, grp):
         i1 = min(hi, i0 + grp)
-        for i in range(i0, i1, 2):  # rows by pairs, a last odd one alone
-            ra = _bwd_terms(i, i0, n, xa, dya, st, g, xga, XK, OK, SK)
-            if i + 1 < i1:
-                rb = _bwd_terms(i + 1, i0, n, xa, dya, st, g, xga, XK, OK, SK)
-                c1, c2, e1, e2 = _row_sums_pair(n, ra, rb, SK)
-                k = 3 * (i + 1 - i0)
-                qp[k] = st[3 * i + 5]  # row i + 1's rstd
-                qp[k + 1], qp[k + 2] = _neg_means(e1, e2, n, rms, SK)
-            else:
-                c1, c2 = _row_sums(n, ra, SK)
-            k = 3 * (i - i0)
-            qp[k] = st[3 * i + 2]
-            qp[k + 1], qp[k + 2] = _neg_means(c1, c2, n, rms, SK)
-        r = (i1 - i0, n, xga, dya + i0 * n * OK.itemsize, dha + i0 * dhrs * XK.itemsize, dhrs,
-             dxa + i0 * n * XK.itemsize, qp, ptr(g), ptr(dw), ptr(db), flags, XK, OK, ptr(NK), SK)
-        for j in range(0, nc, 4 * W):
+        if keep:
+            for i in range(i0, i1, 2):  # rows by pairs, a last odd one alone
+                ra = _bwd_terms(i, i0, n, xa, dya, st, g, xga, XK, OK, SK)
+                if i + 1 < i1:
+                    rb = _bwd_terms(i + 1, i0, n, xa, dya, st, g, xga, XK, OK, SK)
+                    c1, c2, e1, e2 = _row_sums_pair(n, ra, rb, SK)
+                    k = 3 * (i + 1 - i0)
+                    qp[k] = st[3 * i + 5]  # row i + 1's rstd
+                    qp[k + 1], qp[k + 2] = _neg_means(e1, e2, n, rms, SK)
+                else:
+                    c1, c2 = _row_sums(n, ra, SK)
+                k = 3 * (i - i0)
+                qp[k] = st[3 * i + 2]
+                qp[k + 1], qp[k + 2] = _neg_means(c1, c2, n, rms, SK)
+        else:
+            for i in range(i0, i1):
+                c1, c2 = _row_sums(n, (ptr(_row(dya, i * n, n, OK)), ptr(_row(xa, i * n, n, XK)),
+                                       ptr(g), st[3 * i], st[3 * i + 1], st[3 * i + 2], ptr(g),
+                                       ptr(g), False, False), SK)
+                k = 3 * (i - i0)
+                qp[k] = st[3 * i + 2]
+                qp[k + 1], qp[k + 2] = _neg_means(c1, c2, n, rms, SK)
+        dxg = dxa + i0 * n * XK.itemsize
+        r = (i1 - i0, n, _group_x(sp, i0, n, xga, xa, XK, SK), dya + i0 * n * OK.itemsize,
+             dha + i0 * dhrs * XK.itemsize, dhrs, dxg, qp, ptr(g), ptr(dw), ptr(db), flags, XK,
+             OK, ptr(NK), SK, stream, _group_next(sp, i1, n, xa, dya, XK, OK))
+        j0 = _spans(ptr(_row(dxg, 0, n, XK)), n, stream)[0]
+        nv = n - (n - j0) % W
+        nc = n - (n - j0) % (4 * W)
+        for j in range(j0):
+            _bwd_col(j, elem, r)
+        for j in range(j0, nc, 4 * W):
             _bwd_col4(j, vec, r)
         for j in range(nc, nv, W):
             _bwd_col(j, vec, r)
         for j in range(nv, n):
             _bwd_col(j, elem, r)
+
+
+def _is_none(v):  # pragma: no cover - typed by the overload below
+    """Whether v is None: a constant of the compiled code."""
+
+
+@overload(_is_none, inline="always")
+def _is_none_impl(v):
+    none = isinstance(v, types.NoneType)
+    return lambda v: none
+
+
+def _group_x(sp, i0, n, xga, xa, XK, SK):  # pragma: no cover - typed by the overload below
+    """The x̂ source of a group from row i0 (see _bwd_groups), as (rows' address, marker of
+    their dtype, statistics of the group's first row or None): the kept x̂ rows (``sp`` None),
+    or x and its statistics."""
+
+
+@overload(_group_x, inline="always")
+def _group_x_impl(sp, i0, n, xga, xa, XK, SK):
+    if isinstance(sp, types.NoneType):
+        return lambda sp, i0, n, xga, xa, XK, SK: (xga, SK, None)
+    return lambda sp, i0, n, xga, xa, XK, SK: (xa + i0 * n * XK.itemsize, XK, (sp, 3 * i0))
+
+
+def _group_next(sp, i1, n, xa, dya, XK, OK):  # pragma: no cover - typed by the overload below
+    """Long rows: typed pointers to x and dy from row i1 (the next group's rows), for
+    _bwd_col4 to fetch during the second pass (past the last row, a prefetch is only wasted:
+    it never faults); else None."""
+
+
+@overload(_group_next, inline="always")
+def _group_next_impl(sp, i1, n, xa, dya, XK, OK):
+    if isinstance(sp, types.NoneType):
+        return lambda sp, i1, n, xa, dya, XK, OK: None
+    return lambda sp, i1, n, xa, dya, XK, OK: (ptr(_row(xa, i1 * n, 0, XK)),
+                                               ptr(_row(dya, i1 * n, 0, OK)))
 
 
 @njit(cache=_CACHE, error_model="numpy", inline="always")
@@ -985,32 +1077,81 @@ def _bwd_at(
 
 
 @njit(cache=_CACHE, error_model="numpy", inline="always")
-def _bwd_cell(j, tag, q, k, xs, dy, dh, dx, gv, wv, bv, flags, NK):  # pragma: no cover - compiled
-    """dx at j of one row of a group (x̂ in xs, rstd, −c1/N, −c2/N in q[k : k + 3]), and that
-    row's dγ/dβ terms added to wv/bv: always both (a few additions), so that the loop over rows
-    has no branch; the caller stores only what the flags ask for."""
+def _bwd_cell(j, tag, q, k, xs, sm, dy, dh, dx, gv, wv, bv, flags, NK, stream):  # pragma: no cover
+    """dx at j of one row of a group (rstd, −c1/N, −c2/N in q[k : k + 3]; x̂ in xs, or x in xs
+    and the row's statistics where sm says; dx streamed with ``stream``), and that row's dγ/dβ
+    terms added to wv/bv: always both (a few additions), so that the loop over rows has no
+    branch; the caller stores only what the flags ask for."""
     rstd = q[k]
     d = _get(dy, j, tag)
-    xh = _get(xs, j, tag)
+    xh = _x_hat_at(j, tag, xs, sm, rstd)
     xw = _round(xh, NK) if flags & _NROUND else xh  # "llama"/"t5": x̂ as the forward cast it
     v = _dx(d, xh, gv, q[k + 1], q[k + 2], rstd, _get(dh, j, tag))
-    _put(dx, j, v)
+    _emit(dx, j, v, stream)
     return fma(d, xw, wv), bv + d
+
+
+def _x_hat_at(j, tag, xs, sm, rstd):  # pragma: no cover - typed by the overload below
+    """x̂ at j: xs[j] (sm None: x̂ kept), or computed from x = xs and the row's statistics at
+    sm, as row by row."""
+
+
+@overload(_x_hat_at, inline="always")
+def _x_hat_at_impl(j, tag, xs, sm, rstd):
+    if isinstance(sm, types.NoneType):
+        return lambda j, tag, xs, sm, rstd: _get(xs, j, tag)
+    def x_hat(j, tag, xs, sm, rstd):
+        st, k = sm
+        return _xhat(_get(xs, j, tag), st[k], st[k + 1], rstd)
+
+    return x_hat
+
+
+def _row_stats(sp, i):  # pragma: no cover - typed by the overload below
+    """Where row i of the group finds its statistics: (pointer, index) from the group's
+    (pointer, index) ``sp``, or None for None."""
+
+
+@overload(_row_stats, inline="always")
+def _row_stats_impl(sp, i):
+    if isinstance(sp, types.NoneType):
+        return lambda sp, i: None
+    return lambda sp, i: (sp[0], sp[1] + 3 * i)
+
+
+def _fetch_rows(nxt, i, n, j):  # pragma: no cover - typed by the overload below
+    """Ask for x and dy of row i after the group at the four vectors from j (see _group_next);
+    nothing for None."""
+
+
+@overload(_fetch_rows, inline="always")
+def _fetch_rows_impl(nxt, i, n, j):
+    if isinstance(nxt, types.NoneType):
+        return lambda nxt, i, n, j: None
+
+    def fetch(nxt, i, n, j):
+        for a in range(4):
+            prefetch(nxt[0], i * n + j + a * W)
+            prefetch(nxt[1], i * n + j + a * W)
+
+    return fetch
 
 
 @njit(cache=_CACHE, error_model="numpy", inline="always")
 def _bwd_col(j, tag, r):  # pragma: no cover - compiled
     """Column j (one element or a vector, as ``tag``) of a group of rows (``r``, see
-    ``_bwd_rows``): dx, with this column's dγ/dβ partial sums kept in registers across the rows
-    (added in row order, as row by row)."""
-    rows, n, xsa, dya, dha, dhrs, dxa, q, g, dw, db, flags, XK, OK, NK, SK = r
+    ``_bwd_groups``): dx, with this column's dγ/dβ partial sums kept in registers across the
+    rows (added in row order, as row by row)."""
+    rows, n, xsrc, dya, dha, dhrs, dxa, q, g, dw, db, flags, XK, OK, NK, SK, stream, nxt = r
+    xsa, XSK, sp = xsrc
     gv = _get(g, j, tag)
     wv = _get(dw, j, tag) if flags & _DW else tag
     bv = _get(db, j, tag) if flags & _B else tag
     for i in range(rows):
         wv, bv = _bwd_cell(
-            j, tag, q, 3 * i, ptr(_row(xsa, i * n, n, SK)), ptr(_row(dya, i * n, n, OK)),
-            ptr(_row(dha, i * dhrs, n, XK)), ptr(_row(dxa, i * n, n, XK)), gv, wv, bv, flags, NK)
+            j, tag, q, 3 * i, ptr(_row(xsa, i * n, n, XSK)), _row_stats(sp, i),
+            ptr(_row(dya, i * n, n, OK)), ptr(_row(dha, i * dhrs, n, XK)),
+            ptr(_row(dxa, i * n, n, XK)), gv, wv, bv, flags, NK, stream)
     if flags & _DW:
         _put(dw, j, wv)
     if flags & _B:
@@ -1021,7 +1162,8 @@ def _bwd_col(j, tag, r):  # pragma: no cover - compiled
 def _bwd_col4(j, vec, r):  # pragma: no cover - compiled
     """``_bwd_col`` for the four vector columns from j: a row's statistics loaded once for
     four vectors."""
-    rows, n, xsa, dya, dha, dhrs, dxa, q, g, dw, db, flags, XK, OK, NK, SK = r
+    rows, n, xsrc, dya, dha, dhrs, dxa, q, g, dw, db, flags, XK, OK, NK, SK, stream, nxt = r
+    xsa, XSK, sp = xsrc
     g0 = _get(g, j, vec)
     g1 = _get(g, j + W, vec)
     g2 = _get(g, j + 2 * W, vec)
@@ -1038,15 +1180,19 @@ def _bwd_col4(j, vec, r):  # pragma: no cover - compiled
         b2 = _get(db, j + 2 * W, vec)
         b3 = _get(db, j + 3 * W, vec)
     for i in range(rows):
-        xs = ptr(_row(xsa, i * n, n, SK))
+        _fetch_rows(nxt, i, n, j)
+        xs = ptr(_row(xsa, i * n, n, XSK))
+        sm = _row_stats(sp, i)
         dy = ptr(_row(dya, i * n, n, OK))
         dh = ptr(_row(dha, i * dhrs, n, XK))
         dx = ptr(_row(dxa, i * n, n, XK))
         k = 3 * i
-        w0, b0 = _bwd_cell(j, vec, q, k, xs, dy, dh, dx, g0, w0, b0, flags, NK)
-        w1, b1 = _bwd_cell(j + W, vec, q, k, xs, dy, dh, dx, g1, w1, b1, flags, NK)
-        w2, b2 = _bwd_cell(j + 2 * W, vec, q, k, xs, dy, dh, dx, g2, w2, b2, flags, NK)
-        w3, b3 = _bwd_cell(j + 3 * W, vec, q, k, xs, dy, dh, dx, g3, w3, b3, flags, NK)
+        w0, b0 = _bwd_cell(j, vec, q, k, xs, sm, dy, dh, dx, g0, w0, b0, flags, NK, stream)
+        w1, b1 = _bwd_cell(j + W, vec, q, k, xs, sm, dy, dh, dx, g1, w1, b1, flags, NK, stream)
+        w2, b2 = _bwd_cell(j + 2 * W, vec, q, k, xs, sm, dy, dh, dx, g2, w2, b2, flags, NK,
+                           stream)
+        w3, b3 = _bwd_cell(j + 3 * W, vec, q, k, xs, sm, dy, dh, dx, g3, w3, b3, flags, NK,
+                           stream)
     if flags & _DW:
         _put(dw, j, w0)
         _put(dw, j + W, w1)
@@ -1734,8 +1880,7 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers
     flags |= _stream_flag(m * n, x.dtype)
     args = (m, nblk, n, rms, flags, x.data_ptr(), dy.data_ptr(), dh.data_ptr(), dhrs,
             dx.data_ptr(), weight.data_ptr(), stats.data_ptr(), pwa, pba, dwa, dba, *markers)
-    _launch(_bwd_serial, _bwd_parallel, m * n if nblk >= max(2, _MIN_PAR_BLOCKS) else 0, args,
-            markers)
+    _launch(_bwd_serial, _bwd_parallel, m * n if nblk > 1 else 0, args, markers)
     return dx, dw, db
 
 
