@@ -220,12 +220,14 @@ def test_eight_threads_concurrently():
     assert not errors, errors
 
 
-def test_forked_child_can_run_parallel_kernels():
+@pytest.mark.parametrize("parent", ["python", "native"])
+def test_forked_child_can_run_parallel_kernels(parent):
     """A DataLoader-style fork after a parallel kernel ran in the parent works in the child,
     with the parent's bits.  GNU OpenMP is not fork-safe (numba kills such a child when it
     starts a parallel region; torch's own parallel ops hang in it, which is why DataLoader
     workers run torch.set_num_threads(1)): normkit's kernels in the child take the serial
-    driver, which gives the same bits."""
+    driver, which gives the same bits.  The parent's parallel launch was made by the Python
+    path (numba's parallel driver), or only by the native entry point (at::parallel_for)."""
     import subprocess
     import sys
     import textwrap
@@ -236,9 +238,15 @@ def test_forked_child_can_run_parallel_kernels():
         from normkit.kernels import cpu, native
         native.wait()
         x = torch.randn(2048, 1024); w = torch.randn(1024); x2 = x[:64].clone()
-        y0 = normkit.layer_norm(x, 1024, w)          # parallel path in the parent
-        for _ in range(2):                           # and the native entry point's own launches
+        threads = torch.get_num_threads()
+        if PARENT == "native":
+            torch.set_num_threads(1)                 # y0 on the serial driver
+        y0 = normkit.layer_norm(x, 1024, w)          # (else) a parallel launch in Python
+        torch.set_num_threads(threads)
+        for _ in range(2):                           # the native entry point's own launches
             z0 = normkit.layer_norm(x2, 1024, w)
+        if PARENT == "native" and cpu._native is not None:
+            assert cpu._native.parallel_used() and not cpu._parallel_used
         def child(q):
             z = normkit.layer_norm(x2, 1024, w)      # as many threads as the parent had
             torch.set_num_threads(1)                 # what DataLoader does in its workers
@@ -249,8 +257,8 @@ def test_forked_child_can_run_parallel_kernels():
         print(p.exitcode, *(q.get(timeout=5) if p.exitcode == 0 else ()))
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", f"PARENT = {parent!r}\n" + code],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "True", "True"], out.stdout + out.stderr
 
@@ -259,8 +267,7 @@ def test_normkit_uses_no_more_threads_than_torch_may(monkeypatch):
     """torch.set_num_threads(1) (a worker process, the watch benchmark) keeps normkit on the
     calling thread too; with more torch threads large calls go parallel.  Same bits either way,
     on the Python path (whose launches are recorded here) and on the native entry point (which
-    applies the same rule in par_threads; once handed the parallel driver it launches without
-    looking anything up in cpu._ENTRIES)."""
+    applies the same rule in pool_threads)."""
     x = torch.randn(512, 1024)
     before = torch.get_num_threads()
     ys = []

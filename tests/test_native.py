@@ -52,35 +52,45 @@ def test_inference_same_bits_as_python_path(mod, dtype, rms, affine, residual, m
             with monkeypatch.context() as mp:
                 mp.setattr(cpu, "_native", None)
                 want = _call(x, n, w, b, r, rms, True)
-        # every size below the pooled outputs': on the serial driver, or on the parallel one
-        # once a first launch through cpu._launch has handed it over (the call above)
+        # every size below the pooled outputs', serial or parallel
         assert served == 1, shape
         for a, e in zip(got, want, strict=True):
             _same(a, e)
 
 
-def test_parallel_launches_keep_the_callers_numba_thread_count(mod):
-    """A parallel launch from C++ sets numba's per-thread count for itself and puts the caller's
-    back, as the Python path's record of it (cpu._threads) assumes; its bits are the serial
-    driver's."""
+def test_parallel_launches_run_on_torchs_threads_from_cpp(mod, monkeypatch):
+    """A call big enough for several threads is launched from C++ on its first call, forward
+    and backward (at::parallel_for over the serial driver: cpu._launch is not called, numba's
+    thread count is left alone), with the bits of the serial driver on the Python path."""
     import numba
 
-    if numba.config.NUMBA_NUM_THREADS < 2 or torch.get_num_threads() < 2:
-        pytest.skip("one thread: no parallel launch")
-    x = torch.randn(64, 1024)
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no parallel launch")
+    x = torch.randn(128, 512)
+    w = torch.randn(512)
+    dy = torch.randn(128, 512)
+
+    def both():
+        with torch.no_grad():
+            y = normkit.layer_norm(x, 512, w)
+        lx, lw = x.clone().requires_grad_(), w.clone().requires_grad_()
+        return [y, *torch.autograd.grad(normkit.layer_norm(lx, 512, lw), (lx, lw), dy)]
+
     with torch.no_grad():
-        normkit.layer_norm(x, 1024)  # the first parallel launch: through cpu._launch
-        before = numba.get_num_threads()
-        calls = native.calls()
-        y = normkit.layer_norm(x, 1024)
-        assert native.calls() == calls + 1 and numba.get_num_threads() == before
-        limit = cpu.PARALLEL_MIN_ELEMENTS
-        try:
-            cpu.PARALLEL_MIN_ELEMENTS = 1 << 40  # the Python path, serial driver
-            want = normkit.layer_norm(x, 1024)
-        finally:
-            cpu.PARALLEL_MIN_ELEMENTS = limit
-    _same(y, want)
+        normkit.layer_norm(x[:1], 512, w)  # makes (and registers) the dtype plan: serial size
+    assert cpu._bwd_blocks(128, 512) > 1 and 128 * 512 >= cpu.PARALLEL_MIN_ELEMENTS
+    launches = []
+    launch = cpu._launch
+    monkeypatch.setattr(cpu, "_launch", lambda *a: launches.append(a[1]) or launch(*a))
+    before, threads = native.calls(), numba.get_num_threads()
+    got = both()
+    assert native.calls() == before + 2 and launches == [] and numba.get_num_threads() == threads
+    monkeypatch.setattr(cpu, "_native", None)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 1 << 40)  # the Python path, serial driver
+    want = both()
+    assert launches and set(launches) == {cpu._fwd_parallel, cpu._bwd_parallel}
+    for a, e in zip(got, want, strict=True):
+        _same(a, e)
 
 
 def _train(x, r, w, b, dy, dh, rms, residual, wants):
@@ -176,21 +186,24 @@ def test_what_it_does_not_take_goes_to_the_python_path(mod):
         normkit.layer_norm(x, 32, torch.randn(31))
 
 
-def test_threads_share_it_safely(mod):
-    x = torch.randn(6, 256)
-    w = torch.randn(256, requires_grad=True)
-    dy = torch.randn(6, 256)
+@pytest.mark.parametrize("rows", [6, 128], ids=["serial", "parallel"])
+def test_threads_share_it_safely(mod, rows):
+    """8 Python threads at once: the same bits as alone.  At 128x512 each launch is parallel
+    where it finds no other region running, serial where it does (see try_region)."""
+    x = torch.randn(rows, 512)
+    w = torch.randn(512, requires_grad=True)
+    dy = torch.randn(rows, 512)
     with torch.no_grad():
-        want_y = normkit.layer_norm(x, 256, w)
-    want_g = torch.autograd.grad(normkit.layer_norm(x, 256, w), w, dy)[0]
+        want_y = normkit.layer_norm(x, 512, w)
+    want_g = torch.autograd.grad(normkit.layer_norm(x, 512, w), w, dy)[0]
     errors = []
 
     def work():
         try:
             for _ in range(200):
                 with torch.no_grad():
-                    assert torch.equal(normkit.layer_norm(x, 256, w), want_y)
-                g = torch.autograd.grad(normkit.layer_norm(x, 256, w), w, dy)[0]
+                    assert torch.equal(normkit.layer_norm(x, 512, w), want_y)
+                g = torch.autograd.grad(normkit.layer_norm(x, 512, w), w, dy)[0]
                 assert torch.equal(g, want_g)
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)

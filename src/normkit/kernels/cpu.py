@@ -99,8 +99,9 @@ _MARKER = {
 # identical bits (tested), so this is speed only.
 PARALLEL_MIN_ELEMENTS = 1 << 15
 
-# Flags passed as one int.
-_RES, _W, _B, _ZC, _NROUND, _STATS, _DW, _STREAM = 1, 2, 4, 8, 16, 32, 128, 256
+# Flags passed as one int.  _NOSUM: a backward driver runs its row blocks and leaves the
+# partial dγ/dβ rows unsummed (the native entry point's parallel launches sum them after).
+_RES, _W, _B, _ZC, _NROUND, _STATS, _DW, _STREAM, _NOSUM = 1, 2, 4, 8, 16, 32, 128, 256, 512
 
 # Backward: rows are split into contiguous blocks of at least _MIN_BLOCK_ROWS rows, at most
 # _MAX_BLOCKS of them — or, for fewer rows than two such blocks, into blocks of at least
@@ -1225,32 +1226,39 @@ def _emit_impl(arr, j, v, stream):
 
 @njit(cache=_CACHE, error_model="numpy")
 def _bwd_serial(
-    m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
+    k0, k1, m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
     XK, OK, WK, NK, SK, GK,
 ):  # pragma: no cover - compiled
-    _bwd_rows(0, nblk, (m + nblk - 1) // nblk, m, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa,
-              pwa, pba, XK, OK, WK, NK, SK)
-    _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
+    """Blocks [k0, k1) of the nblk-block partition of the m rows, then (unless _NOSUM) dγ/dβ
+    summed from all nblk partial rows.  The host passes [0, nblk); the native entry point
+    runs ranges of blocks on several threads with _NOSUM, then the sum alone ([0, 0))."""
+    if k1 > k0:
+        _bwd_rows(k0, k1, (m + nblk - 1) // nblk, m, n, rms, flags, xa, dya, dha, dhrs, dxa, wa,
+                  sa, pwa, pba, XK, OK, WK, NK, SK)
+    if not flags & _NOSUM:
+        _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
 
 
 @njit(cache=_CACHE, parallel=True, error_model="numpy")
 def _bwd_parallel(
-    m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
+    k0, k1, m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba,
     XK, OK, WK, NK, SK, GK,
 ):  # pragma: no cover - compiled
-    # Each thread takes a contiguous run of blocks (the blocks, and so the bits, are the same
-    # whatever the thread count) and makes its set-up once.  The same run every launch: a
-    # repeated backward finds its rows in the same core's caches.  Handing blocks out from a
-    # shared counter instead (so that the master takes more while a worker wakes: ~3 µs on
-    # this VM inside autograd, against ~1 µs in a tight loop) was slower, with or without each
-    # thread taking its own run first: 512x64 float32 inside autograd.grad 33.9 → 36.9 µs.
+    # _bwd_serial's work, the blocks on numba's threads.  Each thread takes a contiguous run of
+    # blocks (the blocks, and so the bits, are the same whatever the thread count) and makes
+    # its set-up once.  The same run every launch: a repeated backward finds its rows in the
+    # same core's caches.  Handing blocks out from a shared counter instead (so that the master
+    # takes more while a worker wakes: ~3 µs on this VM inside autograd, against ~1 µs in a
+    # tight loop) was slower, with or without each thread taking its own run first: 512x64
+    # float32 inside autograd.grad 33.9 → 36.9 µs.
     rpb = (m + nblk - 1) // nblk
-    nt = max(1, min(nblk, _iget_num_threads()))
-    bpt = (nblk + nt - 1) // nt
+    nt = max(1, min(k1 - k0, _iget_num_threads()))
+    bpt = (k1 - k0 + nt - 1) // nt
     for t in prange(nt):
-        _bwd_rows(t * bpt, min(nblk, (t + 1) * bpt), rpb, m, n, rms, flags, xa, dya, dha, dhrs,
-                  dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK)
-    _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
+        _bwd_rows(k0 + t * bpt, min(k1, k0 + (t + 1) * bpt), rpb, m, n, rms, flags, xa, dya, dha,
+                  dhrs, dxa, wa, sa, pwa, pba, XK, OK, WK, NK, SK)
+    if not flags & _NOSUM:
+        _sum_blocks(nblk, n, flags, pwa, pba, dwa, dba, SK, GK)
 
 
 @njit(cache=_CACHE, error_model="numpy")
@@ -1301,7 +1309,7 @@ _serial_only = False  # forked after the parent had: parallel regions would be f
 
 def _after_fork_in_child():
     global _serial_only
-    if _parallel_used:
+    if _parallel_used or _native is not None and _native.parallel_used():
         _serial_only = True
 
 
@@ -1878,7 +1886,7 @@ def _bwd_launch(m, n, rms, flags, x, dy, dh, weight, param_dtype, stats, markers
         pwa = _scratch(2 * row)
         pba = pwa + row
     flags |= _stream_flag(m * n, x.dtype)
-    args = (m, nblk, n, rms, flags, x.data_ptr(), dy.data_ptr(), dh.data_ptr(), dhrs,
+    args = (0, nblk, m, nblk, n, rms, flags, x.data_ptr(), dy.data_ptr(), dh.data_ptr(), dhrs,
             dx.data_ptr(), weight.data_ptr(), stats.data_ptr(), pwa, pba, dwa, dba, *markers)
     _launch(_bwd_serial, _bwd_parallel, m * n if nblk > 1 else 0, args, markers)
     return dx, dw, db

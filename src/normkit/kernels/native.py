@@ -6,7 +6,10 @@ autograd engine ~15 µs per backward more than a C++ node.  ``_native.cpp`` does
 ``cpu.infer`` and ``functional._FastNorm`` do for the same calls, in C++, and calls the serial
 drivers' compiled code itself — the C entry point numba emits next to each compiled function,
 which runs the very machine code the Python path runs — so both paths give the same bits by
-construction (and the tests compare them bit for bit).
+construction (and the tests compare them bit for bit).  Its parallel launches call the same
+serial drivers on ranges of rows (of row blocks, in the backward) on torch's own OpenMP threads
+(``at::parallel_for``), which costs less than a launch of numba's parallel driver (see
+_native.cpp).
 
 It is built with torch's C++ extension tooling (a C++ compiler and ninja), once per machine
 and torch version, into the user cache, by a child process that a background thread starts on
@@ -17,7 +20,6 @@ benchmark and the tests use it).  ``NORMKIT_NATIVE=0`` turns it off.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.util
 import logging
@@ -49,7 +51,7 @@ _i64 = types.int64
 # cpu._bwd_serial): the types the Python path's calls give them, so that both paths run one
 # specialization.
 _FWD_TYPES = (_i64, _i64, types.boolean, _i64, types.float64, *[_i64] * 9)
-_BWD_TYPES = (_i64, _i64, _i64, types.boolean, _i64, *[_i64] * 11)
+_BWD_TYPES = (_i64, _i64, _i64, _i64, _i64, types.boolean, _i64, *[_i64] * 11)
 
 
 def enabled() -> bool:
@@ -143,17 +145,28 @@ def _location():
 def _compile():
     """Build the extension (torch's tooling: ninja and a C++ compiler) in a directory of this
     process's own, then move the library into place: processes that start together each build,
-    and none ever loads a library another one is still writing."""
+    and none ever loads a library another one is still writing.
+
+    With OpenMP, as torch itself is built: the extension's parallel launches then run on the
+    OpenMP runtime torch has loaded (its GOMP_* symbols are found there first), the threads
+    torch's own ops run on.  A compiler without OpenMP gets a second try without it: that
+    extension leaves its parallel launches to cpu._launch."""
     from torch.utils.cpp_extension import load
 
     name, build = _location()
     os.makedirs(build, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=build)
-    try:
-        load(name, [_SOURCE], build_directory=work, extra_cflags=["-O2"], verbose=False)
-        os.replace(os.path.join(work, name + ".so"), os.path.join(build, name + ".so"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    for openmp in (["-fopenmp"], []):
+        work = tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=build)
+        try:
+            load(name, [_SOURCE], build_directory=work, extra_cflags=["-O2", *openmp],
+                 extra_ldflags=openmp, verbose=False)
+            os.replace(os.path.join(work, name + ".so"), os.path.join(build, name + ".so"))
+            return
+        except Exception:
+            if not openmp:
+                raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _sync_limits(mod) -> None:
@@ -174,50 +187,18 @@ def register(mod, key, plan) -> None:
     bwd = _c_entry(cpu._bwd_serial, _BWD_TYPES, bwd_markers)
     stats = torch.float64 if key[0] == torch.float64 else torch.float32
 
-    handed = [False, False]  # the parallel forward / backward driver
-
+    # The parallel launches the extension leaves to cpu._launch: all of them where it was
+    # built without OpenMP, and those of a forked child (see _native.cpp).
     def par_fwd(*args):
         cpu._launch(cpu._fwd_serial, cpu._fwd_parallel, args[0] * args[1], args + fwd_markers,
                     fwd_markers)
-        _hand_parallel(mod, key, cpu._fwd_parallel, _FWD_TYPES, fwd_markers, 0, handed)
 
     def par_bwd(*args):
-        cpu._launch(cpu._bwd_serial, cpu._bwd_parallel, args[0] * args[2], args + bwd_markers,
+        cpu._launch(cpu._bwd_serial, cpu._bwd_parallel, args[2] * args[4], args + bwd_markers,
                     bwd_markers)
-        _hand_parallel(mod, key, cpu._bwd_parallel, _BWD_TYPES, bwd_markers, 1, handed)
 
     mod.register_plan(key[0], key[1], key[2], fwd, bwd, [m.itemsize for m in fwd_markers],
                       [m.itemsize for m in bwd_markers], par_fwd, par_bwd, param, stats)
-
-
-def _hand_parallel(mod, key, driver, argtypes, markers, which, handed) -> None:
-    """After a launch through ``cpu._launch``: hand the extension the parallel driver it ran,
-    so that later parallel launches of this plan are made from C++ (no Python call, no argument
-    unboxing: 8x4096 float32 forward on 2 cores 10.7 → 6.6 µs, torch 8.7 µs).  Only where the
-    launch was parallel (the driver is compiled then), not in a child forked after a parallel
-    launch (those run serially, see cpu), and where numba's threading layer is thread-safe
-    (OpenMP or TBB; the workqueue layer aborts on concurrent launches, and C++ launches do not
-    take cpu's lock)."""
-    from . import cpu
-
-    global _parallel_enabled
-    if handed[which] or cpu._serial_only or (driver, id(markers)) not in cpu._ENTRIES:
-        return
-    if not _parallel_enabled:
-        from numba.np.ufunc import parallel
-
-        if numba.threading_layer() not in ("omp", "tbb"):
-            return
-        addr = [ctypes.cast(f, ctypes.c_void_p).value or 0
-                for f in (parallel._set_num_threads, parallel._get_num_threads)]
-        mod.enable_parallel(addr[0], addr[1], numba.config.NUMBA_NUM_THREADS)
-        _parallel_enabled = True
-    entry = _c_entry(driver, argtypes, markers)
-    mod.set_parallel(key[0], key[1], key[2], 0 if which else entry, entry if which else 0)
-    handed[which] = True
-
-
-_parallel_enabled = False  # the extension has numba's thread-count functions
 
 
 def _c_entry(driver, argtypes, markers) -> int:
