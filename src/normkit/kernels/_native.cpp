@@ -215,47 +215,53 @@ at::Tensor const_row(int value, int64_t n, at::ScalarType dtype) {
   return row;
 }
 
+// How a launch of ``units`` rows or row blocks went: through cpu._launch (``python()``), over
+// torch's threads (``part(lo, hi)`` on ranges of [0, units)), or left to the caller to run
+// whole on its own thread (serial, or another thread's region was running).
+enum class Launch { kByPython, kOnThreads, kLeftToCaller };
+
+template <typename Python, typename Part>
+Launch launch(bool serial, int64_t units, Python python, Part part) {
+  int nt = serial || units < 2 ? 1 : pool_threads();
+  if (nt == 0) {
+    py::gil_scoped_acquire gil;
+    python();
+    return Launch::kByPython;
+  }
+  if (nt > 1 && try_region([&] { at::parallel_for(0, units, 1, part); }))
+    return Launch::kOnThreads;
+  return Launch::kLeftToCaller;
+}
+
 void launch_fwd(const Plan* p, bool serial, int64_t m, int64_t n, bool rms, int64_t flags,
                 double eps, int64_t xa, int64_t ra, int64_t ha, int64_t ya, int64_t wa,
                 int64_t ba, int64_t sa) {
-  int nt = serial || m < 2 ? 1 : pool_threads();
-  if (nt == 0) {
-    py::gil_scoped_acquire gil;
-    (*p->par_fwd)(m, n, rms, flags, eps, xa, n, ra, n, ha, ya, wa, ba, sa);
-    return;
-  }
-  if (nt > 1 && try_region([&] {
-        at::parallel_for(0, m, 1, [&](int64_t lo, int64_t hi) {
-          call_fwd(p, lo, hi, n, rms, flags, eps, xa, ra, ha, ya, wa, ba, sa);
-        });
-      }))
-    return;
-  call_fwd(p, 0, m, n, rms, flags, eps, xa, ra, ha, ya, wa, ba, sa);
+  Launch how = launch(
+      serial, m, [&] { (*p->par_fwd)(m, n, rms, flags, eps, xa, n, ra, n, ha, ya, wa, ba, sa); },
+      [&](int64_t lo, int64_t hi) {
+        call_fwd(p, lo, hi, n, rms, flags, eps, xa, ra, ha, ya, wa, ba, sa);
+      });
+  if (how == Launch::kLeftToCaller)
+    call_fwd(p, 0, m, n, rms, flags, eps, xa, ra, ha, ya, wa, ba, sa);
 }
 
-// A backward's blocks and then its dγ/dβ sum (see cpu._bwd_serial).
+// A backward's blocks and then its dγ/dβ sum (see cpu._bwd_serial): on torch's threads the
+// blocks leave their partial rows unsummed, and the sum runs alone after the region.
 void launch_bwd(const Plan* p, bool serial, int64_t m, int64_t nblk, int64_t n, bool rms,
                 int64_t flags, int64_t xa, int64_t dya, int64_t dha, int64_t dhrs, int64_t dxa,
                 int64_t wa, int64_t sa, int64_t pwa, int64_t pba, int64_t dwa, int64_t dba) {
-  int nt = serial ? 1 : pool_threads();
-  if (nt == 0) {
-    py::gil_scoped_acquire gil;
-    (*p->par_bwd)(0, nblk, m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba,
-                  dwa, dba);
-    return;
-  }
-  if (nt > 1 && try_region([&] {
-        at::parallel_for(0, nblk, 1, [&](int64_t k0, int64_t k1) {
-          call_bwd(p, k0, k1, m, nblk, n, rms, flags | kNoSum, xa, dya, dha, dhrs, dxa, wa, sa,
-                   pwa, pba, dwa, dba);
-        });
-      })) {
-    call_bwd(p, 0, 0, m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa,
-             dba);
-    return;
-  }
-  call_bwd(p, 0, nblk, m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa,
-           dba);
+  auto blocks = [&](int64_t k0, int64_t k1, int64_t f) {
+    call_bwd(p, k0, k1, m, nblk, n, rms, f, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba, dwa, dba);
+  };
+  Launch how = launch(
+      serial, nblk,
+      [&] {
+        (*p->par_bwd)(0, nblk, m, nblk, n, rms, flags, xa, dya, dha, dhrs, dxa, wa, sa, pwa, pba,
+                      dwa, dba);
+      },
+      [&](int64_t k0, int64_t k1) { blocks(k0, k1, flags | kNoSum); });
+  if (how == Launch::kOnThreads) blocks(0, 0, flags);  // the sum alone
+  if (how == Launch::kLeftToCaller) blocks(0, nblk, flags);
 }
 
 using Opt = std::optional<at::Tensor>;
