@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         return sum(one_step(k) for _ in range(BLOCK)) / BLOCK
 
     load0 = os.getloadavg()
-    for k in ("A", "B1", "B10"):  # warm-up: first calls allocate, numba/threads settle
+    for k in ("A", "B1", "B10"):  # warm-up: first calls allocate, threads settle
         block(k)
     t_start = time.time()
     over = {"B1": [], "B10": []}

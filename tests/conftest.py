@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -120,38 +120,28 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _default_cpu_path():
-    """The whole session runs the CPU path users get once normkit has warmed up: the native
-    entry point, when its background build (started by the first CPU call) succeeds.
-    test_native.py fails where a compiler exists and it does not build."""
-    from normkit.kernels import native
+@contextlib.contextmanager
+def _setting(name: str, value: int):
+    """The compiled kernels' setting ``name`` (read by ``name()``, written by ``set_name()``)
+    at ``value`` inside the block."""
+    from normkit.kernels import cpu
 
-    normkit_first_cpu_call()
-    native.wait(timeout=900)
-    yield
-
-
-def normkit_first_cpu_call():
-    import normkit
-
-    normkit.layer_norm(torch.zeros(1, 1), 1)
+    before = getattr(cpu._cpu, name)()
+    getattr(cpu._cpu, "set_" + name)(value)
+    try:
+        yield
+    finally:
+        getattr(cpu._cpu, "set_" + name)(before)
 
 
-def native_or_skip():
-    """The native entry point's module, or a skip where it truly cannot exist (turned off with
-    NORMKIT_NATIVE=0, or no C++ compiler on the machine); a failure where it should build."""
-    from normkit.kernels import native
+def parallel_from(elements: int):
+    """Launches go parallel from ``elements`` elements (default 32K) inside the block."""
+    return _setting("parallel_min_elements", elements)
 
-    normkit_first_cpu_call()
-    mod = native.wait(timeout=900)
-    if mod is None:
-        if not native.enabled():
-            pytest.skip("the native entry point is turned off (NORMKIT_NATIVE=0)")
-        if not any(shutil.which(c) for c in ("c++", "g++")):
-            pytest.skip(f"no C++ compiler on this machine: {native.status()}")
-        pytest.fail(f"the native entry point did not build: {native.status()}")
-    return mod
+
+def stream_from(nbytes: int):
+    """Outputs of ``nbytes`` or more are written with streamed stores inside the block."""
+    return _setting("stream_min_bytes", nbytes)
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import gc
 
 import pytest
 import torch
+from conftest import run_python
 
 import normkit
 from normkit.kernels import cpu
@@ -57,25 +58,39 @@ def test_saved_tensors_keep_their_buffers():
     assert torch.equal(gx, gh) and torch.equal(gw, gw_ref)
 
 
-def test_the_cap_holds_and_zero_turns_the_pool_off(monkeypatch):
+@pytest.fixture
+def pool_cap():
+    before = cpu._cpu.pool_max_bytes()
+    yield cpu._cpu.set_pool_max_bytes
+    cpu._cpu.set_pool_max_bytes(before)
+
+
+def test_the_cap_holds_and_zero_turns_the_pool_off(pool_cap):
     x = torch.randn(BIG)
-    monkeypatch.setattr(cpu, "_POOL_MAX_BYTES", x.nbytes)  # room for one buffer
+    pool_cap(x.nbytes)  # room for one buffer
     ys = [normkit.layer_norm(x, BIG[1]) for _ in range(3)]  # all alive: one pooled, two not
-    assert len(cpu._POOL) == 1
+    assert cpu._cpu.pooled_buffers() == 1
     assert all(torch.equal(y, ys[0]) for y in ys)
-    monkeypatch.setattr(cpu, "_POOL_MAX_BYTES", 0)
+    with pytest.raises(RuntimeError):
+        ys[0].resize_(2 * BIG[0], BIG[1])  # a pooled buffer cannot grow under the pool
+    pool_cap(0)
     normkit.empty_cache()
     y = normkit.layer_norm(x, BIG[1])
-    assert cpu._POOL == [] and torch.equal(y, ys[0])
+    assert cpu._cpu.pooled_buffers() == 0 and torch.equal(y, ys[1])
     y.resize_(4)  # a plain torch allocation: resizable
 
 
 def test_empty_cache_forgets_free_buffers():
     x = torch.randn(BIG)
     normkit.layer_norm(x, BIG[1])  # dies at once
-    assert len(cpu._POOL) == 1
+    assert cpu._cpu.pooled_buffers() == 1
     normkit.empty_cache()
-    assert cpu._POOL == []
+    assert cpu._cpu.pooled_buffers() == 0
+
+
+def test_the_cap_comes_from_the_environment():
+    code = "from normkit.kernels import cpu; print(cpu._cpu.pool_max_bytes())"
+    assert run_python(code, {"NORMKIT_CPU_POOL_MB": "7"}).strip() == str(7 << 20)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,6 +1,6 @@
 """Tracing and ONNX export of normkit modules: the graph must hold the op, not a constant.
 
-A numba kernel is opaque to tracers: without the traceable path, ``torch.jit.trace`` and the
+A compiled kernel is opaque to tracers: without the traceable path, ``torch.jit.trace`` and the
 TorchScript ONNX exporter record the kernel's *output* as a constant, and the exported model
 returns the example's result for every input.  These tests feed other inputs than the example.
 """

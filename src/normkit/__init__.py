@@ -1,7 +1,8 @@
 """normkit: fast, exact and observable layer normalization for PyTorch.
 
-``import normkit`` imports torch and nothing heavier: numba loads on the first CPU kernel call,
-and no optional extra (triton, transformers, onnx, prometheus_client, matplotlib) is imported.
+``import normkit`` imports torch and nothing heavier: the compiled CPU kernels load on the first
+CPU call (a shared library: nothing compiles), and no optional extra (triton, transformers, onnx,
+prometheus_client, matplotlib) is imported.
 ``normkit.watch`` / ``normkit.Baseline`` (telemetry, ``normkit.monitor``) and ``normkit.audit``
 load on first use.
 """

@@ -408,7 +408,7 @@ class BenchConfig:
 
     @classmethod
     def quick_grid(cls, **overrides: Any) -> BenchConfig:
-        """The --quick grid: under a minute on a 2-core machine, numba's cold JIT included."""
+        """The --quick grid: under a minute on a 2-core machine."""
         base = dict(
             ops=("ln", "rms", "add_ln"),
             dtypes=("float32", "bfloat16"),
@@ -744,8 +744,8 @@ def _bench_case(case: Case, cfg: BenchConfig, timer: Timer,
         record["normkit_cpu_kernel"] = probe_cache[key]
     del t, prepared
     if nbytes >= 1 << 28:
-        # Refcounting frees everything above; a full collection costs ~0.2 s with numba and
-        # torch loaded, so it is paid only where a leaked cycle would hold GBs.
+        # Refcounting frees everything above; a full collection costs ~0.2 s with torch
+        # loaded, so it is paid only where a leaked cycle would hold GBs.
         gc.collect()
     return record
 
@@ -786,8 +786,6 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> dict[s
     cases = config.cases()
     results = []
     probe_cache: dict[tuple, bool | str] = {}
-    if config.device == "cpu" and config.backend in ("auto", "cpu"):
-        _wait_for_native()
     with _normkit_backend(config.backend):
         for i, case in enumerate(cases):
             if progress is not None:
@@ -800,7 +798,7 @@ def run_bench(config: BenchConfig, progress: ProgressFn | None = None) -> dict[s
     doc = {
         "schema_version": SCHEMA_VERSION,
         "kind": "normkit-bench",
-        "machine": machine_info(),  # after the run: numba's threading layer is known by then
+        "machine": machine_info(),
         "config": config.to_json(),
         "definitions": {
             "ideal_bytes": "fwd: read x + write y (+ read residual + write h when fused); "
@@ -975,38 +973,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _wait_for_native() -> None:
-    """Time the steady state: the native entry point serves eager CPU calls once its background
-    build (a minute, once per machine and version) is over, so wait for it before the first
-    case (a no-op where it is turned off or cannot be built)."""
-    import normkit
-    from normkit.kernels import native
-
-    normkit.layer_norm(torch.zeros(1, 1), 1)  # the first CPU call starts the build
-    native.wait(timeout=900)
-
-
-def _native_info() -> str:
+def _cpu_kernels_info() -> dict[str, Any]:
+    """The compiled CPU kernels: the instruction-set path they run on, and the machine's."""
     try:
-        from normkit.kernels import native
-    except Exception as e:  # numba missing: no CPU kernels at all
-        return f"unavailable: {_error_text(e, 200)}"
-    return native.status()
-
-
-def _numba_info() -> dict[str, Any]:
-    out: dict[str, Any] = {"version": _version("numba")}
-    try:
-        import numba
-
-        out["num_threads"] = numba.config.NUMBA_NUM_THREADS
-        try:
-            out["threading_layer"] = numba.threading_layer()
-        except ValueError:  # no parallel numba function has run in this process yet
-            out["threading_layer"] = None
-    except Exception as e:
-        out["error"] = _error_text(e, 200)
-    return out
+        from normkit.kernels import cpu
+    except Exception as e:  # not built, or built for another torch
+        return {"error": _error_text(e, 200)}
+    return cpu.status()
 
 
 def _git_commit(root: Path | None) -> dict[str, Any] | None:
@@ -1048,8 +1021,8 @@ def machine_info() -> dict[str, Any]:
     except Exception:
         capability = None
     env_keys = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
-                "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
-                "NUMBA_THREADING_LAYER", "NUMBA_CACHE_DIR", "THP_MEM_ALLOC_ENABLE",
+                "MKL_NUM_THREADS", "NORMKIT_CPU_ISA", "NORMKIT_STREAM_MIN_MB",
+                "NORMKIT_CPU_POOL_MB", "THP_MEM_ALLOC_ENABLE",
                 "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
     cuda = None
     if torch.cuda.is_available():
@@ -1069,8 +1042,7 @@ def machine_info() -> dict[str, Any]:
                   "cpu_capability": capability},
         "cuda": cuda,
         "numpy": numpy.__version__,
-        "numba": _numba_info(),
-        "normkit_native": _native_info(),
+        "normkit_cpu": _cpu_kernels_info(),
         "onnxruntime": _version("onnxruntime"),
         "normkit": {"version": nk_version, "git": _git_commit(find_repo_root())},
         "env": {k: os.environ[k] for k in env_keys if k in os.environ},

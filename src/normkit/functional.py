@@ -2,9 +2,11 @@
 
 Three ways in, one set of kernels:
 
-* eager, no gradient needed (serving): validate, flatten, call the kernel. Nothing else runs;
-  at M=1 every 0.1 µs counts against torch's own ~4.5 µs kernel.
-* eager, gradient needed: the same, through ``_NormFunction`` (an ``autograd.Function``).
+* eager, the common CPU call (contiguous x, 1-D γ/β, "torch" casting): straight into the compiled
+  entry point (``cpu.infer``), which checks, allocates and launches in C++, with a C++ autograd
+  node when a gradient is wanted.  At M=1 every 0.1 µs counts against torch's own ~3 µs op.
+* eager, everything else: validate, flatten to rows, call the backend, through
+  ``_NormFunction`` (an ``autograd.Function``) when a gradient is wanted.
 * under ``torch.compile``: the ``normkit::norm_fwd`` / ``normkit::norm_bwd`` custom ops, with fake
   implementations, so graphs trace through without breaks.  The custom-op machinery costs
   several µs per call in eager mode, which is why eager calls bypass it.
@@ -17,6 +19,7 @@ import logging
 import math
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -43,20 +46,22 @@ _backend = "auto"
 _observers = 0  # threads with a statistics sink set (see _set_stats_sink); 0 keeps the fast path
 _tls = threading.local()
 _observers_lock = threading.Lock()
-_cpu_module = None  # normkit.kernels.cpu, imported on first use (numba is slow to import)
+_cpu_module = None  # normkit.kernels.cpu (the compiled kernels), loaded on the first CPU call
 _cpu_error: str | None = None
 _triton_module = None  # normkit.kernels.triton, imported when a CUDA tensor (or test) needs it
 _triton_error: str | None = None
 _tracing_state = torch._C._get_tracing_state  # bound once: ~60 ns on the M=1 fast path
 _is_compiling = torch.compiler.is_compiling
-# The CPU kernels module while the eager fast paths may be taken (backend "auto" or "cpu", no
-# statistics sink anywhere), else None: one global read on every call instead of four checks.
+# The compiled eager entry point (cpu.infer) while the eager fast paths may be taken (backend
+# "auto" or "cpu", no statistics sink anywhere), else None: one global read on every call
+# instead of four checks.
 _fast = None
 
 
 def _refresh_fast():
     global _fast
-    _fast = _cpu_module if _backend in ("auto", "cpu") and not _observers else None
+    ok = _cpu_module is not None and _backend in ("auto", "cpu") and not _observers
+    _fast = _cpu_module.infer if ok else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +76,8 @@ class use_backend(contextlib.AbstractContextManager):
 
     Names: "auto" (fastest correct backend for the device, dtype and N — never chosen by the
     number of rows, so a row gets the same bits alone or in a batch), "reference" (pure torch,
-    float64-capable), "cpu" (numba; raises if it cannot compute a call), "triton" (CUDA tensors;
+    float64-capable), "cpu" (the compiled CPU kernels; raises if it cannot compute a call),
+    "triton" (CUDA tensors;
     CPU tensors too when ``TRITON_INTERPRET=1`` was set before first use — how CI tests the
     kernels; raises if it cannot compute a call).
     """
@@ -109,8 +115,9 @@ def get_backend() -> str:
 
 
 def available_backends() -> list[str]:
-    """Backends that can run on this machine (``cpu`` needs numba; ``triton`` needs triton and
-    a CUDA device, or ``TRITON_INTERPRET=1``)."""
+    """Backends that can run on this machine (``cpu`` needs the compiled kernels, built when
+    normkit is installed; ``triton`` needs triton and a CUDA device, or ``TRITON_INTERPRET=1``).
+    """
     names = ["reference"] + (["cpu"] if _load_cpu() is not None else [])
     if (_interpreting() or torch.cuda.is_available()) and _load_triton() is not None:
         names.append("triton")
@@ -141,11 +148,13 @@ def _load_cpu():
         try:
             from .kernels import cpu
 
+            cpu.configure(_fast_double_backward)
             _cpu_module = cpu
             _refresh_fast()
-        except Exception as e:  # numba missing or broken: auto falls back to the reference
-            _cpu_error = f"{type(e).__name__}: {e}"
-            log.warning("normkit cpu backend unavailable (%s); using the reference", _cpu_error)
+        except ImportError as e:  # not built, or built for another torch: the reference serves
+            _cpu_error = str(e)
+            warnings.warn(f"{e}.  Until then the reference backend serves CPU tensors (slower).",
+                          RuntimeWarning, stacklevel=3)
     return _cpu_module
 
 
@@ -295,8 +304,7 @@ def layer_norm(
     if (fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma
             and type(eps) is float and 0.0 <= eps < math.inf
             and not _is_compiling() and _tracing_state() is None):
-        res = fast.infer(x, normalized_shape, weight, bias, eps, False, residual, out,
-                         residual_out, _FastNorm.apply)
+        res = fast(x, normalized_shape, weight, bias, eps, False, residual, out, residual_out)
         if res is not None:
             return _finish(res, x, residual, return_residual)
     return _norm(
@@ -337,8 +345,8 @@ def rms_norm(
             eps = torch.finfo(x.dtype).eps
         if (type(eps) is float and 0.0 <= eps < math.inf and not _is_compiling()
                 and _tracing_state() is None):
-            res = fast.infer(x, normalized_shape, weight, None, eps, True, residual, out,
-                             residual_out, _FastNorm.apply)
+            res = fast(x, normalized_shape, weight, None, eps, True, residual, out,
+                       residual_out)
             if res is not None:
                 return _finish(res, x, residual, return_residual)
     return _norm(
@@ -361,7 +369,7 @@ def _finish(res, x, residual, return_residual):
 
 def _first_call(x):
     """``_fast`` for a call made before the CPU backend was loaded: load it when x is a CPU tensor
-    (numba's import is not paid for by CUDA-only use).  None when the fast paths are off."""
+    (CUDA-only use never loads it).  None when the fast paths are off."""
     if _cpu_module is None and _cpu_error is None and isinstance(x, torch.Tensor) and x.is_cpu:
         _load_cpu()
     return _fast
@@ -507,7 +515,7 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
         )
     if _tracing_state() is not None or (
             torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()):
-        # Tracing (torch.jit.trace, both ONNX exporters): a numba call is opaque to tracers and
+        # Tracing (torch.jit.trace, both ONNX exporters): a compiled call is opaque to tracers and
         # would be recorded as a constant output, so trace torch's own ops instead — on x as
         # it is, so that a dynamic batch dim stays dynamic in the graph.
         y, h = _traceable(x, ns, n, weight, bias, residual, eps, rms, zc, casting, out_dtype)
@@ -641,39 +649,9 @@ class _NormFunction(torch.autograd.Function):
         )
 
 
-class _FastNorm(torch.autograd.Function):
-    """Autograd for the common training call (what ``cpu.infer`` accepts: contiguous CPU x,
-    1-D γ/β in the kernels' dtype, "torch" casting), with as little Python per call as it can:
-    at M=1 the engine's own cost of a Python Function is most of torch's LayerNorm backward.
-    Same kernels and bits as ``_NormFunction``; x keeps its shape (the rows are its last dim)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, rms, plan):
-        y, h, stats = _cpu_module.train_forward(x, weight, bias, residual, eps, rms, plan)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, bias, residual, h, stats)
-        ctx.opts = (eps, rms, plan)
-        return y if h is None else (y, h)
-
-    @staticmethod
-    def backward(ctx, dy, dh=None):
-        x, weight, bias, residual, h, stats = ctx.saved_tensors
-        eps, rms, plan = ctx.opts
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: double backward via the reference
-            return _fast_double_backward(need, x, weight, bias, residual, dy, dh, eps,
-                                         rms) + (None, None, None)
-        dy = torch.zeros_like(x) if dy is None else dy.contiguous()  # dy None: only h was used
-        if dh is not None:
-            dh = dh.contiguous()
-        dx, dw, db = _cpu_module.train_backward(dy, dh, x if h is None else h, weight, stats, rms,
-                                                need[1], need[2], plan)
-        return dx if need[0] else None, dw, db, dx if need[3] else None, None, None, None
-
-
 def _fast_double_backward(need, x, weight, bias, residual, dy, dh, eps, rms):
-    """(dx, dγ, dβ, d-residual) of the lean paths (``_FastNorm`` and the native node) for
-    ``create_graph=True``: the reference's, on rows, differentiable again."""
+    """(dx, dγ, dβ, d-residual) of the eager path's C++ autograd node (kernels/csrc/host.cpp)
+    for ``create_graph=True``: the reference's, on rows, differentiable again."""
     n = x.shape[-1]
     rows = [None if t is None else t.reshape(-1, n) for t in (x, residual, dy, dh)]
     g = _reference_backward(need, rows[0], weight, bias, rows[1], rows[2], rows[3],

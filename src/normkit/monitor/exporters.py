@@ -376,7 +376,7 @@ class _EventFile:
 
     Written in place of tensorboard's ``EventFileWriter``, whose pure-Python CRC takes ~1 ms per
     6 KB event on its own thread — holding the GIL, i.e. stealing it from the training step
-    (~0.3% of a 460 ms step by itself).  Here the CRC is compiled (``_crc32c``) and the write
+    (~0.3% of a 460 ms step by itself).  Here the CRC is google-crc32c's (``_crc``) and the write
     happens on the caller's thread (the watch's export thread).
     """
 

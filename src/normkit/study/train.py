@@ -21,7 +21,7 @@ from .models import CharLSTM, TinyGPT
 
 __all__ = ["RunSpec", "train_run", "build_model", "eval_loss", "TIMING_SKIP"]
 
-# The first steps pay one-off costs (numba JIT load, allocator growth), so the per-step wall
+# The first steps pay one-off costs (allocator growth, first-touch pages), so the per-step wall
 # time is the median over the steps after these.
 TIMING_SKIP = 5
 

@@ -1,0 +1,467 @@
+// The host side of the CPU kernels: tensors in, tensors out.  normkit.kernels._cpu, the Python
+// extension module built when the package is installed (setup.py).
+//
+// * forward / backward: the backend functions functional.py calls on (M, N) rows, with every
+//   option (casting, zero-centred γ, out= / residual_out=, statistics for the backward).
+// * run: the eager call in its common form (contiguous x, 1-D γ/β in the kernels' dtype,
+//   "torch" casting), inference or training, checked, allocated and launched here, with a C++
+//   autograd node.  At a few rows the op is all overhead: torch's own LayerNorm costs ~3 µs at
+//   M=1; the Python checks and allocation around a kernel took ~5 µs, and a Python
+//   autograd.Function costs the engine ~15 µs more per backward than a C++ node.  Anything it
+//   does not cover returns None, and functional.py takes the general path, which validates
+//   everything and raises the named errors.
+//
+// Layers below: dispatch (which instruction-set path), launch (threads), buffers (pool,
+// scratch), kernels (the row functions).  Nothing here runs at import beyond registering the
+// module's functions.
+
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "buffers.h"
+#include "dispatch.h"
+#include "kernels.h"
+#include "launch.h"
+
+#ifndef NK_TORCH_VERSION
+#define NK_TORCH_VERSION "unknown"
+#endif
+#ifndef NK_BUILD_FLAGS
+#define NK_BUILD_FLAGS "unknown"
+#endif
+
+namespace py = pybind11;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Opt = std::optional<at::Tensor>;
+
+namespace normkit {
+namespace cpu {
+namespace {
+
+int kind_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    case at::kBFloat16: return kBFloat16;
+    case at::kHalf: return kFloat16;
+    default: return -1;
+  }
+}
+
+at::ScalarType compute_dtype(int x_kind) { return x_kind == kFloat64 ? at::kDouble : at::kFloat; }
+
+void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// γ (or β) as the kernels read it: the compute type, 1 added for a zero-centred γ, ones
+// without one.  The tensor's own memory where that is already it; else a widened copy in this
+// thread's scratch (exact: a 16-bit or float32 value widens without rounding).
+const void* param_row(const at::Tensor& p, bool add_one, bool f64, int64_t n, ScratchSlot slot,
+                      bool ones_if_absent) {
+  if (!p.defined()) return ones_if_absent ? ones_row(n, f64) : nullptr;
+  const int k = kind_of(p.scalar_type());
+  if (!add_one && k == (f64 ? kFloat64 : kFloat32)) return p.data_ptr();
+  void* buf = scratch(slot, n * (f64 ? 8 : 4));
+  kernels()->widen(p.data_ptr(), k, buf, f64, n, add_one);
+  return buf;
+}
+
+// The backward's partition of the rows into blocks: contiguous blocks of at least kBlockRows
+// rows, at most kMaxBlocks — or, for fewer rows than two such blocks, blocks of at least
+// kBlockElements elements — and a partition of fewer than kMinParBlocks blocks is one block.
+// A function of M and N only, so dγ/dβ (one partial row per block, summed in block order) have
+// the same bits whatever the thread count.  Blocks are also the unit of parallel work.  A
+// backward of fewer than kMinParBlocks blocks runs on one thread whatever its size: two
+// threads gained at most 15% at M = 8, and on one thread several blocks only cost (each zeroes
+// its partial rows, and they are summed after: 8x8192 float32, one core, 4 blocks 37.6 µs,
+// one 27.5).
+constexpr int64_t kMaxBlocks = 64, kBlockRows = 16, kBlockElements = int64_t(1) << 14,
+                  kMinParBlocks = 8;
+
+int64_t bwd_blocks(int64_t m, int64_t n) {
+  int64_t nblk = m >= 2 * kBlockRows ? std::min(kMaxBlocks, m / kBlockRows)
+                                     : std::max<int64_t>(1, std::min(m, m * n / kBlockElements));
+  return nblk >= kMinParBlocks ? nblk : 1;
+}
+
+int64_t stream_flag(int64_t elements, at::ScalarType dtype) {
+  return elements * int64_t(c10::elementSize(dtype)) >= stream_min_bytes() ? kStream : 0;
+}
+
+// Forward of the (M, N) rows of x (unit stride within a row) into y (and h): see FwdArgs.
+// w/b: in a dtype the kernels widen exactly (or the compute type).  nk: the storage kind x̂ is
+// rounded to ("llama"/"t5"), or -1.
+void launch_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                    const at::Tensor& r, const at::Tensor& h, const at::Tensor& y,
+                    const at::Tensor& stats, double eps, bool rms, bool zc, int nk) {
+  const int64_t m = x.size(0), n = x.size(1);
+  const int xk = kind_of(x.scalar_type()), yk = kind_of(y.scalar_type());
+  const bool f64 = xk == kFloat64;
+  FwdArgs a{};
+  a.n = n;
+  a.rms = rms;
+  a.eps = eps;
+  a.nk = nk;
+  a.flags = (w.defined() ? kW : 0) | (b.defined() ? kB : 0) | (nk >= 0 ? kRound : 0) |
+            (stats.defined() ? kStats : 0);
+  if (y.data_ptr() != x.data_ptr()) a.flags |= stream_flag(m * n, y.scalar_type());
+  a.x = x.data_ptr();
+  a.xrs = x.stride(0);
+  if (r.defined()) {
+    a.flags |= kRes;
+    a.r = r.data_ptr();
+    a.rrs = r.stride(0);
+    a.h = h.data_ptr();
+  }
+  a.y = y.data_ptr();
+  a.g = param_row(w, zc, f64, n, kScratchGamma, true);
+  a.b = param_row(b, false, f64, n, kScratchBeta, false);
+  a.stats = ptr(stats);
+  int variant = nk >= 0 ? (rms ? kRmsRound : kLnRound)
+                        : (rms ? kRmsMul : (b.defined() ? kLnFma : kLnMul));
+  FwdFn fn = kernels()->fwd[xk][yk][variant];
+  TORCH_CHECK(fn != nullptr, "normkit cpu: no forward kernel for ", x.scalar_type(), " -> ",
+              y.scalar_type());
+  run_units(m, m * n >= parallel_min_elements(),
+            [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+}
+
+// Backward: dx (in v's dtype), and dγ/dβ in grad_dtype where wanted.  v: the normalized input
+// (h with a residual), contiguous; dy contiguous in any float dtype; dh like v or undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_backward(
+    at::Tensor dy, const at::Tensor& dh, const at::Tensor& v, const at::Tensor& w,
+    const at::Tensor& stats, bool rms, bool zc, int nk, bool want_w, bool want_b,
+    at::ScalarType grad_dtype) {
+  const int64_t m = v.size(0), n = v.size(1);
+  const int xk = kind_of(v.scalar_type());
+  const bool f64 = xk == kFloat64;
+  const at::ScalarType cd = compute_dtype(xk);
+  int dk = kind_of(dy.scalar_type());
+  if (dk != xk && dk != kind_of(cd)) {
+    // the kernels read dy in x's dtype or the compute type: another dtype is converted first
+    // (exact, but for a float64 dy of 16/32-bit x, rounded to float32 as the statistics are)
+    dy = dy.to(cd);
+    dk = kind_of(cd);
+  }
+  BwdArgs a{};
+  a.m = m;
+  a.n = n;
+  a.rms = rms;
+  a.nk = nk;
+  a.flags = (want_w ? kDw : 0) | (want_b ? kB : 0) | (nk >= 0 ? kRound : 0);
+  a.flags |= stream_flag(m * n, v.scalar_type());
+  const int64_t nblk = bwd_blocks(m, n);
+  a.rpb = (m + nblk - 1) / nblk;
+  a.x = v.data_ptr();
+  a.dy = dy.data_ptr();
+  if (dh.defined()) {
+    a.dh = dh.data_ptr();
+    a.dhrs = n;
+  } else {
+    a.dh = zeros_row(n * int64_t(v.element_size()));
+    a.dhrs = 0;
+  }
+  at::Tensor dx = empty_output({m, n}, v.scalar_type());
+  a.dx = dx.data_ptr();
+  a.g = param_row(w, zc, f64, n, kScratchGamma, true);
+  a.stats = stats.data_ptr();
+  at::Tensor dw, db;
+  if (want_w) dw = at::empty({n}, at::TensorOptions().dtype(grad_dtype));
+  if (want_b) db = at::empty({n}, at::TensorOptions().dtype(grad_dtype));
+  a.pw = ptr(dw);
+  a.pb = ptr(db);
+  const bool partials = (nblk > 1 || grad_dtype != cd) && (want_w || want_b);
+  if (partials) {
+    const int64_t row = nblk * n * int64_t(f64 ? 8 : 4);
+    char* buf = static_cast<char*>(scratch(kScratchPartials, 2 * row));
+    a.pw = buf;
+    a.pb = buf + row;
+  }
+  BwdFn fn = kernels()->bwd[xk][dk];
+  TORCH_CHECK(fn != nullptr, "normkit cpu: no backward kernel for ", v.scalar_type());
+  run_units(nblk, nblk > 1 && m * n >= parallel_min_elements(),
+            [&](int64_t k0, int64_t k1) { fn(a, k0, k1); });
+  if (partials) {
+    SumFn sum = kernels()->sum[f64 ? 1 : 0];
+    const int gk = kind_of(grad_dtype);
+    if (want_w) sum(nblk, n, a.pw, dw.data_ptr(), gk);
+    if (want_b) sum(nblk, n, a.pb, db.data_ptr(), gk);
+  }
+  return {dx, dw, db};
+}
+
+at::Tensor value(const Opt& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// ------------------------------------------------------------------------------------------
+// The backend functions (functional.py's general path; cpu.py checks and converts first)
+// ------------------------------------------------------------------------------------------
+
+py::tuple forward(const at::Tensor& x, const Opt& wo, const Opt& bo, const Opt& ro, double eps,
+                  bool rms, bool zc, int64_t nk, at::ScalarType out_dtype, bool need_stats,
+                  const Opt& yo, const Opt& ho) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && kind_of(x.scalar_type()) >= 0,
+              "normkit cpu: forward takes (M, N) rows of unit stride");
+  const int64_t m = x.size(0), n = x.size(1);
+  at::Tensor w = value(wo), b = value(bo), r = value(ro), y = value(yo), h = value(ho);
+  if (!y.defined()) y = empty_output({m, n}, out_dtype);
+  if (r.defined() && !h.defined()) h = empty_output({m, n}, x.scalar_type());
+  at::Tensor stats;
+  if (need_stats) stats = at::empty({m, 3}, at::TensorOptions().dtype(compute_dtype(kind_of(x.scalar_type()))));
+  {
+    py::gil_scoped_release nogil;
+    launch_forward(x, w, b, r, h, y, stats, eps, rms, zc, int(nk));
+  }
+  return py::make_tuple(y, r.defined() ? py::cast(h) : py::none(),
+                        need_stats ? py::cast(stats) : py::none());
+}
+
+py::tuple backward(const at::Tensor& dy, const Opt& dh, const at::Tensor& v, const Opt& w,
+                   const at::Tensor& stats, bool rms, bool zc, int64_t nk, bool want_w,
+                   bool want_b, at::ScalarType grad_dtype) {
+  at::Tensor dx, dw, db;
+  {
+    py::gil_scoped_release nogil;
+    std::tie(dx, dw, db) = launch_backward(dy.contiguous(), dh ? dh->contiguous() : at::Tensor(),
+                                           v.contiguous(), value(w), stats, rms, zc, int(nk),
+                                           want_w, want_b, grad_dtype);
+  }
+  return py::make_tuple(dx, dw.defined() ? py::cast(dw) : py::none(),
+                        db.defined() ? py::cast(db) : py::none());
+}
+
+// ------------------------------------------------------------------------------------------
+// The eager entry point and its autograd node
+// ------------------------------------------------------------------------------------------
+
+PyTypeObject* g_parameter_type = nullptr;  // torch.nn.Parameter
+py::object* g_double_backward = nullptr;   // Python: the create_graph=True backward
+std::atomic<int64_t> g_calls{0};           // calls served by run (tests read it)
+
+// A plain dense CPU tensor (torch.Tensor or nn.Parameter: no subclass that could override
+// anything, no torch.func wrapper, no nested tensor), or nullptr.
+const at::Tensor* plain(PyObject* obj) {
+  PyTypeObject* tp = Py_TYPE(obj);
+  if (!THPVariable_CheckTypeExact(tp) && tp != g_parameter_type) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.defined() || !t.device().is_cpu() || t.layout() != at::kStrided || t.is_nested() ||
+      !t.has_storage())
+    return nullptr;
+  return &t;
+}
+
+// The rows of t: a contiguous (M, N) view (no copy; t is contiguous).
+at::Tensor rows(const at::Tensor& t, int64_t m, int64_t n) {
+  return t.dim() == 2 ? t : t.view({m, n});
+}
+
+struct Norm : public torch::autograd::Function<Norm> {
+  // γ, β and the residual are optional: absent ones are not inputs of the node at all.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Opt& wo,
+                               const Opt& bo, const Opt& ro, double eps, bool rms) {
+    at::Tensor w = value(wo), b = value(bo), r = value(ro);
+    const int64_t n = x.size(-1), m = x.numel() / n;
+    at::Tensor y = empty_output(x.sizes(), x.scalar_type());
+    at::Tensor h = r.defined() ? empty_output(x.sizes(), x.scalar_type()) : at::Tensor();
+    at::Tensor stats =
+        at::empty({m, 3}, at::TensorOptions().dtype(compute_dtype(kind_of(x.scalar_type()))));
+    launch_forward(rows(x, m, n), w, b, r.defined() ? rows(r, m, n) : r,
+                   h.defined() ? rows(h, m, n) : h, rows(y, m, n), stats, eps, rms, false, -1);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, w, b, r, h, stats});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["rms"] = rms;
+    if (r.defined()) return {y, h};
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &w = s[1], &b = s[2], &r = s[3], &h = s[4], &stats = s[5];
+    const bool rms = ctx->saved_data["rms"].toBool();
+    at::Tensor dy = grads[0];
+    at::Tensor dh = grads.size() > 1 ? grads[1] : at::Tensor();
+    // needs_input_grad counts the node's inputs, which are only the tensors that were given
+    size_t edge = 0;
+    auto needs = [&](bool given) { return given && ctx->needs_input_grad(edge++); };
+    const bool need_x = needs(true), need_w = needs(w.defined()), need_b = needs(b.defined()),
+               need_r = needs(r.defined());
+    if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True: the reference's
+      py::gil_scoped_acquire gil;
+      py::tuple g = (*g_double_backward)(py::make_tuple(need_x, need_w, need_b, need_r), x, w,
+                                         b, r, dy, dh, ctx->saved_data["eps"].toDouble(), rms);
+      auto get = [&](int i) {
+        return g[i].is_none() ? at::Tensor() : THPVariable_Unpack(g[i].ptr());
+      };
+      return {get(0), get(1), get(2), get(3), at::Tensor(), at::Tensor()};
+    }
+    const at::Tensor& v = r.defined() ? h : x;
+    const int64_t n = v.size(-1), m = v.numel() / n;
+    dy = dy.defined() ? dy.contiguous() : at::zeros_like(x);  // undefined: only h was used
+    if (dh.defined()) dh = rows(dh.contiguous(), m, n);
+    at::ScalarType pd = w.defined() ? w.scalar_type()
+                                    : (b.defined() ? b.scalar_type() : compute_dtype(kind_of(v.scalar_type())));
+    auto [dx, dw, db] = launch_backward(rows(dy, m, n), dh, rows(v, m, n), w, stats, rms, false,
+                                        -1, need_w && w.defined(), need_b && b.defined(), pd);
+    dx = dx.view(v.sizes());
+    return {need_x ? dx : at::Tensor(), dw, db, need_r ? dx : at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+// The γ/β dtypes the eager path takes for x of kind xk (as cpu.plan with "torch" casting and
+// no conversion): float64 x: float64 γ/β; else γ and β of one 32/16-bit dtype (either absent).
+bool params_ok(int xk, int wk, int bk) {
+  const int absent = -2;
+  if (xk == kFloat64) return (wk == absent || wk == kFloat64) && (bk == absent || bk == kFloat64);
+  auto ok = [](int k) { return k == kFloat32 || k == kBFloat16 || k == kFloat16; };
+  if (wk != absent && !ok(wk)) return false;
+  if (bk != absent && !ok(bk)) return false;
+  return wk == absent || bk == absent || wk == bk;
+}
+
+// y, (y, h), or None.  n: an int or a 1-tuple of one (nn.LayerNorm's normalized_shape).
+py::object run(py::handle xo, py::handle no, py::handle wo, py::handle bo, double eps, bool rms,
+               py::handle ro, py::handle oo, py::handle hoo) {
+  const at::Tensor* x = plain(xo.ptr());
+  if (x == nullptr || x->dim() == 0 || !x->is_contiguous()) return py::none();
+  PyObject* nobj = no.ptr();
+  if (PyTuple_CheckExact(nobj) && PyTuple_GET_SIZE(nobj) == 1) nobj = PyTuple_GET_ITEM(nobj, 0);
+  if (!PyLong_CheckExact(nobj)) return py::none();  // bool is not an exact int
+  const int64_t n = PyLong_AsLongLong(nobj);
+  if (n <= 0 || x->size(-1) != n) {
+    PyErr_Clear();
+    return py::none();
+  }
+  const int xk = kind_of(x->scalar_type());
+  if (xk < 0) return py::none();
+  const at::Tensor *w = nullptr, *b = nullptr, *r = nullptr, *out = nullptr, *hout = nullptr;
+  int wk = -2, bk = -2;
+  const bool grad = torch::autograd::GradMode::is_enabled();
+  bool train = grad && x->requires_grad();
+  if (!wo.is_none()) {
+    w = plain(wo.ptr());
+    if (w == nullptr || w->dim() != 1 || w->size(0) != n || !w->is_contiguous()) return py::none();
+    wk = kind_of(w->scalar_type());
+    train = train || (grad && w->requires_grad());
+  }
+  if (!bo.is_none()) {
+    b = plain(bo.ptr());
+    if (b == nullptr || b->dim() != 1 || b->size(0) != n || !b->is_contiguous()) return py::none();
+    bk = kind_of(b->scalar_type());
+    train = train || (grad && b->requires_grad());
+  }
+  if (!params_ok(xk, wk, bk)) return py::none();
+  if (!ro.is_none()) {
+    r = plain(ro.ptr());
+    if (r == nullptr || r->scalar_type() != x->scalar_type() || !r->is_contiguous() ||
+        !r->sizes().equals(x->sizes()))
+      return py::none();
+    train = train || (grad && r->requires_grad());
+  }
+  auto like_x = [&](py::handle o) -> const at::Tensor* {
+    const at::Tensor* t = plain(o.ptr());
+    if (t == nullptr || t->scalar_type() != x->scalar_type() || !t->is_contiguous() ||
+        !t->sizes().equals(x->sizes()) || (grad && t->requires_grad()))
+      return nullptr;
+    return t;
+  };
+  if (!oo.is_none() && (train || (out = like_x(oo)) == nullptr)) return py::none();
+  if (!hoo.is_none()) {
+    if (train || r == nullptr || (hout = like_x(hoo)) == nullptr) return py::none();
+    if (out != nullptr && out->data_ptr() == hout->data_ptr()) return py::none();
+  }
+  const int64_t m = x->numel() / n;
+  if (m == 0) return py::none();
+  g_calls++;
+  if (train) {
+    auto opt = [](const at::Tensor* t) { return t ? Opt(*t) : Opt(); };
+    variable_list res = Norm::apply(*x, opt(w), opt(b), opt(r), eps, rms);
+    if (r) return py::make_tuple(res[0], res[1]);
+    return py::cast(res[0]);
+  }
+  at::Tensor y = out ? *out : empty_output(x->sizes(), x->scalar_type());
+  at::Tensor h;
+  if (r) h = hout ? *hout : empty_output(x->sizes(), x->scalar_type());
+  {
+    std::optional<py::gil_scoped_release> nogil;
+    if (m * n >= parallel_min_elements()) nogil.emplace();  // small calls keep it: ~0.1 µs
+    launch_forward(rows(*x, m, n), w ? *w : at::Tensor(), b ? *b : at::Tensor(),
+                   r ? rows(*r, m, n) : at::Tensor(), r ? rows(h, m, n) : at::Tensor(),
+                   rows(y, m, n), at::Tensor(), eps, rms, false, -1);
+  }
+  if (r) return py::make_tuple(y, h);
+  return py::cast(y);
+}
+
+void configure(py::object parameter_type, py::object double_backward) {
+  if (g_parameter_type == nullptr) {
+    g_parameter_type = reinterpret_cast<PyTypeObject*>(parameter_type.ptr());
+    Py_INCREF(parameter_type.ptr());
+  }
+  delete g_double_backward;
+  g_double_backward = new py::object(std::move(double_backward));
+}
+
+std::string isa_name() { return kernels()->name; }
+
+// The kernels' conversions alone (tests): src converted to dst's dtype by the vector spelling
+// (mode 0; numel a multiple of 16) or the scalar one (1), or rounded to dst's dtype and back in
+// the compute type (2, 3: dst then holds float32, or float64 for float64 src).
+void convert_for_tests(const at::Tensor& src, const at::Tensor& dst, int64_t rounded_kind,
+                       int64_t mode) {
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel());
+  const int sk = kind_of(src.scalar_type());
+  const int dk = mode >= 2 ? int(rounded_kind) : kind_of(dst.scalar_type());
+  TORCH_CHECK(sk >= 0 && dk >= 0 && (mode % 2 == 1 || src.numel() % 16 == 0));
+  kernels()->convert(src.data_ptr(), sk, dst.data_ptr(), dk, src.numel(), int(mode));
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace normkit
+
+PYBIND11_MODULE(_cpu, mod) {
+  using namespace normkit::cpu;
+  mod.doc() = "normkit's compiled CPU kernels (see normkit/kernels/cpu.py)";
+  mod.def("forward", &forward);
+  mod.def("backward", &backward);
+  mod.def("run", &run);
+  mod.def("configure", &configure);
+  mod.def("calls", [] { return g_calls.load(); });
+  mod.def("isa", &isa_name);
+  mod.def("available_isas", &available_isas);
+  mod.def("set_isa", &set_isa);
+  mod.def("cpu_features", &cpu_features);
+  mod.def("parallel_min_elements", &parallel_min_elements);
+  mod.def("set_parallel_min_elements", &set_parallel_min_elements);
+  mod.def("parallel_used", &parallel_used);
+  mod.def("parallel_regions", &parallel_regions);
+  mod.def("serial_only", &serial_only);
+  mod.def("openmp", &openmp);
+  mod.def("bwd_blocks", &bwd_blocks);
+  mod.def("release_buffers", &release_buffers);
+  mod.def("pooled_buffers", &pooled_buffers);
+  mod.def("advised_buffers", &advised_buffers);
+  mod.def("pool_max_bytes", &pool_max_bytes);
+  mod.def("set_pool_max_bytes", &set_pool_max_bytes);
+  mod.def("stream_min_bytes", &stream_min_bytes);
+  mod.def("set_stream_min_bytes", &set_stream_min_bytes);
+  mod.def("_convert", &convert_for_tests);
+  mod.attr("torch_version") = NK_TORCH_VERSION;
+  mod.attr("build_flags") = NK_BUILD_FLAGS;
+}

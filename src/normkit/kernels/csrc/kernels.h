@@ -1,0 +1,99 @@
+// The row kernels' interface: what host.cpp hands a kernel, and the table of kernels that each
+// instruction-set path (isa_*.cpp, built from one source, rows.h) exports.  Plain C++ types
+// only: no torch here, so the kernels know nothing of tensors, threads or allocation.
+#pragma once
+
+#include <cstdint>
+
+namespace normkit {
+namespace cpu {
+
+// Storage kinds, in the order torch's dtypes are mapped to them (host.cpp: kind_of).
+enum StorageKind : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3, kKinds = 4 };
+
+// Flags of a launch.
+enum Flag : int {
+  kRes = 1,      // forward: h = x + residual is written, then normalized
+  kW = 2,        // γ was given (only "round" outputs look: x̂·γ is rounded, see rows.h)
+  kB = 4,        // forward: + β; backward: dβ wanted
+  kRound = 16,   // "llama"/"t5" casting: x̂ rounded to FwdArgs::nk before γ
+  kStats = 32,   // forward: the (M, 3) statistics [m1, dm, rstd] are written
+  kDw = 128,     // backward: dγ wanted
+  kStream = 256  // outputs (y, dx) written with non-temporal stores
+};
+
+// One forward launch: rows [lo, hi) of an (M, N) input.  Element strides; y and h contiguous.
+struct FwdArgs {
+  int64_t n;
+  int flags;
+  int nk;          // kRound: the storage kind x̂ is rounded to
+  bool rms;
+  double eps;
+  const void* x;   // row i at x + i·xrs (elements), N contiguous elements
+  int64_t xrs;
+  const void* r;   // kRes: the residual, row stride rrs
+  int64_t rrs;
+  void* h;         // kRes: h = x + r, (M, N) in x's kind; may be x or r (in place)
+  void* y;         // (M, N) in the output kind; may be x (in place)
+  const void* g;   // γ as the compute type: γ, 1 + γ (zero-centred), or ones without γ
+  const void* b;   // β as the compute type, or null
+  void* stats;     // kStats: (M, 3) in the compute type
+};
+
+// One backward launch: row blocks [k0, k1) of a partition of the M rows into blocks of rpb.
+struct BwdArgs {
+  int64_t m, n, rpb;
+  int flags;
+  int nk;
+  bool rms;
+  const void* x;      // (M, N) contiguous: the normalized input (h with a residual)
+  const void* dy;     // (M, N) contiguous in the output kind of the kernel
+  const void* dh;     // gradient of h, row stride dhrs (0: one row of zeros for every row)
+  int64_t dhrs;
+  void* dx;           // (M, N) in x's kind
+  const void* g;      // γ (+1) as the compute type, or ones
+  const void* stats;  // (M, 3) [m1, dm, rstd] in the compute type
+  void* pw;           // kDw: partial dγ rows, one per block, compute type
+  void* pb;           // kB: partial dβ rows
+};
+
+using FwdFn = void (*)(const FwdArgs&, int64_t lo, int64_t hi);
+using BwdFn = void (*)(const BwdArgs&, int64_t k0, int64_t k1);
+// out[j] = Σ_k partial[k, j] (k in order), rounded once to out_kind; partial row 0 is the sum.
+using SumFn = void (*)(int64_t nblk, int64_t n, void* partial, void* out, int out_kind);
+// dst[j] = src[j] (+ 1) in the compute type (float, or double with to_double); exact widening.
+using WidenFn = void (*)(const void* src, int kind, void* dst, bool to_double, int64_t n,
+                         bool add_one);
+// The conversions alone, for the tests (rows.h: convert_as).
+using ConvertFn = void (*)(const void* src, int src_kind, void* dst, int dst_kind, int64_t n,
+                           int mode);
+
+// Forward variants: what the output loop computes (rows.h).
+enum FwdVariant : int {
+  kLnMul = 0,    // LayerNorm, y = x̂·γ
+  kLnFma = 1,    // LayerNorm, y = x̂·γ + β (one fused multiply-add)
+  kRmsMul = 2,   // RMSNorm, y = x̂·γ
+  kLnRound = 3,  // "llama"/"t5": x̂ and x̂·γ rounded
+  kRmsRound = 4,
+  kVariants = 5
+};
+
+struct Table {
+  const char* name;
+  FwdFn fwd[kKinds][kKinds][kVariants];  // [x][y]: null where not built (kRound on float64)
+  // [x][dy]: built for dy in x's kind or in its compute type only (host.cpp widens another dy
+  // first: exact)
+  BwdFn bwd[kKinds][kKinds];
+  SumFn sum[2];  // [compute type: float, double]
+  WidenFn widen;
+  ConvertFn convert;
+};
+
+// One table per instruction-set path; null where this build has no such path.
+const Table* table_generic();
+const Table* table_avx2();
+const Table* table_avx512();
+const Table* table_avx512bf16();
+
+}  // namespace cpu
+}  // namespace normkit
