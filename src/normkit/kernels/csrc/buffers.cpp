@@ -176,11 +176,5 @@ const void* ones_row(int64_t n, bool f64) {
   return ones32.data();
 }
 
-const void* zeros_row(int64_t nbytes) {
-  thread_local std::vector<char> zeros;
-  if (int64_t(zeros.size()) < nbytes) zeros.assign(std::max<int64_t>(nbytes, 16384), 0);
-  return zeros.data();
-}
-
 }  // namespace cpu
 }  // namespace normkit

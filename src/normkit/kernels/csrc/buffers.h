@@ -29,13 +29,12 @@ void set_stream_min_bytes(int64_t bytes);
 
 // Per-thread scratch that grows on demand, valid until this thread's next call with the same
 // slot (launches use it only while they run; their worker threads read the caller's).
-enum ScratchSlot { kScratchGamma = 0, kScratchBeta, kScratchPartials, kScratchSlots };
+enum ScratchSlot { kScratchGamma = 0, kScratchBeta, kScratchPartials, kScratchRows, kScratchSlots };
 void* scratch(ScratchSlot slot, int64_t nbytes);
 
-// A per-thread row of n values 1 in the compute type (double when ``f64``, else float), and a
-// row of n zero bytes·itemsize: the stand-ins for an absent γ and an absent dh.
+// A per-thread row of n values 1 in the compute type (double when ``f64``, else float): the
+// stand-in for an absent γ (x̂·1 is x̂).
 const void* ones_row(int64_t n, bool f64);
-const void* zeros_row(int64_t nbytes);
 
 }  // namespace cpu
 }  // namespace normkit

@@ -17,6 +17,7 @@
 
 #include <Python.h>
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -173,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_backward(
     a.dh = dh.data_ptr();
     a.dhrs = n;
   } else {
-    a.dh = zeros_row(n * int64_t(v.element_size()));
+    a.dh = nullptr;
     a.dhrs = 0;
   }
   at::Tensor dx = empty_output({m, n}, v.scalar_type());
@@ -194,8 +195,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_backward(
   }
   BwdFn fn = kernels()->bwd[xk][dk];
   TORCH_CHECK(fn != nullptr, "normkit cpu: no backward kernel for ", v.scalar_type());
-  run_units(nblk, nblk > 1 && m * n >= parallel_min_elements(),
-            [&](int64_t k0, int64_t k1) { fn(a, k0, k1); });
+  // each thread's part of the row scratch (2·N compute values), by its number in the region
+  const int64_t part = (2 * n * (f64 ? 8 : 4) + 63) / 64 * 64;
+  char* rows_scratch = static_cast<char*>(scratch(kScratchRows, part * at::get_num_threads()));
+  run_units(nblk, nblk > 1 && m * n >= parallel_min_elements(), [&](int64_t k0, int64_t k1) {
+    BwdArgs mine = a;
+    mine.scratch = rows_scratch + part * at::get_thread_num();
+    fn(mine, k0, k1);
+  });
   if (partials) {
     SumFn sum = kernels()->sum[f64 ? 1 : 0];
     const int gk = kind_of(grad_dtype);

@@ -48,13 +48,14 @@ struct BwdArgs {
   bool rms;
   const void* x;      // (M, N) contiguous: the normalized input (h with a residual)
   const void* dy;     // (M, N) contiguous in the output kind of the kernel
-  const void* dh;     // gradient of h, row stride dhrs (0: one row of zeros for every row)
+  const void* dh;     // gradient of h, row stride dhrs; null: none (+0 is added)
   int64_t dhrs;
   void* dx;           // (M, N) in x's kind
   const void* g;      // γ (+1) as the compute type, or ones
   const void* stats;  // (M, 3) [m1, dm, rstd] in the compute type
   void* pw;           // kDw: partial dγ rows, one per block, compute type
   void* pb;           // kB: partial dβ rows
+  void* scratch;      // 2·N compute values for the calling thread (host.cpp: one part a thread)
 };
 
 using FwdFn = void (*)(const FwdArgs&, int64_t lo, int64_t hi);

@@ -25,12 +25,9 @@
 
 constexpr int64_t kBlock = 1024;  // elements per block of a row sum
 // The backward takes rows of N ≤ kGroupElements / 2 in groups of min(kGroupRows,
-// kGroupElements / N) rows (bwd_short), and float32/float64 rows of N ≥ kLongGroupMin in groups
-// of kLongGroupRows (bwd_long); see bwd_blocks for why.
+// kGroupElements / N) rows; see bwd_blocks for why.
 constexpr int64_t kGroupRows = 16;
 constexpr int64_t kGroupElements = 1024;
-constexpr int64_t kLongGroupRows = 4;
-constexpr int64_t kLongGroupMin = 2048;
 
 template <class T>
 NK_INLINE const T* at(const void* p, int64_t j) {
@@ -314,8 +311,8 @@ void fwd_rows(const FwdArgs& a, int64_t lo, int64_t hi) {
 //     dx = rstd·(g·dy − c1/N − x̂·c2/N) + dh             (RMSNorm: no c1 term)
 //        = fma(rstd, fma(x̂, −c2/N, fma(dy, g, −c1/N)), dh)
 //     dγ += dy·x̂ (x̂ rounded as the forward rounded it for "llama"/"t5"),  dβ += dy
-// dh is the gradient that reached the returned pre-norm sum h (a zero row without one: +0 is
-// exact).  RMSNorm's −c1/N is −0, so that fma(dy, g, −0) is g·dy exactly.
+// dh is the gradient that reached the returned pre-norm sum h; without one, +0 is added (a
+// constant, not a row of zeros to load: the same bits).  RMSNorm's −c1/N is −0, so that fma(dy, g, −0) is g·dy exactly.
 //
 // Which of dγ/dβ are wanted is a runtime flag tested once per vector (or per row of a group):
 // a predictable branch, where a template per combination would quadruple the build.
@@ -427,19 +424,16 @@ NK_INLINE T x_for_dw(T xh, int flags, int nk) {  // x̂ as the forward rounded i
   }
 }
 
-// The second pass of a group of rows (one row: row by row), column by column: dx stored, each
-// column's dγ/dβ partial sums kept in registers across the group's rows (added in row order).
-// q holds each row's (rstd, −c1/N, −c2/N); x̂ comes from the rows kept by the first pass (xs,
-// compute type) or is computed again from x and the rows' statistics.
+// The second pass of a group of short rows, column by column: dx stored, each column's dγ/dβ
+// partial sums kept in registers across the group's rows (added in row order, as row by row).
+// q holds each row's (rstd, −c1/N, −c2/N); x̂ comes from the rows the first pass kept (xs).
 template <int X, int O>
 struct Columns {
   using C = CT<X>;
   using V = Vec<C>;
   static constexpr int CK = kind_of_compute<C>();
   int64_t rows, n;
-  const void* x;    // x rows (stride n), when xs is null
-  const C* xs;      // kept x̂ rows (stride n), or null
-  const C* stats;   // the first row's statistics
+  const C* xs;  // the group's x̂ rows (stride n)
   const void* dy;
   const void* dh;
   int64_t dhrs;
@@ -449,21 +443,6 @@ struct Columns {
   C* dw;  // null: not wanted
   C* db;
   int flags, nk;
-  bool stream;
-  const void* next_x;  // the rows after these, fetched meanwhile
-  const void* next_dy;
-  const void* next_dh;
-
-  NK_INLINE V xh_vec(int64_t i, int64_t j, C rstd) const {
-    if (xs) return vload<CK, C>(xs, i * n + j);
-    const C* s = stats + 3 * i;
-    return x_hat(vload<X, C>(x, i * n + j), s[0], s[1], rstd);
-  }
-  NK_INLINE C xh_one(int64_t i, int64_t j, C rstd) const {
-    if (xs) return xs[i * n + j];
-    const C* s = stats + 3 * i;
-    return x_hat(sload<X, C>(x, i * n + j), s[0], s[1], rstd);
-  }
 
   NK_INLINE void one(int64_t j) const {  // column j, a single element
     C gv = g[j];
@@ -471,9 +450,9 @@ struct Columns {
     for (int64_t i = 0; i < rows; i++) {
       const C* qi = q + 3 * i;
       C d = sload<O, C>(dy, i * n + j);
-      C xh = xh_one(i, j, qi[0]);
+      C xh = xs[i * n + j];
       sstore<X, C>(dx, i * n + j,
-                   dx_of(d, xh, gv, qi[1], qi[2], qi[0], sload<X, C>(dh, i * dhrs + j)));
+                   dx_of(d, xh, gv, qi[1], qi[2], qi[0], dh ? sload<X, C>(dh, i * dhrs + j) : C(0)));
       wv = sfma(d, x_for_dw<C, C>(xh, flags, nk), wv);
       bv = bv + d;
     }
@@ -492,20 +471,12 @@ struct Columns {
     for (int64_t i = 0; i < rows; i++) {
       const C* qi = q + 3 * i;
       for (int c = 0; c < NV; c++) {
-        prefetch_l2(ahead(next_x, (i * n + j + c * W) * int64_t(sizeof(ST<X>))));
-        prefetch_l2(ahead(next_dy, (i * n + j + c * W) * int64_t(sizeof(ST<O>))));
-        if (dhrs) prefetch_l2(ahead(next_dh, (i * dhrs + j + c * W) * int64_t(sizeof(ST<X>))));
-      }
-      for (int c = 0; c < NV; c++) {
         const int64_t jc = j + c * W;
         V d = vload<O, C>(dy, i * n + jc);
-        V xh = xh_vec(i, jc, qi[0]);
-        V v = dx_of(d, xh, gv[c], qi[1], qi[2], qi[0], vload<X, C>(dh, i * dhrs + jc));
-        if (stream) {
-          vstore<X, C, true>(dx, i * n + jc, v);
-        } else {
-          vstore<X, C, false>(dx, i * n + jc, v);
-        }
+        V xh = vload<CK, C>(xs, i * n + jc);
+        vstore<X, C>(dx, i * n + jc,
+                     dx_of(d, xh, gv[c], qi[1], qi[2], qi[0],
+                           dh ? vload<X, C>(dh, i * dhrs + jc) : vzero<C>()));
         if (dw) wv[c] = vfma(d, x_for_dw<V, C>(xh, flags, nk), wv[c]);
         if (db) bv[c] = bv[c] + d;
       }
@@ -533,14 +504,14 @@ __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<
   const int64_t xb = sizeof(ST<X>), ob = sizeof(ST<O>);
   const void* x = at<ST<X>>(a.x, i * n);
   const void* dy = at<ST<O>>(a.dy, i * n);
-  const void* dh = at<ST<X>>(a.dh, i * a.dhrs);
+  const void* dh = a.dh ? at<ST<X>>(a.dh, i * a.dhrs) : nullptr;
   void* dx = at<ST<X>>(a.dx, i * n);
   const C* g = static_cast<const C*>(a.g);
   const C* st = at<C>(a.stats, 3 * i);
   const C m1 = st[0], dm = st[1], rstd = q[0], nc1 = q[1], nc2 = q[2];
   const void* nx = ahead(x, n * xb);
   const void* ndy = ahead(dy, n * ob);
-  const void* ndh = ahead(dh, a.dhrs * xb);
+  const void* ndh = dh ? ahead(dh, a.dhrs * xb) : nullptr;
   const bool stream = a.flags & kStream;
   const int flags = a.flags, nk = a.nk;
   const int64_t j1 = j0 + (n - j0) - (n - j0) % W;
@@ -551,12 +522,12 @@ __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<
     C xh = KEPT ? xs[j] : x_hat(sload<X, C>(x, j), m1, dm, rstd);
     if constexpr (DW) dw[j] = sfma(d, x_for_dw<C, C>(xh, flags, nk), dw[j]);
     if constexpr (DB) db[j] = db[j] + d;
-    sstore<X, C>(dx, j, dx_of(d, xh, g[j], nc1, nc2, rstd, sload<X, C>(dh, j)));
+    sstore<X, C>(dx, j, dx_of(d, xh, g[j], nc1, nc2, rstd, dh ? sload<X, C>(dh, j) : C(0)));
   }
   for (int64_t j = j0; j < j1; j += W) {
     prefetch_l2(ahead(nx, j * xb));
     prefetch_l2(ahead(ndy, j * ob));
-    if (a.dhrs) prefetch_l2(ahead(ndh, j * xb));
+    if (dh) prefetch_l2(ahead(ndh, j * xb));
     V d, xh;
     if constexpr (KEPT) {
       d = vload<CK, C>(ds, j);
@@ -568,7 +539,8 @@ __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<
     if constexpr (DW) vstore<CK, C>(dw, j, vfma(d, x_for_dw<V, C>(xh, flags, nk),
                                                 vload<CK, C>(dw, j)));
     if constexpr (DB) vstore<CK, C>(db, j, vload<CK, C>(db, j) + d);
-    V v = dx_of(d, xh, vload<CK, C>(g, j), nc1, nc2, rstd, vload<X, C>(dh, j));
+    V v = dx_of(d, xh, vload<CK, C>(g, j), nc1, nc2, rstd,
+                dh ? vload<X, C>(dh, j) : vzero<C>());
     if (stream) {
       vstore<X, C, true>(dx, j, v);
     } else {
@@ -591,16 +563,15 @@ NK_INLINE void row_second_any(const BwdArgs& a, int64_t i, const CT<X>* q, CT<X>
   }
 }
 
-// Every column of a group; [0, j0) singly (so that streamed vectors start aligned).
+// Every column of a group.
 template <int X, int O>
-__attribute__((noinline)) void columns(const Columns<X, O>& cols, int64_t j0) {
+__attribute__((noinline)) void columns(const Columns<X, O>& cols) {
   const Columns<X, O> c = cols;  // a local copy: its fields stay in registers
   constexpr int64_t WC = COLS * W;
   const int64_t n = c.n;
-  const int64_t nv = n - (n - j0) % W;
-  const int64_t nc = n - (n - j0) % WC;
-  for (int64_t j = 0; j < j0; j++) c.one(j);
-  for (int64_t j = j0; j < nc; j += WC) c.template vecs<COLS>(j);
+  const int64_t nv = n - n % W;
+  const int64_t nc = n - n % WC;
+  for (int64_t j = 0; j < nc; j += WC) c.template vecs<COLS>(j);
   if constexpr (COLS > 1) {
     for (int64_t j = nc; j < nv; j += W) c.template vecs<1>(j);
   }
@@ -608,57 +579,46 @@ __attribute__((noinline)) void columns(const Columns<X, O>& cols, int64_t j0) {
 }
 
 // Row blocks [k0, k1): dx, and each block's dγ/dβ partial rows (rows k of pw/pb), which start
-// from zero.  Rows go in groups — the first pass over each row of the group, then the second
-// column by column (Columns) — or one by one:
-// * short rows (N ≤ kGroupElements / 2): groups of min(kGroupRows, kGroupElements / N) rows,
-//   the first pass two rows at a time keeping x̂ (in L1) for the second, so that the second
-//   loads and stores the dγ/dβ sums once per group, not per row (4096x64 float32, 2 cores:
-//   87.7 → 72.7 µs in the kernels this file was ported from);
-// * float32/float64 rows of N ≥ kLongGroupMin: groups of kLongGroupRows, x̂ computed again
-//   (there the partial rows no longer share L1 with the row; 768x4096 float32 on one core
-//   2.48 → 1.75 ms);
-// * the others one by one.
-// Streamed rows of a group must all start alike (or go one by one).  Speed only: every element
-// gets the same operations in every case.
+// from zero.  Short rows (N ≤ kGroupElements / 2, not streamed) go in groups of min(kGroupRows,
+// kGroupElements / N) rows: the first pass two rows at a time, keeping x̂ (in L1) for the second,
+// which goes column by column (Columns) and so loads and stores the dγ/dβ sums once per group,
+// not once per row (4096x64 float32, 2 cores: 87.7 → 72.7 µs in the kernels this file was
+// ported from).  Other rows go one by one (row_second), 16-bit rows without AVX-512 keeping dy
+// and x̂ in float32 rows from the first pass (the widenings, not memory, bound those rows).
+// Longer rows in groups of four, column by column, measured slower than row by row here
+// (AVX2, 512 KiB L2: 512x8192 float32 6.3 → 4.3 ms, 4096x4096 13.0 → 10.2).  Speed only:
+// every element gets the same operations in every case.
 template <int X, int O>
 void bwd_blocks(const BwdArgs& a, int64_t k0, int64_t k1) {
   using C = CT<X>;
   const int64_t n = a.n;
-  const int64_t xb = sizeof(ST<X>), ob = sizeof(ST<O>);
+  const int64_t xb = sizeof(ST<X>);
   const bool stream = a.flags & kStream;
-  const bool shrt = n <= kGroupElements / 2;
-  const bool lng = n >= kLongGroupMin && sizeof(ST<X>) == sizeof(C);
-  int64_t grp = 1;
-  if (stream && (shrt || (n * xb) % STREAM_ALIGN)) {
-    grp = 1;
-  } else if (shrt) {
-    grp = kGroupElements / n < kGroupRows ? kGroupElements / n : kGroupRows;
-  } else if (lng) {
-    grp = kLongGroupRows;
-  }
-  const bool keep = grp > 1 && shrt;
+  // 16-bit rows without AVX-512 go in groups only of 4 rows or more: keeping dy and x̂ row by
+  // row beats a group of 2 there (1024x512 bfloat16, 2 cores: 1.17x faster)
+  const bool slow16 = sizeof(ST<X>) == 2 && !kFastWidening;
+  const int64_t grp =
+      (n <= (slow16 ? kGroupElements / 4 : kGroupElements / 2) && !stream)
+          ? (kGroupElements / n < kGroupRows ? kGroupElements / n : kGroupRows)
+          : 1;
   C q[3 * kGroupRows];
   C xg[kGroupElements];  // short rows: the group's x̂ (grp · N ≤ kGroupElements)
-  // Row by row, 16-bit x where a widening takes two shuffles (no AVX-512): the first pass keeps
-  // dy and x̂ in compute-type rows (in L1) for the second, which converts nothing again.
-  C* kept = nullptr;
-  if (grp == 1 && sizeof(ST<X>) == 2 && !kFastWidening) {
-    kept = static_cast<C*>(aligned_alloc(64, (2 * n * sizeof(C) + 63) / 64 * 64));
-  }
+  // rows one by one, 16-bit without AVX-512: dy and x̂ kept from the first pass, in this
+  // thread's part of the caller's scratch (2 · N compute values)
+  C* kept = grp == 1 && slow16 ? static_cast<C*>(a.scratch) : nullptr;
   for (int64_t k = k0; k < k1; k++) {
     const int64_t lo = k * a.rpb;
     const int64_t hi = lo + a.rpb < a.m ? lo + a.rpb : a.m;
     C* dw = (a.flags & kDw) ? at<C>(a.pw, k * n) : nullptr;
     C* db = (a.flags & kB) ? at<C>(a.pb, k * n) : nullptr;
-    for (int64_t j = 0; dw && j < n; j++) dw[j] = C(0);
-    for (int64_t j = 0; db && j < n; j++) db[j] = C(0);
+    if (dw) memset(dw, 0, n * sizeof(C));  // +0.0: all bits zero
+    if (db) memset(db, 0, n * sizeof(C));
     if (grp == 1) {
       for (int64_t i = lo; i < hi; i++) {
         grad_sums<X, O>(a, i, q, kept ? kept + n : nullptr, kept);
         int64_t j0 = 0;
         if (stream) {
-          void* dx = at<ST<X>>(a.dx, i * n);
-          j0 = int64_t(-reinterpret_cast<uintptr_t>(dx) % STREAM_ALIGN) / xb;
+          j0 = int64_t(-reinterpret_cast<uintptr_t>(at<ST<X>>(a.dx, i * n)) % STREAM_ALIGN) / xb;
           if (j0 > n) j0 = n;
         }
         if (kept) {
@@ -672,36 +632,27 @@ void bwd_blocks(const BwdArgs& a, int64_t k0, int64_t k1) {
     for (int64_t i0 = lo; i0 < hi; i0 += grp) {
       const int64_t i1 = i0 + grp < hi ? i0 + grp : hi;
       int64_t i = i0;
-      if (keep) {
-        for (; i + 1 < i1; i += 2) grad_sums_pair<X, O>(a, i, q + 3 * (i - i0), xg + (i - i0) * n);
-      }
-      for (; i < i1; i++) grad_sums<X, O>(a, i, q + 3 * (i - i0), keep ? xg + (i - i0) * n : nullptr);
-      void* dx = at<ST<X>>(a.dx, i0 * n);
-      int64_t j0 = 0;
-      if (stream) {
-        j0 = int64_t(-reinterpret_cast<uintptr_t>(dx) % STREAM_ALIGN) / xb;
-        if (j0 > n) j0 = n;
-      }
-      Columns<X, O> c{i1 - i0, n, at<ST<X>>(a.x, i0 * n), keep ? xg : nullptr,
-                      at<C>(a.stats, 3 * i0), at<ST<O>>(a.dy, i0 * n),
-                      at<ST<X>>(a.dh, i0 * a.dhrs), a.dhrs, dx, q,
-                      static_cast<const C*>(a.g), dw, db, a.flags, a.nk, stream,
-                      ahead(a.x, i1 * n * xb), ahead(a.dy, i1 * n * ob),
-                      ahead(a.dh, i1 * a.dhrs * xb)};
-      columns<X, O>(c, j0);
+      for (; i + 1 < i1; i += 2) grad_sums_pair<X, O>(a, i, q + 3 * (i - i0), xg + (i - i0) * n);
+      for (; i < i1; i++) grad_sums<X, O>(a, i, q + 3 * (i - i0), xg + (i - i0) * n);
+      columns<X, O>(Columns<X, O>{i1 - i0, n, xg, at<ST<O>>(a.dy, i0 * n),
+                                  a.dh ? at<ST<X>>(a.dh, i0 * a.dhrs) : nullptr, a.dhrs,
+                                  at<ST<X>>(a.dx, i0 * n),
+                                  q, static_cast<const C*>(a.g), dw, db, a.flags, a.nk});
     }
   }
-  free(kept);
   if (stream) store_fence();
 }
 
 // dγ (dβ) = Σ_k partial[k] in block order, then rounded once to out_kind.
 template <class C>
 void sum_blocks(int64_t nblk, int64_t n, void* partial, void* out, int out_kind) {
+  constexpr int CK = kind_of_compute<C>();
   C* acc = static_cast<C*>(partial);
+  const int64_t nv = n - n % W;
   for (int64_t k = 1; k < nblk; k++) {
     const C* p = acc + k * n;
-    for (int64_t j = 0; j < n; j++) acc[j] = acc[j] + p[j];
+    for (int64_t j = 0; j < nv; j += W) vstore<CK, C>(acc, j, vload<CK, C>(acc, j) + vload<CK, C>(p, j));
+    for (int64_t j = nv; j < n; j++) acc[j] = acc[j] + p[j];
   }
   switch (out_kind) {
     case kFloat32:
