@@ -14,9 +14,10 @@ empty caches (HOME and the cache directories point at a new empty directory) tim
 * ``bwd``: the first ``torch.autograd.grad`` through it;
 
 then the median of the same calls warm.  The same is done for torch's own ops in their own fresh
-processes.  Before any of it, each process runs one unrelated op forward and backward: torch's
-autograd engine starts on a process's first backward (~0.6 s on the 2-core CI machine, whatever
-the op), and that is torch's cost, not the op's.  The bar: normkit's
+processes.  Before any of it, each process runs unrelated torch ops that pay torch's own
+first-use costs of a process, which any op would pay first: its OpenMP threads start on the
+first parallel op (~8 ms on the 2-core CI machine), and the first ``torch.autograd.grad`` with
+several inputs and given grad_outputs takes ~0.4 s.  The bar: normkit's
 first call of each op × dtype × pass within 5 ms of its warm call.
 
     python benchmarks/cold_start.py                  # -> benchmarks/results/cold-start-*.json
@@ -76,10 +77,12 @@ _CHILD = textwrap.dedent(
         with torch.no_grad():
             return op(x, w, b, r)
 
-    # torch's own one-time costs, paid by an unrelated op first: its autograd engine starts on
-    # the first backward of a process (~0.6 s on the 2-core CI machine, for any op)
-    z = torch.ones(2, 2, requires_grad=True)
-    torch.autograd.grad((z * 2).sum(), z)
+    # torch's own one-time costs of a process, paid by unrelated ops first: its OpenMP threads
+    # start on the first parallel op (~8 ms here), and the first torch.autograd.grad with
+    # several inputs and given grad_outputs takes ~0.4 s, whatever the op
+    torch.ones(1 << 20).add_(1)
+    za, zb = torch.ones(4, 8, requires_grad=True), torch.ones(8, requires_grad=True)
+    torch.autograd.grad(za * zb, (za, zb), torch.ones(4, 8))
     lx, lw, lb = (t.clone().requires_grad_() for t in (x, w, b))
     leaves = (lx, lw) if rms else (lx, lw, lb)
     first = {}
@@ -98,9 +101,23 @@ _CHILD = textwrap.dedent(
 )
 
 
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(extra)
+    return env
+
+
+def compile_bytecode() -> None:
+    """Byte-compile the packages the children import, as pip does when it installs a wheel (a
+    checkout's first import writes them; PYTHONDONTWRITEBYTECODE would make every import
+    compile the sources again, which is not a cold start anyone has)."""
+    subprocess.run([sys.executable, "-c", "import torch, normkit, normkit.functional, "
+                    "normkit.kernels.cpu"], env=_env(), check=True, timeout=600)
+
+
 def run_one(impl: str, op: str, dtype: str, m: int, n: int, reps: int) -> dict:
     with tempfile.TemporaryDirectory() as home:  # empty caches: nothing to find from before
-        env = dict(os.environ, HOME=home, XDG_CACHE_HOME=os.path.join(home, ".cache"),
+        env = _env(HOME=home, XDG_CACHE_HOME=os.path.join(home, ".cache"),
                    TORCHINDUCTOR_CACHE_DIR=os.path.join(home, "inductor"))
         out = subprocess.run([sys.executable, "-c", _CHILD, impl, op, dtype, str(m), str(n),
                               str(reps)], capture_output=True, text=True, env=env, timeout=600)
@@ -129,6 +146,7 @@ def main(argv=None) -> int:
     from normkit.bench import machine_info
     from normkit.kernels import cpu
 
+    compile_bytecode()
     rows = []
     for op in a.ops.split(","):
         for dtype in a.dtypes.split(","):

@@ -36,9 +36,8 @@ constexpr int KF = W / LF;  // native float vectors per compute vector
 constexpr int LD = LF / 2;  // double lanes per native vector
 constexpr int KD = W / LD;
 constexpr int64_t STREAM_ALIGN = 64;  // bytes: where a row's streamed vectors start
-// Columns of 16 lanes a grouped backward pass takes at once (rows.h: Columns), so that each
-// visit to a row reads 4 cache lines of it: 4 also on AVX2, where its 12 vectors of dγ/dβ sums
-// and γ spill some (2 columns: 4096x4096 float32 backward, one core, 20.1 → 13.4 ms).
+// Columns of 16 lanes a grouped backward pass takes at once (rows.h: Columns): 4 (a row of 64
+// float32 in one visit), also on AVX2, where its 12 vectors of dγ/dβ sums and γ spill some.
 constexpr int COLS = LF == 16 ? 4 : (LF == 8 ? 4 : 1);
 // Whether a 16-bit load widens in one shuffle (AVX-512BW's vpermw, F16C's vcvtph2ps beside it)
 // rather than a widening and a shift.
