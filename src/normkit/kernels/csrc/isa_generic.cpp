@@ -1,8 +1,10 @@
 // The portable path: 16-byte vectors (SSE2 on x86-64, NEON on aarch64), libm's exact fma where
 // the machine has no FMA unit.  The same bits as every other path (simd.h).
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "kernels.h"

@@ -128,19 +128,26 @@ NK_INLINE void row_sums_pair(int64_t n, const TA& ta, const TB& tb, C& sa1, C& s
   }
 }
 
-// The forward's moments: d = src[j] − shift, t1 = d, p = q = d.
-template <int X>
+// The forward's moments: d = src[j] − shift, t1 = d, p = q = d.  SCALED: d = scale·src[j] −
+// shift, for rows whose squares overflow (row_stats; scale is a power of two, so scale·src[j]
+// is exact but where it falls below the normal range).
+template <int X, bool SCALED = false>
 struct Moments {
   using C = CT<X>;
   const void* src;
   C shift;
+  C scale = C(1);
   NK_INLINE void vec(int64_t j, Vec<C>& a1, Vec<C>& a2) const {
-    Vec<C> d = vload<X, C>(src, j) - shift;
+    Vec<C> v = vload<X, C>(src, j);
+    if constexpr (SCALED) v = v * scale;
+    Vec<C> d = v - shift;
     a1 = a1 + d;
     a2 = vfma(d, d, a2);
   }
   NK_INLINE void one(int64_t j, C& s1, C& s2) const {
-    C d = sload<X, C>(src, j) - shift;
+    C v = sload<X, C>(src, j);
+    if constexpr (SCALED) v = v * scale;
+    C d = v - shift;
     s1 = s1 + d;
     s2 = sfma(d, d, s2);
   }
@@ -155,47 +162,94 @@ NK_INLINE V x_hat(V v, C m1, C dm, C rstd) {
   return ((v - m1) - dm) * rstd;  // one spelling for the forward and every backward loop
 }
 
-// (m1, dm, rstd) of one row (see the top of this file).  Not inlined: one copy per x dtype
-// serves every output dtype and variant (build time; a call per row costs nothing measurable).
-template <int X>
-__attribute__((noinline)) void row_stats(const void* src, int64_t n, bool rms, CT<X> e, CT<X>& m1, CT<X>& dm,
-                         CT<X>& rstd) {
+// The moments of one row of s·src (s = 1 unless SCALED): m1 and dm as at the top of this file,
+// and the returned variance (LayerNorm, before max(·, 0)) or mean square (RMSNorm).
+template <int X, bool SCALED>
+NK_INLINE CT<X> row_moments(const void* src, int64_t n, bool rms, CT<X> s, CT<X>& m1,
+                            CT<X>& dm) {
   using C = CT<X>;
-  const C z = C(0), nf = C(n), one = C(1);
+  using M = Moments<X, SCALED>;
+  const C z = C(0), nf = C(n);
   C s1, s2;
   if (rms) {
     m1 = z;
     dm = z;
-    row_sums<C>(n, Moments<X>{src, z}, s1, s2);
-    C t = s2 / nf + e;
-    if constexpr (std::is_same<C, float>::value) {
-      rstd = one / __builtin_sqrtf(t);
-    } else {
-      rstd = one / __builtin_sqrt(t);
-    }
-    return;
+    row_sums<C>(n, M{src, z, s}, s1, s2);
+    return s2 / nf;
   }
   if (n >= W) {
-    m1 = vsum(vload<X, C>(src, 0)) / C(W);
+    Vec<C> v = vload<X, C>(src, 0);
+    if constexpr (SCALED) v = v * s;
+    m1 = vsum(v) / C(W);
   } else {
-    row_sums<C>(n, Moments<X>{src, z}, s1, s2);
+    row_sums<C>(n, M{src, z, s}, s1, s2);
     m1 = s1 / nf;
   }
-  row_sums<C>(n, Moments<X>{src, m1}, s1, s2);
+  row_sums<C>(n, M{src, m1, s}, s1, s2);
   dm = s1 / nf;
   C var = s2 / nf - dm * dm;
   if (n >= W && dm * dm > var) {
     m1 = m1 + dm;
-    row_sums<C>(n, Moments<X>{src, m1}, s1, s2);
+    row_sums<C>(n, M{src, m1, s}, s1, s2);
     dm = s1 / nf;
     var = s2 / nf - dm * dm;
   }
-  C t = (z > var ? z : var) + e;  // max(var, 0), a NaN var kept
-  if constexpr (std::is_same<C, float>::value) {
-    rstd = one / __builtin_sqrtf(t);
-  } else {
-    rstd = one / __builtin_sqrt(t);
+  return var;
+}
+
+// The largest |src[j]| of a row, or the first value that is not finite (±Inf, NaN).
+template <int X>
+NK_INLINE CT<X> row_absmax(const void* src, int64_t n) {
+  using C = CT<X>;
+  const C big = std::numeric_limits<C>::max();
+  C a = C(0);
+  for (int64_t j = 0; j < n; j++) {
+    C v = sload<X, C>(src, j);
+    v = v < C(0) ? -v : v;
+    if (!(v <= big)) return v;
+    a = v > a ? v : a;
   }
+  return a;
+}
+
+template <class C>
+NK_INLINE C rsqrt_of(C t) {
+  if constexpr (std::is_same<C, float>::value) {
+    return C(1) / __builtin_sqrtf(t);
+  } else {
+    return C(1) / __builtin_sqrt(t);
+  }
+}
+
+// (m1, dm, rstd) of one row (see the top of this file).  A row of finite values whose sum of
+// squares overflows (float32 |v| ≳ 1e19) is taken again scaled, as BLAS's nrm2 does: by the
+// power of two s that brings its largest |v| into [1, 2); then m1 = m1ₛ/s, dm = dmₛ/s and
+// rstd = s/sqrt(varₛ + ε·s²), exact rescalings of the scaled row's moments.  Other rows never
+// reach that branch, so their bits are the ones above; a row holding ±Inf or NaN keeps what the
+// unscaled sums give.  Not inlined: one copy per x dtype serves every output dtype and variant
+// (build time; a call per row costs nothing measurable).
+template <int X>
+__attribute__((noinline)) void row_stats(const void* src, int64_t n, bool rms, CT<X> e,
+                                         CT<X>& m1, CT<X>& dm, CT<X>& rstd) {
+  using C = CT<X>;
+  const C z = C(0);
+  C q = row_moments<X, false>(src, n, rms, C(1), m1, dm);
+  C t = (rms ? q : (z > q ? z : q)) + e;  // max(var, 0), a NaN var kept
+  if (__builtin_expect(!(t <= std::numeric_limits<C>::max()), 0)) {
+    const C a = row_absmax<X>(src, n);
+    if (a <= std::numeric_limits<C>::max() && a > z) {
+      const int k = std::ilogb(a);
+      const C s = std::ldexp(C(1), -k);
+      C m1s, dms;
+      q = row_moments<X, true>(src, n, rms, s, m1s, dms);
+      t = (rms ? q : (z > q ? z : q)) + e * s * s;
+      m1 = m1s / s;
+      dm = dms / s;
+      rstd = rsqrt_of(t) * s;
+      return;
+    }
+  }
+  rstd = rsqrt_of(t);
 }
 
 // y of source value(s) v with γ/β value(s) gj/bj, before y's rounding to O.
