@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import normkit
 from normkit.kernels import reference
 
 # Without a GPU, test_triton.py runs the Triton kernels on CPU tensors in Triton's interpreter.
@@ -170,3 +172,63 @@ def run_python(code, env=None, timeout=300):
                          text=True, env=full_env, timeout=timeout)
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+# Rows whose squares overflow the compute type: (dtype, magnitude) pairs.
+HUGE_ROWS = [(torch.float32, 1e20), (torch.float32, 1e37), (torch.bfloat16, 1e25),
+             (torch.float64, 1e160)]
+
+
+def check_huge_rows(dtype, magnitude, rms, n, residual=False, device="cpu"):
+    """A finite row whose sum of squares overflows gives a finite, accurate y and gradients
+    (the backend scales it by a power of two, as BLAS's nrm2 does), with the backend in use.
+
+    Three rows: large, large and far from zero, ordinary.  The truth is float64 autograd on
+    the same (rounded) rows scaled by 2^-k, ε by 2^-2k (LayerNorm is scale-free but for ε);
+    errors are relative, row by row (dx's scale differs by row)."""
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(3, n, generator=g, dtype=torch.float64)
+    x64 = base * magnitude
+    x64[1] = (1.5 + 0.25 * base[1]) * magnitude
+    x64[2] = base[2]
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    x = x64.to(dtype, copy=True).to(device).requires_grad_()
+    r = (0.5 * x64).to(dtype).to(device).requires_grad_() if residual else None
+    w = (1 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)).to(pd).to(device)
+    w.requires_grad_()
+    b = None if rms else torch.randn(n, generator=g, dtype=pd).to(device).requires_grad_()
+    dy = torch.randn(3, n, generator=g, dtype=torch.float64).to(dtype).to(device)
+    eps = 1e-5
+
+    def run():
+        if rms:
+            return normkit.rms_norm(x, n, w, eps, residual=r)
+        return normkit.layer_norm(x, n, w, b, eps, residual=r)
+
+    y = run()
+    wrt = [x, w] + ([] if rms else [b])
+    grads = torch.autograd.grad(y, wrt, dy)
+    with torch.no_grad():  # the inference path computes the same statistics
+        assert torch.equal(run(), y.detach()), "inference and training outputs differ"
+
+    h = x.detach() if r is None else (x.detach().double() + r.detach().double()).to(dtype)
+    h = h.cpu().double()
+    k = math.frexp(float(h[:2].abs().max()))[1]
+    s = torch.tensor([[2.0 ** -k], [2.0 ** -k], [1.0]], dtype=torch.float64)
+    hs = (h * s).requires_grad_()
+    ws = w.detach().cpu().double().requires_grad_()
+    bs = None if rms else b.detach().cpu().double().requires_grad_()
+    eps_s = eps * s * s
+    if rms:
+        t = hs * torch.rsqrt((hs * hs).mean(-1, keepdim=True) + eps_s) * ws
+    else:
+        mu = hs.mean(-1, keepdim=True)
+        t = (hs - mu) * torch.rsqrt(((hs - mu) ** 2).mean(-1, keepdim=True) + eps_s) * ws + bs
+    tg = torch.autograd.grad(t, [hs, ws] + ([] if rms else [bs]), dy.cpu().double())
+    truth = [t.detach(), tg[0] * s] + list(tg[1:])  # d/dh = s·d/dhs
+    for name, o, ref in zip(["y", "dx", "dw", "db"], [y.detach(), *grads], truth):
+        o = o.cpu()
+        assert torch.isfinite(o).all(), f"{name}: a finite input gave a non-finite {name}"
+        for i, (oi, ri) in enumerate(zip(o.reshape(-1, n), ref.reshape(-1, n))):
+            err = max_err(oi, ri) / float(ri.abs().max())
+            assert err <= 4 * ATOL[dtype], f"{name} row {i}: relative error {err:.3g}"

@@ -11,7 +11,16 @@ import math
 
 import pytest
 import torch
-from conftest import ATOL, DTYPES, assert_close_to_ref, max_err, ref64, torch_op
+from conftest import (
+    ATOL,
+    DTYPES,
+    HUGE_ROWS,
+    assert_close_to_ref,
+    check_huge_rows,
+    max_err,
+    ref64,
+    torch_op,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -321,57 +330,15 @@ def test_rms_no_fp16_overflow():
     assert torch.allclose(y.float(), torch.sign(x.float()), atol=1e-3)
 
 
-@pytest.mark.parametrize("dtype,magnitude", [
-    (torch.float32, 1e20), (torch.float32, 1e37), (torch.bfloat16, 1e25), (torch.float64, 1e160)])
+@pytest.mark.parametrize("dtype,magnitude", HUGE_ROWS)
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 @pytest.mark.parametrize("n", [7, 64, 1000, 4097])
-def test_huge_finite_rows_stay_finite_and_accurate(dtype, magnitude, rms, n):
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_huge_finite_rows_stay_finite_and_accurate(dtype, magnitude, rms, n, backend):
     """Rows whose sum of squares overflows the compute type are scaled by a power of two, as
-    BLAS's nrm2 does: finite inputs with a representable answer give a finite, accurate y, saved
-    statistics and gradients.  The truth is float64 on the same rows scaled by 2^-k (LayerNorm
-    is scale-free but for ε, which is scaled with them)."""
-    g = torch.Generator().manual_seed(n)
-    base = torch.randn(3, n, generator=g, dtype=torch.float64)
-    x64 = base * magnitude
-    x64[1] = (1.5 + 0.25 * base[1]) * magnitude  # far from zero, not only large
-    x64[2] = base[2]  # an ordinary row: its bits must not change (golden corpus) nor its value
-    x = x64.to(dtype).requires_grad_()
-    w = (1 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)).to(
-        torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
-    b = None if rms else torch.randn(n, generator=g, dtype=w.dtype).requires_grad_()
-    eps = 1e-5
-    y = normkit.rms_norm(x, n, w, eps) if rms else normkit.layer_norm(x, n, w, b, eps)
-    dy = torch.randn(3, n, generator=g, dtype=torch.float64).to(dtype)
-    grads = torch.autograd.grad(y, [x, w] + ([] if rms else [b]), dy)
-
-    k = math.frexp(float(x.detach().double().abs().max()))[1]
-    s = 2.0 ** -k
-    xs = (x.detach().double() * s).requires_grad_()
-    ws = w.detach().double().requires_grad_()
-    bs = None if rms else b.detach().double().requires_grad_()
-    scale = torch.ones(3, 1, dtype=torch.float64)
-    scale[2] = 1.0 / s  # the ordinary row is not scaled
-    xs_rows = xs * scale
-    eps_rows = eps * (s * scale) ** 2
-    v = xs_rows
-    if rms:
-        t = v * torch.rsqrt((v * v).mean(-1, keepdim=True) + eps_rows) * ws
-    else:
-        mu = v.mean(-1, keepdim=True)
-        var = ((v - mu) ** 2).mean(-1, keepdim=True)
-        t = (v - mu) * torch.rsqrt(var + eps_rows) * ws + bs
-    truth_grads = torch.autograd.grad(t, [xs, ws] + ([] if rms else [bs]), dy.double())
-    # dx of the original rows: d/dx = s·d/dxs
-    truth = [t.detach(), truth_grads[0] * s] + list(truth_grads[1:])
-    ours = [y.detach(), *grads]
-    for name, o, r in zip(["y", "dx", "dw", "db"], ours, truth):
-        assert torch.isfinite(o).all(), f"{name}: a finite input gave a non-finite {name}"
-        for i, (oi, ri) in enumerate(zip(o.reshape(-1, n), r.reshape(-1, n))):  # per row:
-            err = max_err(oi, ri) / float(ri.abs().max())  # dx's scale differs by row
-            assert err <= 4 * ATOL[dtype], f"{name} row {i}: relative error {err:.3g}"
-    with torch.no_grad():  # the inference path computes the same statistics
-        yi = normkit.rms_norm(x, n, w, eps) if rms else normkit.layer_norm(x, n, w, b, eps)
-    assert torch.equal(yi, y.detach())
+    BLAS's nrm2 does (conftest.check_huge_rows)."""
+    with normkit.use_backend(backend):
+        check_huge_rows(dtype, magnitude, rms, n, residual=n == 64)
 
 
 # ------------------------------------------------------------------------------------------

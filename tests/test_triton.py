@@ -20,7 +20,17 @@ import os
 
 import pytest
 import torch
-from conftest import ATOL, DTYPES, assert_close_to_ref, bits, max_err, ref64, torch_op
+from conftest import (
+    ATOL,
+    DTYPES,
+    HUGE_ROWS,
+    assert_close_to_ref,
+    bits,
+    check_huge_rows,
+    max_err,
+    ref64,
+    torch_op,
+)
 
 import normkit
 from normkit import functional as nf
@@ -263,6 +273,18 @@ def test_fp16_squares_do_not_overflow(path):
     y = normkit.layer_norm(x, 100, None, None)
     assert torch.isfinite(y).all()
     assert torch.equal(y[2].cpu().float().sign(), x[2].cpu().float().sign())
+
+
+@pytest.mark.parametrize("dtype,magnitude", [c for c in HUGE_ROWS if c[0] != torch.float64])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "add"])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the first pass's
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (interpreter)
+def test_huge_finite_rows_are_scaled(dtype, magnitude, rms, residual, path, calls):
+    """Rows whose sum of squares overflows float32 are taken again scaled by a power of two
+    (as on the CPU): finite y, statistics and gradients (conftest.check_huge_rows)."""
+    check_huge_rows(dtype, magnitude, rms, 100, residual=residual, device=DEV)
+    assert calls["forward"] and calls["backward"]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -138,17 +138,41 @@ def norm_forward(
     return y, h, mean.squeeze(-1), rstd.squeeze(-1)
 
 
+def _overflow_scale(v):
+    """Per row, 1, or for a finite row whose sum of squares may overflow the compute type the
+    power of two 2^-k that brings its largest |v| into [1, 2) (BLAS's nrm2 scaling; the CPU
+    kernels do the same where their sums overflow).  A constant of autograd: multiplying by a
+    power of two is exact, and x̂ does not depend on the scale."""
+    with torch.no_grad():
+        amax = v.abs().amax(-1, keepdim=True)
+        # below this, n·amax² + ε is finite: the row needs no scaling
+        safe = (torch.finfo(v.dtype).max / (4 * max(v.shape[-1], 1))) ** 0.5
+        big = (amax > safe) & torch.isfinite(amax)
+        k = torch.floor(torch.log2(torch.where(big, amax, torch.ones_like(amax))))
+        return torch.where(big, torch.exp2(-k), torch.ones_like(amax))
+
+
 def _normalize(v, eps, rms):
-    """(x̂, mean, rstd) of rows v in the compute dtype; mean is zeros for RMSNorm."""
+    """(x̂, mean, rstd) of rows v in the compute dtype; mean is zeros for RMSNorm.  Tracers and
+    exporters record the unscaled formulas (their graphs are torch's ops as before)."""
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    s = None if tracing or v.numel() == 0 else _overflow_scale(v)
+    if s is not None:
+        v = v * s
+        eps = eps * s * s
     if rms:
         rstd = torch.rsqrt((v * v).mean(-1, keepdim=True) + eps)
-        return v * rstd, torch.zeros_like(rstd), rstd
-    m1 = v.mean(-1, keepdim=True)
-    d = v - m1
-    dm = d.mean(-1, keepdim=True)
-    var = ((d * d).mean(-1, keepdim=True) - dm * dm).clamp_min(0.0)
-    rstd = torch.rsqrt(var + eps)
-    return (d - dm) * rstd, m1 + dm, rstd
+        xhat, mean = v * rstd, torch.zeros_like(rstd)
+    else:
+        m1 = v.mean(-1, keepdim=True)
+        d = v - m1
+        dm = d.mean(-1, keepdim=True)
+        var = ((d * d).mean(-1, keepdim=True) - dm * dm).clamp_min(0.0)
+        rstd = torch.rsqrt(var + eps)
+        xhat, mean = (d - dm) * rstd, m1 + dm
+    if s is not None:
+        rstd, mean = rstd * s, mean / s
+    return xhat, mean, rstd
 
 
 def _apply_affine(xhat, x_dtype, weight, bias, zero_centered, casting, out_dtype):

@@ -167,6 +167,66 @@ def _store_y(Y, W, B, v, m1, dm, rstd, rows, cols, mask, N,
     tl.store(Y + rows[:, None] * N + cols[None, :], t.to(Y.dtype.element_ty), mask=mask)
 
 
+_F32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _reload_rows(X, H, rows, rmask, cols, N, sx, HAS_RES: tl.constexpr):
+    """The [ROWS, BLOCK] tile of v again, in fp32 (h as this program stored it); 0 outside."""
+    cmask = rmask[:, None] & (cols[None, :] < N)
+    if HAS_RES:
+        vc = tl.load(H + rows[:, None] * N + cols[None, :], mask=cmask, other=0.0)
+    else:
+        vc = tl.load(X + rows[:, None] * sx + cols[None, :], mask=cmask, other=0.0)
+    return vc.to(tl.float32)
+
+
+@triton.jit
+def _moments(X, R, H, v, rows, rmask, cols, N, sx, sr, nchunk, sc, BLOCK: tl.constexpr,
+             LOOP: tl.constexpr, RMS: tl.constexpr, HAS_RES: tl.constexpr, SCALED: tl.constexpr):
+    """(m1, s1, ss) of the rows, or of sc·rows (SCALED; sc a power of two per row):
+    RMS: ss = Σv², m1 = s1 = 0.  LN: m1 = mean(first chunk), s1 = Σ(v - m1), ss = M2, the
+    Chan merge of the chunks' centred sums of squares.  v is the first chunk's tile."""
+    mask = rmask[:, None] & (cols[None, :] < N)
+    if SCALED:
+        v = v * sc[:, None]
+    n0 = tl.minimum(N, BLOCK) * 1.0
+    if RMS:
+        ss = tl.sum(v * v, axis=1)
+        m1 = tl.zeros_like(ss)
+        s1 = m1
+    else:
+        m1 = tl.sum(v, axis=1) / n0
+        d = tl.where(mask, v - m1[:, None], 0.0)
+        s1 = tl.sum(d, axis=1)
+        mb = s1 / n0
+        e = tl.where(mask, d - mb[:, None], 0.0)
+        ss = tl.sum(e * e, axis=1)
+    if LOOP:
+        # Fresh names in the loop body: a name bound before the loop and rebound inside would
+        # become a loop-carried [ROWS, BLOCK] value, kept live in registers across iterations.
+        for c in range(1, nchunk):
+            cc = c * BLOCK + cols
+            if SCALED:  # a second look: h is stored already
+                mc = rmask[:, None] & (cc[None, :] < N)
+                vc = _reload_rows(X, H, rows, rmask, cc, N, sx, HAS_RES) * sc[:, None]
+            else:
+                vc, mc = _load_rows(X, R, H, rows, rmask, cc, N, sx, sr, HAS_RES)
+            if RMS:
+                ss += tl.sum(vc * vc, axis=1)
+            else:
+                na = (c * BLOCK) * 1.0
+                nb = tl.minimum(N - c * BLOCK, BLOCK) * 1.0
+                dc = tl.where(mc, vc - m1[:, None], 0.0)
+                sb = tl.sum(dc, axis=1)
+                mbc = sb / nb
+                ec = tl.where(mc, dc - mbc[:, None], 0.0)
+                delta = mbc - s1 / na
+                ss = ss + tl.sum(ec * ec, axis=1) + delta * delta * (na * nb / (na + nb))
+                s1 = s1 + sb
+    return m1, s1, ss
+
+
 # M (and the backward's rows per block) are never specialized: Triton would compile M = 1 as a
 # constant into its own kernel, and a row's bits must not depend on which kernel ran it.
 @triton.jit(do_not_specialize=["M"])
@@ -191,41 +251,35 @@ def _fwd_kernel(
     nf = N * 1.0
 
     v, mask = _load_rows(X, R, H, rows, rmask, cols, N, sx, sr, HAS_RES)
-    n0 = tl.minimum(N, BLOCK) * 1.0
-    if RMS:
-        q = tl.sum(v * v, axis=1)
-        m1 = tl.zeros([ROWS], dtype=tl.float32)
+    m1, s1, ss = _moments(X, R, H, v, rows, rmask, cols, N, sx, sr, nchunk, 1.0,
+                          BLOCK, LOOP, RMS, HAS_RES, False)
+    t = ss / nf + eps
+    if tl.max((~(t <= _F32_MAX)).to(tl.int32), axis=0) > 0:
+        # A row's sum of squares overflowed (or the row holds Inf/NaN): finite rows are taken
+        # again scaled by the power of two that brings their largest |v| into [1, 2), as the
+        # CPU kernels do; the other rows of the tile again with a scale of 1 (the same bits).
+        if HAS_RES:
+            tl.debug_barrier()  # h written above by this program is read back
+        amax = tl.max(tl.where(mask, tl.abs(v), 0.0), axis=1)
+        if LOOP:
+            for c in range(1, nchunk):
+                cc = c * BLOCK + cols
+                ac = tl.abs(_reload_rows(X, H, rows, rmask, cc, N, sx, HAS_RES))
+                amax = tl.maximum(amax, tl.max(ac, axis=1))
+        ok = (~(t <= _F32_MAX)) & (amax <= _F32_MAX) & (amax > 0.0)
+        k = tl.minimum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, 126)
+        sc = tl.where(ok, ((127 - k) << 23).to(tl.float32, bitcast=True), 1.0)
+        m1, s1, ss = _moments(X, R, H, v, rows, rmask, cols, N, sx, sr, nchunk, sc,
+                              BLOCK, LOOP, RMS, HAS_RES, True)
+        m1 = m1 / sc
+        s1 = s1 / sc
+        rstd = (1.0 / tl.sqrt_rn(ss / nf + eps * sc * sc)) * sc
     else:
-        m1 = tl.sum(v, axis=1) / n0
-        d = tl.where(mask, v - m1[:, None], 0.0)
-        s1 = tl.sum(d, axis=1)
-        mb = s1 / n0
-        e = tl.where(mask, d - mb[:, None], 0.0)
-        m2 = tl.sum(e * e, axis=1)
-    if LOOP:
-        # Fresh names in the loop body: a name bound before the loop and rebound inside would
-        # become a loop-carried [ROWS, BLOCK] value, kept live in registers across iterations.
-        for c in range(1, nchunk):
-            cc = c * BLOCK + cols
-            vc, mc = _load_rows(X, R, H, rows, rmask, cc, N, sx, sr, HAS_RES)
-            if RMS:
-                q += tl.sum(vc * vc, axis=1)
-            else:
-                na = (c * BLOCK) * 1.0
-                nb = tl.minimum(N - c * BLOCK, BLOCK) * 1.0
-                dc = tl.where(mc, vc - m1[:, None], 0.0)
-                sb = tl.sum(dc, axis=1)
-                mbc = sb / nb
-                ec = tl.where(mc, dc - mbc[:, None], 0.0)
-                delta = mbc - s1 / na
-                m2 = m2 + tl.sum(ec * ec, axis=1) + delta * delta * (na * nb / (na + nb))
-                s1 = s1 + sb
+        rstd = 1.0 / tl.sqrt_rn(t)
     if RMS:
         dm = m1
-        rstd = 1.0 / tl.sqrt_rn(q / nf + eps)
     else:
         dm = s1 / nf
-        rstd = 1.0 / tl.sqrt_rn(m2 / nf + eps)
     if STATS:
         tl.store(S + rows * 3, m1, mask=rmask)
         tl.store(S + rows * 3 + 1, dm, mask=rmask)
