@@ -226,9 +226,10 @@ def check_huge_rows(dtype, magnitude, rms, n, residual=False, device="cpu"):
         t = (hs - mu) * torch.rsqrt(((hs - mu) ** 2).mean(-1, keepdim=True) + eps_s) * ws + bs
     tg = torch.autograd.grad(t, [hs, ws] + ([] if rms else [bs]), dy.cpu().double())
     truth = [t.detach(), tg[0] * s] + list(tg[1:])  # d/dh = s·d/dhs
-    for name, o, ref in zip(["y", "dx", "dw", "db"], [y.detach(), *grads], truth):
+    names = ["y", "dx", "dw", "db"][: len(truth)]
+    for name, o, ref in zip(names, [y.detach(), *grads], truth, strict=True):
         o = o.cpu()
         assert torch.isfinite(o).all(), f"{name}: a finite input gave a non-finite {name}"
-        for i, (oi, ri) in enumerate(zip(o.reshape(-1, n), ref.reshape(-1, n))):
+        for i, (oi, ri) in enumerate(zip(o.reshape(-1, n), ref.reshape(-1, n), strict=True)):
             err = max_err(oi, ri) / float(ri.abs().max())
             assert err <= 4 * ATOL[dtype], f"{name} row {i}: relative error {err:.3g}"

@@ -753,13 +753,21 @@ NK_INLINE void widen_from(const void* src, void* dst, bool to_double, int64_t n,
   }
 }
 
-void widen(const void* src, int kind, void* dst, bool to_double, int64_t n, bool add_one) {
+// f(std::integral_constant<int, K>{}) for the storage K of a dtype kind (kernels.h).
+template <class F>
+NK_INLINE void with_storage(int kind, F&& f) {
   switch (kind) {
-    case kFloat32: widen_from<kF32>(src, dst, to_double, n, add_one); break;
-    case kFloat64: widen_from<kF64>(src, dst, to_double, n, add_one); break;
-    case kBFloat16: widen_from<kBF16>(src, dst, to_double, n, add_one); break;
-    default: widen_from<kF16>(src, dst, to_double, n, add_one); break;
+    case kFloat32: f(std::integral_constant<int, kF32>{}); break;
+    case kFloat64: f(std::integral_constant<int, kF64>{}); break;
+    case kBFloat16: f(std::integral_constant<int, kBF16>{}); break;
+    default: f(std::integral_constant<int, kF16>{}); break;
   }
+}
+
+void widen(const void* src, int kind, void* dst, bool to_double, int64_t n, bool add_one) {
+  with_storage(kind, [&](auto k) {
+    widen_from<decltype(k)::value>(src, dst, to_double, n, add_one);
+  });
 }
 
 // The conversions alone, for the tests: n values of storage S at src to storage D at dst,
@@ -777,23 +785,12 @@ void convert_as(const void* src, void* dst, int64_t n, int mode) {
   }
 }
 
-template <int S>
-void convert_from(const void* src, void* dst, int dst_kind, int64_t n, int mode) {
-  switch (dst_kind) {
-    case kFloat32: convert_as<S, kF32>(src, dst, n, mode); break;
-    case kFloat64: convert_as<S, kF64>(src, dst, n, mode); break;
-    case kBFloat16: convert_as<S, kBF16>(src, dst, n, mode); break;
-    default: convert_as<S, kF16>(src, dst, n, mode); break;
-  }
-}
-
 void convert(const void* src, int src_kind, void* dst, int dst_kind, int64_t n, int mode) {
-  switch (src_kind) {
-    case kFloat32: convert_from<kF32>(src, dst, dst_kind, n, mode); break;
-    case kFloat64: convert_from<kF64>(src, dst, dst_kind, n, mode); break;
-    case kBFloat16: convert_from<kBF16>(src, dst, dst_kind, n, mode); break;
-    default: convert_from<kF16>(src, dst, dst_kind, n, mode); break;
-  }
+  with_storage(src_kind, [&](auto s) {
+    with_storage(dst_kind, [&](auto d) {
+      convert_as<decltype(s)::value, decltype(d)::value>(src, dst, n, mode);
+    });
+  });
 }
 
 // ------------------------------------------------------------------------------------------
