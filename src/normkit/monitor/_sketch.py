@@ -133,18 +133,11 @@ class Histogram:
             return 0.0
         if x >= self.hi:
             return 1.0
-        acc = 0
-        for i, c in enumerate(self.counts.tolist()):
-            if not c:
-                continue
-            a, b = self._bucket_range(i)
-            if x >= b:
-                acc += c
-            else:
-                if x > a:
-                    acc += c * (x - a) / (b - a)
-                break
-        return acc / self.n
+        i = bisect.bisect_left(EDGES, x)  # x's bucket: every bucket before it lies below x
+        a, b = self._bucket_range(i)
+        c = int(self.counts[i])
+        part = c if x >= b else c * (x - a) / (b - a) if x > a else 0.0
+        return (int(self.counts[:i].sum()) + part) / self.n
 
     # -- plain data ----------------------------------------------------------------------------
 
