@@ -46,8 +46,12 @@ The file starts with one header line, then one line per sampled step::
                                     # input_std, input_rms, row_mean/row_scale quantiles,
                                     # output_mean, output_std, latency p50/p99, ...
      "latency_seconds": {layer: [float]},   # forward wall times of this step's calls
-     "drift": null | {layer: {"layer", "rows", "mean_shift", "variance_ratio", "psi", "ks",
-                              "crossed": [str]}},
+     "drift": null | {layer: {      # on the steps that checked drift against a baseline
+         "layer", "rows", "mean_shift", "variance_ratio", "psi", "ks",
+         "crossed": [str],          # metrics at or over their limit
+         "evaluable": bool,         # false: not judged (metrics null), "reason" says why
+         "reason": str | null,      # e.g. "the live window has 6 rows, fewer than min_rows=20"
+         "limits": {metric: float}}},   # each metric's limit at these row counts
      "alerts": [{"severity", "rule", "layer", "model", "version", "count", "first_seen",
                  "last_seen", "layers", "message"}]}    # alerts opened at this step
 
@@ -132,7 +136,10 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("normkit_drift_variance_ratio", "gauge", _LL, "Live / baseline input variance"),
     ("normkit_drift_psi", "gauge", _LL, "Population stability index against the baseline"),
     ("normkit_drift_ks", "gauge", _LL, "Kolmogorov-Smirnov distance against the baseline"),
-    ("normkit_drift_breached", "gauge", _LL, "1 if any drift threshold is crossed, else 0"),
+    ("normkit_drift_breached", "gauge", _LL, "1 if any drift limit is crossed, else 0"),
+    ("normkit_drift_evaluable", "gauge", _LL,
+     "1 if the last drift check could judge the layer, 0 if not (too few rows, no baseline "
+     "for the layer: see the log or the JSONL record's drift reason)"),
     ("normkit_alerts", "counter", _L + ("severity", "rule"), "Alerts opened in process"),
 )
 
@@ -260,6 +267,7 @@ class PrometheusExporter:
                 if d.get(key) is not None:
                     self._c(metric, *lb).set(d[key])
             self._c("normkit_drift_breached", *lb).set(1.0 if d["crossed"] else 0.0)
+            self._c("normkit_drift_evaluable", *lb).set(1.0 if d.get("evaluable", True) else 0.0)
         for a in record.get("alerts", ()):
             self._c("normkit_alerts", *base, a["severity"], a["rule"]).inc()
 
