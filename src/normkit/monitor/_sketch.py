@@ -141,8 +141,10 @@ class Histogram:
 
     def square_spread(self, center: float = 0.0) -> float:
         """Standard deviation of (x − center)² over the values, each bucket's values taken as
-        spread evenly between its edges (clamped to the exact min/max): an estimate within a
-        few percent, a little high for values packed into one bucket.  NaN when empty."""
+        spread evenly between its edges (clamped to the exact min/max).  Within ~7% where the
+        values span many buckets (lognormal values, whose few largest dominate), up to ~2.2x
+        high where they span one or two (buckets are 19% wide; the std of rows of 1024 normal
+        values).  NaN when empty."""
         if self.n == 0:
             return math.nan
         idx = torch.nonzero(self.counts).flatten().tolist()
@@ -196,7 +198,8 @@ def psi(base: Histogram, live: Histogram, bins: int = 10) -> float:
     """Population stability index over ``bins`` bins cut at the baseline's quantiles (the usual
     decile PSI): Σ (l − b)·ln(l / b).  Each bin's count gets half a row added on both sides
     (Jeffreys smoothing), so an empty bin is finite and a small sample's empty bins do not
-    dominate; at thousands of rows this changes nothing.  NaN when either side is empty."""
+    dominate (against a floor on the fractions, it moves PSI by 5% at 200 rows, under 1% at
+    2000).  NaN when either side is empty."""
     if base.n == 0 or live.n == 0:
         return math.nan
     cuts = sorted(set(base.quantiles([k / bins for k in range(1, bins)])))
