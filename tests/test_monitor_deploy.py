@@ -108,13 +108,14 @@ def test_every_referenced_metric_is_produced_by_the_exporter():
     exp = PrometheusExporter(port=None)
     with watch(m, model_name="lm", model_version="v1", exporters=[exp], baseline=w0.baseline(),
                drift_every=1, thresholds=DriftThresholds(min_rows=1),
-               alerts=AlertRules(log_alerts=False)):
+               alerts=AlertRules(log_alerts=False)) as w:
         for _ in range(2):
             train_step(m, opt, *lm_batch())
         m.get_submodule(m.feeder_of(3)).inject_forward = (0,)
         with torch.no_grad():
             m(lm_batch()[0])
-    text = generate_latest(exp.registry).decode()
+        w.flush()
+        text = generate_latest(exp.registry).decode()  # stop() removes the watch's series
     produced = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
     metrics, _ = _referenced()
     assert metrics <= produced, metrics - produced

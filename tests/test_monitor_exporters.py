@@ -4,12 +4,14 @@ back with tensorboard's own reader; the endpoint binds loopback."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +26,8 @@ pytest.importorskip("prometheus_client")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "prometheus.yml"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -37,18 +41,21 @@ def _get(url: str, timeout: float = 5.0) -> str:
 
 
 def test_exporter_serves_loopback_with_bounded_labels():
-    exp = PrometheusExporter()
+    exp = PrometheusExporter(port=0)
     try:
         assert exp.url.startswith("http://127.0.0.1:") and exp.url.endswith("/metrics")
         m = TinyTransformer()
         normkit.convert(m)
         opt = torch.optim.SGD(m.parameters(), lr=0.01)
-        with watch(m, model_name="lm", model_version="v1", exporters=[exp], every=2):
+        with watch(m, model_name="lm", model_version="v1", exporters=[exp], every=2) as w:
             for _ in range(4):
                 train_step(m, opt, *lm_batch())
-            text = _get(exp.url)  # before stop(): stop closes the exporter's server
+            w.flush()
+            # Before stop(): stop closes the exporter, which drops the watch's series.
+            text = _get(exp.url)
+            samples = list(exp.registry.collect())
         labels = {"model": "lm", "version": "v1", "rank": "0"}
-        reg = exp.registry
+        reg = _Frozen(samples)
         assert reg.get_sample_value("normkit_steps_total", labels) == 3  # steps 1..3 seen
         assert reg.get_sample_value("normkit_sampled_steps_total", labels) == 2
         assert reg.get_sample_value("normkit_nonfinite_steps_total", labels) == 0
@@ -69,17 +76,109 @@ def test_exporter_serves_loopback_with_bounded_labels():
         exp.close()
 
 
+class _Frozen:
+    """``get_sample_value`` over metric families collected earlier."""
+
+    def __init__(self, families):
+        self._samples = [s for fam in families for s in fam.samples]
+
+    def get_sample_value(self, name, labels):
+        for s in self._samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+        return None
+
+
+def _versions(registry) -> set[str]:
+    return {s.labels["version"] for fam in registry.collect() for s in fam.samples
+            if "version" in s.labels}
+
+
 def test_user_registry_without_a_server():
     pc = pytest.importorskip("prometheus_client")
     reg = pc.CollectorRegistry()
     exp = PrometheusExporter(port=None, registry=reg)
     assert exp.url is None
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
-    with watch(m, model_name="s", model_version="1", exporters=[exp]):
+    with watch(m, model_name="s", model_version="1", exporters=[exp]) as w:
         m(torch.randn(3, 8))
-    labels = {"model": "s", "version": "1", "rank": "0", "layer": "1"}
-    assert reg.get_sample_value("normkit_norm_input_mean", labels) is not None
+        w.flush()
+        labels = {"model": "s", "version": "1", "rank": "0", "layer": "1"}
+        assert reg.get_sample_value("normkit_norm_input_mean", labels) is not None
     assert callable(exp.asgi_app())
+
+
+def test_series_of_an_ended_or_retired_version_are_removed():
+    """A registry that outlives a watch (the user's own, served by their app) keeps no series of
+    a model version whose watch ended (the exporter's close), nor of one retired on request
+    (``remove_series``); a later record brings its series back."""
+    pc = pytest.importorskip("prometheus_client")
+    reg = pc.CollectorRegistry()
+    exp = PrometheusExporter(port=None, registry=reg)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    steps = {"model": "s", "version": "1", "rank": "0"}
+    with torch.no_grad(), watch(m, model_name="s", model_version="1", exporters=[exp]) as w:
+        for _ in range(3):
+            m(torch.randn(3, 8))
+        w.flush()
+        assert _versions(reg) == {"1"}
+        assert reg.get_sample_value("normkit_steps_total", steps) == 3
+    assert _versions(reg) == set()  # the watch ended: its exporter's close removed them
+    # The same exporter (and registry) serves the next version.
+    with torch.no_grad(), watch(m, model_name="s", model_version="2", exporters=[exp]) as w:
+        m(torch.randn(3, 8))
+        w.flush()
+        assert _versions(reg) == {"2"}
+        assert exp.remove_series(model="other") == 0 and _versions(reg) == {"2"}
+        assert exp.remove_series(model="s", version="2") > 0
+        assert _versions(reg) == set()
+        m(torch.randn(3, 8))
+        w.flush()
+        assert _versions(reg) == {"2"}  # exported again, counters from zero
+        assert reg.get_sample_value("normkit_sampled_steps_total", {**steps, "version": "2"}) == 1
+    assert _versions(reg) == set()
+
+
+def _shipped_target() -> str:
+    """The one target deploy/prometheus/prometheus.yml scrapes."""
+    targets = re.findall(r"targets:\s*\[([^\]]*)\]", DEPLOY_CONFIG.read_text())
+    assert len(targets) == 1, targets
+    return targets[0].strip().strip("'\"")
+
+
+def _skip_if_in_use(target: str) -> None:
+    host, port = target.rsplit(":", 1)
+    with socket.socket() as s:
+        if s.connect_ex((host, int(port))) == 0:
+            pytest.skip(f"{target} is in use on this machine (another exporter?)")
+
+
+def test_default_exporter_serves_where_the_deploy_config_scrapes():
+    target = _shipped_target()
+    _skip_if_in_use(target)
+    exp = PrometheusExporter()
+    try:
+        assert exp.url == f"http://{target}/metrics"
+        assert "# TYPE normkit_steps_total counter" in _get(exp.url)
+    finally:
+        exp.close()
+
+
+def test_port_in_use_is_a_clear_error():
+    pc = pytest.importorskip("prometheus_client")
+    reg = pc.CollectorRegistry()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(OSError, match=rf"port {port} on 127.0.0.1 is in use.*port=0"):
+            PrometheusExporter(port=port, registry=reg)
+    # Nothing was left registered: the same registry takes an exporter on a free port.
+    exp = PrometheusExporter(port=0, registry=reg)
+    try:
+        assert exp.url.startswith("http://127.0.0.1:")
+    finally:
+        exp.close()
 
 
 @pytest.fixture
@@ -90,14 +189,23 @@ def prometheus_server(tmp_path):
         pytest.skip("the prometheus binary is not installed (.ci/run installs the Debian package)")
     procs = []
 
-    def start(target: str) -> str:
+    def start(target: str | None = None) -> str:
+        """Scrapes ``target``; None: runs the shipped deploy/prometheus config (its rules
+        included) as it is, but scraping every second."""
         port = _free_port()
         cfg = tmp_path / "prometheus.yml"
-        cfg.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: normkit\n    static_configs:\n"
-            f"      - targets: ['{target}']\n"
-        )
+        if target is None:
+            shutil.copy(DEPLOY_CONFIG.parent / "rules.yml", tmp_path / "rules.yml")
+            text, n = re.subn(r"(?m)^(\s*)(scrape|evaluation)_interval: .*$", r"\1\2_interval: 1s",
+                              DEPLOY_CONFIG.read_text())
+            assert n == 2, "the shipped config's intervals moved"
+            cfg.write_text(text)
+        else:
+            cfg.write_text(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+                "scrape_configs:\n  - job_name: normkit\n    static_configs:\n"
+                f"      - targets: ['{target}']\n"
+            )
         proc = subprocess.Popen(
             [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
@@ -133,6 +241,18 @@ def _query(base: str, q: str) -> list:
     return out["data"]["result"]
 
 
+def _wait_for(base: str, q: str, present: bool, step=lambda: None, timeout: float = 60) -> list:
+    """Queries ``q`` (calling ``step`` before each try) until it has a result (``present``) or
+    none; returns the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        step()
+        found = _query(base, q)
+        if bool(found) == present or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def test_real_prometheus_scrapes_a_training_run(prometheus_server):
     exp = PrometheusExporter(port=0)
     try:
@@ -143,20 +263,41 @@ def test_real_prometheus_scrapes_a_training_run(prometheus_server):
         opt = torch.optim.SGD(m.parameters(), lr=0.01)
         q = ('normkit_norm_input_std{model="lm",version="v7",rank="0",layer="blocks.2.ln1",'
              'job="normkit"}')
-        found = []
-        with watch(m, model_name="lm", model_version="v7", exporters=[exp]):
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not found:
-                for _ in range(3):
-                    train_step(m, opt, *lm_batch())
-                found = _query(base, q)
-                if not found:
-                    time.sleep(0.5)
+
+        def train():
+            for _ in range(3):
+                train_step(m, opt, *lm_batch())
+
+        with watch(m, model_name="lm", model_version="v7", exporters=[exp]) as w:
+            found = _wait_for(base, q, True, train)
             assert found, "Prometheus never scraped the series"
             steps = _query(base, 'normkit_sampled_steps_total{model="lm",version="v7"}')
-        assert float(found[0]["value"][1]) > 0
-        assert found[0]["metric"]["instance"] == target
-        assert float(steps[0]["value"][1]) >= 1
+            assert float(found[0]["value"][1]) > 0
+            assert found[0]["metric"]["instance"] == target
+            assert float(steps[0]["value"][1]) >= 1
+            # Retired on request while the endpoint still serves: Prometheus marks the
+            # series stale at its next scrape, and an instant query no longer returns them.
+            w.flush()
+            assert exp.remove_series(model="lm", version="v7") > 0
+            assert _wait_for(base, q, False) == [], "the removed series are still there"
+    finally:
+        exp.close()
+
+
+def test_shipped_prometheus_config_scrapes_the_default_exporter(prometheus_server):
+    """The README's quick start as written: ``PrometheusExporter()`` and Prometheus run with
+    deploy/prometheus/prometheus.yml (and its rules) — the series arrive."""
+    _skip_if_in_use(_shipped_target())
+    exp = PrometheusExporter()
+    try:
+        base = prometheus_server()
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        with torch.no_grad(), watch(m, model_name="s", model_version="1", exporters=[exp]):
+            found = _wait_for(base, 'normkit_steps_total{job="normkit",model="s"}', True,
+                              lambda: m(torch.randn(3, 8)))
+        assert found and found[0]["metric"]["instance"] == _shipped_target()
+        rules = json.loads(_get(f"{base}/api/v1/rules"))["data"]["groups"]
+        assert {g["name"] for g in rules} == {"normkit-recording", "normkit-alerts"}
     finally:
         exp.close()
 

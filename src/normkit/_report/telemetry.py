@@ -148,8 +148,9 @@ def build_telemetry_report(path: str | os.PathLike,
     Args:
         path: a ``JsonlExporter`` file.
         baseline: a ``Baseline.save`` JSON file; the run's merged per-layer statistics are
-            compared against it (mean shift, variance ratio, PSI, KS with the default
-            thresholds).
+            compared against it (mean shift, variance ratio, PSI, KS against the default
+            thresholds, raised where the row counts are small).  Without one, what the watch's
+            own drift checks could not judge is still said.
 
     Returns:
         The Document (render with ``write_report`` or ``render_html``).
@@ -259,26 +260,45 @@ def build_telemetry_report(path: str | os.PathLike,
                       "(0 means frozen), latency over every recorded call")
 
     doc.heading("Drift against the baseline")
+    checks = [r["drift"] for r in steps if r.get("drift")]
+    if checks:  # the watch had a baseline: say what its last check could not judge
+        blind = [(n, d.get("reason")) for n, d in checks[-1].items()
+                 if d.get("evaluable") is False]
+        doc.paragraph(f"The watch checked drift against its baseline {len(checks)} time(s); "
+                      "its drift alerts are in the alerts above.")
+        if blind:
+            doc.callout("warn", _not_judged(blind, "at the watch's last check"))
     if baseline is None:
-        doc.paragraph("No baseline given (`--baseline B.json`).")
-    else:
-        base = Baseline.load(baseline)
-        live = Baseline.from_records(steps, source=str(path))  # the records read above
-        results = base.drift(live.layers)
-        doc.paragraph(f"Baseline `{Path(baseline).name}`: {base.model_name} "
-                      f"{base.model_version}; the whole run is merged and compared layer by "
-                      "layer (mean shift in baseline std, variance ratio, PSI and KS of the "
-                      "per-row statistics).")
-        drifted = [r for r in results.values() if r.drifted]
-        if drifted:
-            doc.callout("warn", f"{len(drifted)} of {len(results)} layers drifted: "
-                                + ", ".join(r.layer for r in drifted[:8]))
-        elif results:
-            doc.callout("ok", f"No drift in any of the {len(results)} compared layers.")
-        else:
-            doc.callout("info", "No layer had enough rows in both to compare.")
+        if not checks:
+            doc.paragraph("No baseline given (`--baseline B.json`).")
+        return doc
+    base = Baseline.load(baseline)
+    live = Baseline.from_records(steps, source=str(path))  # the records read above
+    results = base.drift(live.layers)
+    judged = [r for r in results.values() if r.evaluable]
+    doc.paragraph(f"Baseline `{Path(baseline).name}`: {base.model_name} "
+                  f"{base.model_version}; the whole run is merged and compared layer by "
+                  "layer (mean shift in baseline std, variance ratio, PSI and KS of the "
+                  "per-row statistics, each against its limit at the run's row counts).")
+    drifted = [r for r in judged if r.drifted]
+    if drifted:
+        doc.callout("warn", f"{len(drifted)} of {len(judged)} layers drifted: "
+                            + ", ".join(r.layer for r in drifted[:8]))
+    elif judged:
+        doc.callout("ok", f"No drift in any of the {len(judged)} compared layers.")
+    blind = [(r.layer, r.reason) for r in results.values() if not r.evaluable]
+    if blind:
+        doc.callout("warn" if judged else "info", _not_judged(blind, "over the whole run"))
+    if judged:
         doc.table(["layer", "rows", "mean shift", "variance ratio", "PSI", "KS", "crossed"],
                   [(r.layer, r.rows, _fmt(r.mean_shift, 3), _fmt(r.variance_ratio, 3),
                     _fmt(r.psi, 3), _fmt(r.ks, 3), ", ".join(r.crossed) or "–")
-                   for r in results.values()])
+                   for r in judged])
     return doc
+
+
+def _not_judged(layers: list[tuple[str, str | None]], when: str) -> str:
+    """The sentence naming the layers whose drift could not be judged, and why."""
+    shown = "; ".join(f"{name} ({why or 'no reason recorded'})" for name, why in layers[:8])
+    more = f"; and {len(layers) - 8} more" if len(layers) > 8 else ""
+    return f"Drift could not be judged {when} for {len(layers)} layer(s): {shown}{more}."

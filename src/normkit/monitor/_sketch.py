@@ -133,18 +133,33 @@ class Histogram:
             return 0.0
         if x >= self.hi:
             return 1.0
-        acc = 0
-        for i, c in enumerate(self.counts.tolist()):
-            if not c:
-                continue
-            a, b = self._bucket_range(i)
-            if x >= b:
-                acc += c
-            else:
-                if x > a:
-                    acc += c * (x - a) / (b - a)
-                break
-        return acc / self.n
+        i = bisect.bisect_left(EDGES, x)  # x's bucket: every bucket before it lies below x
+        a, b = self._bucket_range(i)
+        c = int(self.counts[i])
+        part = c if x >= b else c * (x - a) / (b - a) if x > a else 0.0
+        return (int(self.counts[:i].sum()) + part) / self.n
+
+    def square_spread(self, center: float = 0.0) -> float:
+        """Standard deviation of (x − center)² over the values, each bucket's values taken as
+        spread evenly between its edges (clamped to the exact min/max).  Within ~7% where the
+        values span many buckets (lognormal values, whose few largest dominate), up to ~2.2x
+        high where they span one or two (buckets are 19% wide; the std of rows of 1024 normal
+        values).  NaN when empty."""
+        if self.n == 0:
+            return math.nan
+        idx = torch.nonzero(self.counts).flatten().tolist()
+        c = self.counts[idx].double().numpy()
+        a, b = np.array([self._bucket_range(i) for i in idx]).T - center
+        w = b - a
+        flat = w <= 1e-12 * np.maximum(np.abs(a), np.abs(b))
+        w = np.where(flat, 1.0, w)
+
+        def mean_power(k):  # E[(x - center)^k] of a uniform spread over [a, b], per bucket
+            return np.where(flat, a ** k, (b ** (k + 1) - a ** (k + 1)) / ((k + 1) * w))
+
+        m2 = float((c * mean_power(2)).sum() / self.n)
+        m4 = float((c * mean_power(4)).sum() / self.n)
+        return math.sqrt(max(m4 - m2 * m2, 0.0))
 
     # -- plain data ----------------------------------------------------------------------------
 
@@ -179,24 +194,24 @@ def _sparse(counts: torch.Tensor) -> list[list[int]]:
     return np.stack([idx, c[idx]], 1).tolist()
 
 
-def psi(base: Histogram, live: Histogram, bins: int = 10, floor: float = 1e-4) -> float:
+def psi(base: Histogram, live: Histogram, bins: int = 10) -> float:
     """Population stability index over ``bins`` bins cut at the baseline's quantiles (the usual
-    decile PSI): Σ (l − b)·ln(l / b), fractions floored at ``floor`` so an empty bin is finite.
-    NaN when either side is empty."""
+    decile PSI): Σ (l − b)·ln(l / b).  Each bin's count gets half a row added on both sides
+    (Jeffreys smoothing), so an empty bin is finite and a small sample's empty bins do not
+    dominate (against a floor on the fractions, it moves PSI by 5% at 200 rows, under 1% at
+    2000).  NaN when either side is empty."""
     if base.n == 0 or live.n == 0:
         return math.nan
-    cuts = sorted({base.quantile(k / bins) for k in range(1, bins)})
-    fb, fl = [], []
+    cuts = sorted(set(base.quantiles([k / bins for k in range(1, bins)])))
+    k = len(cuts) + 1
+    total = 0.0
     pb = pl = 0.0
     for c in cuts + [math.inf]:
         cb, cl = base.cdf(c), live.cdf(c)
-        fb.append(cb - pb)
-        fl.append(cl - pl)
-        pb, pl = cb, cl
-    total = 0.0
-    for b, l in zip(fb, fl, strict=True):
-        b, l = max(b, floor), max(l, floor)
+        b = ((cb - pb) * base.n + 0.5) / (base.n + 0.5 * k)
+        l = ((cl - pl) * live.n + 0.5) / (live.n + 0.5 * k)
         total += (l - b) * math.log(l / b)
+        pb, pl = cb, cl
     return total
 
 

@@ -46,8 +46,12 @@ The file starts with one header line, then one line per sampled step::
                                     # input_std, input_rms, row_mean/row_scale quantiles,
                                     # output_mean, output_std, latency p50/p99, ...
      "latency_seconds": {layer: [float]},   # forward wall times of this step's calls
-     "drift": null | {layer: {"layer", "rows", "mean_shift", "variance_ratio", "psi", "ks",
-                              "crossed": [str]}},
+     "drift": null | {layer: {      # on the steps that checked drift against a baseline
+         "layer", "rows", "mean_shift", "variance_ratio", "psi", "ks",
+         "crossed": [str],          # metrics at or over their limit
+         "evaluable": bool,         # false: not judged (metrics null), "reason" says why
+         "reason": str | null,      # e.g. "the live window has 6 rows, fewer than min_rows=20"
+         "limits": {metric: float}}},   # each metric's limit at these row counts
      "alerts": [{"severity", "rule", "layer", "model", "version", "count", "first_seen",
                  "last_seen", "layers", "message"}]}    # alerts opened at this step
 
@@ -60,10 +64,12 @@ Prometheus metrics: see ``METRICS`` (name, type, labels, help) below.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +77,7 @@ from pathlib import Path
 from ._sketch import EDGES
 
 __all__ = ["PrometheusExporter", "TensorBoardExporter", "JsonlExporter", "read_jsonl",
-           "METRICS", "JSONL_SCHEMA_VERSION"]
+           "METRICS", "JSONL_SCHEMA_VERSION", "DEFAULT_PORT"]
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +138,10 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("normkit_drift_variance_ratio", "gauge", _LL, "Live / baseline input variance"),
     ("normkit_drift_psi", "gauge", _LL, "Population stability index against the baseline"),
     ("normkit_drift_ks", "gauge", _LL, "Kolmogorov-Smirnov distance against the baseline"),
-    ("normkit_drift_breached", "gauge", _LL, "1 if any drift threshold is crossed, else 0"),
+    ("normkit_drift_breached", "gauge", _LL, "1 if any drift limit is crossed, else 0"),
+    ("normkit_drift_evaluable", "gauge", _LL,
+     "1 if the last drift check could judge the layer, 0 if not (too few rows, no baseline "
+     "for the layer: see the log or the JSONL record's drift reason)"),
     ("normkit_alerts", "counter", _L + ("severity", "rule"), "Alerts opened in process"),
 )
 
@@ -154,12 +163,17 @@ def exported_series_names() -> set[str]:
     return out
 
 
+DEFAULT_PORT = 9464  # the port deploy/prometheus/prometheus.yml scrapes
+
+
 class PrometheusExporter:
     """Exports to Prometheus through ``prometheus_client``.
 
     Args:
-        port: port to serve ``/metrics`` on (0: a free one); None: do not serve (register into
-            ``registry`` and expose it yourself, e.g. ``prometheus_client.make_asgi_app``).
+        port: port to serve ``/metrics`` on: 9464 by default, the one
+            ``deploy/prometheus/prometheus.yml`` scrapes; 0: a free one (read ``url``); None:
+            do not serve (register into ``registry`` and expose it yourself, e.g.
+            ``prometheus_client.make_asgi_app``).
         addr: bind address; loopback by default — expose it deliberately, not by accident.
         registry: a ``CollectorRegistry`` to register into; default: a private one (so two
             exporters in one process never collide on metric names).
@@ -167,9 +181,12 @@ class PrometheusExporter:
     Attributes:
         url: ``http://addr:port/metrics`` once serving, else None.
         registry: the registry holding normkit's metrics.
+
+    Raises:
+        OSError: the port is in use; the message names it and how to choose another.
     """
 
-    def __init__(self, port: int | None = 0, addr: str = "127.0.0.1", registry=None):
+    def __init__(self, port: int | None = DEFAULT_PORT, addr: str = "127.0.0.1", registry=None):
         pc = _require("prometheus_client")
         self.registry = registry if registry is not None else pc.CollectorRegistry()
         self._m = {}
@@ -183,11 +200,23 @@ class PrometheusExporter:
                                              registry=self.registry)
         self._children: dict = {}
         self._last_step: dict = {}
+        # export() runs on the watch's export thread, remove_series() on the caller's.
+        self._lock = threading.Lock()
         self._server = self._thread = None
         self.url = None
         if port is not None:
-            self._server, self._thread = pc.start_http_server(port, addr=addr,
-                                                              registry=self.registry)
+            try:
+                self._server, self._thread = pc.start_http_server(port, addr=addr,
+                                                                  registry=self.registry)
+            except OSError as e:
+                for metric in self._m.values():  # leave the registry as it was: a retry on
+                    self.registry.unregister(metric)  # another port must not collide
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                raise OSError(e.errno, f"PrometheusExporter: port {port} on {addr} is in use "
+                                       "(another exporter or process); pass port=<another "
+                                       "port> and scrape that, or port=0 for a free one "
+                                       "(its address is then in .url)") from e
             host = f"[{addr}]" if ":" in addr else addr
             self.url = f"http://{host}:{self._server.server_port}/metrics"
             log.info("normkit metrics served at %s", self.url)
@@ -203,6 +232,10 @@ class PrometheusExporter:
     def export(self, record: dict) -> None:
         if record.get("type") != "step":
             return
+        with self._lock:
+            self._export(record)
+
+    def _export(self, record: dict) -> None:
         base = (record["model"], record["version"], str(record["rank"]))
         from .drift import _normkit_version
 
@@ -260,11 +293,39 @@ class PrometheusExporter:
                 if d.get(key) is not None:
                     self._c(metric, *lb).set(d[key])
             self._c("normkit_drift_breached", *lb).set(1.0 if d["crossed"] else 0.0)
+            self._c("normkit_drift_evaluable", *lb).set(1.0 if d.get("evaluable", True) else 0.0)
         for a in record.get("alerts", ()):
             self._c("normkit_alerts", *base, a["severity"], a["rule"]).inc()
 
+    def remove_series(self, model: str | None = None, version: str | None = None) -> int:
+        """Removes the series of ``model`` and/or ``version`` (every series when both are None)
+        with prometheus_client's own label removal, e.g. when a model version is retired while
+        the endpoint keeps serving others.  Prometheus marks them stale at its next scrape.  A
+        later record of that version brings its series back (its counters restart, which
+        ``rate()`` takes as a reset).
+
+        Returns:
+            The number of label sets removed.
+        """
+        def hit(labels: tuple) -> bool:  # every label set starts with (model, version, ...)
+            return ((model is None or labels[0] == str(model))
+                    and (version is None or labels[1] == str(version)))
+
+        with self._lock:
+            gone = [(name, labels) for name, labels in self._children if hit(labels)]
+            for name, labels in gone:
+                self._m[name].remove(*labels)
+                del self._children[(name, labels)]
+            for base in [b for b in self._last_step if hit(b)]:
+                del self._last_step[base]
+        return len(gone)
+
     def close(self) -> None:
-        """Stops the HTTP server (if this exporter started one)."""
+        """Removes every series this exporter exported (``remove_series``) and stops the HTTP
+        server if this exporter started one.  ``Watch.stop`` calls it, so a registry that
+        outlives the watch (``port=None``, your own) no longer shows a model version whose
+        watch ended; the exporter can be handed to a later watch."""
+        self.remove_series()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -61,7 +61,7 @@ import torch
 from .. import functional as _F
 from ._stats import LayerStats, add_rows_many, pack, unpack
 from .alerts import Alert, AlertRules
-from .drift import Baseline, DriftThresholds
+from .drift import Baseline, DriftThresholds, warn_unjudged
 
 __all__ = ["watch", "Watch", "find_norms", "RECORD_SCHEMA", "RECORD_SCHEMA_VERSION"]
 
@@ -381,6 +381,7 @@ class Watch:
         self.nonfinite_origin: str | None = None
         self.nonfinite_events: list[dict] = []
         self.drift_results: dict = {}
+        self._unjudged: set[str] = set()  # layers whose unjudgeable drift was logged
         self.records = 0
         self._totals: dict[str, LayerStats] = {}
         self._win: deque[dict[str, LayerStats]] = deque(maxlen=window)
@@ -954,6 +955,7 @@ class Watch:
         live = self.window_stats()
         drift = self.baseline_ref.drift(live, self.thresholds)
         self.drift_results = drift
+        warn_unjudged(drift, self._unjudged, f"{self.model_name} {self.model_version}")
         bad = [n for n, r in drift.items() if r.drifted]
         for n in bad:
             r = drift[n]
