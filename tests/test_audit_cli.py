@@ -3,6 +3,7 @@ every kind of TARGET (factory, checkpoint, safetensors, Hugging Face directory, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -17,14 +18,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 import audit_models as A  # noqa: E402
 
 TESTS = Path(__file__).parent
+# The package these tests import: the subprocess must run the same code (the entry point's own
+# install may be another checkout's).
+SRC = Path(importlib.util.find_spec("normkit").origin).resolve().parents[1]
 FAST = "--checks=inventory,parameters,epsilon"
+
+
+def normkit_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(SRC)]))
 
 
 def normkit(*args, cwd=TESTS, timeout=300):
     exe = shutil.which("normkit")
     if exe is None:
         pytest.skip("the normkit entry point is not installed (pip install -e .)")
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    env = normkit_env()
     return subprocess.run([exe, "audit", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 
