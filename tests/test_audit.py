@@ -94,12 +94,14 @@ def test_normkit_converted_model_passes_every_check():
     assert set(report.metrics["export"]["layers"]) == {L["name"] for L in report.layers}
 
 
-def test_no_norms_is_reported_not_crashed():
+def test_no_norms_is_an_error_not_a_pass():
+    """A model with nothing to audit fails the gate (it is not the model the user meant)."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
     report = audit(model, torch.randn(2, 4), checks=["inventory", "parameters", "epsilon"])
     assert report.ids() == {"NK-INV-001"}
+    assert report.by_id("NK-INV-001")[0].severity == "error"
     assert report.layers == []
-    assert report.ok()
+    assert not report.ok()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -90,6 +90,105 @@ def test_bad_targets_exit_2_with_one_line(target, message):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def _onnx_model(path: Path) -> Path:
+    """A small healthy ONNX file (Linear + fused LayerNormalization) at ``path``."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).eval()
+    torch.onnx.export(model, (torch.randn(2, 8),), str(path), dynamo=False, opset_version=17)
+    return path
+
+
+def _external(tmp_path: Path) -> Path:
+    """An ONNX file whose tensors live in m.onnx.data next to it."""
+    import onnx
+
+    proto = onnx.load(str(_onnx_model(tmp_path / "inline.onnx")))
+    onnx.save_model(proto, str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=0)
+    return tmp_path / "m.onnx"
+
+
+def _truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+# (name, build the file in tmp_path, words the one-line reason must contain)
+UNREADABLE = [
+    ("empty.onnx", lambda d: _touch(d / "empty.onnx"), "empty (0 bytes)"),
+    ("corrupt.onnx", lambda d: _truncated(_onnx_model(d / "corrupt.onnx")), "cannot read"),
+    ("text.onnx", lambda d: _write(d / "text.onnx", b"not a model\n"), "cannot read"),
+    ("no_graph.onnx", lambda d: _write(d / "no_graph.onnx", b"\x08\x07"), "no graph"),
+    ("data_missing", lambda d: _unlink_data(_external(d)), "m.onnx.data"),
+    ("data_truncated", lambda d: _truncate_data(_external(d)), "m.onnx.data"),
+    ("unknown_op.onnx", lambda d: _unknown_op(d / "unknown_op.onnx"), "ONNX Runtime"),
+    ("empty.pt", lambda d: _touch(d / "empty.pt"), "cannot read"),
+    ("empty.safetensors", lambda d: _touch(d / "empty.safetensors"), "cannot read"),
+]
+
+
+def _touch(path: Path) -> Path:
+    path.touch()
+    return path
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _unlink_data(path: Path) -> Path:
+    (path.parent / "m.onnx.data").unlink()
+    return path
+
+
+def _truncate_data(path: Path) -> Path:
+    _truncated(path.parent / "m.onnx.data")
+    return path
+
+
+def _unknown_op(path: Path) -> Path:
+    """A valid graph with an op no runtime here implements."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Frobnicate", ["x"], ["y"], domain="example.custom")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("example.custom", 1)])
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter, on purpose
+@pytest.mark.parametrize("name,build,reason", UNREADABLE, ids=[u[0] for u in UNREADABLE])
+def test_unreadable_targets_exit_2_with_one_line_naming_the_file(tmp_path, name, build, reason):
+    pytest.importorskip("onnx")
+    pytest.importorskip("safetensors")
+    path = build(tmp_path)
+    r = normkit(path, "--format", "json")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout == ""  # no verdict, no report: the audit did not run
+    (line,) = r.stderr.strip().splitlines()
+    assert "Traceback" not in line and path.name in line and reason in line, line
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_onnx_without_norms_fails_the_gate(tmp_path):
+    """A graph the audit can read but with nothing to audit is an error, not a pass."""
+    pytest.importorskip("onnx")
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval(),
+                      (torch.randn(2, 8),), str(path), dynamo=False, opset_version=17)
+    r = normkit(path, "--format", "json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False
+    assert [(f["id"], f["severity"]) for f in doc["findings"]] == [("NK-INV-001", "error")]
+
+
 def test_checkpoint_targets(tmp_path):
     from safetensors.torch import save_file
 

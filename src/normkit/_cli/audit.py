@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
                         _unexpected_keys=target.unexpected_keys)
             finally:
                 torch.set_num_threads(previous)
+    except _target.TargetError as e:
+        return fail(str(e))
     except (ValueError, TypeError, ImportError) as e:
         return fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     report.seconds = time.perf_counter() - t0

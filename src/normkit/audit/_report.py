@@ -45,8 +45,9 @@ class Rule:
 
 
 _RULES = (
-    Rule("NK-INV-001", "inventory", "info", "no normalization layers found",
-         "Check that TARGET is the model you meant; nothing else can be audited."),
+    Rule("NK-INV-001", "inventory", "error", "no normalization layers found",
+         "Check that TARGET is the model you meant: a model without norms has nothing to "
+         "audit, so it cannot pass the gate."),
     Rule("NK-PARAM-001", "parameters", "error", "γ/β missing from the checkpoint",
          "Re-export the checkpoint from the trained model (model.state_dict()) and check key "
          "renames (gamma/beta → weight/bias, LayerNorm → layer_norm)."),
