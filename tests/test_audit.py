@@ -358,6 +358,26 @@ def test_report_json_markdown_and_gate(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # no temp file left behind
 
 
+def test_every_format_states_the_verdict_of_its_gate(tmp_path):
+    """One warning, no error: passed under fail_on="error", failed under "warning" — and
+    JSON, markdown and the written file say the same as ok(fail_on)."""
+    report = audit(A.keras_eps(), checks=["epsilon"])
+    assert loud_ids(report) == {"NK-EPS-003"} and report.counts()["error"] == 0
+    for gate, ok in (("error", True), ("warning", False)):
+        assert report.ok(gate) is ok
+        assert (report.to_dict(gate)["ok"], report.to_dict(gate)["fail_on"]) == (ok, gate)
+        assert json.loads(report.to_json(fail_on=gate))["ok"] is ok
+        head = report.to_markdown(gate).splitlines()[0]
+        assert ("✅ passed" in head, "❌ failed" in head) == (ok, not ok), head
+        assert f"--fail-on {gate}" in head
+        written = report.write(tmp_path / f"{gate}.json", fail_on=gate)
+        assert json.loads(written.read_text())["ok"] is ok
+        md = report.write(tmp_path / f"{gate}.md", "markdown", fail_on=gate).read_text()
+        assert md == report.to_markdown(gate)
+    with pytest.raises(ValueError, match="fail_on"):
+        report.to_dict("fatal")
+
+
 def test_finding_validation_and_rule_table():
     with pytest.raises(ValueError, match="unknown finding id"):
         Finding("NK-NOPE-001", "error", None, "m", "f")

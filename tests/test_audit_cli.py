@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,22 +61,82 @@ def test_factory_with_findings_exits_1_and_json_is_valid(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_fail_on_warning_and_markdown():
-    r = normkit("audit_models:keras_eps", FAST, "--format", "markdown")
-    assert r.returncode == 0, r.stderr  # a warning does not fail the default gate
-    assert "NK-EPS-003" in r.stdout and r.stdout.startswith("## normkit audit")
+def test_input_shape_is_widened_to_a_batch_of_3():
     r = normkit("audit_models:keras_eps", FAST + ",batch", "--input-shape", "1,5",
-                "--fail-on", "warning", "--format", "json")
-    assert r.returncode == 1
+                "--format", "json")
+    assert r.returncode == 0, r.stderr  # a warning does not fail the default gate
     doc = json.loads(r.stdout)
     assert doc["counts"]["warning"] == 1
     assert doc["metrics"]["batch"]["batch"] == 3  # one sample of 5 tokens, widened to 3
 
 
+def _printed_verdict(fmt: str, stdout: str) -> tuple[bool, str]:
+    """(passed?, the gate it names) as the report printed in ``fmt`` says it."""
+    if fmt == "json":
+        doc = json.loads(stdout)
+        return doc["ok"], doc["fail_on"]
+    head = stdout.splitlines()[0]
+    if fmt == "markdown":
+        assert head.startswith("## normkit audit")
+        assert ("✅ passed" in head) != ("❌ failed" in head), head
+    else:
+        assert (": passed" in head) != (": failed" in head), head
+    return "passed" in head, head.split("--fail-on ", 1)[1].split()[0].strip(")`;,.")
+
+
+# keras_eps has one warning (NK-EPS-003) and no error: the default gate passes it, a
+# --fail-on warning gate fails it, and every format must say so.
+@pytest.mark.parametrize("fail_on,code", [("error", 0), ("warning", 1)])
+@pytest.mark.parametrize("fmt", ["table", "markdown", "json"])
+def test_printed_verdict_is_the_verdict_of_the_exit_code(tmp_path, fmt, fail_on, code):
+    out = tmp_path / ("report.md" if fmt == "markdown" else "report.json")
+    r = normkit("audit_models:keras_eps", FAST, "--fail-on", fail_on, "--format", fmt,
+                "--output", out)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert "NK-EPS-003" in r.stdout
+    assert _printed_verdict(fmt, r.stdout) == (code == 0, fail_on)
+    # the --output file carries the same verdict
+    written = "markdown" if fmt == "markdown" else "json"
+    assert _printed_verdict(written, out.read_text()) == (code == 0, fail_on)
+
+
+def _recipe_audit_commands() -> list[str]:
+    """The `run:` commands of docs/audit.md's GitHub Actions recipe that call normkit audit."""
+    text = (TESTS.parent / "docs" / "audit.md").read_text()
+    recipe = text.split("## GitHub Actions", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    return re.findall(r"^\s*(?:- )?run: (normkit audit .*)$", recipe, re.MULTILINE)
+
+
+@pytest.mark.parametrize("target,code,verdict", [
+    ("audit_models:nan_gamma", 1, "❌ failed"),  # an error-level finding
+    ("audit_models:pre_ln", 0, "✅ passed"),
+])
+def test_github_actions_recipe_shows_a_failed_gate_as_failed(tmp_path, target, code, verdict):
+    """Each audit step of the documented workflow, run as GitHub runs it (`bash -e`, the job
+    summary in $GITHUB_STEP_SUMMARY), on a model in place of the recipe's placeholder: the
+    step's exit code and the verdict in the job summary agree."""
+    exe = shutil.which("normkit")
+    if exe is None:
+        pytest.skip("the normkit entry point is not installed (pip install -e .)")
+    commands = _recipe_audit_commands()
+    assert len(commands) == 2, commands
+    for command in commands:
+        summary = tmp_path / "summary.md"
+        summary.write_text("")
+        command = re.sub(r"^normkit audit \S+", f"{exe} audit {target} {FAST}", command)
+        r = subprocess.run(["bash", "-e", "-c", command], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300,
+                           env=dict(normkit_env(), GITHUB_STEP_SUMMARY=str(summary)))
+        assert r.returncode == code, command + "\n" + r.stderr
+        assert verdict in summary.read_text().splitlines()[0], command
+    assert json.loads((tmp_path / "audit.json").read_text())["ok"] is (code == 0)
+
+
 def test_healthy_factory_full_audit_table_exits_0():
     r = normkit("audit_models:pre_ln_with_inputs", "--skip", "quantization,checkpoint")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "passed — 0 error(s), 0 warning(s)" in r.stdout and "blocks.0.ln1" in r.stdout
+    assert "passed (--fail-on error) — 0 error(s), 0 warning(s)" in r.stdout
+    assert "blocks.0.ln1" in r.stdout
     assert "ONNX: dynamo exporter" in r.stdout
 
 

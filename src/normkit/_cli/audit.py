@@ -141,20 +141,23 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     report.seconds = time.perf_counter() - t0
 
+    # Every format states the verdict of this gate, the one that sets the exit code.
+    gate = args.fail_on
     if args.output is not None:
         fmt = "markdown" if args.output.suffix.lower() in (".md", ".markdown") else "json"
         try:
-            report.write(args.output, fmt)
+            report.write(args.output, fmt, fail_on=gate)
         except OSError as e:
             return fail(f"cannot write {args.output}: {e.strerror or e}")
-    code = 0 if report.ok(args.fail_on) else 1
+    code = 0 if report.ok(gate) else 1
     try:
         if args.format == "json":
-            sys.stdout.write(report.to_json() + "\n")  # plain: machine-readable, no markup
+            # plain: machine-readable, no markup
+            sys.stdout.write(report.to_json(fail_on=gate) + "\n")
         elif args.format == "markdown":
-            sys.stdout.write(report.to_markdown())
+            sys.stdout.write(report.to_markdown(gate))
         else:
-            render_table(report, out)
+            render_table(report, out, gate)
         sys.stdout.flush()
     except BrokenPipeError:  # `normkit audit ... | head`: the reader left; keep the verdict
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -179,14 +182,16 @@ def _default_threads(model) -> int:
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 
-def render_table(report, out) -> None:
-    """The terminal view: verdict, findings table, norm inventory."""
+def render_table(report, out, fail_on: str = "error") -> None:
+    """The terminal view: the verdict under the gate ``fail_on``, findings table, norm
+    inventory."""
     from rich.table import Table
 
     c = report.counts()
-    verdict = "[green]passed[/green]" if report.ok("error") else "[red]failed[/red]"
+    verdict = "[green]passed[/green]" if report.ok(fail_on) else "[red]failed[/red]"
     placement = report.metrics.get("model", {}).get("placement")
-    out.print(f"[bold]normkit audit[/bold] {report.target}: {verdict} — {c['error']} error(s), "
+    out.print(f"[bold]normkit audit[/bold] {report.target}: {verdict} (--fail-on {fail_on}) — "
+              f"{c['error']} error(s), "
               f"{c['warning']} warning(s), {c['info']} info; dtype {report.dtype}"
               + (f"; {placement}" if placement else "") + f"; {report.seconds:.1f} s")
     if report.layers:

@@ -233,8 +233,9 @@ class AuditReport:
 
     # -- rendering ------------------------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON document: ``schema_version``, target, summary, findings, layers, metrics."""
+    def to_dict(self, fail_on: str = "error") -> dict[str, Any]:
+        """The JSON document: ``schema_version``, target, the verdict (``ok`` under the gate
+        ``fail_on``, the same as ``ok(fail_on)``), summary, findings, layers, metrics."""
         import torch
 
         try:
@@ -248,7 +249,8 @@ class AuditReport:
             "tool": {"name": "normkit audit", "normkit": nk, "torch": torch.__version__},
             "target": self.target,
             "dtype": self.dtype,
-            "ok": self.ok("error"),
+            "ok": self.ok(fail_on),
+            "fail_on": fail_on,
             "counts": self.counts(),
             "checks": list(self.checks),
             "skipped": dict(self.skipped),
@@ -258,16 +260,17 @@ class AuditReport:
             "metrics": self.metrics,
         })
 
-    def to_json(self, indent: int | None = 2) -> str:
-        """Strict JSON (no NaN literals) of ``to_dict()``."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+    def to_json(self, indent: int | None = 2, fail_on: str = "error") -> str:
+        """Strict JSON (no NaN literals) of ``to_dict(fail_on)``."""
+        return json.dumps(self.to_dict(fail_on), indent=indent, allow_nan=False)
 
-    def to_markdown(self) -> str:
-        """A markdown summary: verdict, findings table, norm inventory."""
+    def to_markdown(self, fail_on: str = "error") -> str:
+        """A markdown summary: the verdict under the gate ``fail_on``, findings table, norm
+        inventory."""
         c = self.counts()
-        verdict = "✅ passed" if self.ok("error") else "❌ failed"
+        verdict = "✅ passed" if self.ok(fail_on) else "❌ failed"
         lines = [
-            f"## normkit audit: `{self.target}` — {verdict}",
+            f"## normkit audit: `{self.target}` — {verdict} (`--fail-on {fail_on}`)",
             "",
             f"{c['error']} error(s), {c['warning']} warning(s), {c['info']} info; dtype "
             f"{self.dtype}; checks: {', '.join(self.checks) or 'none'}; {self.seconds:.1f} s.",
@@ -294,9 +297,11 @@ class AuditReport:
                     f"{L.get('dtype')} | {L.get('params')} | {L.get('placement') or '—'} |")
         return "\n".join(lines) + "\n"
 
-    def write(self, path: str | os.PathLike, fmt: str = "json") -> Path:
-        """Write the report as ``fmt`` ("json" or "markdown") atomically (temp file + rename)."""
-        text = self.to_json() + "\n" if fmt == "json" else self.to_markdown()
+    def write(self, path: str | os.PathLike, fmt: str = "json", fail_on: str = "error") -> Path:
+        """Write the report as ``fmt`` ("json" or "markdown"), its verdict under the gate
+        ``fail_on``, atomically (temp file + rename)."""
+        text = (self.to_json(fail_on=fail_on) + "\n" if fmt == "json"
+                else self.to_markdown(fail_on))
         return write_text_atomic(path, text)
 
 
