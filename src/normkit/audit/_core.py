@@ -139,8 +139,11 @@ def audit(
         missing += list(res.missing_keys)
         unexpected += list(res.unexpected_keys)
     config = getattr(work, "config", None)
-    if config is not None and getattr(config, "use_cache", None):
-        config.use_cache = False  # a KV cache in the outputs only gets in the way
+    # A KV cache in the outputs only gets in the way: exporters cannot trace cache objects.
+    # Every config, not just the model's: a T5 decoder stack holds its own copy.
+    for m in work.modules():
+        if getattr(getattr(m, "config", None), "use_cache", None):
+            m.config.use_cache = False
     if dt is not None:
         work = work.to(dt)
     run_dtype = dt or model_dtype(work)

@@ -96,8 +96,9 @@ _RULES = (
     Rule("NK-NUM-003", "numerics", "warning", "norm output error vs float64 above tolerance",
          "Accumulate statistics in float32 and cast once at the end (normkit.convert does)."),
     Rule("NK-ONNX-001", "export", "error", "ONNX export failed",
-         "Make the model exportable (no data-dependent Python control flow, supported ops), or "
-         "pass --opset."),
+         "Make the model exportable by torch.onnx: the message gives each exporter's reason "
+         "(an op without an ONNX translation, data-dependent Python control flow, outputs "
+         "that are not tensors)."),
     Rule("NK-ONNX-002", "export", "error", "exported eps differs from the model's",
          "Export at opset ≥ 17 (fused LayerNormalization keeps eps as a float32 attribute), "
          "compute statistics in float32, and avoid eps below float16's range in fp16 graphs."),
