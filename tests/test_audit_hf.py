@@ -34,6 +34,8 @@ def build(name: str, **overrides):
         return T.LlamaModel(T.LlamaConfig(**_DECODER, **overrides)).eval()
     if name == "gemma":
         return T.GemmaModel(T.GemmaConfig(**_DECODER, head_dim=16, **overrides)).eval()
+    if name == "qwen3":
+        return T.Qwen3Model(T.Qwen3Config(**_DECODER, head_dim=16, **overrides)).eval()
     if name in ("t5", "t5-lm"):
         cfg = T.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=2,
                          decoder_start_token_id=0, **overrides)
@@ -53,8 +55,8 @@ HF = {
 # LM head to the checkpoint round-trip); Gemma and T5 skip the model-agnostic checkpoint and
 # quantization checks to keep the suite fast.
 CHECKS_FOR = {
-    "gemma": ["inventory", "parameters", "epsilon", "batch", "numerics", "export"],
-    "t5": ["inventory", "parameters", "epsilon", "batch", "numerics", "export"],
+    "gemma": ["inventory", "parameters", "shape", "epsilon", "batch", "numerics", "export"],
+    "t5": ["inventory", "parameters", "shape", "epsilon", "batch", "numerics", "export"],
 }
 
 
@@ -104,6 +106,17 @@ def test_t5_exports_with_the_cache_off_and_tensor_outputs(name):
     # every model output (decoder state or logits, encoder state) compared with ONNX Runtime
     assert exp["outputs_compared"] == 2 and exp["output_max_rel"] <= exp["tolerance_rel"]
     assert model.config.use_cache and model.decoder.config.use_cache  # the caller's model
+
+
+def test_per_head_q_k_norms_match_their_projections():
+    """Qwen3 normalises q and k per head over head_dim (16 of hidden 32): the norm's input is
+    (batch, seq, heads, head_dim) from a projection of width heads·head_dim, not a mismatch."""
+    model = build("qwen3")
+    report = audit(model, checks=["shape"])
+    assert report.ids() == set(), [(f.id, f.layer, f.message) for f in report.findings]
+    widths = {L["name"]: L["normalized_shape"] for L in report.layers}
+    assert widths["layers.0.self_attn.q_norm"] == [16]
+    assert widths["layers.0.input_layernorm"] == [32]
 
 
 def test_bert_keras_eps_port():

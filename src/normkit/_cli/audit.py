@@ -1,5 +1,6 @@
-"""Audit a model's normalization layers: inventory, parameters, epsilon, batch dependence,
-numerics, ONNX export parity, checkpoint round-trip and int8 quantization sensitivity.
+"""Audit a model's normalization layers: inventory, parameters, shape, epsilon, batch
+dependence, numerics, ONNX export parity, checkpoint round-trip and int8 quantization
+sensitivity.
 
 TARGET is one of:
   package.module:function   a factory returning a model, or (model, example_inputs)
@@ -10,7 +11,8 @@ TARGET is one of:
   model.onnx                an ONNX file (norm nodes, eps, γ/β, an ONNX Runtime run)
 
 exit codes: 0 no finding at or above --fail-on, 1 findings at or above it, 2 the audit could
-not run (bad target or arguments).
+not run (bad or unreadable target, or bad arguments). Every output format states the verdict
+of --fail-on, the one the exit code gives.
 
 examples:
   normkit audit mypkg.models:build_model
@@ -32,8 +34,8 @@ from ._args import names, positive_int
 HELP = "audit a model's norms (eps, γ/β, batch dependence, numerics, ONNX parity) for CI"
 
 # Kept in sync with normkit.audit (not imported here: this module loads for `normkit --help`).
-_CHECKS = ("inventory", "parameters", "epsilon", "batch", "numerics", "export", "checkpoint",
-           "quantization")
+_CHECKS = ("inventory", "parameters", "shape", "epsilon", "batch", "numerics", "export",
+           "checkpoint", "quantization")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 

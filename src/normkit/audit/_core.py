@@ -40,6 +40,7 @@ def _run_export(ctx: Context) -> list[Finding]:
 # The order of the report's timing table; every check reads the shared Context only.
 _ORDER: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
     ("parameters", _checks.check_parameters),
+    ("shape", _checks.check_shape),
     ("numerics", _checks.check_numerics),
     ("epsilon", _checks.check_epsilon),
     ("batch", _checks.check_batch),
@@ -50,7 +51,7 @@ _ORDER: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
 
 
 # Checks with nothing to look at in a model without norms (batch dependence still applies).
-_NEEDS_NORMS = {"numerics", "epsilon", "quantization", "export", "checkpoint"}
+_NEEDS_NORMS = {"shape", "numerics", "epsilon", "quantization", "export", "checkpoint"}
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
@@ -100,8 +101,8 @@ def audit(
             Linear/Conv/RNN/LayerNorm inputs).
         dtype: run dtype ("float32", "bfloat16", "float16", "float64" or a torch.dtype);
             None keeps the model's own dtype.
-        checks: check groups to run (default all): "inventory", "parameters", "epsilon",
-            "batch", "numerics", "export", "checkpoint", "quantization".
+        checks: check groups to run (default all): "inventory", "parameters", "shape",
+            "epsilon", "batch", "numerics", "export", "checkpoint", "quantization".
         state_dict: a checkpoint to audit with the model: norm keys missing from it are
             reported (NK-PARAM-001), stray ones too (NK-PARAM-004), and it is loaded
             (``strict=False``) into the audited copy.
@@ -220,7 +221,7 @@ def audit(
 
 # A defect in a layer's own parameters or eps explains what the forward checks then see at that
 # layer (a NaN γ gives NaN outputs, a checkpoint/ONNX mismatch of NaNs, ...): report the cause.
-_ROOTS = {"NK-PARAM-002", "NK-PARAM-003", "NK-EPS-001", "NK-CKPT-002"}
+_ROOTS = {"NK-PARAM-002", "NK-PARAM-003", "NK-EPS-001", "NK-CKPT-002", "NK-SHAPE-001"}
 _CONSEQUENCES = {"NK-NUM-001", "NK-NUM-003", "NK-ONNX-003", "NK-ONNX-004", "NK-CKPT-001",
                  "NK-BATCH-001", "NK-QUANT-001", "NK-EPS-004"}
 

@@ -24,6 +24,7 @@ _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 CHECKS = (
     "inventory",
     "parameters",
+    "shape",
     "epsilon",
     "batch",
     "numerics",
@@ -63,6 +64,12 @@ _RULES = (
     Rule("NK-PARAM-005", "parameters", "warning", "norm parameters frozen in a training config",
          "Set requires_grad=True on the norm's γ/β, or audit without --training if the "
          "model is not meant to be trained."),
+    Rule("NK-SHAPE-001", "shape", "error", "norm over a single feature",
+         "Normalize over the feature dim (normalized_shape = the hidden size): over one value "
+         "a LayerNorm outputs β and an RMSNorm sign(x)·γ; a scalar output needs no norm."),
+    Rule("NK-SHAPE-002", "shape", "warning", "norm width differs from its neighbours'",
+         "Check which dim the norm normalizes (a transpose too many, or normalized_shape "
+         "built from the wrong size): it should be the width of the layers around it."),
     Rule("NK-EPS-001", "epsilon", "error", "eps is zero or underflows in the run dtype",
          "Use an eps representable in the run dtype (float16: ≥ 6e-8, e.g. 1e-5), or compute "
          "the statistics in float32."),
