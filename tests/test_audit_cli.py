@@ -177,6 +177,8 @@ def _truncated(path: Path) -> Path:
 # (name, build the file in tmp_path, words the one-line reason must contain)
 UNREADABLE = [
     ("empty.onnx", lambda d: _touch(d / "empty.onnx"), "empty (0 bytes)"),
+    # printed as is: brackets are not terminal markup
+    ("brackets", lambda d: _touch(d / "run[b][v1].onnx"), "empty (0 bytes)"),
     ("corrupt.onnx", lambda d: _truncated(_onnx_model(d / "corrupt.onnx")), "cannot read"),
     ("text.onnx", lambda d: _write(d / "text.onnx", b"not a model\n"), "cannot read"),
     ("no_graph.onnx", lambda d: _write(d / "no_graph.onnx", b"\x08\x07"), "no graph"),
@@ -299,10 +301,12 @@ def test_hf_directory_target(tmp_path):
 def test_onnx_file_target(tmp_path):
     pytest.importorskip("onnx")
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8, eps=0.0)).eval()
-    path = tmp_path / "m.onnx"
+    path = tmp_path / "m[b].onnx"  # brackets: a literal name, not terminal markup
     torch.onnx.export(model, (torch.randn(2, 8),), str(path), dynamo=False, opset_version=17)
     r = normkit(path, "--format", "json")
     assert r.returncode == 1, r.stderr
     doc = json.loads(r.stdout)
     assert {f["id"] for f in doc["findings"]} == {"NK-EPS-001"}
     assert doc["layers"][0]["type"] == "LayerNormalization"
+    r = normkit(path)
+    assert r.returncode == 1 and f"{path}: failed (--fail-on error)" in r.stdout, r.stdout

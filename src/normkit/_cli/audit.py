@@ -87,12 +87,14 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from rich.console import Console
+    from rich.markup import escape
 
     out = Console(width=None if Console().is_terminal else 160)
     err = Console(stderr=True)
 
     def fail(msg: str) -> int:
-        err.print(f"[red]normkit audit: error:[/red] {msg}", soft_wrap=True, markup=True,
+        # the message names user files: printed literally, "run[b].onnx" is not markup
+        err.print(f"[red]normkit audit: error:[/red] {escape(msg)}", soft_wrap=True, markup=True,
                   highlight=False)
         return 2
 
@@ -187,13 +189,14 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 def render_table(report, out, fail_on: str = "error") -> None:
     """The terminal view: the verdict under the gate ``fail_on``, findings table, norm
     inventory."""
+    from rich.markup import escape
     from rich.table import Table
 
     c = report.counts()
     verdict = "[green]passed[/green]" if report.ok(fail_on) else "[red]failed[/red]"
     placement = report.metrics.get("model", {}).get("placement")
-    out.print(f"[bold]normkit audit[/bold] {report.target}: {verdict} (--fail-on {fail_on}) — "
-              f"{c['error']} error(s), "
+    out.print(f"[bold]normkit audit[/bold] {escape(report.target)}: {verdict} "
+              f"(--fail-on {fail_on}) — {c['error']} error(s), "
               f"{c['warning']} warning(s), {c['info']} info; dtype {report.dtype}"
               + (f"; {placement}" if placement else "") + f"; {report.seconds:.1f} s")
     if report.layers:
@@ -201,7 +204,8 @@ def render_table(report, out, fail_on: str = "error") -> None:
         for col in ("layer", "type", "shape", "eps", "affine", "dtype", "params", "placement"):
             inv.add_column(col, justify="right" if col in ("params", "eps") else "left")
         for L in report.layers:
-            inv.add_row(L["name"] or "(root)", L["type"], str(L.get("normalized_shape")),
+            inv.add_row(escape(L["name"] or "(root)"), escape(L["type"]),
+                        str(L.get("normalized_shape")),
                         "–" if L.get("eps") is None else f"{L['eps']:g}",
                         "γβ" if L.get("affine") and L.get("bias") else
                         ("γ" if L.get("affine") else "–"),
@@ -213,7 +217,8 @@ def render_table(report, out, fail_on: str = "error") -> None:
             t.add_column(col, overflow="fold")
         for f in report.findings:
             s = _STYLE[f.severity]
-            t.add_row(f"[{s}]{f.severity}[/{s}]", f.id, f.layer or "–", f.message, f.fix)
+            t.add_row(f"[{s}]{f.severity}[/{s}]", f.id, escape(f.layer or "–"),
+                      escape(f.message), escape(f.fix))
         out.print(t)
     else:
         out.print("[green]no findings[/green]")
@@ -231,4 +236,4 @@ def render_table(report, out, fail_on: str = "error") -> None:
         out.print(f"ONNX: {exp['exporter']} exporter, opset {exp['opset']}, output max rel "
                   f"{exp.get('output_max_rel', float('nan')):.3g}")
     for name, why in report.skipped.items():
-        out.print(f"[dim]skipped {name}: {why}[/dim]")
+        out.print(f"[dim]skipped {name}: {escape(why)}[/dim]")
