@@ -440,3 +440,140 @@ class DeadNormBranch(TinyTransformer):
 def dead_norm_branch():
     _seed()
     return _randomize(DeadNormBranch())
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm shapes: a norm over one feature, a norm whose width its neighbours do not use, and
+# healthy models with several widths, channel norms and per-head norms (no finding)
+# ----------------------------------------------------------------------------------------------
+
+SEQ = 8  # the sequence length the audit synthesises for token-id models
+
+
+def _value_head(norm: nn.Module):
+    m = pre_ln()
+    m.head = nn.Sequential(nn.Linear(D, 1), norm)  # one scalar per token, then "normalised"
+    return _randomize(m)
+
+
+def single_feature_ln():
+    """A scalar head normalised by LayerNorm(1): x − mean(x) = 0, so it outputs β."""
+    return _value_head(nn.LayerNorm(1))
+
+
+def single_feature_rms():
+    """A scalar head normalised by RMSNorm(1): x/√(x²+eps)·γ, only the sign of x survives."""
+    return _value_head(nn.RMSNorm(1, eps=1e-5))
+
+
+class SeqAxisNorm(nn.Module):
+    """LayerNorm over the sequence axis (a transpose too many): it runs, since the sequence is
+    SEQ tokens long, but normalises each feature across tokens instead of each token's D
+    features."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.proj = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(SEQ)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.proj(self.embed(ids))
+        x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(x)
+
+
+def seq_axis_norm():
+    _seed()
+    return _randomize(SeqAxisNorm())
+
+
+class Funnel(nn.Module):
+    """An MLP that narrows 64 → 32 → 16, a LayerNorm at each width."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(16, 64), nn.LayerNorm(64), nn.GELU(),
+            nn.Linear(64, 32), nn.LayerNorm(32), nn.GELU(),
+            nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def funnel():
+    _seed()
+    return _randomize(Funnel())
+
+
+class ConvNeXtLike(nn.Module):
+    """Norms over the channels of a conv net: LayerNorm on channels-last features (permute,
+    LayerNorm(C), pointwise MLP, permute back), GroupNorm and BatchNorm on channels-first."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.ln = nn.LayerNorm(16)
+        self.pw = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+        self.gn = nn.GroupNorm(4, 16)
+        self.down = nn.Conv2d(16, 24, 2, stride=2)
+        self.bn = nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pw(self.ln(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        x = self.bn(self.down(F.gelu(self.gn(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def convnext_like():
+    _seed()
+    return _randomize(ConvNeXtLike())
+
+
+class HeadNormAttention(nn.Module):
+    """Attention with per-head q/k norms over head_dim (as Qwen3 and OLMo do): the norm sees
+    (batch, seq, heads, head_dim) from a Linear of width heads·head_dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.q_norm, self.k_norm = nn.RMSNorm(D // H, eps=1e-6), nn.RMSNorm(D // H, eps=1e-6)
+        self.o = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        q = self.q_norm(self.q(x).view(b, t, H, D // H)).transpose(1, 2)
+        k = self.k_norm(self.k(x).view(b, t, H, D // H)).transpose(1, 2)
+        v = self.v(x).view(b, t, H, D // H).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, D))
+
+
+def head_norm_attention():
+    _seed()
+    return _randomize(HeadNormAttention())
+
+
+class ScaleNorm(nn.Module):
+    """ScaleNorm (Nguyen & Salazar 2019): g·x/‖x‖ with one scalar g: a γ of shape (1,) over D
+    features is not a norm over one feature."""
+
+    def __init__(self, eps=1e-5):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1) * D ** 0.5)
+        self.eps = eps
+
+    def forward(self, x):
+        return self.g * x / x.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+
+
+def scale_norm():
+    m = pre_ln()
+    m.final = ScaleNorm()
+    return m.eval()

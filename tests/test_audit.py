@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -94,12 +95,14 @@ def test_normkit_converted_model_passes_every_check():
     assert set(report.metrics["export"]["layers"]) == {L["name"] for L in report.layers}
 
 
-def test_no_norms_is_reported_not_crashed():
+def test_no_norms_is_an_error_not_a_pass():
+    """A model with nothing to audit fails the gate (it is not the model the user meant)."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
     report = audit(model, torch.randn(2, 4), checks=["inventory", "parameters", "epsilon"])
     assert report.ids() == {"NK-INV-001"}
+    assert report.by_id("NK-INV-001")[0].severity == "error"
     assert report.layers == []
-    assert report.ok()
+    assert not report.ok()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +124,9 @@ BROKEN = [
     ("naive_variance", {}, "NK-NUM-003", "ln"),
     ("unsaved_gamma", {}, "NK-CKPT-002", "final"),
     ("bias_dropping_load", {}, "NK-CKPT-001", "blocks.1.ln2"),
+    ("single_feature_ln", {}, "NK-SHAPE-001", "head.1"),
+    ("single_feature_rms", {}, "NK-SHAPE-001", "head.1"),
+    ("seq_axis_norm", {}, "NK-SHAPE-002", "norm"),
 ]
 # Export-only defects: the other checks are covered above, the export is the slow part.
 BROKEN_EXPORT = [
@@ -198,6 +204,84 @@ def test_export_divergence_is_reported_per_layer_with_numbers():
     assert f.data["max_rel"] == layers["blocks.1.ln1"]["max_rel"]
     assert layers["blocks.0.ln1"]["op"] == "LayerNormalization"
     assert math.isclose(layers["blocks.0.ln1"]["eps"], 1e-5, rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm shapes
+# ----------------------------------------------------------------------------------------------
+
+
+class UnitNorm(torch.nn.Module):
+    """A custom norm (neither torch's nor a known Hugging Face one): x/√(mean(x²)+eps)·γ."""
+
+    def __init__(self, n, eps=1e-5):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((n,), 1.5))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+@pytest.mark.parametrize("norm,severity,says", [
+    (lambda: torch.nn.LayerNorm(1), "error", "outputs β"),
+    (lambda: torch.nn.RMSNorm(1, eps=1e-5), "warning", "only the sign"),
+    # custom norms are judged by what they do on a probe column
+    (lambda: A.NaiveVarianceLayerNorm(1), "error", "outputs β"),
+    (lambda: UnitNorm(1), "warning", "single feature"),
+])
+def test_single_feature_norm_severity_follows_what_it_computes(norm, severity, says):
+    """LayerNorm(1) subtracts the row's mean, which is the row: a constant output (error).
+    RMSNorm(1) is x/√(x²+eps)·γ ≈ sign(x)·γ: the input's sign survives (warning)."""
+    report = audit(A._value_head(norm()), checks=["shape"])
+    (f,) = report.by_id("NK-SHAPE-001")
+    assert (f.layer, f.severity) == ("head.1", severity), f.message
+    assert says in f.message and "[1]" in f.message
+    assert loud_ids(report) == {"NK-SHAPE-001"}, describe(report)
+
+
+def test_norm_width_its_neighbours_do_not_use_names_both_sizes():
+    report = audit(A.seq_axis_norm(), checks=["shape"])
+    (f,) = report.by_id("NK-SHAPE-002")
+    assert f.layer == "norm" and f.severity == "warning"
+    assert f.data["norm_width"] == A.SEQ
+    assert f.data["neighbours"] == {"proj": A.D, "head": A.D}
+    assert f"{A.SEQ} features" in f.message and "proj" in f.message and "head" in f.message
+    assert str(A.D) in f.message
+
+
+def test_norm_width_falls_back_on_the_config_hidden_size():
+    """No Linear, Conv, Embedding, RNN or attention layer around the norm: the width it should
+    have comes from the model config (hidden_size / d_model / n_embd)."""
+
+    class Bare(torch.nn.Module):
+        def __init__(self, over_seq: bool):
+            super().__init__()
+            self.config = types.SimpleNamespace(hidden_size=A.D)
+            self.over_seq = over_seq
+            self.norm = torch.nn.LayerNorm(A.SEQ if over_seq else A.D)
+
+        def forward(self, x):  # (batch, seq, hidden); normalised over seq by mistake
+            if self.over_seq:
+                return self.norm(x.transpose(1, 2)).transpose(1, 2)
+            return self.norm(x)
+
+    x = torch.randn(3, A.SEQ, A.D)
+    (f,) = audit(Bare(over_seq=True), x, checks=["shape"]).by_id("NK-SHAPE-002")
+    assert f.layer == "norm" and f.data["neighbours"] == {"config.hidden_size": A.D}
+    assert "hidden_size=32" in f.message
+    assert audit(Bare(over_seq=False), x, checks=["shape"]).ids() == set()
+
+
+@pytest.mark.parametrize("name", ["funnel", "convnext_like", "head_norm_attention",
+                                  "scale_norm", "cnn_bn", "lstm_ln", "seq_bn", "peri_ln"])
+def test_shape_check_is_silent_on_healthy_widths(name):
+    """Several widths (each norm has its own neighbours), norms over a conv net's channels
+    (channels-first BatchNorm/GroupNorm, channels-last LayerNorm), per-head norms over
+    head_dim, a scalar γ over many features: nothing to report."""
+    report = audit(getattr(A, name)(), checks=["shape"])
+    assert report.ids() == set(), describe(report)
+    assert report.checks == ["shape"] and not report.skipped
 
 
 def test_fp16_naive_rms_is_fine_in_float32():
@@ -354,6 +438,26 @@ def test_report_json_markdown_and_gate(tmp_path):
     out = report.write(tmp_path / "sub" / "r.json")
     assert json.loads(out.read_text())["findings"][0]["id"] == "NK-PARAM-002"
     assert [p.name for p in out.parent.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+def test_every_format_states_the_verdict_of_its_gate(tmp_path):
+    """One warning, no error: passed under fail_on="error", failed under "warning" — and
+    JSON, markdown and the written file say the same as ok(fail_on)."""
+    report = audit(A.keras_eps(), checks=["epsilon"])
+    assert loud_ids(report) == {"NK-EPS-003"} and report.counts()["error"] == 0
+    for gate, ok in (("error", True), ("warning", False)):
+        assert report.ok(gate) is ok
+        assert (report.to_dict(gate)["ok"], report.to_dict(gate)["fail_on"]) == (ok, gate)
+        assert json.loads(report.to_json(fail_on=gate))["ok"] is ok
+        head = report.to_markdown(gate).splitlines()[0]
+        assert ("✅ passed" in head, "❌ failed" in head) == (ok, not ok), head
+        assert f"--fail-on {gate}" in head
+        written = report.write(tmp_path / f"{gate}.json", fail_on=gate)
+        assert json.loads(written.read_text())["ok"] is ok
+        md = report.write(tmp_path / f"{gate}.md", "markdown", fail_on=gate).read_text()
+        assert md == report.to_markdown(gate)
+    with pytest.raises(ValueError, match="fail_on"):
+        report.to_dict("fatal")
 
 
 def test_finding_validation_and_rule_table():

@@ -3,8 +3,10 @@ every kind of TARGET (factory, checkpoint, safetensors, Hugging Face directory, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,14 +19,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 import audit_models as A  # noqa: E402
 
 TESTS = Path(__file__).parent
+# The package these tests import: the subprocess must run the same code (the entry point's own
+# install may be another checkout's).
+SRC = Path(importlib.util.find_spec("normkit").origin).resolve().parents[1]
 FAST = "--checks=inventory,parameters,epsilon"
+
+
+def normkit_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(SRC)]))
 
 
 def normkit(*args, cwd=TESTS, timeout=300):
     exe = shutil.which("normkit")
     if exe is None:
         pytest.skip("the normkit entry point is not installed (pip install -e .)")
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    env = normkit_env()
     return subprocess.run([exe, "audit", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 
@@ -52,22 +61,82 @@ def test_factory_with_findings_exits_1_and_json_is_valid(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_fail_on_warning_and_markdown():
-    r = normkit("audit_models:keras_eps", FAST, "--format", "markdown")
-    assert r.returncode == 0, r.stderr  # a warning does not fail the default gate
-    assert "NK-EPS-003" in r.stdout and r.stdout.startswith("## normkit audit")
+def test_input_shape_is_widened_to_a_batch_of_3():
     r = normkit("audit_models:keras_eps", FAST + ",batch", "--input-shape", "1,5",
-                "--fail-on", "warning", "--format", "json")
-    assert r.returncode == 1
+                "--format", "json")
+    assert r.returncode == 0, r.stderr  # a warning does not fail the default gate
     doc = json.loads(r.stdout)
     assert doc["counts"]["warning"] == 1
     assert doc["metrics"]["batch"]["batch"] == 3  # one sample of 5 tokens, widened to 3
 
 
+def _printed_verdict(fmt: str, stdout: str) -> tuple[bool, str]:
+    """(passed?, the gate it names) as the report printed in ``fmt`` says it."""
+    if fmt == "json":
+        doc = json.loads(stdout)
+        return doc["ok"], doc["fail_on"]
+    head = stdout.splitlines()[0]
+    if fmt == "markdown":
+        assert head.startswith("## normkit audit")
+        assert ("✅ passed" in head) != ("❌ failed" in head), head
+    else:
+        assert (": passed" in head) != (": failed" in head), head
+    return "passed" in head, head.split("--fail-on ", 1)[1].split()[0].strip(")`;,.")
+
+
+# keras_eps has one warning (NK-EPS-003) and no error: the default gate passes it, a
+# --fail-on warning gate fails it, and every format must say so.
+@pytest.mark.parametrize("fail_on,code", [("error", 0), ("warning", 1)])
+@pytest.mark.parametrize("fmt", ["table", "markdown", "json"])
+def test_printed_verdict_is_the_verdict_of_the_exit_code(tmp_path, fmt, fail_on, code):
+    out = tmp_path / ("report.md" if fmt == "markdown" else "report.json")
+    r = normkit("audit_models:keras_eps", FAST, "--fail-on", fail_on, "--format", fmt,
+                "--output", out)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert "NK-EPS-003" in r.stdout
+    assert _printed_verdict(fmt, r.stdout) == (code == 0, fail_on)
+    # the --output file carries the same verdict
+    written = "markdown" if fmt == "markdown" else "json"
+    assert _printed_verdict(written, out.read_text()) == (code == 0, fail_on)
+
+
+def _recipe_audit_commands() -> list[str]:
+    """The `run:` commands of docs/audit.md's GitHub Actions recipe that call normkit audit."""
+    text = (TESTS.parent / "docs" / "audit.md").read_text()
+    recipe = text.split("## GitHub Actions", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    return re.findall(r"^\s*(?:- )?run: (normkit audit .*)$", recipe, re.MULTILINE)
+
+
+@pytest.mark.parametrize("target,code,verdict", [
+    ("audit_models:nan_gamma", 1, "❌ failed"),  # an error-level finding
+    ("audit_models:pre_ln", 0, "✅ passed"),
+])
+def test_github_actions_recipe_shows_a_failed_gate_as_failed(tmp_path, target, code, verdict):
+    """Each audit step of the documented workflow, run as GitHub runs it (`bash -e`, the job
+    summary in $GITHUB_STEP_SUMMARY), on a model in place of the recipe's placeholder: the
+    step's exit code and the verdict in the job summary agree."""
+    exe = shutil.which("normkit")
+    if exe is None:
+        pytest.skip("the normkit entry point is not installed (pip install -e .)")
+    commands = _recipe_audit_commands()
+    assert len(commands) == 2, commands
+    for command in commands:
+        summary = tmp_path / "summary.md"
+        summary.write_text("")
+        command = re.sub(r"^normkit audit \S+", f"{exe} audit {target} {FAST}", command)
+        r = subprocess.run(["bash", "-e", "-c", command], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=300,
+                           env=dict(normkit_env(), GITHUB_STEP_SUMMARY=str(summary)))
+        assert r.returncode == code, command + "\n" + r.stderr
+        assert verdict in summary.read_text().splitlines()[0], command
+    assert json.loads((tmp_path / "audit.json").read_text())["ok"] is (code == 0)
+
+
 def test_healthy_factory_full_audit_table_exits_0():
     r = normkit("audit_models:pre_ln_with_inputs", "--skip", "quantization,checkpoint")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "passed — 0 error(s), 0 warning(s)" in r.stdout and "blocks.0.ln1" in r.stdout
+    assert "passed (--fail-on error) — 0 error(s), 0 warning(s)" in r.stdout
+    assert "blocks.0.ln1" in r.stdout
     assert "ONNX: dynamo exporter" in r.stdout
 
 
@@ -80,6 +149,107 @@ def test_bad_targets_exit_2_with_one_line(target, message):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _onnx_model(path: Path) -> Path:
+    """A small healthy ONNX file (Linear + fused LayerNormalization) at ``path``."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).eval()
+    torch.onnx.export(model, (torch.randn(2, 8),), str(path), dynamo=False, opset_version=17)
+    return path
+
+
+def _external(tmp_path: Path) -> Path:
+    """An ONNX file whose tensors live in m.onnx.data next to it."""
+    import onnx
+
+    proto = onnx.load(str(_onnx_model(tmp_path / "inline.onnx")))
+    onnx.save_model(proto, str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=0)
+    return tmp_path / "m.onnx"
+
+
+def _truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+# (name, build the file in tmp_path, words the one-line reason must contain)
+UNREADABLE = [
+    ("empty.onnx", lambda d: _touch(d / "empty.onnx"), "empty (0 bytes)"),
+    # printed as is: brackets are not terminal markup
+    ("brackets", lambda d: _touch(d / "run[b][v1].onnx"), "empty (0 bytes)"),
+    ("corrupt.onnx", lambda d: _truncated(_onnx_model(d / "corrupt.onnx")), "cannot read"),
+    ("text.onnx", lambda d: _write(d / "text.onnx", b"not a model\n"), "cannot read"),
+    ("no_graph.onnx", lambda d: _write(d / "no_graph.onnx", b"\x08\x07"), "no graph"),
+    ("data_missing", lambda d: _unlink_data(_external(d)), "m.onnx.data"),
+    ("data_truncated", lambda d: _truncate_data(_external(d)), "m.onnx.data"),
+    ("unknown_op.onnx", lambda d: _unknown_op(d / "unknown_op.onnx"), "ONNX Runtime"),
+    ("empty.pt", lambda d: _touch(d / "empty.pt"), "cannot read"),
+    ("empty.safetensors", lambda d: _touch(d / "empty.safetensors"), "cannot read"),
+]
+
+
+def _touch(path: Path) -> Path:
+    path.touch()
+    return path
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _unlink_data(path: Path) -> Path:
+    (path.parent / "m.onnx.data").unlink()
+    return path
+
+
+def _truncate_data(path: Path) -> Path:
+    _truncated(path.parent / "m.onnx.data")
+    return path
+
+
+def _unknown_op(path: Path) -> Path:
+    """A valid graph with an op no runtime here implements."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Frobnicate", ["x"], ["y"], domain="example.custom")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("example.custom", 1)])
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter, on purpose
+@pytest.mark.parametrize("name,build,reason", UNREADABLE, ids=[u[0] for u in UNREADABLE])
+def test_unreadable_targets_exit_2_with_one_line_naming_the_file(tmp_path, name, build, reason):
+    pytest.importorskip("onnx")
+    pytest.importorskip("safetensors")
+    path = build(tmp_path)
+    r = normkit(path, "--format", "json")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout == ""  # no verdict, no report: the audit did not run
+    (line,) = r.stderr.strip().splitlines()
+    assert "Traceback" not in line and path.name in line and reason in line, line
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_onnx_without_norms_fails_the_gate(tmp_path):
+    """A graph the audit can read but with nothing to audit is an error, not a pass."""
+    pytest.importorskip("onnx")
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval(),
+                      (torch.randn(2, 8),), str(path), dynamo=False, opset_version=17)
+    r = normkit(path, "--format", "json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False
+    assert [(f["id"], f["severity"]) for f in doc["findings"]] == [("NK-INV-001", "error")]
 
 
 def test_checkpoint_targets(tmp_path):
@@ -131,10 +301,12 @@ def test_hf_directory_target(tmp_path):
 def test_onnx_file_target(tmp_path):
     pytest.importorskip("onnx")
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8, eps=0.0)).eval()
-    path = tmp_path / "m.onnx"
+    path = tmp_path / "m[b].onnx"  # brackets: a literal name, not terminal markup
     torch.onnx.export(model, (torch.randn(2, 8),), str(path), dynamo=False, opset_version=17)
     r = normkit(path, "--format", "json")
     assert r.returncode == 1, r.stderr
     doc = json.loads(r.stdout)
     assert {f["id"] for f in doc["findings"]} == {"NK-EPS-001"}
     assert doc["layers"][0]["type"] == "LayerNormalization"
+    r = normkit(path)
+    assert r.returncode == 1 and f"{path}: failed (--fail-on error)" in r.stdout, r.stdout

@@ -34,10 +34,12 @@ def build(name: str, **overrides):
         return T.LlamaModel(T.LlamaConfig(**_DECODER, **overrides)).eval()
     if name == "gemma":
         return T.GemmaModel(T.GemmaConfig(**_DECODER, head_dim=16, **overrides)).eval()
-    if name == "t5":
+    if name == "qwen3":
+        return T.Qwen3Model(T.Qwen3Config(**_DECODER, head_dim=16, **overrides)).eval()
+    if name in ("t5", "t5-lm"):
         cfg = T.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=2,
                          decoder_start_token_id=0, **overrides)
-        return T.T5Model(cfg).eval()
+        return (T.T5Model if name == "t5" else T.T5ForConditionalGeneration)(cfg).eval()
     raise ValueError(name)
 
 
@@ -51,12 +53,10 @@ HF = {
 }
 # Checks per model: all of them where the model brings something new to a check (GPT-2's tied
 # LM head to the checkpoint round-trip); Gemma and T5 skip the model-agnostic checkpoint and
-# quantization checks to keep the suite fast.  torch 2.13's dynamo exporter cannot decompose
-# T5's attention reshape (a torch bug the audit reports as NK-ONNX-001 with the exporter's
-# one-line reason), so T5 also skips "export".
+# quantization checks to keep the suite fast.
 CHECKS_FOR = {
-    "gemma": ["inventory", "parameters", "epsilon", "batch", "numerics", "export"],
-    "t5": ["inventory", "parameters", "epsilon", "batch", "numerics"],
+    "gemma": ["inventory", "parameters", "shape", "epsilon", "batch", "numerics", "export"],
+    "t5": ["inventory", "parameters", "shape", "epsilon", "batch", "numerics", "export"],
 }
 
 
@@ -79,10 +79,44 @@ def test_hf_healthy(name):
         layers = report.metrics["export"]["layers"]
         assert set(layers) == set(norms)
         assert all("max_rel" in v for v in layers.values())
+        assert report.metrics["export"]["outputs_compared"] >= 1
     if "quantization" in report.checks:
         assert set(report.metrics["quantization"]["layers"]) == set(norms)
     if "checkpoint" in report.checks:
         assert report.metrics["checkpoint"] == {"torch": "identical", "safetensors": "identical"}
+
+
+@pytest.mark.parametrize("name", ["t5", "t5-lm"])
+def test_t5_exports_with_the_cache_off_and_tensor_outputs(name):
+    """T5 (a family normkit.convert supports) passes its own export check: its decoder would
+    return an EncoderDecoderCache, which neither exporter can trace, unless the cache is off in
+    every config (the decoder stack has its own); the export sees plain tensor outputs.
+    Explicit encoder and decoder inputs, with masks, as a caller passes them."""
+    model = build(name)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "decoder_input_ids": ids[:, :4], "decoder_attention_mask": torch.ones_like(
+                  ids[:, :4])}
+    report = audit(model, inputs, checks=["export"])
+    assert report.ids("warning") == set(), [(f.id, f.message) for f in report.findings]
+    exp = report.metrics["export"]
+    norms = {n for n, m in model.named_modules() if type(m).__name__ == "T5LayerNorm"}
+    assert set(exp["layers"]) == norms
+    assert all(v["max_rel"] <= exp["tolerance_rel"] for v in exp["layers"].values())
+    # every model output (decoder state or logits, encoder state) compared with ONNX Runtime
+    assert exp["outputs_compared"] == 2 and exp["output_max_rel"] <= exp["tolerance_rel"]
+    assert model.config.use_cache and model.decoder.config.use_cache  # the caller's model
+
+
+def test_per_head_q_k_norms_match_their_projections():
+    """Qwen3 normalises q and k per head over head_dim (16 of hidden 32): the norm's input is
+    (batch, seq, heads, head_dim) from a projection of width heads·head_dim, not a mismatch."""
+    model = build("qwen3")
+    report = audit(model, checks=["shape"])
+    assert report.ids() == set(), [(f.id, f.layer, f.message) for f in report.findings]
+    widths = {L["name"]: L["normalized_shape"] for L in report.layers}
+    assert widths["layers.0.self_attn.q_norm"] == [16]
+    assert widths["layers.0.input_layernorm"] == [32]
 
 
 def test_bert_keras_eps_port():

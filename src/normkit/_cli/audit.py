@@ -1,5 +1,6 @@
-"""Audit a model's normalization layers: inventory, parameters, epsilon, batch dependence,
-numerics, ONNX export parity, checkpoint round-trip and int8 quantization sensitivity.
+"""Audit a model's normalization layers: inventory, parameters, shape, epsilon, batch
+dependence, numerics, ONNX export parity, checkpoint round-trip and int8 quantization
+sensitivity.
 
 TARGET is one of:
   package.module:function   a factory returning a model, or (model, example_inputs)
@@ -10,7 +11,8 @@ TARGET is one of:
   model.onnx                an ONNX file (norm nodes, eps, γ/β, an ONNX Runtime run)
 
 exit codes: 0 no finding at or above --fail-on, 1 findings at or above it, 2 the audit could
-not run (bad target or arguments).
+not run (bad or unreadable target, or bad arguments). Every output format states the verdict
+of --fail-on, the one the exit code gives.
 
 examples:
   normkit audit mypkg.models:build_model
@@ -32,8 +34,8 @@ from ._args import names, positive_int
 HELP = "audit a model's norms (eps, γ/β, batch dependence, numerics, ONNX parity) for CI"
 
 # Kept in sync with normkit.audit (not imported here: this module loads for `normkit --help`).
-_CHECKS = ("inventory", "parameters", "epsilon", "batch", "numerics", "export", "checkpoint",
-           "quantization")
+_CHECKS = ("inventory", "parameters", "shape", "epsilon", "batch", "numerics", "export",
+           "checkpoint", "quantization")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -85,12 +87,14 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from rich.console import Console
+    from rich.markup import escape
 
     out = Console(width=None if Console().is_terminal else 160)
     err = Console(stderr=True)
 
     def fail(msg: str) -> int:
-        err.print(f"[red]normkit audit: error:[/red] {msg}", soft_wrap=True, markup=True,
+        # the message names user files: printed literally, "run[b].onnx" is not markup
+        err.print(f"[red]normkit audit: error:[/red] {escape(msg)}", soft_wrap=True, markup=True,
                   highlight=False)
         return 2
 
@@ -135,24 +139,29 @@ def run(args: argparse.Namespace) -> int:
                         _unexpected_keys=target.unexpected_keys)
             finally:
                 torch.set_num_threads(previous)
+    except _target.TargetError as e:
+        return fail(str(e))
     except (ValueError, TypeError, ImportError) as e:
         return fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     report.seconds = time.perf_counter() - t0
 
+    # Every format states the verdict of this gate, the one that sets the exit code.
+    gate = args.fail_on
     if args.output is not None:
         fmt = "markdown" if args.output.suffix.lower() in (".md", ".markdown") else "json"
         try:
-            report.write(args.output, fmt)
+            report.write(args.output, fmt, fail_on=gate)
         except OSError as e:
             return fail(f"cannot write {args.output}: {e.strerror or e}")
-    code = 0 if report.ok(args.fail_on) else 1
+    code = 0 if report.ok(gate) else 1
     try:
         if args.format == "json":
-            sys.stdout.write(report.to_json() + "\n")  # plain: machine-readable, no markup
+            # plain: machine-readable, no markup
+            sys.stdout.write(report.to_json(fail_on=gate) + "\n")
         elif args.format == "markdown":
-            sys.stdout.write(report.to_markdown())
+            sys.stdout.write(report.to_markdown(gate))
         else:
-            render_table(report, out)
+            render_table(report, out, gate)
         sys.stdout.flush()
     except BrokenPipeError:  # `normkit audit ... | head`: the reader left; keep the verdict
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -177,14 +186,17 @@ def _default_threads(model) -> int:
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 
-def render_table(report, out) -> None:
-    """The terminal view: verdict, findings table, norm inventory."""
+def render_table(report, out, fail_on: str = "error") -> None:
+    """The terminal view: the verdict under the gate ``fail_on``, findings table, norm
+    inventory."""
+    from rich.markup import escape
     from rich.table import Table
 
     c = report.counts()
-    verdict = "[green]passed[/green]" if report.ok("error") else "[red]failed[/red]"
+    verdict = "[green]passed[/green]" if report.ok(fail_on) else "[red]failed[/red]"
     placement = report.metrics.get("model", {}).get("placement")
-    out.print(f"[bold]normkit audit[/bold] {report.target}: {verdict} — {c['error']} error(s), "
+    out.print(f"[bold]normkit audit[/bold] {escape(report.target)}: {verdict} "
+              f"(--fail-on {fail_on}) — {c['error']} error(s), "
               f"{c['warning']} warning(s), {c['info']} info; dtype {report.dtype}"
               + (f"; {placement}" if placement else "") + f"; {report.seconds:.1f} s")
     if report.layers:
@@ -192,7 +204,8 @@ def render_table(report, out) -> None:
         for col in ("layer", "type", "shape", "eps", "affine", "dtype", "params", "placement"):
             inv.add_column(col, justify="right" if col in ("params", "eps") else "left")
         for L in report.layers:
-            inv.add_row(L["name"] or "(root)", L["type"], str(L.get("normalized_shape")),
+            inv.add_row(escape(L["name"] or "(root)"), escape(L["type"]),
+                        str(L.get("normalized_shape")),
                         "–" if L.get("eps") is None else f"{L['eps']:g}",
                         "γβ" if L.get("affine") and L.get("bias") else
                         ("γ" if L.get("affine") else "–"),
@@ -204,7 +217,8 @@ def render_table(report, out) -> None:
             t.add_column(col, overflow="fold")
         for f in report.findings:
             s = _STYLE[f.severity]
-            t.add_row(f"[{s}]{f.severity}[/{s}]", f.id, f.layer or "–", f.message, f.fix)
+            t.add_row(f"[{s}]{f.severity}[/{s}]", f.id, escape(f.layer or "–"),
+                      escape(f.message), escape(f.fix))
         out.print(t)
     else:
         out.print("[green]no findings[/green]")
@@ -222,4 +236,4 @@ def render_table(report, out) -> None:
         out.print(f"ONNX: {exp['exporter']} exporter, opset {exp['opset']}, output max rel "
                   f"{exp.get('output_max_rel', float('nan')):.3g}")
     for name, why in report.skipped.items():
-        out.print(f"[dim]skipped {name}: {why}[/dim]")
+        out.print(f"[dim]skipped {name}: {escape(why)}[/dim]")

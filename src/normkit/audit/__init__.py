@@ -4,8 +4,9 @@
     assert report.ok(fail_on="error"), report.to_markdown()
 
 Checks: inventory (type, shape, eps, affine, dtype, params, pre-/post-/peri-norm placement),
-parameters, epsilon, batch dependence, numerics, ONNX export parity, checkpoint round-trip and
-int8 quantization sensitivity.  Finding ids are stable (see ``RULES`` and docs/audit.md).
+parameters, shape (a norm over one feature, or of a width its neighbours do not use), epsilon,
+batch dependence, numerics, ONNX export parity, checkpoint round-trip and int8 quantization
+sensitivity.  Finding ids are stable (see ``RULES`` and docs/audit.md).
 
 Importing this package imports torch only; onnx, onnxruntime, transformers and safetensors are
 imported by the checks that need them.

@@ -140,6 +140,210 @@ def check_parameters(ctx: Context) -> list[Finding]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Shape
+# ----------------------------------------------------------------------------------------------
+
+# Norms that normalise each row over its trailing dims; batch, group and instance norms
+# normalise over the batch or the spatial dims, never over one value.
+_ROW_KINDS = ("layer_norm", "rms_norm", "custom")
+# A column of distinct values of both signs: what a custom norm does to rows of one value.
+_PROBE = (-2.0, -0.5, 0.5, 2.0)
+# Config keys for the hidden size (BERT/Llama/..., T5, GPT-2).
+_CONFIG_WIDTH_KEYS = ("hidden_size", "d_model", "n_embd")
+
+
+def _row_width(n: Norm, x: torch.Tensor | None) -> int | None:
+    """How many values each row of ``n`` holds: its ``normalized_shape`` when it declares one,
+    else the last dim of its input (not γ's size: ScaleNorm's γ is one scalar for D values)."""
+    shape = getattr(n.module, "normalized_shape", None)
+    if shape is not None:
+        return math.prod(int(s) for s in (shape if isinstance(shape, (tuple, list))
+                                          else (shape,)))
+    return int(x.shape[-1]) if x is not None and x.dim() else None
+
+
+def _constant_on_probe(module: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Whether ``module`` maps distinct one-value rows to one output (False if it cannot run on
+    them)."""
+    x = torch.tensor(_PROBE, dtype=dtype).unsqueeze(-1)
+    try:
+        with torch.no_grad():
+            y = first_tensor(module(x))
+    except Exception as e:
+        log.debug("single-feature probe of %s failed: %s", type(module).__name__, e)
+        return False
+    return y is not None and y.shape == x.shape and bool(torch.allclose(y, y[:1].expand_as(y)))
+
+
+def _single_feature(n: Norm, x: torch.Tensor | None, dtype: torch.dtype) -> Finding | None:
+    """NK-SHAPE-001 for a norm whose rows hold one value.  Mean-subtracting norms (LayerNorm,
+    and custom norms whose output does not change on ``_PROBE``) compute x − mean(x) = 0: they
+    output β whatever the input, an error.  RMS norms compute x/√(x²+eps)·γ ≈ sign(x)·γ: the
+    sign survives, so the output still depends on the input; almost surely a misconfigured
+    norm, but not a dead one: a warning."""
+    if n.kind not in _ROW_KINDS or _row_width(n, x) != 1:
+        return None
+    shape = n.normalized_shape() or [1]
+    head = f"{n.type} normalizes a single feature (normalized shape {shape})"
+    if n.kind == "layer_norm" or (n.kind == "custom" and _constant_on_probe(n.module, dtype)):
+        return finding("NK-SHAPE-001", n.name,
+                       f"{head}: x − mean(x) is 0 in every row, so it outputs β (or 0) whatever "
+                       "its input", normalized_shape=shape)
+    if n.kind == "rms_norm":
+        return finding("NK-SHAPE-001", n.name,
+                       f"{head}: x/√(x²+eps)·γ is sign(x)·γ once |x| ≫ √eps, so only the sign of "
+                       "its input survives (a warning: the output still follows the input)",
+                       severity="warning", normalized_shape=shape)
+    return finding("NK-SHAPE-001", n.name,
+                   f"{head}: each row's statistics are its one value's own",
+                   severity="warning", normalized_shape=shape)
+
+
+def _io_widths(m: torch.nn.Module) -> tuple[int | None, int | None] | None:
+    """(input width, output width) of a layer that fixes the hidden size around it, else
+    None: Linear, Conv, Embedding, RNN, MultiheadAttention, Hugging Face's Conv1D (GPT-2)."""
+    if isinstance(m, torch.nn.Linear):
+        return m.in_features, m.out_features
+    if isinstance(m, torch.nn.modules.conv._ConvNd):
+        return m.in_channels, m.out_channels
+    if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+        return None, m.embedding_dim
+    if isinstance(m, torch.nn.RNNBase):
+        return m.input_size, (m.proj_size or m.hidden_size) * (2 if m.bidirectional else 1)
+    if isinstance(m, torch.nn.MultiheadAttention):
+        return m.embed_dim, m.embed_dim
+    nx, nf = getattr(m, "nx", None), getattr(m, "nf", None)
+    if isinstance(nx, int) and isinstance(nf, int):
+        return nx, nf
+    return None
+
+
+def _feature_dims(n: Norm, rank: int) -> list[int]:
+    """The dims of a rank-``rank`` input that hold ``n``'s features: the channels (dim 1) for
+    batch, group and instance norms, else the ``len(normalized_shape)`` trailing dims (one
+    when the norm does not say)."""
+    if n.kind not in _ROW_KINDS:
+        return [1 if rank > 1 else 0]
+    shape = getattr(n.module, "normalized_shape", None)
+    k = len(shape) if isinstance(shape, (tuple, list)) else 1
+    return list(range(max(0, rank - k), rank))
+
+
+def _widths_of(shape: torch.Size, first: int) -> set[int]:
+    """Products of runs of consecutive dims of ``shape`` that include dim ``first``, never the
+    leading (batch) dim of a batched input: (…, heads, head_dim) holds a Linear's
+    heads·head_dim, (C, H, W) a conv's C."""
+    lo = 1 if len(shape) > 1 else 0
+    return {math.prod(shape[i:j]) for i in range(lo, first + 1)
+            for j in range(first + 1, len(shape) + 1)}
+
+
+def _neighbours(ctx: Context) -> dict[str, tuple[torch.Size, dict[str, int], list[str]]]:
+    """For each norm's first call, one forward: its input shape, and the widths of the layers
+    next to it (``_io_widths``) — the output width of the last one that finished before it
+    started, the input width of the first one that starts after it ends — by layer name,
+    with a phrase for each."""
+    events: list[tuple[str, str, int]] = []  # ("out" | "in", layer, width) in call order
+    calls: dict[str, list] = {}  # norm → [events before its start, events before its end, shape]
+    handles = []
+    norm_ids = {id(n.module) for n in ctx.norms}
+    for name, m in ctx.model.named_modules():
+        w = _io_widths(m)
+        if w is None or id(m) in norm_ids:
+            continue
+        if w[0] is not None:
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, a, _n=name, _w=w[0]: events.append(("in", _n, _w))))
+        if w[1] is not None:
+            handles.append(m.register_forward_hook(
+                lambda mod, a, o, _n=name, _w=w[1]: events.append(("out", _n, _w))))
+
+    def start(mod, args, _name):
+        x = first_tensor(args)
+        if _name not in calls and x is not None:
+            calls[_name] = [len(events), None, x.shape]
+
+    def end(mod, args, out, _name):
+        if _name in calls and calls[_name][1] is None:
+            calls[_name][1] = len(events)
+
+    for n in ctx.norms:
+        handles.append(n.module.register_forward_pre_hook(
+            lambda mod, a, _n=n.name: start(mod, a, _n)))
+        handles.append(n.module.register_forward_hook(
+            lambda mod, a, o, _n=n.name: end(mod, a, o, _n)))
+    try:
+        with torch.no_grad():
+            call(ctx.model, ctx.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    result = {}
+    for name, (i, j, shape) in calls.items():
+        before = next((e for e in reversed(events[:i]) if e[0] == "out"), None)
+        after = next((e for e in events[j or i:] if e[0] == "in"), None)
+        near, said = {}, []
+        if before is not None:
+            near[before[1]] = before[2]
+            said.append(f"{before[1]} outputs {before[2]} before it")
+        if after is not None:
+            near[after[1]] = after[2]
+            said.append(f"{after[1]} takes {after[2]} after it")
+        result[name] = (shape, near, said)
+    return result
+
+
+def check_shape(ctx: Context) -> list[Finding]:
+    """Norm shapes that cannot be what the model meant.
+
+    NK-SHAPE-001, a norm over a single feature (rows of one value): see ``_single_feature``.
+
+    NK-SHAPE-002, a norm whose width its neighbours do not use.  The rule: in one traced
+    forward, the layers next to the norm's first call are the last Linear / Conv / Embedding /
+    RNN / attention layer to finish before it (its output width) and the first to start after
+    it (its input width); when there is none, the model config's hidden_size (d_model,
+    n_embd).  The norm matches when one of those widths is the product of a run of
+    consecutive dims of its input that includes its first feature dim (its first normalized
+    dim; the channels for batch, group and instance norms) and not the batch dim: a norm
+    over (…, heads, head_dim) after a Linear of heads·head_dim (Qwen3's q/k norms), a
+    LayerNorm([C, H, W]) or a GroupNorm after a conv of C channels, a channels-last LayerNorm(C)
+    all match.  Each norm is judged by its own neighbours, so a model with several widths (a
+    funnel) is fine; one matching neighbour is enough, so a norm at a width change is too.
+    It is a warning: a heuristic, which a norm fed from a distant layer can fool.
+    """
+    out: list[Finding] = []
+    single = set()
+    for n in ctx.norms:
+        rec = ctx.captured.get(n.name)
+        f = _single_feature(n, rec["in"] if rec is not None else None, ctx.dtype)
+        if f is not None:
+            out.append(f)
+            single.add(n.name)
+    conf = next(((k, int(v)) for k in _CONFIG_WIDTH_KEYS
+                 if isinstance(v := getattr(ctx.config, k, None), int)
+                 and not isinstance(v, bool)), None)
+    norms = {n.name: n for n in ctx.norms}
+    for name, (shape, near, said) in _neighbours(ctx).items():
+        if name in single:
+            continue  # one finding per layer: the single feature explains the width too
+        dims = _feature_dims(norms[name], len(shape))
+        if not near and conf is not None:
+            near = {f"config.{conf[0]}": conf[1]}
+            said = [f"the model config has {conf[0]}={conf[1]} (no Linear, Conv, Embedding, "
+                    "RNN or attention layer next to it)"]
+        if not near or _widths_of(shape, dims[0]) & set(near.values()):
+            continue
+        width = math.prod(shape[d] for d in dims)
+        out.append(finding(
+            "NK-SHAPE-002", name,
+            f"{norms[name].type} normalizes over {width} features (dims {dims} of its input "
+            f"{list(shape)}), but {' and '.join(sorted({str(w) for w in near.values()}))} "
+            f"is the width around it: {', '.join(said)}",
+            norm_width=width, neighbours=near))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Epsilon
 # ----------------------------------------------------------------------------------------------
 

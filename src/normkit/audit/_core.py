@@ -40,6 +40,7 @@ def _run_export(ctx: Context) -> list[Finding]:
 # The order of the report's timing table; every check reads the shared Context only.
 _ORDER: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
     ("parameters", _checks.check_parameters),
+    ("shape", _checks.check_shape),
     ("numerics", _checks.check_numerics),
     ("epsilon", _checks.check_epsilon),
     ("batch", _checks.check_batch),
@@ -50,7 +51,7 @@ _ORDER: tuple[tuple[str, Callable[[Context], list[Finding]]], ...] = (
 
 
 # Checks with nothing to look at in a model without norms (batch dependence still applies).
-_NEEDS_NORMS = {"numerics", "epsilon", "quantization", "export", "checkpoint"}
+_NEEDS_NORMS = {"shape", "numerics", "epsilon", "quantization", "export", "checkpoint"}
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
@@ -100,8 +101,8 @@ def audit(
             Linear/Conv/RNN/LayerNorm inputs).
         dtype: run dtype ("float32", "bfloat16", "float16", "float64" or a torch.dtype);
             None keeps the model's own dtype.
-        checks: check groups to run (default all): "inventory", "parameters", "epsilon",
-            "batch", "numerics", "export", "checkpoint", "quantization".
+        checks: check groups to run (default all): "inventory", "parameters", "shape",
+            "epsilon", "batch", "numerics", "export", "checkpoint", "quantization".
         state_dict: a checkpoint to audit with the model: norm keys missing from it are
             reported (NK-PARAM-001), stray ones too (NK-PARAM-004), and it is loaded
             (``strict=False``) into the audited copy.
@@ -139,8 +140,11 @@ def audit(
         missing += list(res.missing_keys)
         unexpected += list(res.unexpected_keys)
     config = getattr(work, "config", None)
-    if config is not None and getattr(config, "use_cache", None):
-        config.use_cache = False  # a KV cache in the outputs only gets in the way
+    # A KV cache in the outputs only gets in the way: exporters cannot trace cache objects.
+    # Every config, not just the model's: a T5 decoder stack holds its own copy.
+    for m in work.modules():
+        if getattr(getattr(m, "config", None), "use_cache", None):
+            m.config.use_cache = False
     if dt is not None:
         work = work.to(dt)
     run_dtype = dt or model_dtype(work)
@@ -217,7 +221,7 @@ def audit(
 
 # A defect in a layer's own parameters or eps explains what the forward checks then see at that
 # layer (a NaN γ gives NaN outputs, a checkpoint/ONNX mismatch of NaNs, ...): report the cause.
-_ROOTS = {"NK-PARAM-002", "NK-PARAM-003", "NK-EPS-001", "NK-CKPT-002"}
+_ROOTS = {"NK-PARAM-002", "NK-PARAM-003", "NK-EPS-001", "NK-CKPT-002", "NK-SHAPE-001"}
 _CONSEQUENCES = {"NK-NUM-001", "NK-NUM-003", "NK-ONNX-003", "NK-ONNX-004", "NK-CKPT-001",
                  "NK-BATCH-001", "NK-QUANT-001", "NK-EPS-004"}
 
@@ -289,16 +293,26 @@ def audit_state_dict(state_dict: Mapping[str, torch.Tensor], *, target: str) -> 
 
 def audit_onnx(path: str, shapes: list[tuple[int, ...]] | None = None) -> AuditReport:
     """Audit an ONNX file: its norm nodes (fused LayerNormalization / RMSNormalization /
-    BatchNormalization), their eps and γ/β initializers, and an ONNX Runtime run for NaN/Inf."""
+    BatchNormalization), their eps and γ/β initializers, and an ONNX Runtime run for NaN/Inf.
+
+    Raises:
+        ValueError: the file cannot be audited: empty, not ONNX, no graph, external data
+            missing or short, invalid for ``onnx.checker``, or ONNX Runtime cannot load it or
+            run it on the inputs (``shapes``, else synthesised); onnx or onnxruntime missing.
+    """
     import numpy as np
 
     from ._onnx import _FUSED, _Graph, _import
+    from ._target import TargetError, _reason, load_onnx
 
-    onnx, ort = _import()
+    try:
+        onnx, ort = _import()
+    except Skip as e:
+        raise TargetError(f"cannot audit {path}: {e}") from None
     t0 = time.perf_counter()
     report = AuditReport(target=str(path), checks=["inventory", "parameters", "epsilon",
                                                    "numerics"])
-    proto = onnx.load(str(path))
+    proto = load_onnx(str(path))
     gr = _Graph(proto)
     findings: list[Finding] = []
     kinds = dict(_FUSED, BatchNormalization="batch_norm", GroupNormalization="group_norm",
@@ -333,34 +347,38 @@ def audit_onnx(path: str, shapes: list[tuple[int, ...]] | None = None) -> AuditR
     if not report.layers:
         findings.append(finding("NK-INV-001", None,
                                 "no fused normalization node (LayerNormalization, "
-                                "RMSNormalization, BatchNormalization) in the graph"))
-    # Run once on synthesised inputs: NaN/Inf in any output.
+                                "RMSNormalization, BatchNormalization) in the graph; a norm "
+                                "exported as a subgraph (below opset 17) is not recognised"))
+    # Run once on synthesised inputs: NaN/Inf in any output.  A graph ONNX Runtime cannot load
+    # or run is not audited (exit 2), never passed.
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
     try:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = torch.get_num_threads()
         sess = ort.InferenceSession(proto.SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
-        feeds = {}
-        rng = np.random.default_rng(0)
-        for k, i in enumerate(sess.get_inputs()):
-            shape = list(shapes[k]) if shapes and k < len(shapes) else [
-                d if isinstance(d, int) and d > 0 else (2 if j == 0 else 8)
-                for j, d in enumerate(i.shape)]
-            if "int" in i.type:
-                feeds[i.name] = rng.integers(0, 2, size=shape).astype(
-                    np.int64 if "int64" in i.type else np.int32)
-            else:
-                dt = np.float16 if "float16" in i.type else np.float32
-                feeds[i.name] = rng.standard_normal(shape).astype(dt)
-        outs = sess.run(None, feeds)
-        if any(o.dtype.kind == "f" and not np.isfinite(o).all() for o in outs):
-            findings.append(finding("NK-NUM-001", None,
-                                    "ONNX Runtime output has NaN/Inf on random inputs"))
     except Exception as e:
-        findings.append(finding("NK-AUDIT-001", None,
-                                f"numerics skipped: cannot run in ONNX Runtime "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:150]})"))
-        report.skipped["numerics"] = "ONNX Runtime could not run the graph"
+        raise TargetError(f"ONNX Runtime cannot load {path}: {_reason(e)}") from None
+    feeds = {}
+    rng = np.random.default_rng(0)
+    for k, i in enumerate(sess.get_inputs()):
+        shape = list(shapes[k]) if shapes and k < len(shapes) else [
+            d if isinstance(d, int) and d > 0 else (2 if j == 0 else 8)
+            for j, d in enumerate(i.shape)]
+        if "int" in i.type:
+            feeds[i.name] = rng.integers(0, 2, size=shape).astype(
+                np.int64 if "int64" in i.type else np.int32)
+        else:
+            dt = np.float16 if "float16" in i.type else np.float32
+            feeds[i.name] = rng.standard_normal(shape).astype(dt)
+    try:
+        outs = sess.run(None, feeds)
+    except Exception as e:
+        given = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+        raise TargetError(f"ONNX Runtime cannot run {path} on inputs {given} (set them with "
+                          f"--input-shape): {_reason(e)}") from None
+    if any(o.dtype.kind == "f" and not np.isfinite(o).all() for o in outs):
+        findings.append(finding("NK-NUM-001", None,
+                                "ONNX Runtime output has NaN/Inf on random inputs"))
     report.dtype = "float16" if float16 else "float32"
     report.skipped.update({c: "ONNX file: no torch model to compare with"
                            for c in ("batch", "export", "checkpoint", "quantization")})

@@ -4,7 +4,7 @@ every norm's output in ONNX Runtime with torch's.
 The dynamo exporter (``torch.onnx.export(dynamo=True)``) tags every node with the module
 scopes it came from (``pkg.torch.onnx.name_scopes`` metadata); the TorchScript exporter, the
 fallback, encodes the scope in the node name ("/encoder/layer.0/LayerNorm/...").  A norm's
-nodes are the nodes in its scope; its output is the first value of that scope read outside it.
+nodes are the nodes in its scope; its output is the last value of that scope read outside it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ._checks import Context, Skip
-from ._model import Norm, call, capture, flat_outputs, rel_err
+from ._model import Inputs, Norm, call, capture, flat_outputs, rel_err
 from ._report import Finding, finding
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,11 @@ def _quiet():
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
-def export(model: torch.nn.Module, inputs, opset: int | None, exporter: str = "auto"):
+def export(model: torch.nn.Module, inputs, opset: int | None, exporter: str = "auto",
+           input_names: list[str] | None = None):
     """(ModelProto, exporter name, opset): "auto" tries dynamo first and falls back to
-    TorchScript; "dynamo" / "torchscript" use only that one.
+    TorchScript; "dynamo" / "torchscript" use only that one.  ``input_names`` names the
+    graph inputs (default: the exporter's).
 
     Raises:
         RuntimeError: both exporters failed; the message holds both reasons.
@@ -100,33 +102,71 @@ def export(model: torch.nn.Module, inputs, opset: int | None, exporter: str = "a
     with _quiet():
         if exporter in ("auto", "dynamo"):
             try:
-                return _export_dynamo(model, inputs.args, kwargs, opset)
+                return _export_dynamo(model, inputs.args, kwargs, opset, input_names)
             except Exception as e:
                 errors.append(f"dynamo: {_first_line(e)}")
         if exporter in ("auto", "torchscript"):
             try:
-                return _export_torchscript(model, inputs.args, kwargs, opset)
+                return _export_torchscript(model, inputs.args, kwargs, opset, input_names)
             except Exception as e:
                 errors.append(f"torchscript: {_first_line(e)}")
     raise RuntimeError("; ".join(errors))
 
 
-def _export_dynamo(model, args, kwargs, opset):
+def _export_dynamo(model, args, kwargs, opset, input_names):
     prog = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True,
-                             opset_version=opset, verbose=False)
+                             opset_version=opset, input_names=input_names, verbose=False)
     proto = prog.model_proto
     return proto, "dynamo", _opset(proto)
 
 
-def _export_torchscript(model, args, kwargs, opset):
+def _export_torchscript(model, args, kwargs, opset, input_names):
     import onnx
 
     buf = io.BytesIO()
     # keyword inputs ride along as a trailing dict, the legacy exporter's convention
     torch.onnx.export(model, args + ((kwargs,) if kwargs else ()), buf, dynamo=False,
-                      opset_version=opset or 17)
+                      opset_version=opset or 17, input_names=input_names)
     proto = onnx.load_from_string(buf.getvalue())
     return proto, "torchscript", _opset(proto)
+
+
+class _TensorIO(torch.nn.Module):
+    """A Hugging Face model as the exporters take it: tensors in, by position, and the tuple of
+    its floating-point output tensors out.  A ``ModelOutput`` may hold a cache object
+    (``EncoderDecoderCache``) that neither exporter can trace, and the TorchScript exporter
+    passes keyword inputs by the forward's signature, which a wrapper would hide; so the
+    keyword tensors become positional ones here, and the graph inputs keep their names
+    (``input_names``).  The model is the child ``model``: its scopes gain that prefix."""
+
+    PREFIX = "model"
+
+    def __init__(self, model: torch.nn.Module, inputs):
+        super().__init__()
+        self.model = model
+        self.n_args = len(inputs.args)
+        self.names = [k for k, v in inputs.kwargs.items() if isinstance(v, torch.Tensor)]
+        self.constants = {k: v for k, v in inputs.kwargs.items()
+                          if v is not None and not isinstance(v, torch.Tensor)}
+        # the model's mode, not a new module's (train): the TorchScript exporter restores the
+        # wrapper's mode after exporting, into every child, which would turn dropout on
+        self.train(model.training)
+
+    def inputs(self, inputs) -> tuple[Inputs, list[str]]:
+        """The positional inputs of ``forward`` and the graph input names."""
+        args = (*inputs.args, *(inputs.kwargs[k] for k in self.names))
+        names = [f"input_{i}" for i in range(self.n_args)] + self.names
+        return Inputs(args), names
+
+    def forward(self, *tensors):
+        named = dict(zip(self.names, tensors[self.n_args:], strict=True))
+        out = self.model(*tensors[:self.n_args], **named, **self.constants)
+        return tuple(flat_outputs(out))
+
+
+def _is_hf(model: torch.nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")  # an HF model has imported it already
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -221,10 +261,12 @@ def _norm_eps_in_graph(gr: _Graph, idx: list[int]) -> tuple[str, float | None]:
 
 
 def _norm_output(gr: _Graph, idx: list[int]) -> str | None:
-    """The first value the norm's nodes produce that is read outside them (or is a graph
-    output): the norm's output."""
+    """The last value the norm's nodes produce that is read outside them (or is a graph
+    output): the norm's output.  Not the first: a value computed on the way can be read
+    outside too — T5's norm casts its input to float32, a no-op the TorchScript exporter
+    records as a Cast whose output the residual add then reads."""
     inside = set(idx)
-    for i in idx:
+    for i in reversed(idx):
         for o in gr.nodes[i].output:
             if o in gr.outputs or any(j not in inside for j in gr.consumers.get(o, [])):
                 return o
@@ -267,8 +309,14 @@ def check_export(ctx: Context) -> list[Finding]:
     inputs = ctx.inputs.cast(edtype)
     norms = [Norm(n.name, model.get_submodule(n.name), n.kind, n.eps, n.family,
                   n.zero_centered) for n in ctx.norms]
+    # Hugging Face models (their cache is off, see audit()) are exported with plain tensors in
+    # and out; the norms and the compared outputs are the wrapped model's own.
+    target, prefix, export_inputs, names = model, "", inputs, None
+    if _is_hf(model):
+        target, prefix = _TensorIO(model, inputs), _TensorIO.PREFIX
+        export_inputs, names = target.inputs(inputs)
     try:
-        proto, exporter, opset = export(model, inputs, ctx.opset, ctx.exporter)
+        proto, exporter, opset = export(target, export_inputs, ctx.opset, ctx.exporter, names)
     except RuntimeError as e:
         out.append(finding("NK-ONNX-001", None, f"ONNX export failed: {e}"))
         ctx.metrics["export"] = {"error": str(e)}
@@ -278,7 +326,7 @@ def check_export(ctx: Context) -> list[Finding]:
     watch: dict[str, str] = {}
     decomposed: dict[tuple[str, int], list[str]] = {}
     for n in norms:
-        idx = gr.in_scope(n.name)
+        idx = gr.in_scope(".".join(p for p in (prefix, n.name) if p))
         # Batch/group/instance norms are compared for parity only: exporters legitimately fold
         # BatchNorm into the preceding Conv, so its eps and γ/β need not survive as such.
         verify = n.kind in ("layer_norm", "rms_norm", "custom")
@@ -352,7 +400,7 @@ def check_export(ctx: Context) -> list[Finding]:
     got = dict(zip([o.name for o in sess.get_outputs()], results, strict=True))
 
     with torch.no_grad(), capture(norms, keep_inputs=False) as rec:
-        want_out = flat_outputs(call(model, inputs))
+        want_out = flat_outputs(call(target, export_inputs))
     tol = ORT_TOL.get(edtype, 1e-4)
     first_bad = None
     diverged = []
@@ -373,12 +421,13 @@ def check_export(ctx: Context) -> list[Finding]:
             first_bad = first_bad or (name, ma, mr)
     # The model's own outputs come first, in torch's flattening order; when the exporter
     # flattened them differently (count differs) only the norms are compared.
-    worst = 0.0
+    worst, compared = 0.0, 0
     if n_model_outputs == len(want_out):
         for r, b in zip(results[:n_model_outputs], want_out, strict=True):
             a = torch.from_numpy(r.copy())
             if a.shape == b.shape:
                 worst = max(worst, rel_err(a, b)[1])
+                compared += 1
     if first_bad is not None:
         name, ma, mr = first_bad
         more = len(diverged) - 1
@@ -394,7 +443,7 @@ def check_export(ctx: Context) -> list[Finding]:
             "every norm agrees", max_rel=worst))
     ctx.metrics["export"] = {"exporter": exporter, "opset": opset, "dtype": str(edtype)[6:],
                              "tolerance_rel": tol, "output_max_rel": worst,
-                             "layers": per_layer}
+                             "outputs_compared": compared, "layers": per_layer}
     return out
 
 

@@ -24,6 +24,7 @@ _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 CHECKS = (
     "inventory",
     "parameters",
+    "shape",
     "epsilon",
     "batch",
     "numerics",
@@ -45,8 +46,9 @@ class Rule:
 
 
 _RULES = (
-    Rule("NK-INV-001", "inventory", "info", "no normalization layers found",
-         "Check that TARGET is the model you meant; nothing else can be audited."),
+    Rule("NK-INV-001", "inventory", "error", "no normalization layers found",
+         "Check that TARGET is the model you meant: a model without norms has nothing to "
+         "audit, so it cannot pass the gate."),
     Rule("NK-PARAM-001", "parameters", "error", "γ/β missing from the checkpoint",
          "Re-export the checkpoint from the trained model (model.state_dict()) and check key "
          "renames (gamma/beta → weight/bias, LayerNorm → layer_norm)."),
@@ -62,6 +64,12 @@ _RULES = (
     Rule("NK-PARAM-005", "parameters", "warning", "norm parameters frozen in a training config",
          "Set requires_grad=True on the norm's γ/β, or audit without --training if the "
          "model is not meant to be trained."),
+    Rule("NK-SHAPE-001", "shape", "error", "norm over a single feature",
+         "Normalize over the feature dim (normalized_shape = the hidden size): over one value "
+         "a LayerNorm outputs β and an RMSNorm sign(x)·γ; a scalar output needs no norm."),
+    Rule("NK-SHAPE-002", "shape", "warning", "norm width differs from its neighbours'",
+         "Check which dim the norm normalizes (a transpose too many, or normalized_shape "
+         "built from the wrong size): it should be the width of the layers around it."),
     Rule("NK-EPS-001", "epsilon", "error", "eps is zero or underflows in the run dtype",
          "Use an eps representable in the run dtype (float16: ≥ 6e-8, e.g. 1e-5), or compute "
          "the statistics in float32."),
@@ -95,8 +103,9 @@ _RULES = (
     Rule("NK-NUM-003", "numerics", "warning", "norm output error vs float64 above tolerance",
          "Accumulate statistics in float32 and cast once at the end (normkit.convert does)."),
     Rule("NK-ONNX-001", "export", "error", "ONNX export failed",
-         "Make the model exportable (no data-dependent Python control flow, supported ops), or "
-         "pass --opset."),
+         "Make the model exportable by torch.onnx: the message gives each exporter's reason "
+         "(an op without an ONNX translation, data-dependent Python control flow, outputs "
+         "that are not tensors)."),
     Rule("NK-ONNX-002", "export", "error", "exported eps differs from the model's",
          "Export at opset ≥ 17 (fused LayerNormalization keeps eps as a float32 attribute), "
          "compute statistics in float32, and avoid eps below float16's range in fp16 graphs."),
@@ -232,8 +241,9 @@ class AuditReport:
 
     # -- rendering ------------------------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON document: ``schema_version``, target, summary, findings, layers, metrics."""
+    def to_dict(self, fail_on: str = "error") -> dict[str, Any]:
+        """The JSON document: ``schema_version``, target, the verdict (``ok`` under the gate
+        ``fail_on``, the same as ``ok(fail_on)``), summary, findings, layers, metrics."""
         import torch
 
         try:
@@ -247,7 +257,8 @@ class AuditReport:
             "tool": {"name": "normkit audit", "normkit": nk, "torch": torch.__version__},
             "target": self.target,
             "dtype": self.dtype,
-            "ok": self.ok("error"),
+            "ok": self.ok(fail_on),
+            "fail_on": fail_on,
             "counts": self.counts(),
             "checks": list(self.checks),
             "skipped": dict(self.skipped),
@@ -257,16 +268,17 @@ class AuditReport:
             "metrics": self.metrics,
         })
 
-    def to_json(self, indent: int | None = 2) -> str:
-        """Strict JSON (no NaN literals) of ``to_dict()``."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+    def to_json(self, indent: int | None = 2, fail_on: str = "error") -> str:
+        """Strict JSON (no NaN literals) of ``to_dict(fail_on)``."""
+        return json.dumps(self.to_dict(fail_on), indent=indent, allow_nan=False)
 
-    def to_markdown(self) -> str:
-        """A markdown summary: verdict, findings table, norm inventory."""
+    def to_markdown(self, fail_on: str = "error") -> str:
+        """A markdown summary: the verdict under the gate ``fail_on``, findings table, norm
+        inventory."""
         c = self.counts()
-        verdict = "✅ passed" if self.ok("error") else "❌ failed"
+        verdict = "✅ passed" if self.ok(fail_on) else "❌ failed"
         lines = [
-            f"## normkit audit: `{self.target}` — {verdict}",
+            f"## normkit audit: `{self.target}` — {verdict} (`--fail-on {fail_on}`)",
             "",
             f"{c['error']} error(s), {c['warning']} warning(s), {c['info']} info; dtype "
             f"{self.dtype}; checks: {', '.join(self.checks) or 'none'}; {self.seconds:.1f} s.",
@@ -293,9 +305,11 @@ class AuditReport:
                     f"{L.get('dtype')} | {L.get('params')} | {L.get('placement') or '—'} |")
         return "\n".join(lines) + "\n"
 
-    def write(self, path: str | os.PathLike, fmt: str = "json") -> Path:
-        """Write the report as ``fmt`` ("json" or "markdown") atomically (temp file + rename)."""
-        text = self.to_json() + "\n" if fmt == "json" else self.to_markdown()
+    def write(self, path: str | os.PathLike, fmt: str = "json", fail_on: str = "error") -> Path:
+        """Write the report as ``fmt`` ("json" or "markdown"), its verdict under the gate
+        ``fail_on``, atomically (temp file + rename)."""
+        text = (self.to_json(fail_on=fail_on) + "\n" if fmt == "json"
+                else self.to_markdown(fail_on))
         return write_text_atomic(path, text)
 
 
