@@ -1,6 +1,6 @@
 """normkit.watch: NaN/Inf origin (forward and backward), layer statistics, sampling, exporters
 failing, alerts deduplicated, what a record may contain; a watched model trains bit for bit as
-an unwatched one (in-place ops on norm outputs included)."""
+an unwatched one (in-place ops on norm outputs included); a detector that is off says so."""
 
 from __future__ import annotations
 
@@ -403,8 +403,12 @@ def test_stop_is_idempotent_and_removes_every_hook():
 
 def test_bad_arguments_are_rejected():
     m = Branches()
-    with pytest.raises(ValueError, match="every"):
-        watch(m, model_name="b", model_version="1", every=0)
+    for every in (0, -3):
+        with pytest.raises(ValueError, match="every must be >= 1"):
+            watch(m, model_name="b", model_version="1", every=every)
+    for every in (0.0, -0.5, math.nan):
+        with pytest.raises(ValueError, match="fraction"):
+            watch(m, model_name="b", model_version="1", every=every)
     with pytest.raises(ValueError, match="fraction"):
         watch(m, model_name="b", model_version="1", every=1.5)
     with pytest.raises(ValueError, match="reduce"):
@@ -685,3 +689,132 @@ def test_input_gradient_norm_is_the_gradient_through_the_norm():
         (g_h,) = torch.autograd.grad(m.norm(h), [h], g_y)
         got = w.summary()["norm"]["grad_input_norm"]
         assert got == pytest.approx(float(torch.linalg.vector_norm(g_h)), rel=1e-6)
+
+
+class InplaceLayerNorm(torch.nn.Module):
+    """A memory-saving LayerNorm that normalizes its input in place and returns it: its
+    backward has no node of its own consuming the input, so it cannot be observed."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        with torch.no_grad():
+            mean = x.mean(-1, keepdim=True)
+            rstd = torch.rsqrt(x.var(-1, keepdim=True, correction=0) + self.eps)
+        return x.sub_(mean).mul_(rstd)
+
+
+def _warnings(caplog, text):
+    return [r for r in caplog.records
+            if r.levelno == logging.WARNING and text in r.getMessage()]
+
+
+def test_a_norm_whose_backward_cannot_be_observed_says_so_and_keeps_its_forward(caplog):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), InplaceLayerNorm(8), torch.nn.Linear(8, 4),
+                            torch.nn.LayerNorm(4))
+    ref = copy.deepcopy(m)
+    x = torch.randn(5, 8)
+    with caplog.at_level(logging.WARNING, logger="normkit.monitor.watch"):
+        with watch(m, model_name="n", model_version="1") as w:
+            for _ in range(3):
+                m(x).square().sum().backward()
+    for _ in range(3):
+        ref(x).square().sum().backward()
+    for p, q in zip(ref.parameters(), m.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)  # the model trained as unwatched
+    assert len(_warnings(caplog, "backward of 1")) == 1  # one warning, not one per step
+    assert list(w.off) == ["backward of 1"] and "in place" in w.off["backward of 1"]
+    s = w.summary()
+    assert s["1"]["rows"] == 15 and s["1"]["grad_input_norm"] is None  # forward only
+    assert list(s["1"]["off"]) == ["backward of 1"]
+    assert s["3"]["off"] == {} and s["3"]["grad_input_norm"] is not None
+
+
+class Exporter:
+    def __init__(self):
+        self.records = 0
+        self.closed = False
+
+    def export(self, record):
+        self.records += 1
+
+    def close(self):
+        self.closed = True
+
+
+class StartFails(Exporter):
+    def start(self):
+        raise OSError("port 9464 is in use")
+
+
+class Disabled(Exporter):
+    enabled = False
+
+
+def test_exporters_that_are_off_say_so(tmp_path, caplog):
+    m = Branches(k=2)
+    exps = [StartFails(), Disabled(), Exporter(), Boom()]
+    with caplog.at_level(logging.WARNING, logger="normkit.monitor.watch"):
+        with watch(m, model_name="b", model_version="1", exporters=exps) as w:
+            for _ in range(3):
+                m(torch.randn(4, 32)).sum().backward()
+    assert [e.records for e in exps[:3]] == [0, 0, 3] and exps[3].calls == 3
+    assert all(e.closed for e in exps)  # off or not, every exporter is closed
+    assert len(_warnings(caplog, "exporter 0 (StartFails)")) == 1
+    assert len(_warnings(caplog, "exporter 1 (Disabled)")) == 1
+    assert w.off == {
+        "exporter 0 (StartFails)": "its start() raised OSError: port 9464 is in use; it gets "
+                                   "no records",
+        "exporter 1 (Disabled)": "disabled (enabled is False); it gets no records",
+        "exporter 3 (Boom)": "its export raised ConnectionError: collector down",
+    }
+    for layer in ("norm.0", "norm.1"):
+        assert w.summary()[layer]["off"] == w.off
+
+
+def test_an_exporter_that_recovers_is_no_longer_off():
+    class Flaky(Exporter):
+        def export(self, record):
+            super().export(record)
+            if self.records == 1:
+                raise ConnectionError("blip")
+
+    m = Branches(k=2)
+    with watch(m, model_name="b", model_version="1", exporters=[Flaky()]) as w:
+        m(torch.randn(4, 32))
+        w.flush()
+        assert list(w.off) == ["exporter 0 (Flaky)"]
+        m(torch.randn(4, 32))
+        w.flush()
+        assert w.off == {}
+
+
+@pytest.mark.parametrize("every,steps,sampled", [(10, 5, 1), (0.01, 20, 0)])
+def test_sampling_that_never_samples_says_so(every, steps, sampled, caplog):
+    m = Branches(k=2)
+    with caplog.at_level(logging.WARNING, logger="normkit.monitor.watch"):
+        with watch(m, model_name="b", model_version="1", every=every) as w:
+            with torch.no_grad():
+                for _ in range(steps):
+                    m(torch.randn(4, 32))
+            assert "sampling" in w.off  # already visible while running
+            assert not _warnings(caplog, "sampling")  # warned once, at the end
+    assert w.records == sampled
+    assert len(_warnings(caplog, "sampling")) == 1
+    why = w.off["sampling"]
+    assert f"every={every!r} sampled {sampled} of the {steps} steps run" in why
+    s = w.summary()
+    assert set(s) == {"norm.0", "norm.1"}  # never-sampled layers are listed too
+    assert all(v["off"] == {"sampling": why} and v["steps"] == sampled for v in s.values())
+
+
+def test_sampling_that_samples_is_not_off(caplog):
+    m = Branches(k=2)
+    with caplog.at_level(logging.WARNING, logger="normkit.monitor.watch"):
+        with torch.no_grad(), watch(m, model_name="b", model_version="1", every=3) as w:
+            for _ in range(4):
+                m(torch.randn(4, 32))
+    assert w.records == 2 and w.off == {} and not caplog.records

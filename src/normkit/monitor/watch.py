@@ -38,7 +38,7 @@ How it works, per step (one call of the root module's ``forward``):
   in place stays on the node that made it (torch's documented rule), i.e. still sees the
   module's own output gradient.  A module whose backward cannot be observed this way (a norm
   that returns its input modified in place, a graph reaching far beyond the call) keeps its
-  forward statistics, and is logged once.
+  forward statistics, and is listed in ``Watch.off`` (logged once).
 * Norm layers: input row statistics — for normkit layers the (mean, rstd) the kernel already
   computed, through ``functional._set_stats_sink`` (no extra pass); for torch / Hugging Face
   norms a mean and a centred norm per row (two passes) — output mean/std, ‖γ‖/‖β‖ and their
@@ -432,6 +432,7 @@ class Watch:
             "resolved"}``.
         drift_results: the latest {layer: DriftResult} against the baseline.
         layer_names: the watched norm layers, in registration order.
+        off: what is effectively off, and why (see the property).
     """
 
     def __init__(self, model: torch.nn.Module, *, model_name: str, model_version: str,
@@ -508,7 +509,10 @@ class Watch:
         self._origin_resolved = False
         self._failed: set[int] = set()
         # What is effectively off: {what: (the layer it concerns, or None for all; why)}.
+        # Written from the step thread and the export thread.
         self._off: dict[str, tuple[str | None, str]] = {}
+        self._off_lock = threading.Lock()
+        self._exporting: list[tuple[str, Any]] = []  # (what, exporter) of those started
         self._new_alerts: list[Alert] = []
         self._running = False
         self.background_export = background_export
@@ -525,7 +529,8 @@ class Watch:
         """Installs the root hooks (idempotent); returns self."""
         if self._running:
             return self
-        if self.exporters and self.background_export and self._worker is None:
+        self._start_exporters()
+        if self._exporting and self.background_export and self._worker is None:
             self._worker = _ExportWorker(self._export_now)
         self._root_handles = [
             self.model.register_forward_pre_hook(self._root_pre),
@@ -539,6 +544,9 @@ class Watch:
         if not self._running:
             return
         self.flush()
+        sampling = self._sampling_off()
+        if sampling is not None:
+            self._switch_off("sampling", None, sampling)
         deferred, self._deferred = self._deferred, []
         for number, pname, res in deferred:  # no step came to hunt: alert as placed
             self._alert(pname, number, res, [])
@@ -578,17 +586,81 @@ class Watch:
         return 0 if self._worker is None else self._worker.dropped
 
     def summary(self) -> dict[str, dict]:
-        """Per-layer summaries over everything seen since start, as plain data (see
-        ``LayerStats.summary``); layers never sampled are left out."""
-        return {n: s.summary() for n, s in self._totals.items()}
+        """Per-layer summaries over everything seen since start, as plain data: every watched
+        layer (``steps`` 0 if never sampled) with ``LayerStats.summary``'s fields, plus ``off``:
+        {what: why} for each detector that is effectively off for that layer — its backward
+        statistics, an exporter, the sampling (see ``Watch.off``)."""
+        off = self._off_entries()
+        out = {}
+        for name, _m, kind, *_ in self._norms:
+            s = self._totals.get(name)
+            d = (s if s is not None else LayerStats(kind=kind)).summary()
+            d["off"] = {what: why for what, (layer, why) in off.items() if layer in (None, name)}
+            out[name] = d
+        return out
 
-    def _switch_off(self, what: str, layer: str | None, why: str) -> None:
-        """Records that ``what`` is effectively off; logs it once."""
-        if what in self._off:
-            return
-        self._off[what] = (layer, why)
-        log.warning("normkit watch of %s %s: %s is off: %s", self.model_name,
+    @property
+    def off(self) -> dict[str, str]:
+        """What is effectively off, and why, as {what: why}; empty when everything works.
+
+        * ``"backward of <module>"``: that module's backward cannot be observed (a norm that
+          returns its input modified in place; a graph reaching far beyond the call; hooks
+          refused) — a norm layer keeps its forward statistics.
+        * ``"exporter <i> (<class>)"``: the i-th exporter is disabled (``enabled`` False), its
+          ``start()`` raised, or its last ``export`` raised; no record reaches it.
+        * ``"sampling"``: ``every`` sampled at most one of the (two or more) steps run — e.g.
+          ``every`` larger than the run — so statistics, drift and NaN/Inf origins cover
+          hardly anything.
+
+        Each is logged once, as a warning, when found (sampling: at ``stop()``; a failing
+        ``export`` is the error already logged for it).
+        """
+        return {what: why for what, (_layer, why) in self._off_entries().items()}
+
+    def _off_entries(self) -> dict[str, tuple[str | None, str]]:
+        """``off`` with the layer each entry concerns (None: every layer)."""
+        with self._off_lock:
+            out = dict(self._off)
+        sampling = self._sampling_off()
+        if sampling is not None:
+            out["sampling"] = (None, sampling)
+        return out
+
+    def _sampling_off(self) -> str | None:
+        if self._steps < 2 or self._sampled_steps > 1:
+            return None
+        covered = "step 1 only" if self._sampled_steps else "no step"
+        return (f"every={self.every!r} sampled {self._sampled_steps} of the {self._steps} steps "
+                f"run: statistics, drift and NaN/Inf origins cover {covered}")
+
+    def _switch_off(self, what: str, layer: str | None, why: str, warn: bool = True) -> None:
+        """Records that ``what`` is effectively off (see ``off``); logs it once."""
+        with self._off_lock:
+            if what in self._off:
+                return
+            self._off[what] = (layer, why)
+        if warn:
+            log.warning("normkit watch of %s %s: %s is off: %s", self.model_name,
                         self.model_version, what, why)
+
+    def _start_exporters(self) -> None:
+        """Starts the exporters that have a ``start()``; a disabled one (``enabled`` False) or one
+        whose start raises gets no records and is listed in ``off``."""
+        self._exporting = []
+        for i, e in enumerate(self.exporters):
+            what = f"exporter {i} ({type(e).__name__})"
+            if getattr(e, "enabled", True) is False:
+                self._switch_off(what, None, "disabled (enabled is False); it gets no records")
+                continue
+            start = getattr(e, "start", None)
+            if callable(start):
+                try:
+                    start()
+                except Exception as ex:
+                    self._switch_off(what, None, f"its start() raised {type(ex).__name__}: "
+                                                 f"{ex}; it gets no records")
+                    continue
+            self._exporting.append((what, e))
 
     def baseline(self) -> Baseline:
         """A ``Baseline`` of everything seen so far."""
@@ -940,7 +1012,7 @@ class Watch:
             log.exception("normkit watch failed to complete step %d; its record is lost",
                           cur.number)
             return
-        if build is None or not self.exporters:
+        if build is None or not self._exporting:
             return
         if self._worker is not None:
             self._worker.put(build)
@@ -1125,10 +1197,10 @@ class Watch:
         return fwd, bwd
 
     def _export_now(self, record: dict) -> None:
-        for e in self.exporters:
+        for what, e in self._exporting:
             try:
                 e.export(record)
-            except Exception:
+            except Exception as ex:
                 # Log once per exporter: a dead endpoint must not flood the log every step.
                 if id(e) not in self._failed:
                     self._failed.add(id(e))
@@ -1137,6 +1209,12 @@ class Watch:
                 else:
                     log.debug("normkit exporter %s failed again", type(e).__name__,
                               exc_info=True)
+                self._switch_off(what, None, f"its export raised {type(ex).__name__}: {ex}",
+                                 warn=False)  # off while it fails; the error above says so
+            else:
+                if what in self._off:
+                    with self._off_lock:
+                        self._off.pop(what, None)  # it recovered
 
 
 def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
@@ -1155,9 +1233,12 @@ def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
         model_name, model_version: the labels every record, metric and alert carries.
         every: int k: sample every k-th step (the first step is sampled); float f in (0, 1]:
             sample a fraction f of steps (serving), drawn from a generator seeded by ``seed``.
+            A watch that sampled at most one of its steps lists "sampling" in ``Watch.off``.
         exporters: ``PrometheusExporter``, ``TensorBoardExporter``, ``JsonlExporter`` or any
-            object with ``export(record)`` and ``close()``; closed by ``stop()``.  A failing
-            exporter is logged once and never breaks the step.
+            object with ``export(record)`` and ``close()``, optionally ``start()`` (called by
+            ``start()``) and ``enabled``; closed by ``stop()``.  One whose ``start()`` raises or
+            whose ``enabled`` is False gets no records; a failing ``export`` is logged once and
+            never breaks the step; each is listed in ``Watch.off`` while so.
         baseline: a ``Baseline`` to check drift (every ``drift_every`` sampled steps, over the
             last ``window`` sampled steps) and latency against.
         alerts: an ``AlertRules`` (dedupe window, callbacks); default: log only, 300 s windows.
