@@ -8,6 +8,11 @@ so a test knows exactly which module produced a non-finite value.
 
 ``Branches``: k independent Linear → LayerNorm branches on k slices of the input features, so
 shifting one slice's distribution drifts exactly one norm layer.
+
+``ConvNet`` and ``ConvNeXtish``: convolutional models that modify their norm layers' outputs in
+place, the way real vision models do (torchvision's ``ReLU(inplace=True)``, Hugging Face ResNet's
+``hidden_state += residual``, ConvNeXt's channels-last LayerNorm permuted back): a watch must
+leave every one of those working, with the same bits.
 """
 
 from __future__ import annotations
@@ -131,6 +136,80 @@ class Branches(nn.Module):
     def forward(self, x):
         parts = x.split(self.d, dim=-1)
         return sum(n(l(p)) for p, l, n in zip(parts, self.lin, self.norm, strict=True))
+
+
+class ConvNet(nn.Module):
+    """Conv → BatchNorm → ReLU(inplace=True) → Conv → GroupNorm, then in-place ops on norm outputs:
+    ``+=`` a residual, ``relu_()``, and in-place ops through views (transpose + slice, view)."""
+
+    def __init__(self, c=8, classes=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.gn = nn.GroupNorm(2, c)
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        h = self.act(self.bn1(self.conv1(x)))  # in-place ReLU module on a BatchNorm output
+        y = self.gn(self.conv2(h))
+        y += h  # += on a GroupNorm output
+        y.relu_()
+        z = self.bn2(self.conv3(y))
+        z.transpose(2, 3)[..., :2].mul_(0.5)  # in place through a transposed, sliced view
+        z.view(z.shape[0], -1).add_(0.1)  # and through a reshaping view
+        return self.head(z.mean(dim=(2, 3)))
+
+
+class ChannelsLayerNorm(nn.Module):
+    """LayerNorm over the channels of (B, C, H, W): permute → LayerNorm → permute back (a view),
+    as ConvNeXt's ``LayerNorm2d`` does."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.ln = nn.LayerNorm(c, eps=1e-6)
+
+    def forward(self, x):
+        return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.pw1 = nn.Linear(c, 4 * c)
+        self.act = nn.GELU()
+        self.pw2 = nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # channels last
+        h = self.pw2(self.act(self.pw1(h))).permute(0, 3, 1, 2)
+        h += x  # in-place residual add on a permuted view
+        return h
+
+
+class ConvNeXtish(nn.Module):
+    """A ConvNeXt-style net: patchify stem → channels LayerNorm (its permuted-back output then
+    gets ``+=`` in place) → blocks of depthwise conv → LayerNorm over channels → MLP."""
+
+    def __init__(self, c=16, depth=2, classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 4, stride=4)
+        self.stem_norm = ChannelsLayerNorm(c)
+        self.pos = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.blocks = nn.Sequential(*(ConvNeXtBlock(c) for _ in range(depth)))
+        self.head_norm = nn.LayerNorm(c)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        h = self.stem_norm(self.stem(x))
+        h += self.pos  # in place on a view of the LayerNorm's output
+        h = self.blocks(h)
+        return self.head(self.head_norm(h.mean(dim=(2, 3))))
 
 
 def lm_batch(batch=4, seq=16, vocab=64, generator=None):

@@ -1,8 +1,10 @@
 """normkit.watch: NaN/Inf origin (forward and backward), layer statistics, sampling, exporters
-failing, alerts deduplicated, what a record may contain."""
+failing, alerts deduplicated, what a record may contain; a watched model trains bit for bit as
+an unwatched one (in-place ops on norm outputs included); a detector that is off says so."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -11,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from _monitor_models import Branches, TinyTransformer, lm_batch
+from _monitor_models import Branches, ConvNet, ConvNeXtish, TinyTransformer, lm_batch
 
 import normkit
 from normkit import functional as F
@@ -401,8 +403,12 @@ def test_stop_is_idempotent_and_removes_every_hook():
 
 def test_bad_arguments_are_rejected():
     m = Branches()
-    with pytest.raises(ValueError, match="every"):
-        watch(m, model_name="b", model_version="1", every=0)
+    for every in (0, -3):
+        with pytest.raises(ValueError, match="every must be >= 1"):
+            watch(m, model_name="b", model_version="1", every=every)
+    for every in (0.0, -0.5, math.nan):
+        with pytest.raises(ValueError, match="fraction"):
+            watch(m, model_name="b", model_version="1", every=every)
     with pytest.raises(ValueError, match="fraction"):
         watch(m, model_name="b", model_version="1", every=1.5)
     with pytest.raises(ValueError, match="reduce"):
@@ -557,3 +563,258 @@ def test_dyt_layers_are_watched():
     with torch.no_grad(), watch(m, model_name="d", model_version="1") as w:
         m(torch.randn(5, 8))
     assert w.summary()["1"]["rows"] == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# A watched model trains exactly as an unwatched one
+# ----------------------------------------------------------------------------------------------
+
+
+def _hf(name: str):
+    """Tiny Hugging Face models built from configs (nothing downloaded)."""
+    T = pytest.importorskip("transformers")
+    dec = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, vocab_size=64, max_position_embeddings=64)
+    if name == "resnet":  # BatchNorm outputs get `hidden_state += residual`
+        return T.ResNetModel(T.ResNetConfig(num_channels=3, embedding_size=8,
+                                            hidden_sizes=[8, 16], depths=[1, 1],
+                                            layer_type="basic"))
+    if name == "bert":
+        return T.BertModel(T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=48,
+                                        max_position_embeddings=64), add_pooling_layer=False)
+    if name == "gpt2":
+        return T.GPT2Model(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2,
+                                        n_positions=64))
+    if name == "llama":
+        return T.LlamaModel(T.LlamaConfig(**dec))
+    if name == "t5":
+        return T.T5EncoderModel(T.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=48,
+                                           num_layers=2, num_heads=2))
+    raise ValueError(name)
+
+
+def _images(g):
+    return torch.randn(2, 3, 32, 32, generator=g)
+
+
+def _tokens(g):
+    return torch.randint(0, 64, (2, 16), generator=g)
+
+
+def _lm_loss(m, g):
+    idx, tgt = lm_batch(generator=g)
+    return torch.nn.functional.cross_entropy(m(idx).reshape(-1, 64), tgt.reshape(-1))
+
+
+# family: (build, loss of one batch drawn from a generator)
+FAMILIES = {
+    "tiny-transformer": (lambda: TinyTransformer(), _lm_loss),
+    "tiny-transformer-normkit": (lambda: normkit.convert(TinyTransformer()), _lm_loss),
+    "convnet": (ConvNet, lambda m, g: m(_images(g)).square().mean()),
+    "convnext": (ConvNeXtish, lambda m, g: m(_images(g)).square().mean()),
+    "hf-resnet": (lambda: _hf("resnet"),
+                  lambda m, g: m(pixel_values=_images(g)).pooler_output.square().mean()),
+    **{f"hf-{n}": (lambda n=n: _hf(n),
+                   lambda m, g: m(input_ids=_tokens(g)).last_hidden_state.square().mean())
+       for n in ("bert", "gpt2", "llama", "t5")},
+}
+
+
+@pytest.mark.parametrize("hunt", ["on_detect", "always"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_watched_model_trains_bit_for_bit_as_unwatched(family, hunt, one_torch_thread):
+    """Backward telemetry on: the loss and every parameter's gradient are the same bits with and
+    without the watch, on every model family here — including the ones that modify a norm's
+    output in place (``+=``, ``relu_``/``ReLU(inplace=True)``, through views)."""
+    build, loss_of = FAMILIES[family]
+    torch.manual_seed(0)
+    ref = build().train()
+    watched = copy.deepcopy(ref)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (ref, watched)]
+    with watch(watched, model_name=family, model_version="1", backward_hunt=hunt,
+               alerts=AlertRules(log_alerts=False)) as w:
+        for step in range(3):
+            losses = []
+            for m, opt in zip((ref, watched), opts, strict=True):
+                torch.manual_seed(100 + step)  # the same dropout masks in both
+                loss = loss_of(m, torch.Generator().manual_seed(step))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                losses.append(loss.detach())
+            assert torch.equal(losses[0], losses[1]), (family, step)
+            for (n, p), (_, q) in zip(ref.named_parameters(), watched.named_parameters(),
+                                      strict=True):
+                assert (p.grad is None) == (q.grad is None), n
+                assert p.grad is None or torch.equal(p.grad, q.grad), (family, step, n)
+            for opt in opts:
+                opt.step()
+    assert w.records == 3 and w.nonfinite_origin is None
+    s = w.summary()
+    assert s and all(v["rows"] > 0 for v in s.values())
+    # The backward telemetry was on, not skipped: every norm layer got its input gradient.
+    assert all(v["grad_input_norm"] is not None for v in s.values()), family
+
+
+def test_input_gradient_norm_is_the_gradient_through_the_norm():
+    """The norm's input gradient is what flows back through the norm alone (not the residual
+    stream's total), also for a norm of several ops whose input has two consumers inside it
+    (Llama's RMSNorm: ``x.pow(2)`` and ``x * rsqrt(...)``) and with in-place ops after it."""
+
+    class Residual(torch.nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+            self.norm = norm
+            self.out = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = self.lin(x)
+            y = self.norm(h)
+            y += h  # in place on the norm's output; h also feeds the residual
+            return self.out(y.relu_())
+
+    for norm in (torch.nn.LayerNorm(16), LlamaRMSNorm(16)):
+        torch.manual_seed(0)
+        m = Residual(norm)
+        x = torch.randn(3, 5, 16)
+        with watch(m, model_name="r", model_version="1") as w:
+            m(x).square().sum().backward()
+        # The same gradient by hand: the loss's gradient at the norm's output ...
+        h = m.lin(x)
+        y = m.norm(h)
+        (g_y,) = torch.autograd.grad(m.out((y + h).relu()).square().sum(), [y])
+        # ... taken back through the norm alone.
+        h = h.detach().requires_grad_()
+        (g_h,) = torch.autograd.grad(m.norm(h), [h], g_y)
+        got = w.summary()["norm"]["grad_input_norm"]
+        assert got == pytest.approx(float(torch.linalg.vector_norm(g_h)), rel=1e-6)
+
+
+class InplaceLayerNorm(torch.nn.Module):
+    """A memory-saving LayerNorm that normalizes its input in place and returns it: its
+    backward has no node of its own consuming the input, so it cannot be observed."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        with torch.no_grad():
+            mean = x.mean(-1, keepdim=True)
+            rstd = torch.rsqrt(x.var(-1, keepdim=True, correction=0) + self.eps)
+        return x.sub_(mean).mul_(rstd)
+
+
+def _warnings(caplog, text):
+    return [r for r in caplog.records
+            if r.levelno == logging.WARNING and text in r.getMessage()]
+
+
+def test_a_norm_whose_backward_cannot_be_observed_says_so_and_keeps_its_forward(caplog):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), InplaceLayerNorm(8), torch.nn.Linear(8, 4),
+                            torch.nn.LayerNorm(4))
+    ref = copy.deepcopy(m)
+    x = torch.randn(5, 8)
+    with caplog.at_level(logging.WARNING, logger="normkit.monitor.watch"):
+        with watch(m, model_name="n", model_version="1") as w:
+            for _ in range(3):
+                m(x).square().sum().backward()
+    for _ in range(3):
+        ref(x).square().sum().backward()
+    for p, q in zip(ref.parameters(), m.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)  # the model trained as unwatched
+    assert len(_warnings(caplog, "backward of 1")) == 1  # one warning, not one per step
+    assert list(w.off) == ["backward of 1"] and "in place" in w.off["backward of 1"]
+    s = w.summary()
+    assert s["1"]["rows"] == 15 and s["1"]["grad_input_norm"] is None  # forward only
+    assert list(s["1"]["off"]) == ["backward of 1"]
+    assert s["3"]["off"] == {} and s["3"]["grad_input_norm"] is not None
+
+
+class Exporter:
+    def __init__(self):
+        self.records = 0
+        self.closed = False
+
+    def export(self, record):
+        self.records += 1
+
+    def close(self):
+        self.closed = True
+
+
+class StartFails(Exporter):
+    def start(self):
+        raise OSError("port 9464 is in use")
+
+
+class Disabled(Exporter):
+    enabled = False
+
+
+def test_exporters_that_are_off_say_so(tmp_path, caplog):
+    m = Branches(k=2)
+    exps = [StartFails(), Disabled(), Exporter(), Boom()]
+    with caplog.at_level(logging.WARNING, logger="normkit.monitor.watch"):
+        with watch(m, model_name="b", model_version="1", exporters=exps) as w:
+            for _ in range(3):
+                m(torch.randn(4, 32)).sum().backward()
+    assert [e.records for e in exps[:3]] == [0, 0, 3] and exps[3].calls == 3
+    assert all(e.closed for e in exps)  # off or not, every exporter is closed
+    assert len(_warnings(caplog, "exporter 0 (StartFails)")) == 1
+    assert len(_warnings(caplog, "exporter 1 (Disabled)")) == 1
+    assert w.off == {
+        "exporter 0 (StartFails)": "its start() raised OSError: port 9464 is in use; it gets "
+                                   "no records",
+        "exporter 1 (Disabled)": "disabled (enabled is False); it gets no records",
+        "exporter 3 (Boom)": "its export raised ConnectionError: collector down",
+    }
+    for layer in ("norm.0", "norm.1"):
+        assert w.summary()[layer]["off"] == w.off
+
+
+def test_an_exporter_that_recovers_is_no_longer_off():
+    class Flaky(Exporter):
+        def export(self, record):
+            super().export(record)
+            if self.records == 1:
+                raise ConnectionError("blip")
+
+    m = Branches(k=2)
+    with watch(m, model_name="b", model_version="1", exporters=[Flaky()]) as w:
+        m(torch.randn(4, 32))
+        w.flush()
+        assert list(w.off) == ["exporter 0 (Flaky)"]
+        m(torch.randn(4, 32))
+        w.flush()
+        assert w.off == {}
+
+
+@pytest.mark.parametrize("every,steps,sampled", [(10, 5, 1), (0.01, 20, 0)])
+def test_sampling_that_never_samples_says_so(every, steps, sampled, caplog):
+    m = Branches(k=2)
+    with caplog.at_level(logging.WARNING, logger="normkit.monitor.watch"):
+        with watch(m, model_name="b", model_version="1", every=every) as w:
+            with torch.no_grad():
+                for _ in range(steps):
+                    m(torch.randn(4, 32))
+            assert "sampling" in w.off  # already visible while running
+            assert not _warnings(caplog, "sampling")  # warned once, at the end
+    assert w.records == sampled
+    assert len(_warnings(caplog, "sampling")) == 1
+    why = w.off["sampling"]
+    assert f"every={every!r} sampled {sampled} of the {steps} steps run" in why
+    s = w.summary()
+    assert set(s) == {"norm.0", "norm.1"}  # never-sampled layers are listed too
+    assert all(v["off"] == {"sampling": why} and v["steps"] == sampled for v in s.values())
+
+
+def test_sampling_that_samples_is_not_off(caplog):
+    m = Branches(k=2)
+    with caplog.at_level(logging.WARNING, logger="normkit.monitor.watch"):
+        with torch.no_grad(), watch(m, model_name="b", model_version="1", every=3) as w:
+            for _ in range(4):
+                m(torch.randn(4, 32))
+    assert w.records == 2 and w.off == {} and not caplog.records

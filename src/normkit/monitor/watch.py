@@ -19,15 +19,26 @@ How it works, per step (one call of the root module's ``forward``):
   origin of that very step.  (A value masked out before reaching the output or any norm layer
   is not hunted.)  Without autograd (serving, validation) nothing is kept: each module output
   is checked as it is produced.
-* Backward (``backward_hunt="on_detect"``, the default): full backward hooks on the norm
-  layers only — their input-gradient norm is a statistic and checks the gradient for free —
-  plus one fused norm over all parameter gradients when backward ends.  A norm that turns a
-  finite gradient non-finite is named exactly; a gradient that went bad elsewhere is placed
-  provisionally (``resolved: False``: the block of the first norm it reached, or the last
-  module with a bad parameter gradient) and the next step is sampled with every leaf module
-  hooked, which names the exact module while the fault persists.  ``"always"`` hooks every leaf
-  on every sampled step (exact at once, ~1% more step time).  Backward hooks go on the modules
-  seen taking an input that requires grad, i.e. from the second sampled step on.
+* Backward (``backward_hunt="on_detect"``, the default): the norm layers' backward is observed
+  — their input-gradient norm is a statistic and checks the gradient for free — plus one fused
+  norm over all parameter gradients when backward ends.  A norm that turns a finite gradient
+  non-finite is named exactly; a gradient that went bad elsewhere is placed provisionally
+  (``resolved: False``: the block of the first norm it reached, or the last module with a bad
+  parameter gradient) and the next step is sampled with every leaf module observed, which names
+  the exact module while the fault persists.  ``"always"`` observes every leaf on every sampled
+  step (exact at once, ~1% more step time).
+* How a module call's backward is observed (``_Probe``): hooks on autograd's own graph, set in
+  the forward hook — a hook on each output tensor (its gradient) and a post-hook on each node
+  the call created that consumes one of its inputs (their gradients towards the inputs, summed,
+  are the module's input gradient).  Nothing is wrapped: torch's full backward hooks wrap a
+  module's outputs in views of a custom Function, which an in-place op downstream (Hugging Face
+  ResNet's ``hidden_state += residual`` on a BatchNorm output, ``ReLU(inplace=True)``) may not
+  modify, and which change the order gradients are summed in (different bits).  Here the graph
+  is the unwatched one, so the model computes the same bits; a hook on a tensor later modified
+  in place stays on the node that made it (torch's documented rule), i.e. still sees the
+  module's own output gradient.  A module whose backward cannot be observed this way (a norm
+  that returns its input modified in place, a graph reaching far beyond the call) keeps its
+  forward statistics, and is listed in ``Watch.off`` (logged once).
 * Norm layers: input row statistics — for normkit layers the (mean, rstd) the kernel already
   computed, through ``functional._set_stats_sink`` (no extra pass); for torch / Hugging Face
   norms a mean and a centred norm per row (two passes) — output mean/std, ‖γ‖/‖β‖ and their
@@ -184,6 +195,55 @@ def _row_stats(x: torch.Tensor, kind: str, how: str, ndims: int):
     return mean, var
 
 
+# Autograd nodes searched per module call for the ones consuming its inputs; a LayerNorm call
+# makes 1-3, a Hugging Face RMSNorm ~8, a Linear on 3-D input 3-4.  More means the call's graph
+# reaches beyond it (a tensor with history taken from elsewhere): that backward is not observed.
+_SEARCH_MAX = 256
+_ACCUMULATE_SEQ = 2**64 - 1  # AccumulateGrad's sequence number (a leaf; made at any time)
+
+
+def _input_consumers(ins: list[torch.Tensor], outs: list[torch.Tensor]):
+    """The autograd nodes one module call created that take one of its inputs' gradient edges.
+
+    Walks back from the outputs' ``grad_fn`` over the nodes made during the call: nodes are
+    numbered in creation order (``_sequence_nr``, per thread), so anything numbered at or below
+    the inputs' own nodes existed before the call and ends the walk.
+
+    Returns:
+        {node: [(index in node.next_functions, index in ``ins``)]}, or None when more than
+        ``_SEARCH_MAX`` nodes would have to be searched.
+    """
+    edges = {}
+    floor = -1
+    for k, t in enumerate(ins):
+        e = torch.autograd.graph.get_gradient_edge(t)
+        edges[(e.node, e.output_nr)] = k
+        seq = e.node._sequence_nr()
+        if seq != _ACCUMULATE_SEQ:
+            floor = max(floor, seq)
+
+    def inside(node) -> bool:
+        return node is not None and floor < node._sequence_nr() != _ACCUMULATE_SEQ
+
+    stack = [t.grad_fn for t in outs if inside(t.grad_fn)]
+    seen: set[int] = set()
+    found: dict = {}
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if len(seen) > _SEARCH_MAX:
+            return None
+        for i, edge in enumerate(node.next_functions):
+            k = edges.get(edge)
+            if k is not None:
+                found.setdefault(node, []).append((i, k))
+            elif inside(edge[0]):
+                stack.append(edge[0])
+    return found
+
+
 def _first_tensor(obj: Any) -> torch.Tensor | None:
     ts = _tensors(obj)
     return ts[0] if ts else None
@@ -286,6 +346,53 @@ class _Step:
         self.param_grad_bad: str | None = None  # see Watch._backward_end
 
 
+class _Probe:
+    """The backward of one module call, seen through hooks on the autograd graph (see the
+    module docstring): ``grad_out`` on each output tensor, ``node_done`` on each node that
+    consumes an input.  When the last consuming node has run, the input gradients (summed over
+    the consumers) go to ``Watch._module_backward``; a consumer that never runs (an output the
+    loss does not use) is waited for only until the backward ends."""
+
+    __slots__ = ("watch", "cur", "module", "nodes", "left", "gin", "gout", "queued")
+
+    def __init__(self, watch: Watch, cur: _Step, module: torch.nn.Module, n_inputs: int,
+                 n_nodes: int):
+        self.watch, self.cur, self.module = watch, cur, module
+        self.nodes = self.left = n_nodes
+        self.gin: list[torch.Tensor | None] = [None] * n_inputs
+        self.gout: list[torch.Tensor] = []
+        self.queued = False
+
+    @_safe
+    def grad_out(self, g):
+        # Kept, not checked: only read when the input gradient is non-finite.
+        if g is not None:
+            self.gout.append(g)
+
+    @_safe
+    def node_done(self, pairs, grad_inputs, grad_outputs):
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.report)
+        for i, k in pairs:
+            g = grad_inputs[i]
+            if g is not None:
+                prev = self.gin[k]
+                self.gin[k] = g if prev is None else prev + g
+        self.left -= 1
+        if self.left == 0:
+            self.report()
+
+    @_safe
+    def report(self):
+        if self.left == self.nodes:
+            return  # reported already (or nothing ran)
+        gin, gout = [g for g in self.gin if g is not None], self.gout
+        self.gin, self.gout = [None] * len(self.gin), []
+        self.left, self.queued = self.nodes, False  # ready for another backward (retain_graph)
+        self.watch._module_backward(self.cur, self.module, gin, gout)
+
+
 def _resolve(events: list[tuple[str, bool, int]], outside: str) -> dict:
     """Origin, further origins and propagators of one pass, from events in hook order."""
     if not events:
@@ -325,6 +432,7 @@ class Watch:
             "resolved"}``.
         drift_results: the latest {layer: DriftResult} against the baseline.
         layer_names: the watched norm layers, in registration order.
+        off: what is effectively off, and why (see the property).
     """
 
     def __init__(self, model: torch.nn.Module, *, model_name: str, model_version: str,
@@ -397,14 +505,15 @@ class Watch:
         self._sink_set = False
         self._root_handles: list = []
         self._armed_handles: list = []
-        self._bw_handles: dict[int, Any] = {}
-        self._bw_ok: set[int] = set()
-        self._bw_new = False
-        self._bw_hunting = False
         self._hunt_next = False
         self._deferred: list[tuple[int, str, dict]] = []
         self._origin_resolved = False
         self._failed: set[int] = set()
+        # What is effectively off: {what: (the layer it concerns, or None for all; why)}.
+        # Written from the step thread and the export thread.
+        self._off: dict[str, tuple[str | None, str]] = {}
+        self._off_lock = threading.Lock()
+        self._exporting: list[tuple[str, Any]] = []  # (what, exporter) of those started
         self._new_alerts: list[Alert] = []
         self._running = False
         self.background_export = background_export
@@ -421,7 +530,8 @@ class Watch:
         """Installs the root hooks (idempotent); returns self."""
         if self._running:
             return self
-        if self.exporters and self.background_export and self._worker is None:
+        self._start_exporters()
+        if self._exporting and self.background_export and self._worker is None:
             self._worker = _ExportWorker(self._export_now)
         self._root_handles = [
             self.model.register_forward_pre_hook(self._root_pre),
@@ -435,6 +545,9 @@ class Watch:
         if not self._running:
             return
         self.flush()
+        sampling = self._sampling_off()
+        if sampling is not None:
+            self._switch_off("sampling", None, sampling)
         deferred, self._deferred = self._deferred, []
         for number, pname, res in deferred:  # no step came to hunt: alert as placed
             self._alert(pname, number, res, [])
@@ -474,9 +587,81 @@ class Watch:
         return 0 if self._worker is None else self._worker.dropped
 
     def summary(self) -> dict[str, dict]:
-        """Per-layer summaries over everything seen since start, as plain data (see
-        ``LayerStats.summary``); layers never sampled are left out."""
-        return {n: s.summary() for n, s in self._totals.items()}
+        """Per-layer summaries over everything seen since start, as plain data: every watched
+        layer (``steps`` 0 if never sampled) with ``LayerStats.summary``'s fields, plus ``off``:
+        {what: why} for each detector that is effectively off for that layer — its backward
+        statistics, an exporter, the sampling (see ``Watch.off``)."""
+        off = self._off_entries()
+        out = {}
+        for name, _m, kind, *_ in self._norms:
+            s = self._totals.get(name)
+            d = (s if s is not None else LayerStats(kind=kind)).summary()
+            d["off"] = {what: why for what, (layer, why) in off.items() if layer in (None, name)}
+            out[name] = d
+        return out
+
+    @property
+    def off(self) -> dict[str, str]:
+        """What is effectively off, and why, as {what: why}; empty when everything works.
+
+        * ``"backward of <module>"``: that module's backward cannot be observed (a norm that
+          returns its input modified in place; a graph reaching far beyond the call; hooks
+          refused) — a norm layer keeps its forward statistics.
+        * ``"exporter <i> (<class>)"``: the i-th exporter is disabled (``enabled`` False), its
+          ``start()`` raised, or its last ``export`` raised; no record reaches it.
+        * ``"sampling"``: ``every`` sampled at most one of the (two or more) steps run — e.g.
+          ``every`` larger than the run — so statistics, drift and NaN/Inf origins cover
+          hardly anything.
+
+        Each is logged once, as a warning, when found (sampling: at ``stop()``; a failing
+        ``export`` is the error already logged for it).
+        """
+        return {what: why for what, (_layer, why) in self._off_entries().items()}
+
+    def _off_entries(self) -> dict[str, tuple[str | None, str]]:
+        """``off`` with the layer each entry concerns (None: every layer)."""
+        with self._off_lock:
+            out = dict(self._off)
+        sampling = self._sampling_off()
+        if sampling is not None:
+            out["sampling"] = (None, sampling)
+        return out
+
+    def _sampling_off(self) -> str | None:
+        if self._steps < 2 or self._sampled_steps > 1:
+            return None
+        covered = "step 1 only" if self._sampled_steps else "no step"
+        return (f"every={self.every!r} sampled {self._sampled_steps} of the {self._steps} steps "
+                f"run: statistics, drift and NaN/Inf origins cover {covered}")
+
+    def _switch_off(self, what: str, layer: str | None, why: str, warn: bool = True) -> None:
+        """Records that ``what`` is effectively off (see ``off``); logs it once."""
+        with self._off_lock:
+            if what in self._off:
+                return
+            self._off[what] = (layer, why)
+        if warn:
+            log.warning("normkit watch of %s %s: %s is off: %s", self.model_name,
+                        self.model_version, what, why)
+
+    def _start_exporters(self) -> None:
+        """Starts the exporters that have a ``start()``; a disabled one (``enabled`` False) or one
+        whose start raises gets no records and is listed in ``off``."""
+        self._exporting = []
+        for i, e in enumerate(self.exporters):
+            what = f"exporter {i} ({type(e).__name__})"
+            if getattr(e, "enabled", True) is False:
+                self._switch_off(what, None, "disabled (enabled is False); it gets no records")
+                continue
+            start = getattr(e, "start", None)
+            if callable(start):
+                try:
+                    start()
+                except Exception as ex:
+                    self._switch_off(what, None, f"its start() raised {type(ex).__name__}: "
+                                                 f"{ex}; it gets no records")
+                    continue
+            self._exporting.append((what, e))
 
     def baseline(self) -> Baseline:
         """A ``Baseline`` of everything seen so far."""
@@ -520,10 +705,6 @@ class Watch:
             self._hunt_next = False
             self._cur = _Step(self._steps, lazy=torch.is_grad_enabled(), hunt=hunt)
             self._arm()
-            if self._bw_new or hunt != self._bw_hunting:
-                self._bw_new = False
-                self._bw_hunting = hunt
-                self._arm_backward(hunt)
             self._param_snapshot(self._cur)
             self._set_sink()
         elif self._armed_handles:
@@ -574,7 +755,6 @@ class Watch:
     def _arm(self):
         if self._armed_handles:
             return
-        self._bw_new = True  # re-arming: re-register the backward hooks learned so far
         hs = self._armed_handles
         for m in self.model.modules():
             if id(m) in self._norm_of:
@@ -589,40 +769,10 @@ class Watch:
                         hs.append(p.register_post_accumulate_grad_hook(
                             self._param_grad_hook(name, pname)))
 
-    def _arm_backward(self, hunt: bool):
-        """Full backward hooks on the modules seen taking an input that requires grad: the norm
-        layers always (their input-gradient norm is a statistic, and checks the gradient for
-        free), every other leaf only on hunting steps (``hunt``).
-
-        Learned from the forward hooks, so a module is hooked from its second sampled step on:
-        torch decides at call time whether a module's backward hooks fire and warns when a
-        hooked module has no input gradient (an embedding, the root of a token model).
-        In-place modules cannot take full backward hooks (their outputs would be views modified
-        in place); their neighbours' hooks cover them.
-        """
-        if not self.backward or not self._armed_handles:
-            return
-        for m in self.model.modules():
-            key = id(m)
-            # Leaves only: containers would double the hook machinery (~1/3 of the backward
-            # overhead); a gradient going bad inside a container's own code is attributed to
-            # that container from the leaves around it (see _complete).
-            want = (key in self._bw_ok and not getattr(m, "inplace", False) and not m._modules
-                    and (hunt or key in self._norm_of))
-            h = self._bw_handles.get(key)
-            if want and h is None:
-                self._bw_handles[key] = m.register_full_backward_hook(self._any_backward)
-            elif h is not None and not want:
-                h.remove()
-                del self._bw_handles[key]
-
     def _disarm(self):
         for h in self._armed_handles:
             h.remove()
-        for h in self._bw_handles.values():
-            h.remove()
         self._armed_handles = []
-        self._bw_handles = {}
 
     def _layer(self, name: str, kind: str) -> LayerStats | None:
         cur = self._cur
@@ -720,36 +870,74 @@ class Watch:
         cur = self._cur
         if cur is None or not self._in_root:  # a submodule called outside a step (validation)
             return
-        key = id(module)
-        if self.backward and key not in self._bw_ok and torch.is_grad_enabled():
-            if any(t.requires_grad for t in _tensors(args) + _tensors(kwargs)):
-                self._bw_ok.add(key)
-                self._bw_new = True
-        name = self._module_names.get(key, "?")
+        name = self._module_names.get(id(module), "?")
+        ins = _tensors(args) + _tensors(kwargs)
         outs = _tensors(output)
+        if self.backward and not module._modules and (cur.hunt or id(module) in self._norm_of):
+            self._observe_backward(cur, module, name, ins, outs)
         if cur.lazy and all(t.requires_grad for t in outs):
             # Autograd keeps such activations alive until backward anyway, so holding references
             # until the forward ends costs no memory; the reductions are paid only when the
             # forward produced a non-finite value somewhere.  (Outputs outside the graph — a
             # frozen part of the model — are checked now, not kept.)
-            cur.calls.append((name, _tensors(args) + _tensors(kwargs), outs))
+            cur.calls.append((name, ins, outs))
             return
         bad = _nonfinite(outs)
         if bad:
-            clean_in = _nonfinite(_tensors(args) + _tensors(kwargs)) == 0
+            clean_in = _nonfinite(ins) == 0
             if cur.lazy:  # keep the hook order: resolved with the recorded calls
                 cur.calls.append((name, clean_in, bad))
                 cur.suspect = True
             else:
                 cur.fwd.append((name, clean_in, bad))
 
-    @_safe
-    def _any_backward(self, module, grad_input, grad_output):
-        cur = self._cur
-        if cur is None:
+    def _observe_backward(self, cur: _Step, module, name: str, ins, outs) -> None:
+        """Sets a ``_Probe`` on this call's backward: the norm layers always (their input-gradient
+        norm is a statistic, and checks the gradient for free), every other leaf module on
+        hunting steps.  Leaves only: hooking containers too would double the work, and a
+        gradient going bad in a container's own code is attributed to it from the leaves around
+        it (see ``_complete``)."""
+        ins = [t for t in ins if t.requires_grad]
+        outs = [t for t in outs if t.requires_grad]
+        if not ins or not outs:
+            return  # no gradient flows through this call (an embedding, a frozen input)
+        norm = id(module) in self._norm_of
+        what = f"backward of {name}"
+        if any(o is i for o in outs for i in ins):
+            # Its input returned as-is or modified in place (ReLU(inplace=True), Identity): no
+            # node of its own to observe; the modules around it cover a non-leaf origin.
+            if norm:
+                self._switch_off(what, name,
+                                 f"{name!r} returns its input tensor itself (modified in place), "
+                                 f"so its backward cannot be observed; forward statistics only")
             return
+        try:
+            found = _input_consumers(ins, outs)
+            if found is None:
+                self._switch_off(what, name if norm else None,
+                                 f"the autograd graph of {name!r} reaches beyond its inputs (over "
+                                 f"{_SEARCH_MAX} nodes), so its backward is not observed"
+                                 + ("; forward statistics only" if norm else ""))
+                return
+            if not found:
+                return  # its outputs do not depend on its inputs differentiably
+            probe = _Probe(self, cur, module, len(ins), len(found))
+            for t in outs:
+                t.register_hook(probe.grad_out)
+            for node, pairs in found.items():
+                node.register_hook(functools.partial(probe.node_done, pairs))
+        except Exception as e:
+            self._switch_off(what, name if norm else None,
+                             f"backward hooks could not be set on {name!r} "
+                             f"({type(e).__name__}: {e})")
+
+    def _module_backward(self, cur: _Step, module, gin: list[torch.Tensor],
+                         gout: list[torch.Tensor]) -> None:
+        """A module call's backward has run (``_Probe``): its input gradients ``gin`` (those that
+        require grad, in argument order) and output gradients ``gout``."""
+        if cur is not self._cur:
+            return  # a backward run after its step was completed (the next forward began)
         info = self._norm_of.get(id(module))
-        gin = [g for g in grad_input if isinstance(g, torch.Tensor)]
         s = None
         if info is not None and gin:
             name, kind, how, nd = info
@@ -765,7 +953,6 @@ class Watch:
             rows = (~torch.isfinite(g)).reshape(-1, max(n, 1)).any(dim=1)
             s.grad_nonfinite_rows += int(rows.sum())
         if bad:
-            gout = [g for g in grad_output if isinstance(g, torch.Tensor)]
             clean_out = _nonfinite(gout) == 0
             cur.bwd.append((self._module_names.get(id(module), "?"), clean_out, bad))
 
@@ -826,7 +1013,7 @@ class Watch:
             log.exception("normkit watch failed to complete step %d; its record is lost",
                           cur.number)
             return
-        if build is None or not self.exporters:
+        if build is None or not self._exporting:
             return
         if self._worker is not None:
             self._worker.put(build)
@@ -1012,10 +1199,10 @@ class Watch:
         return fwd, bwd
 
     def _export_now(self, record: dict) -> None:
-        for e in self.exporters:
+        for what, e in self._exporting:
             try:
                 e.export(record)
-            except Exception:
+            except Exception as ex:
                 # Log once per exporter: a dead endpoint must not flood the log every step.
                 if id(e) not in self._failed:
                     self._failed.add(id(e))
@@ -1024,6 +1211,12 @@ class Watch:
                 else:
                     log.debug("normkit exporter %s failed again", type(e).__name__,
                               exc_info=True)
+                self._switch_off(what, None, f"its export raised {type(ex).__name__}: {ex}",
+                                 warn=False)  # off while it fails; the error above says so
+            else:
+                if what in self._off:
+                    with self._off_lock:
+                        self._off.pop(what, None)  # it recovered
 
 
 def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
@@ -1042,9 +1235,12 @@ def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
         model_name, model_version: the labels every record, metric and alert carries.
         every: int k: sample every k-th step (the first step is sampled); float f in (0, 1]:
             sample a fraction f of steps (serving), drawn from a generator seeded by ``seed``.
+            A watch that sampled at most one of its steps lists "sampling" in ``Watch.off``.
         exporters: ``PrometheusExporter``, ``TensorBoardExporter``, ``JsonlExporter`` or any
-            object with ``export(record)`` and ``close()``; closed by ``stop()``.  A failing
-            exporter is logged once and never breaks the step.
+            object with ``export(record)`` and ``close()``, optionally ``start()`` (called by
+            ``start()``) and ``enabled``; closed by ``stop()``.  One whose ``start()`` raises or
+            whose ``enabled`` is False gets no records; a failing ``export`` is logged once and
+            never breaks the step; each is listed in ``Watch.off`` while so.
         baseline: a ``Baseline`` to check drift (every ``drift_every`` sampled steps, over the
             last ``window`` sampled steps) and latency against.
         alerts: an ``AlertRules`` (dedupe window, callbacks); default: log only, 300 s windows.
@@ -1054,16 +1250,18 @@ def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
         thresholds: ``DriftThresholds`` (default: mean shift 0.05 σ, variance 10%, PSI 0.2,
             KS 0.2).
         window, drift_every: drift window length and evaluation period, in sampled steps.
-        backward: hook backward too (gradient norms, backward NaN origin).
+        backward: observe backward too (gradient norms, backward NaN origin).  Nothing is
+            wrapped: in-place ops on a watched module's output work as unwatched, and the
+            gradients are the same bits.
         seed: seed of the fractional sampler.
         background_export: run the exporters on a background thread (default), so the step
             never waits for them; ``flush()`` and ``stop()`` wait until every record is out.
-        backward_hunt: "on_detect" (default): backward hooks on the norm layers only, whose
-            input gradients are checked anyway; when a gradient goes non-finite between two
-            norms, the event is recorded with ``resolved: False`` and the next step is sampled
-            with every leaf module hooked, which names the exact module if the fault persists.
-            "always": every leaf hooked on every sampled step — the exact module at once, even
-            for a one-step fault, for about 1% more step time.
+        backward_hunt: "on_detect" (default): the backward of the norm layers only is observed,
+            whose input gradients are checked anyway; when a gradient goes non-finite between
+            two norms, the event is recorded with ``resolved: False`` and the next step is
+            sampled with every leaf module observed, which names the exact module if the fault
+            persists.  "always": every leaf observed on every sampled step — the exact module
+            at once, even for a one-step fault, for about 1% more step time.
 
     Returns:
         The started ``Watch``.
