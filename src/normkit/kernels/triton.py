@@ -14,8 +14,9 @@ Design points, each with the reason:
   position or on its neighbours (vllm #48271 is the counter-example: a block size chosen from
   the number of tokens).
 * **Rows up to ``_MAX_BLOCK`` elements are held whole in registers** (one read of x, one write
-  of y).  Longer rows (up to any N; 262,144 is tested on the GPU grid) are **looped over in
-  chunks of ``_CHUNK``**: one pass computes the statistics, a second re-reads the row (from L2
+  of y).  Longer rows (any N; the tests reach the looped path in the interpreter with small
+  blocks, and one row of 4·``_MAX_BLOCK`` + 3 at the real settings — no GPU has run them yet)
+  are **looped over in chunks of ``_CHUNK``**: one pass computes the statistics, a second re-reads the row (from L2
   for the rows in flight) and writes y.  Holding a 65K row in registers is what makes other
   Triton norms spill and collapse at 65K.
 * **Robust statistics in one pass over chunks.**  m1 is the mean of the first chunk (the exact
@@ -27,7 +28,8 @@ Design points, each with the reason:
   (8 at N = 262,144), never the cancellation of a far-off shift.
 * **fp32 accumulation** for every input dtype: x² of an fp16 |x| ~ 300 is 9e4 > 65504, so the
   square is taken after the conversion to fp32 (pytorch#133085).  No fast-math: a NaN row
-  stays NaN.
+  stays NaN.  A finite row whose fp32 sum of squares overflows (|v| ≳ 1e19) is taken again
+  scaled by a power of two (``_moments`` with SCALED), only in the tiles that hold one.
 * **Backward** in one pass over x and dy for rows held in registers (row dots, dx, and this
   program's dγ/dβ partials); for looped rows a first kernel computes the two row dots, a second
   (grid: row blocks × column chunks) writes dx and the partials.  **dγ/dβ are deterministic**:
