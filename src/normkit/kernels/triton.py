@@ -16,9 +16,9 @@ Design points, each with the reason:
 * **Rows up to ``_MAX_BLOCK`` elements are held whole in registers** (one read of x, one write
   of y).  Longer rows (any N; the tests reach the looped path in the interpreter with small
   blocks, and one row of 4·``_MAX_BLOCK`` + 3 at the real settings — no GPU has run them yet)
-  are **looped over in chunks of ``_CHUNK``**: one pass computes the statistics, a second re-reads the row (from L2
-  for the rows in flight) and writes y.  Holding a 65K row in registers is what makes other
-  Triton norms spill and collapse at 65K.
+  are **looped over in chunks of ``_CHUNK``**: one pass computes the statistics, a second
+  re-reads the row (from L2 for the rows in flight) and writes y.  Holding a 65K row in
+  registers is what makes other Triton norms spill and collapse at 65K.
 * **Robust statistics in one pass over chunks.**  m1 is the mean of the first chunk (the exact
   row mean when the row fits one block, as in the reference); each chunk contributes
   ``Σ(v - m1)`` and its own centred sum of squares, merged with Chan's formula.  So
