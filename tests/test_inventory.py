@@ -209,6 +209,29 @@ def test_registered_without_casting_is_not_converted():
     assert [n for n, *_ in watch_norms(model)] == ["0"]
 
 
+def test_registered_affine_names_are_tracked_by_watch_and_audit():
+    class Whiten(torch.nn.Module):  # a LayerNorm keeping γ/β as gain/shift
+        def __init__(self, n):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.full((n,), 2.0))
+            self.shift = torch.nn.Parameter(torch.full((n,), 0.5))
+
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], self.gain, self.shift, 1e-3)
+
+    normkit.register_norm(Whiten, kind="layer", eps=1e-3, weight="gain", bias="shift")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Whiten(4))
+    (n,) = audit_norms(model)
+    row = n.describe()
+    assert (row["kind"], row["eps"], row["affine"], row["bias"], row["params"]) == (
+        "layer_norm", 1e-3, True, True, 8)
+    with watch(model, model_name="w", model_version="1") as w:
+        model(torch.randn(3, 4)).sum().backward()
+    s = w.summary()["1"]
+    assert s["norm"] == "layer" and s["weight_norm"] == pytest.approx(4.0)
+    assert s["bias_norm"] == pytest.approx(1.0) and s["weight_grad_norm"] is not None
+
+
 def test_unregistered_lookalike_warns_once(caplog):
     Scaler = _scaler_class()
     model = torch.nn.Sequential(Scaler(8), torch.nn.Linear(8, 8), Scaler(8))

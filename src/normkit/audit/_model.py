@@ -35,6 +35,8 @@ class Norm:
     family: str | None = None
     zero_centered: bool = False
     placement: str | None = None
+    # attribute names of γ and β from the inventory; None: look under the usual names
+    affine: tuple[str | None, str | None] | None = None
 
     @property
     def type(self) -> str:
@@ -42,10 +44,10 @@ class Norm:
 
     def gamma(self) -> tuple[str, torch.Tensor] | None:
         """(attribute name, tensor) of the scale, registered or not."""
-        return _tensor_attr(self.module, GAMMA_ATTRS)
+        return _tensor_attr(self.module, GAMMA_ATTRS if self.affine is None else self.affine[:1])
 
     def beta(self) -> tuple[str, torch.Tensor] | None:
-        return _tensor_attr(self.module, BETA_ATTRS)
+        return _tensor_attr(self.module, BETA_ATTRS if self.affine is None else self.affine[1:])
 
     def normalized_shape(self) -> list[int] | None:
         shape = getattr(self.module, "normalized_shape", None)
@@ -81,7 +83,7 @@ class Norm:
 
 def _tensor_attr(module, names) -> tuple[str, torch.Tensor] | None:
     for n in names:
-        v = getattr(module, n, None)
+        v = getattr(module, n, None) if n else None
         if isinstance(v, torch.Tensor):
             return n, v
     return None
@@ -98,7 +100,7 @@ def find_norms(model: torch.nn.Module) -> list[Norm]:
         elif family in ("torch", "dyt"):
             family = None
         out.append(Norm(name, m, _KINDS[info.kind], info.eps, family,
-                        info.zero_centered_gamma))
+                        info.zero_centered_gamma, affine=(info.weight, info.bias)))
     return out
 
 

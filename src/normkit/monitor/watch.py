@@ -89,19 +89,21 @@ _PROPAGATORS_MAX = 64  # names kept per pass in a record; counts stay exact
 # ----------------------------------------------------------------------------------------------
 
 
-def find_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, str, int, str]]:
+def find_norms(
+    model: torch.nn.Module,
+) -> list[tuple[str, torch.nn.Module, str, str, int, _inventory.NormInfo]]:
     """The normalization layers of ``model`` in registration order — the norms of
     ``normkit._inventory`` (the same ones convert and audit see).
 
     Returns:
-        (qualified name, module, kind, how, ndims, norm): kind "ln" (mean and variance per row)
+        (qualified name, module, kind, how, ndims, info): kind "ln" (mean and variance per row)
         or "rms" (mean square per row) — the statistics the records carry; how "sink" (normkit
         layer: statistics from the kernel), "last" (the trailing ``ndims`` dims form a row),
         "instance" (InstanceNorm: the ``ndims`` spatial dims of one sample and channel),
         "group" (GroupNorm: a row per sample and group) or "channel" (BatchNorm: a row per
-        channel); norm the inventory's
-        kind ("layer", "rms", "batch", "group", "instance", "dyt", "custom"), which the
-        records carry as ``norm``.
+        channel); info the inventory's ``NormInfo`` — its kind ("layer", "rms", "batch",
+        "group", "instance", "dyt", "custom") is each record's ``norm``, its ``weight`` and
+        ``bias`` name the γ and β that are tracked.
     """
     from .. import nn as nk
 
@@ -110,8 +112,15 @@ def find_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, 
         kind = "rms" if info.kind == "rms" else "ln"
         # DyT has no statistics of its own: its input rows are summarised.
         how = "sink" if isinstance(m, (nk.LayerNorm, nk.RMSNorm)) else info.rows
-        out.append((name, m, kind, how, info.ndims, info.kind))
+        out.append((name, m, kind, how, info.ndims, info))
     return out
+
+
+def _affine(m: torch.nn.Module, info: _inventory.NormInfo):
+    """("weight", γ) and ("bias", β) of a norm — the record's slot names, whatever attributes the
+    module keeps them in (``normkit.register_norm(weight=..., bias=...)``); None when absent."""
+    return [(slot, getattr(m, attr) if attr else None)
+            for slot, attr in (("weight", info.weight), ("bias", info.bias))]
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -463,7 +472,7 @@ class Watch:
         self._norms = find_norms(model)
         self.layer_names = [n for n, *_ in self._norms]
         self._norm_of = {id(m): (n, kind, how, nd) for n, m, kind, how, nd, _ in self._norms}
-        self._kinds = {n: (kind, norm) for n, _m, kind, _how, _nd, norm in self._norms}
+        self._kinds = {n: (kind, info.kind) for n, _m, kind, _how, _nd, info in self._norms}
         self._module_names = {id(m): n for n, m in model.named_modules()}
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._rank, self._world = 0, 1
@@ -750,9 +759,8 @@ class Watch:
                 hs.append(m.register_forward_hook(self._norm_post))
             hs.append(m.register_forward_hook(self._any_post, with_kwargs=True))
         if self.backward:
-            for name, m, *_ in self._norms:
-                for pname in ("weight", "bias"):
-                    p = getattr(m, pname, None)
+            for name, m, *_, info in self._norms:
+                for pname, p in _affine(m, info):
                     if isinstance(p, torch.nn.Parameter) and p.requires_grad:
                         hs.append(p.register_post_accumulate_grad_hook(
                             self._param_grad_hook(name, pname)))
@@ -966,10 +974,9 @@ class Watch:
         calls and one host transfer instead of ~130 small ops.
         """
         params, slots = [], []
-        for name, m, *_ in self._norms:
+        for name, m, *_, info in self._norms:
             cur.layers[name] = self._new_stats(name)
-            for pname in ("weight", "bias"):
-                p = getattr(m, pname, None)
+            for pname, p in _affine(m, info):
                 if isinstance(p, torch.Tensor) and p.is_floating_point():
                     params.append(p.detach())
                     slots.append((name, pname))
