@@ -207,6 +207,11 @@ def test_registered_without_casting_is_not_converted():
     normkit.convert(model)
     assert type(model[0]) is Scaler
     assert [n for n, *_ in watch_norms(model)] == ["0"]
+    # subclasses are covered; registering again replaces the declaration
+    Sub = type("Sub", (Scaler,), {})
+    assert _info(Sub(8)).kind == "rms"
+    normkit.register_norm(Scaler, kind="layer", eps=None)
+    assert (_info(Sub(8)).kind, _info(Sub(8)).eps) == ("layer", None)
 
 
 def test_registered_affine_names_are_tracked_by_watch_and_audit():
