@@ -50,6 +50,7 @@ def test_report_shows_origin_alerts_layers_and_drift(run_files):
               if type(b).__name__ == "Table"}
     layers = tables["layer/kind"]
     assert [r[0] for r in layers.rows] == TinyTransformer().norm_names()
+    assert {r[1] for r in layers.rows} == {"layer"}  # the norm's own kind, not "ln"
     drift = tables["layer/rows"]
     assert any(r[-1] != "–" for r in drift.rows), "a shifted embedding must drift some layer"
     assert any(type(b).__name__ == "Callout" and b.kind == "bad" for b in doc.blocks)

@@ -8,6 +8,7 @@ load on first use.
 """
 
 from . import nn
+from ._inventory import register_norm
 from .convert import convert, revert
 from .functional import (
     BACKENDS,
@@ -61,6 +62,7 @@ __all__ = [
     "nn",
     "convert",
     "revert",
+    "register_norm",
     # telemetry and release audit (loaded on first use)
     "watch",
     "Baseline",

@@ -15,30 +15,28 @@ What is converted, and how each keeps its semantics:
 | GPT-OSS-style RMSNorm: ``(w * n).to(in_dtype)`` | ``nn.RMSNorm``   | "torch"  | no  |
 | Gemma / Gemma2 / Gemma3 RMSNorm (and copies)    | ``nn.RMSNorm``   | "gemma"  | yes |
 | T5 LayerNorm (RMS, no mean; and copies)         | ``nn.RMSNorm``   | "t5"     | no  |
+| a class registered with ``casting=``            | per ``kind``     | as given | as given |
 
-Hugging Face classes are recognised by behaviour, not by name alone: the class name ends in
-"RMSNorm" or "LayerNorm", the module holds exactly one 1-D ``weight`` Parameter (no bias, buffers
-or children), its epsilon attribute is a real number, and the source of its ``forward`` (and of
-the helpers it calls) is, up to comments, docstrings and type annotations, one of the sources
-below.  Anything else that looks like a norm is left alone and logged at debug level — a norm
-converted with the wrong cast order would silently change a model's outputs.
+Which modules are norms, and of which kind, is ``normkit._inventory``'s answer (the same one
+watch and audit use).  Hugging Face classes are recognised there by behaviour, not by name alone
+(the source of their forward).  Convert additionally needs the module to hold exactly one 1-D
+``weight`` Parameter (no bias, buffers or children) and a real epsilon.  Anything else that
+looks like a norm is left alone and logged at debug level — a norm converted with the wrong cast
+order would silently change a model's outputs.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import functools
-import inspect
 import logging
 import math
 import numbers
-import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from ._inventory import NormInfo, describe
 from .nn import LayerNorm, RMSNorm
 
 __all__ = ["convert", "revert"]
@@ -51,110 +49,6 @@ log = logging.getLogger(__name__)
 _ORIGINAL = "_normkit_original"
 
 Filter = Callable[[torch.nn.Module, str], bool]
-
-
-# ----------------------------------------------------------------------------------------------
-# Hugging Face norms, by the source of their forward
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _HFPattern:
-    """A Hugging Face norm implementation and the normkit options that reproduce it exactly."""
-
-    name: str
-    source: str  # the methods, as Hugging Face writes them (checked against transformers 5.23)
-    eps_attr: str
-    casting: str
-    zero_centered_gamma: bool = False
-
-
-_HF_PATTERNS = (
-    # normalize in fp32, cast to the input dtype, *then* multiply: output promote(x, γ) dtype.
-    _HFPattern("llama", """
-def forward(self, hidden_states):
-    input_dtype = hidden_states.dtype
-    hidden_states = hidden_states.to(torch.float32)
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-    return self.weight * hidden_states.to(input_dtype)
-""", "variance_epsilon", "llama"),
-    # multiply in fp32 (γ of any float dtype promotes to fp32), one cast at the end: "torch".
-    _HFPattern("gpt-oss", """
-def forward(self, hidden_states):
-    input_dtype = hidden_states.dtype
-    hidden_states = hidden_states.to(torch.float32)
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-    return (self.weight * hidden_states).to(input_dtype)
-""", "variance_epsilon", "torch"),
-    # zero-centred γ, (1 + γ) in fp32, one cast at the end.
-    _HFPattern("gemma", """
-def _norm(self, x):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-def forward(self, x):
-    output = self._norm(x.float())
-    output = output * (1.0 + self.weight.float())
-    return output.type_as(x)
-""", "eps", "gemma", zero_centered_gamma=True),
-    # x * rstd promotes to fp32; cast to γ's dtype only when γ is 16-bit.
-    _HFPattern("t5", """
-def forward(self, hidden_states):
-    variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-    if self.weight.dtype in [torch.float16, torch.bfloat16]:
-        hidden_states = hidden_states.to(self.weight.dtype)
-    return self.weight * hidden_states
-""", "variance_epsilon", "t5"),
-)
-
-
-def _normalized(fn: ast.FunctionDef) -> str:
-    """``ast.dump`` of a function without its docstring and type annotations (comments and
-    formatting are already gone in the AST); decorators are kept, since they change behaviour."""
-    fn = copy.deepcopy(fn)
-    fn.returns = None
-    args = fn.args
-    for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg):
-        if a is not None:
-            a.annotation = None
-    body = fn.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]
-    fn.body = body or [ast.Pass()]
-    return ast.dump(fn)
-
-
-@functools.cache
-def _pattern_methods(pattern: _HFPattern) -> dict[str, str]:
-    tree = ast.parse(textwrap.dedent(pattern.source))
-    return {fn.name: _normalized(fn) for fn in tree.body if isinstance(fn, ast.FunctionDef)}
-
-
-@functools.lru_cache(maxsize=1024)
-def _method_ast(fn) -> str | None:
-    """Normalized AST of a function, or None when its source cannot be read or parsed.
-
-    Cached per function object, so a class whose method is later replaced is looked at anew."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    node = tree.body[0] if tree.body else None
-    return _normalized(node) if isinstance(node, ast.FunctionDef) else None
-
-
-def _hf_pattern_of(cls: type) -> _HFPattern | None:
-    """The pattern whose methods ``cls`` has, source for source; None if none matches."""
-    for pattern in _HF_PATTERNS:
-        want = _pattern_methods(pattern)
-        if all(
-            inspect.isfunction(fn := getattr(cls, name, None)) and _method_ast(fn) == dump
-            for name, dump in want.items()
-        ):
-            return pattern
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,11 +81,15 @@ def _not_plain_leaf(module: torch.nn.Module, params: set[str]) -> str:
 
 def _plan(module: torch.nn.Module) -> tuple[Callable[[], torch.nn.Module] | None, str]:
     """(a builder of the replacement, "") if ``module`` is a norm convert reproduces exactly,
-    else (None, why not) — the reason is empty for modules that do not even look like norms."""
-    cls = type(module)
+    else (None, why not) — the reason is empty for modules that are no norm (``_inventory``)
+    or one no normkit module computes (BatchNorm, GroupNorm, InstanceNorm, DyT)."""
     if isinstance(module, (LayerNorm, RMSNorm)):
         return None, ""  # already converted
-    if isinstance(module, torch.nn.LayerNorm):
+    info = describe(module)
+    if info is None or info.kind not in ("layer", "rms"):
+        return None, ""
+    cls = type(module)
+    if isinstance(module, torch.nn.LayerNorm) and info.family == "torch":
         if cls.forward is not torch.nn.LayerNorm.forward:
             return None, "it subclasses torch.nn.LayerNorm but overrides forward"
         if why := _not_plain_leaf(module, {"weight", "bias"}):
@@ -199,7 +97,7 @@ def _plan(module: torch.nn.Module) -> tuple[Callable[[], torch.nn.Module] | None
         if not _valid_eps(module.eps):
             return None, f"eps={module.eps!r}"
         return functools.partial(_from_torch_layer_norm, module), ""
-    if isinstance(module, torch.nn.RMSNorm):
+    if isinstance(module, torch.nn.RMSNorm) and info.family == "torch":
         if cls.forward is not torch.nn.RMSNorm.forward:
             return None, "it subclasses torch.nn.RMSNorm but overrides forward"
         if why := _not_plain_leaf(module, {"weight"}):
@@ -207,20 +105,21 @@ def _plan(module: torch.nn.Module) -> tuple[Callable[[], torch.nn.Module] | None
         if not _valid_eps(module.eps, allow_none=True):
             return None, f"eps={module.eps!r}"
         return functools.partial(_from_torch_rms_norm, module), ""
-    if not cls.__name__.endswith(("RMSNorm", "LayerNorm")):
-        return None, ""
-    pattern = _hf_pattern_of(cls)
-    if pattern is None:
-        return None, "its forward matches no known Hugging Face norm implementation"
-    if why := _not_plain_leaf(module, {"weight"}):
-        return None, f"{pattern.name}-style forward, but {why}"
+    if info.casting is None:  # a look-alike, or registered without a casting
+        return None, ("its forward matches no known norm implementation (declare one with "
+                      "normkit.register_norm(..., casting=...))")
+    what = "registered" if info.family == "registered" else f"{info.family}-style forward"
+    params = {"weight"}
+    if info.kind == "layer" and "bias" in module._parameters:
+        params.add("bias")
+    if why := _not_plain_leaf(module, params):
+        return None, f"{what}, but {why}"
     weight = module._parameters["weight"]
-    if not (isinstance(weight, torch.nn.Parameter) and weight.dim() == 1):
-        return None, f"{pattern.name}-style forward, but weight is not a 1-D Parameter"
-    eps = vars(module).get(pattern.eps_attr)
-    if not _valid_eps(eps):
-        return None, f"{pattern.name}-style forward, but {pattern.eps_attr}={eps!r}"
-    return functools.partial(_from_hf, module, pattern), ""
+    if not (isinstance(weight, torch.nn.Parameter) and weight.dim() == info.ndims):
+        return None, f"{what}, but weight is not a {info.ndims}-D Parameter"
+    if not _valid_eps(info.eps):
+        return None, f"{what}, but eps={info.eps!r}"
+    return functools.partial(_from_info, module, info), ""
 
 
 def _finish(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
@@ -256,14 +155,21 @@ def _from_torch_rms_norm(old: torch.nn.RMSNorm) -> RMSNorm:
     return _finish(new, old)
 
 
-def _from_hf(old: torch.nn.Module, pattern: _HFPattern) -> RMSNorm:
-    # The eps is taken as is — 0.0 stays 0.0 (never ``eps or default``).
-    eps = float(vars(old)[pattern.eps_attr])
-    new = RMSNorm(tuple(old.weight.shape), eps, elementwise_affine=True, device="meta")
-    new.weight = old.weight
-    if pattern.casting != RMSNorm.casting:
-        new.casting = pattern.casting
-    if pattern.zero_centered_gamma:
+def _from_info(old: torch.nn.Module, info: NormInfo) -> LayerNorm | RMSNorm:
+    """A Hugging Face or registered norm: the inventory knows its eps (taken as is — 0.0
+    stays 0.0), casting order and 1+γ."""
+    shape = tuple(old.weight.shape)
+    if info.kind == "rms":
+        new = RMSNorm(shape, info.eps, elementwise_affine=True, device="meta")
+        new.weight = old.weight
+    else:
+        bias = old._parameters.get("bias")
+        new = LayerNorm(shape, info.eps, elementwise_affine=True, bias=bias is not None,
+                        device="meta")
+        new.weight, new.bias = old.weight, bias
+    if info.casting != new.casting:
+        new.casting = info.casting
+    if info.zero_centered_gamma:
         new.zero_centered_gamma = True
     return _finish(new, old)
 

@@ -248,7 +248,9 @@ def build_telemetry_report(path: str | os.PathLike,
     for name in layers:
         s = last.get(name, {})
         calls, p50, p99 = lat.get(name, (0, None, None))
-        rows.append((name, s.get("kind", "–"), _fmt(s.get("input_mean")),
+        # the norm's kind ("layer", "batch", ...); older records only say "ln" or "rms"
+        kind = s.get("norm") or s.get("kind", "–")
+        rows.append((name, kind, _fmt(s.get("input_mean")),
                      _fmt(s.get("input_std") if s.get("input_std") is not None
                           else s.get("input_rms")),
                      _fmt(s.get("weight_norm")), _fmt(s.get("weight_update_norm")),

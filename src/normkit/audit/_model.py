@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,23 +12,14 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .. import nn as nk_nn
-from ..convert import _hf_pattern_of
+from .. import _inventory
+from .._inventory import BETA_ATTRS, GAMMA_ATTRS
 
 log = logging.getLogger(__name__)
 
-# Torch's own norms, by what they normalise over.
-_TORCH_KINDS: tuple[tuple[type, str], ...] = (
-    (torch.nn.LayerNorm, "layer_norm"),
-    (torch.nn.RMSNorm, "rms_norm"),
-    (torch.nn.GroupNorm, "group_norm"),
-    (torch.nn.modules.batchnorm._BatchNorm, "batch_norm"),
-    (torch.nn.modules.instancenorm._InstanceNorm, "instance_norm"),
-)
-# Attribute names under which norm implementations keep eps (torch, HF, Keras-style ports).
-_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
-_GAMMA_ATTRS = ("weight", "gamma", "scale", "g")
-_BETA_ATTRS = ("bias", "beta", "b")
+# The inventory's kinds, as the audit reports them.
+_KINDS = {"layer": "layer_norm", "rms": "rms_norm", "batch": "batch_norm", "group": "group_norm",
+          "instance": "instance_norm", "dyt": "dyt", "custom": "custom"}
 
 
 @dataclass
@@ -38,11 +28,15 @@ class Norm:
 
     name: str
     module: torch.nn.Module
-    kind: str  # layer_norm | rms_norm | batch_norm | group_norm | instance_norm | custom
+    kind: str  # layer_norm | rms_norm | batch_norm | group_norm | instance_norm | dyt | custom
     eps: float | None
-    family: str | None = None  # the HF pattern ("llama", "gemma", "t5", ...) when recognised
+    # the HF pattern ("llama", "gemma", "t5", ...) when recognised, "normkit:<casting>" for a
+    # normkit module, "registered" for a class declared with normkit.register_norm
+    family: str | None = None
     zero_centered: bool = False
     placement: str | None = None
+    # attribute names of γ and β from the inventory; None: look under the usual names
+    affine: tuple[str | None, str | None] | None = None
 
     @property
     def type(self) -> str:
@@ -50,10 +44,10 @@ class Norm:
 
     def gamma(self) -> tuple[str, torch.Tensor] | None:
         """(attribute name, tensor) of the scale, registered or not."""
-        return _tensor_attr(self.module, _GAMMA_ATTRS)
+        return _tensor_attr(self.module, GAMMA_ATTRS if self.affine is None else self.affine[:1])
 
     def beta(self) -> tuple[str, torch.Tensor] | None:
-        return _tensor_attr(self.module, _BETA_ATTRS)
+        return _tensor_attr(self.module, BETA_ATTRS if self.affine is None else self.affine[1:])
 
     def normalized_shape(self) -> list[int] | None:
         shape = getattr(self.module, "normalized_shape", None)
@@ -89,57 +83,24 @@ class Norm:
 
 def _tensor_attr(module, names) -> tuple[str, torch.Tensor] | None:
     for n in names:
-        v = getattr(module, n, None)
+        v = getattr(module, n, None) if n else None
         if isinstance(v, torch.Tensor):
             return n, v
     return None
 
 
-def eps_of(module: torch.nn.Module) -> float | None:
-    """The module's eps, read as is — 0.0 stays 0.0 (never ``eps or default``).  torch's
-    ``RMSNorm(eps=None)`` means finfo(dtype).eps at run time; reported as None."""
-    for attr in _EPS_ATTRS:
-        v = vars(module).get(attr, getattr(type(module), attr, None))
-        if isinstance(v, numbers.Real) and not isinstance(v, bool):
-            return float(v)
-    return None
-
-
-def _kind(module: torch.nn.Module) -> tuple[str, str | None, bool] | None:
-    """(kind, HF family, zero-centred γ) if ``module`` is a normalization layer, else None."""
-    if isinstance(module, (nk_nn.LayerNorm, nk_nn.RMSNorm)):
-        kind = "rms_norm" if isinstance(module, nk_nn.RMSNorm) else "layer_norm"
-        return kind, f"normkit:{module.casting}", bool(module.zero_centered_gamma)
-    for cls, kind in _TORCH_KINDS:
-        if isinstance(module, cls):
-            return kind, None, False
-    name = type(module).__name__
-    if not name.endswith(("Norm", "LayerNorm", "RMSNorm", "Normalization")):
-        return None
-    # A container named "...Norm" that holds another norm (e.g. a block) is not itself one.
-    if any(_kind(c) is not None for c in module.children()):
-        return None
-    pattern = _hf_pattern_of(type(module))
-    if pattern is not None:
-        kind = "rms_norm"  # every HF pattern convert knows is an RMS norm
-        return kind, pattern.name, pattern.zero_centered_gamma
-    if _tensor_attr(module, _GAMMA_ATTRS) is None and eps_of(module) is None:
-        return None
-    kind = "rms_norm" if "rms" in name.lower() else "custom"
-    return kind, None, False
-
-
 def find_norms(model: torch.nn.Module) -> list[Norm]:
-    """Every normalization layer of ``model``, in module order (shared modules once)."""
-    out, seen = [], set()
-    for name, m in model.named_modules():
-        if id(m) in seen:
-            continue
-        k = _kind(m)
-        if k is None:
-            continue
-        seen.add(id(m))
-        out.append(Norm(name, m, k[0], eps_of(m), k[1], k[2]))
+    """Every normalization layer of ``model`` (``normkit._inventory``'s, the same ones convert
+    and watch see), in module order (shared modules once)."""
+    out = []
+    for name, m, info in _inventory.find(model):
+        family = info.family
+        if family == "normkit":
+            family = f"normkit:{info.casting}" if info.casting else None
+        elif family in ("torch", "dyt"):
+            family = None
+        out.append(Norm(name, m, _KINDS[info.kind], info.eps, family,
+                        info.zero_centered_gamma, affine=(info.weight, info.bias)))
     return out
 
 

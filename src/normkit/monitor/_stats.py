@@ -32,6 +32,7 @@ class LayerStats:
     value (they describe the model's state, e.g. ‖γ‖, not a distribution)."""
 
     kind: str = "ln"
+    norm: str | None = None  # the norm's kind in normkit._inventory ("layer", "batch", ...)
     rows: int = 0
     nonfinite_rows: int = 0
     sum_mean: float = 0.0
@@ -98,13 +99,14 @@ class LayerStats:
             v = getattr(other, f)
             if v is not None:
                 setattr(self, f, v)
+        self.norm = self.norm or other.norm
         self.hist_mean.merge(other.hist_mean)
         self.hist_scale.merge(other.hist_scale)
         self.hist_latency.merge(other.hist_latency)
         return self
 
     def copy(self) -> LayerStats:
-        c = LayerStats(kind=self.kind)
+        c = LayerStats(kind=self.kind, norm=self.norm)
         for f in _SUM_FIELDS + _LAST_FIELDS:
             setattr(c, f, getattr(self, f))
         c.hist_mean, c.hist_scale = self.hist_mean.copy(), self.hist_scale.copy()
@@ -156,6 +158,7 @@ class LayerStats:
         lq = lat.quantiles((0.5, 0.99)) if lat.n and not light else (None, None)
         return {
             "kind": self.kind,
+            "norm": self.norm,
             "steps": self.steps,
             "rows": self.rows,
             "nonfinite_rows": self.nonfinite_rows,
@@ -176,7 +179,7 @@ class LayerStats:
     # -- plain data ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        d = {"kind": self.kind}
+        d = {"kind": self.kind, "norm": self.norm}
         d.update({f: getattr(self, f) for f in _SUM_FIELDS})
         d.update({f: getattr(self, f) for f in _LAST_FIELDS})
         d["hist_mean"] = self.hist_mean.to_dict()
@@ -186,7 +189,7 @@ class LayerStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerStats:
-        s = cls(kind=d.get("kind", "ln"))
+        s = cls(kind=d.get("kind", "ln"), norm=d.get("norm"))
         for f in _SUM_FIELDS + _LAST_FIELDS:
             if f in d:
                 setattr(s, f, d[f])

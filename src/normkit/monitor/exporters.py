@@ -31,7 +31,10 @@ The file starts with one header line, then one line per sampled step::
                                     # last module with a bad parameter gradient); a hunting
                                     # step follows (see normkit.monitor.watch)
      "layers": {layer: {            # per norm layer, mergeable sums (LayerStats.to_dict)
-         "kind": "ln" | "rms", "rows": int, "nonfinite_rows": int,
+         "kind": "ln" | "rms",      # the statistics held: mean and variance, or mean square
+         "norm": str | null,        # the norm's kind: "layer", "rms", "batch", "group",
+                                    # "instance", "dyt", "custom" (null in older records)
+         "rows": int, "nonfinite_rows": int,
          "sum_mean", "sum_mean_sq", "sum_var", "sum_ms": float,   # over finite input rows
          "out_n": int, "out_sum", "out_sumsq": float, "out_nonfinite": int,
          "grad_nonfinite_rows": int, "steps": int,

@@ -69,6 +69,7 @@ from typing import Any
 
 import torch
 
+from .. import _inventory
 from .. import functional as _F
 from ._stats import LayerStats, add_rows_many, pack, unpack
 from .alerts import Alert, AlertRules
@@ -88,43 +89,38 @@ _PROPAGATORS_MAX = 64  # names kept per pass in a record; counts stay exact
 # ----------------------------------------------------------------------------------------------
 
 
-def find_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, str, int]]:
-    """The normalization layers of ``model`` in registration order.
+def find_norms(
+    model: torch.nn.Module,
+) -> list[tuple[str, torch.nn.Module, str, str, int, _inventory.NormInfo]]:
+    """The normalization layers of ``model`` in registration order — the norms of
+    ``normkit._inventory`` (the same ones convert and audit see).
 
     Returns:
-        (qualified name, module, kind, how, ndims): kind "ln" (mean and variance per row) or
-        "rms" (mean square per row); how "sink" (normkit layer: statistics from the kernel),
-        "last" (the trailing ``ndims`` dims form a row), "group" (GroupNorm: a row per sample
-        and group) or "channel" (BatchNorm: a row per channel).
+        (qualified name, module, kind, how, ndims, info): kind "ln" (mean and variance per row)
+        or "rms" (mean square per row) — the statistics the records carry; how "sink" (normkit
+        layer: statistics from the kernel), "last" (the trailing ``ndims`` dims form a row),
+        "instance" (InstanceNorm: the ``ndims`` spatial dims of one sample and channel),
+        "group" (GroupNorm: a row per sample and group) or "channel" (BatchNorm: a row per
+        channel); info the inventory's ``NormInfo`` — its kind ("layer", "rms", "batch",
+        "group", "instance", "dyt", "custom") is each record's ``norm``, its ``weight`` and
+        ``bias`` name the γ and β that are tracked.
     """
     from .. import nn as nk
-    from ..convert import _plan
 
     out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nk.RMSNorm):
-            out.append((name, m, "rms", "sink", len(m.normalized_shape)))
-        elif isinstance(m, nk.LayerNorm):
-            out.append((name, m, "ln", "sink", len(m.normalized_shape)))
-        elif isinstance(m, torch.nn.LayerNorm):
-            out.append((name, m, "ln", "last", len(m.normalized_shape)))
-        elif isinstance(m, torch.nn.RMSNorm):
-            out.append((name, m, "rms", "last", len(m.normalized_shape)))
-        elif isinstance(m, nk.DyT):  # no statistics of its own: its input rows are summarised
-            out.append((name, m, "ln", "last", len(m.normalized_shape)))
-        elif isinstance(m, torch.nn.GroupNorm):
-            out.append((name, m, "ln", "group", 0))
-        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            out.append((name, m, "ln", "channel", 0))
-        else:
-            cls = type(m).__name__
-            # Hugging Face norms (the ones convert knows are all RMS over the last dim); other
-            # classes named like a norm are watched the same way, as their names promise.
-            if _plan(m)[0] is not None or cls.endswith("RMSNorm"):
-                out.append((name, m, "rms", "last", 1))
-            elif cls.endswith("LayerNorm") and not list(m.children()):
-                out.append((name, m, "ln", "last", 1))
+    for name, m, info in _inventory.find(model):
+        kind = "rms" if info.kind == "rms" else "ln"
+        # DyT has no statistics of its own: its input rows are summarised.
+        how = "sink" if isinstance(m, (nk.LayerNorm, nk.RMSNorm)) else info.rows
+        out.append((name, m, kind, how, info.ndims, info))
     return out
+
+
+def _affine(m: torch.nn.Module, info: _inventory.NormInfo):
+    """("weight", γ) and ("bias", β) of a norm — the record's slot names, whatever attributes the
+    module keeps them in (``normkit.register_norm(weight=..., bias=...)``); None when absent."""
+    return [(slot, getattr(m, attr) if attr else None)
+            for slot, attr in (("weight", info.weight), ("bias", info.bias))]
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -475,7 +471,8 @@ class Watch:
 
         self._norms = find_norms(model)
         self.layer_names = [n for n, *_ in self._norms]
-        self._norm_of = {id(m): (n, kind, how, nd) for n, m, kind, how, nd in self._norms}
+        self._norm_of = {id(m): (n, kind, how, nd) for n, m, kind, how, nd, _ in self._norms}
+        self._kinds = {n: (kind, info.kind) for n, _m, kind, _how, _nd, info in self._norms}
         self._module_names = {id(m): n for n, m in model.named_modules()}
         self._params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._rank, self._world = 0, 1
@@ -593,9 +590,9 @@ class Watch:
         statistics, an exporter, the sampling (see ``Watch.off``)."""
         off = self._off_entries()
         out = {}
-        for name, _m, kind, *_ in self._norms:
+        for name in self.layer_names:
             s = self._totals.get(name)
-            d = (s if s is not None else LayerStats(kind=kind)).summary()
+            d = (s if s is not None else self._new_stats(name)).summary()
             d["off"] = {what: why for what, (layer, why) in off.items() if layer in (None, name)}
             out[name] = d
         return out
@@ -762,9 +759,8 @@ class Watch:
                 hs.append(m.register_forward_hook(self._norm_post))
             hs.append(m.register_forward_hook(self._any_post, with_kwargs=True))
         if self.backward:
-            for name, m, *_ in self._norms:
-                for pname in ("weight", "bias"):
-                    p = getattr(m, pname, None)
+            for name, m, *_, info in self._norms:
+                for pname, p in _affine(m, info):
                     if isinstance(p, torch.nn.Parameter) and p.requires_grad:
                         hs.append(p.register_post_accumulate_grad_hook(
                             self._param_grad_hook(name, pname)))
@@ -774,13 +770,17 @@ class Watch:
             h.remove()
         self._armed_handles = []
 
-    def _layer(self, name: str, kind: str) -> LayerStats | None:
+    def _new_stats(self, name: str) -> LayerStats:
+        kind, norm = self._kinds[name]
+        return LayerStats(kind=kind, norm=norm)
+
+    def _layer(self, name: str) -> LayerStats | None:
         cur = self._cur
         if cur is None:
             return None
         s = cur.layers.get(name)
         if s is None:
-            s = cur.layers[name] = LayerStats(kind=kind)
+            s = cur.layers[name] = self._new_stats(name)
         return s
 
     @_safe
@@ -814,7 +814,7 @@ class Watch:
         if cur is None or not self._in_root:  # a submodule called outside a step (validation)
             return
         name, kind, how, nd = self._norm_of[id(module)]
-        s = self._layer(name, kind)
+        s = self._layer(name)
         x = _first_tensor(args)
         if x is not None:
             if how in ("last", "sink"):
@@ -824,8 +824,10 @@ class Watch:
                 s.batch_size = int(x.shape[0])
             if cur.shape == (None, None):
                 cur.shape = (s.batch_size, s.seq_len)
-            if how == "last" or how == "channel":
+            if how in ("last", "channel"):
                 cur.rows.append((s, *_row_stats(x, kind, how, nd)))
+            elif how == "instance":
+                cur.rows.append((s, *_row_stats(x, kind, "last", nd)))
             elif how == "group":
                 g = module.num_groups
                 rows = x.detach().float().reshape(x.shape[0] * g, -1)
@@ -949,7 +951,7 @@ class Watch:
         bad = _nonfinite(gin)
         if s is not None and bad:
             g = gin[0].detach()
-            n = math.prod(g.shape[g.dim() - nd:]) if how in ("last", "sink") else 1
+            n = math.prod(g.shape[g.dim() - nd:]) if how in ("last", "sink", "instance") else 1
             rows = (~torch.isfinite(g)).reshape(-1, max(n, 1)).any(dim=1)
             s.grad_nonfinite_rows += int(rows.sum())
         if bad:
@@ -972,10 +974,9 @@ class Watch:
         calls and one host transfer instead of ~130 small ops.
         """
         params, slots = [], []
-        for name, m, kind, *_ in self._norms:
-            cur.layers[name] = LayerStats(kind=kind)
-            for pname in ("weight", "bias"):
-                p = getattr(m, pname, None)
+        for name, m, *_, info in self._norms:
+            cur.layers[name] = self._new_stats(name)
+            for pname, p in _affine(m, info):
                 if isinstance(p, torch.Tensor) and p.is_floating_point():
                     params.append(p.detach())
                     slots.append((name, pname))
@@ -1167,8 +1168,8 @@ class Watch:
     def _reduce(self, layers: dict[str, LayerStats], fwd: dict, bwd: dict):
         """All-reduce the step's per-layer statistics across ranks (every rank must call)."""
         dist = torch.distributed
-        for name, _m, kind, *_ in self._norms:
-            layers.setdefault(name, LayerStats(kind=kind))
+        for name in self.layer_names:
+            layers.setdefault(name, self._new_stats(name))
         ordered = [layers[n] for n in self.layer_names]
         sums, mins, maxs = pack(ordered)
         flag = torch.tensor([float(fwd["origin"] is not None or bwd["origin"] is not None)],
