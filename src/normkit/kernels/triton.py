@@ -174,13 +174,14 @@ _F32_MAX = tl.constexpr(3.4028234663852886e38)
 
 @triton.jit
 def _reload_rows(X, H, rows, rmask, cols, N, sx, HAS_RES: tl.constexpr):
-    """The [ROWS, BLOCK] tile of v again, in fp32 (h as this program stored it); 0 outside."""
-    cmask = rmask[:, None] & (cols[None, :] < N)
+    """The [ROWS, BLOCK] tile of v again, in fp32 (h as this program stored it; 0 outside),
+    and its mask."""
+    mask = rmask[:, None] & (cols[None, :] < N)
     if HAS_RES:
-        vc = tl.load(H + rows[:, None] * N + cols[None, :], mask=cmask, other=0.0)
+        v = tl.load(H + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
     else:
-        vc = tl.load(X + rows[:, None] * sx + cols[None, :], mask=cmask, other=0.0)
-    return vc.to(tl.float32)
+        v = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0)
+    return v.to(tl.float32), mask
 
 
 @triton.jit
@@ -210,8 +211,8 @@ def _moments(X, R, H, v, rows, rmask, cols, N, sx, sr, nchunk, sc, BLOCK: tl.con
         for c in range(1, nchunk):
             cc = c * BLOCK + cols
             if SCALED:  # a second look: h is stored already
-                mc = rmask[:, None] & (cc[None, :] < N)
-                vc = _reload_rows(X, H, rows, rmask, cc, N, sx, HAS_RES) * sc[:, None]
+                vc, mc = _reload_rows(X, H, rows, rmask, cc, N, sx, HAS_RES)
+                vc = vc * sc[:, None]
             else:
                 vc, mc = _load_rows(X, R, H, rows, rmask, cc, N, sx, sr, HAS_RES)
             if RMS:
@@ -266,8 +267,8 @@ def _fwd_kernel(
         if LOOP:
             for c in range(1, nchunk):
                 cc = c * BLOCK + cols
-                ac = tl.abs(_reload_rows(X, H, rows, rmask, cc, N, sx, HAS_RES))
-                amax = tl.maximum(amax, tl.max(ac, axis=1))
+                vc, _ = _reload_rows(X, H, rows, rmask, cc, N, sx, HAS_RES)
+                amax = tl.maximum(amax, tl.max(tl.abs(vc), axis=1))
         ok = (~(t <= _F32_MAX)) & (amax <= _F32_MAX) & (amax > 0.0)
         k = tl.minimum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, 126)
         sc = tl.where(ok, ((127 - k) << 23).to(tl.float32, bitcast=True), 1.0)
@@ -291,13 +292,8 @@ def _fwd_kernel(
             tl.debug_barrier()  # h written above by this program is read back below
         for c in range(0, nchunk):
             cc = c * BLOCK + cols
-            cmask = rmask[:, None] & (cc[None, :] < N)
-            if HAS_RES:  # re-read the h this program just wrote
-                vc = tl.load(H + rows[:, None] * N + cc[None, :], mask=cmask, other=0.0)
-            else:
-                vc = tl.load(X + rows[:, None] * sx + cc[None, :], mask=cmask, other=0.0)
-            _store_y(Y, W, B, vc.to(tl.float32), m1, dm, rstd, rows, cc, cmask, N,
-                     HAS_W, HAS_B, ZC, NK)
+            vc, cmask = _reload_rows(X, H, rows, rmask, cc, N, sx, HAS_RES)  # h: as just written
+            _store_y(Y, W, B, vc, m1, dm, rstd, rows, cc, cmask, N, HAS_W, HAS_B, ZC, NK)
     else:
         _store_y(Y, W, B, v, m1, dm, rstd, rows, cols, mask, N, HAS_W, HAS_B, ZC, NK)
 
