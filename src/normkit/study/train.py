@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._io import publish, temp_beside
 from ..monitor import JsonlExporter, watch
 from .config import StudyConfig
 from .data import Corpus, fixed_batches, sample_batch
@@ -104,15 +103,14 @@ def eval_loss(model: torch.nn.Module, batches) -> float:
 
 def _open_telemetry(model: torch.nn.Module, spec: RunSpec, path: Path, every: int):
     """``normkit.watch`` on ``model`` with a ``JsonlExporter`` writing to a temp file beside
-    ``path``: :func:`_close_telemetry` publishes it (rename), so a reader never sees a half run,
-    and a re-run into the same directory replaces the file (the exporter itself appends)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    ``path`` (``normkit._io.temp_beside``, which also removes what a killed run left there):
+    :func:`_close_telemetry` publishes it (rename), so a reader never sees a half run, and a
+    re-run into the same directory replaces the file (the exporter itself appends)."""
+    tmp = temp_beside(path)
     # model_name/model_version label every record: "<config>" / "s<seed>" (the run id).
     w = watch(model, model_name=spec.config_name, model_version=f"s{spec.seed}", every=every,
               exporters=[JsonlExporter(tmp)], backward=True)
-    return w, Path(tmp)
+    return w, tmp
 
 
 def _close_telemetry(w, tmp: Path, path: Path | None) -> None:
@@ -126,8 +124,7 @@ def _close_telemetry(w, tmp: Path, path: Path | None) -> None:
     if path is None:
         tmp.unlink(missing_ok=True)
     else:
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        publish(tmp, path)
 
 
 def train_run(spec: RunSpec, cfg: StudyConfig, corpus: Corpus, telemetry_path: Path | None,

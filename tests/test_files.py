@@ -1,0 +1,155 @@
+"""The files normkit writes and reads back: telemetry JSONL that survives a writer dying
+mid-line, baselines checked against their schema, ``normkit report`` errors that name the file,
+and atomic writes that leave no temp file behind a SIGTERM (and clean up after a SIGKILL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+# -- atomic writes: no temp file left behind -------------------------------------------------
+
+# A child that writes ``target`` atomically and stops inside the write (at the fsync, when
+# the temp file holds the data and is not yet renamed), saying so on stdout.
+_CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    from normkit import _io
+    if sys.argv[2] == "own_handler":
+        def on_term(signum, frame):
+            raise SystemExit(3)
+        signal.signal(signal.SIGTERM, on_term)
+    def stuck(fd):
+        print("writing", flush=True)
+        time.sleep(60)
+    os.fsync = stuck
+    _io.write_text_atomic(sys.argv[1], "new " * 100_000)
+""")
+
+
+def _temps(target: Path) -> list[str]:
+    return sorted(p.name for p in target.parent.iterdir()
+                  if p.name.startswith(f".{target.name}.") and p.name.endswith(".tmp"))
+
+
+def _stuck_writer(target: Path, mode: str = "plain") -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", _CHILD, str(target), mode],
+                         stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": SRC})
+    assert p.stdout.readline() == "writing\n"
+    assert len(_temps(target)) == 1  # the write is under way: its temp file exists
+    return p
+
+
+def test_sigterm_during_an_atomic_write_removes_the_temp_file(tmp_path):
+    target = tmp_path / "report.html"
+    target.write_text("old")
+    p = _stuck_writer(target)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == -signal.SIGTERM  # still dies of SIGTERM, as before
+    assert _temps(target) == []
+    assert target.read_text() == "old"
+
+
+def test_sigterm_with_the_programs_own_handler_keeps_it(tmp_path):
+    target = tmp_path / "report.html"
+    p = _stuck_writer(target, "own_handler")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 3  # the program's handler ran (and the write cleaned up)
+    assert _temps(target) == [] and not target.exists()
+
+
+def test_a_sigkilled_writers_temp_file_is_removed_by_the_next_write(tmp_path):
+    from normkit._io import write_text_atomic
+
+    target = tmp_path / "b.json"
+    p = _stuck_writer(target)
+    p.kill()
+    p.wait(timeout=30)
+    assert len(_temps(target)) == 1  # SIGKILL cannot be handled
+    write_text_atomic(target, "next")
+    assert _temps(target) == [] and target.read_text() == "next"
+
+
+def test_a_live_writers_temp_file_is_left_alone(tmp_path):
+    from normkit._io import write_text_atomic
+
+    target = tmp_path / "b.json"
+    other = tmp_path / "other.json"
+    p = _stuck_writer(target)
+    q = _stuck_writer(other)
+    try:
+        live = _temps(target)
+        write_text_atomic(target, "mine")  # a second process writes the same target meanwhile
+        assert _temps(target) == live and target.read_text() == "mine"
+    finally:
+        p.kill()
+        p.wait(timeout=30)
+    q.kill()
+    q.wait(timeout=30)
+    write_text_atomic(target, "again")
+    assert _temps(target) == []
+    assert len(_temps(other)) == 1  # another target's temp files are that target's business
+
+
+def test_old_temp_files_of_unknown_writers_go_and_foreign_names_stay(tmp_path):
+    from normkit._io import write_text_atomic
+
+    target = tmp_path / "b.json"
+    old = tmp_path / ".b.json.0badc0de-1.abcd1234.tmp"  # another host's: its pid means nothing
+    fresh = tmp_path / ".b.json.0badc0de-2.abcd1234.tmp"
+    mine = tmp_path / ".b.json.user-notes.tmp"  # not a name normkit makes
+    for p in (old, fresh, mine):
+        p.write_text("x")
+    long_ago = time.time() - 2 * 86400
+    os.utime(old, (long_ago, long_ago))
+    os.utime(mine, (long_ago, long_ago))
+    write_text_atomic(target, "x")
+    assert not old.exists() and fresh.exists() and mine.exists()
+
+
+def test_the_sigterm_handler_is_only_there_during_the_write_and_threads_work(tmp_path):
+    from normkit._io import write_text_atomic
+
+    before = signal.getsignal(signal.SIGTERM)
+    write_text_atomic(tmp_path / "a.txt", "a")
+    assert signal.getsignal(signal.SIGTERM) is before
+    errors = []
+
+    def in_thread():
+        try:
+            write_text_atomic(tmp_path / "b.txt", "b")
+        except Exception as e:  # signal.signal would raise ValueError outside the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    assert errors == [] and (tmp_path / "b.txt").read_text() == "b"
+
+
+def test_study_telemetry_goes_through_the_same_temp_files(tmp_path):
+    from normkit.study.train import RunSpec, _close_telemetry, _open_telemetry
+
+    path = tmp_path / "runs" / "x.jsonl"
+    p = _stuck_writer(path)
+    p.kill()
+    p.wait(timeout=30)
+    w, tmp = _open_telemetry(torch.nn.Sequential(torch.nn.LayerNorm(4)),
+                             RunSpec("gpt", "pre", "layer", True, 0), path, 1)
+    assert _temps(path) == [tmp.name]  # the dead writer's is gone, this run's is there
+    _close_telemetry(w, tmp, path)
+    assert _temps(path) == [] and path.is_file()
