@@ -4,7 +4,10 @@ and atomic writes that leave no temp file behind a SIGTERM (and clean up after a
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +18,115 @@ from pathlib import Path
 
 import pytest
 import torch
+from _monitor_models import Branches
+
+from normkit.monitor import Baseline, JsonlExporter, read_jsonl, watch
+from normkit.monitor._stats import LayerStats
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _watched_run(path: Path, steps: int, seed: int = 0, **kw):
+    """``steps`` forward passes of a 2-branch model, recorded to ``path`` (appended)."""
+    torch.manual_seed(0)
+    m = Branches(k=2, d=16).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad(), watch(m, model_name="b", model_version="1",
+                                exporters=[JsonlExporter(path)], **kw) as w:
+        for _ in range(steps):
+            m(torch.randn(32, 32, generator=g))
+    return w
+
+
+def _steps(path: Path) -> list[int]:
+    return [r["step"] for r in read_jsonl(path) if r["type"] == "step"]
+
+
+def _tear_last_line(path: Path, keep: int = 100) -> None:
+    """Cut the last line after ``keep`` bytes: what a writer killed mid-line leaves."""
+    data = path.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    path.write_bytes(data[:start + keep])
+
+
+@pytest.fixture
+def skipped(caplog):
+    """The warnings read_jsonl logs, as messages."""
+    caplog.set_level(logging.WARNING, logger="normkit.monitor")
+    return lambda: [r.getMessage() for r in caplog.records
+                    if r.name.startswith("normkit.monitor") and r.levelno == logging.WARNING]
+
+
+# -- baselines: checked against the schema on load -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def baseline_doc(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("b")
+    _watched_run(d / "run.jsonl", 2).baseline().save(d / "b.json")
+    return json.loads((d / "b.json").read_text())
+
+
+def _edited(doc: dict, edit) -> dict:
+    doc = json.loads(json.dumps(doc))
+    edit(doc)
+    return doc
+
+
+BAD_BASELINES = [
+    (lambda d: d["layers"]["norm.0"].update(rows="lots"),
+     'layers["norm.0"].rows: expected an int >= 0, got "lots"'),
+    (lambda d: d["layers"]["norm.1"]["hist_scale"].update(n=-1),
+     'layers["norm.1"].hist_scale.n: expected an int >= 0, got -1'),
+    (lambda d: d["layers"]["norm.1"]["hist_scale"].update(n=5),
+     'layers["norm.1"].hist_scale: n is 5 but the buckets hold 64'),
+    (lambda d: d["layers"]["norm.0"]["hist_mean"]["buckets"].insert(0, [999, 1]),
+     'layers["norm.0"].hist_mean.buckets[0]: expected a [bucket index in [0, 324), count'),
+    (lambda d: d["layers"]["norm.0"].update(kind="batch"),
+     'layers["norm.0"].kind: expected "ln" or "rms", got "batch"'),
+    (lambda d: d["layers"]["norm.0"].pop("sum_var"),
+     'layers["norm.0"].sum_var: missing (expected a number >= 0)'),
+    (lambda d: d.update(layers=[1, 2]), "layers: expected an object {layer name"),
+    (lambda d: d.update(model_name=None), "model_name: expected a string, got null"),
+]
+
+
+@pytest.mark.parametrize("edit, msg", BAD_BASELINES)
+def test_a_baseline_with_a_wrong_field_is_refused_naming_file_and_field(
+        tmp_path, baseline_doc, edit, msg):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(_edited(baseline_doc, edit)))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {msg}")):
+        Baseline.load(path)
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("[1, 2]", "expected a baseline object, got a list"),
+    ('{"schema": "normkit.baseline", "schema_ver', "not JSON"),
+    ("\udcff", "not JSON"),
+])
+def test_a_baseline_that_is_no_object_or_no_json_names_the_file(tmp_path, text, msg):
+    path = tmp_path / "b.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {msg}")):
+        Baseline.load(path)
+
+
+def test_a_baseline_of_a_newer_schema_says_to_upgrade(tmp_path, baseline_doc):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({**baseline_doc, "schema_version": 2}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: schema_version 2 ") + ".*newer"):
+        Baseline.load(path)
+
+
+def test_the_schema_names_exactly_what_layer_stats_write():
+    from normkit.monitor import _schema
+
+    s = LayerStats()
+    assert set(_schema.LAYER_STATS.fields) == set(s.to_dict())
+    assert set(_schema.STEP.fields["summary"].value.fields) == set(s.summary())
 
 
 # -- atomic writes: no temp file left behind -------------------------------------------------

@@ -7,6 +7,10 @@ plus who it describes (model name and version, normkit version).  Saved as JSON:
      "normkit_version": ..., "created_unix": ..., "layers": {qualified name: LayerStats dict}}
 
 written atomically (temp file + ``os.replace``), so a reader never sees half a baseline.
+``Baseline.load`` checks the file against the schema, field by field (``_schema.BASELINE``),
+before using it: a wrong type (``"rows": "lots"``), a missing field, a list where an object
+belongs, a truncated file or a newer ``schema_version`` raise one ValueError naming the file
+and the field (``b.json: layers["blocks.0.ln"].rows: expected an int >= 0, got "lots"``).
 
 Drift of a layer's live input against the baseline (``compute_drift``):
 
@@ -55,15 +59,20 @@ from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 
 from .._io import write_text_atomic
+from ._schema import (
+    BASELINE,
+    BASELINE_SCHEMA,
+    BASELINE_SCHEMA_VERSION,
+    RECORD_SCHEMA,
+    STEP_STATS,
+    check_document,
+)
 from ._sketch import ks, psi
 from ._stats import LayerStats
 
 __all__ = ["Baseline", "DriftThresholds", "DriftResult", "compute_drift", "BASELINE_SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
-
-BASELINE_SCHEMA = "normkit.baseline"
-BASELINE_SCHEMA_VERSION = 1
 
 
 def _normkit_version() -> str:
@@ -284,13 +293,16 @@ class Baseline:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> Baseline:
-        if d.get("schema") != BASELINE_SCHEMA:
-            raise ValueError(f"not a normkit baseline (schema {d.get('schema')!r})")
-        v = d.get("schema_version")
-        if v != BASELINE_SCHEMA_VERSION:
-            raise ValueError(f"baseline schema_version {v!r} is not supported "
-                             f"(this normkit reads {BASELINE_SCHEMA_VERSION})")
+    def from_dict(cls, d: dict, source: str = "baseline") -> Baseline:
+        """The baseline ``to_dict`` made, checked against the schema first
+        (``normkit.monitor._schema.BASELINE``).
+
+        Raises:
+            ValueError: another schema, another version (a newer one says to upgrade normkit)
+                or a field that does not match; the message starts with ``source``, then the
+                field, e.g. ``b.json: layers["blocks.0.ln"].rows: expected an int >= 0``.
+        """
+        check_document(d, BASELINE, BASELINE_SCHEMA, source)
         layers = {k: LayerStats.from_dict(s) for k, s in d["layers"].items()}
         return cls(d["model_name"], d["model_version"], layers, d.get("normkit_version"),
                    d.get("created_unix"))
@@ -301,9 +313,20 @@ class Baseline:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Baseline:
-        """Reads a baseline saved by ``save``; raises ValueError on another schema/version."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Reads a baseline saved by ``save``.
+
+        Raises:
+            OSError: it cannot be read.
+            ValueError: it is not JSON (a truncated file), or ``from_dict`` refuses it; the
+                message starts with the path.
+        """
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        return cls.from_dict(doc, source=str(path))
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike, *, model_version: str | None = None,
@@ -328,17 +351,14 @@ class Baseline:
     def from_records(cls, records: Iterable[dict], *, model_version: str | None = None,
                      rank: int | str | None = None, source: str = "records") -> Baseline:
         """``from_jsonl`` on records already read (``read_jsonl``'s dicts); ``source`` names
-        them in errors."""
-        from .exporters import JSONL_SCHEMA_VERSION
-
+        them in errors.  What is read of each step record is checked against the schema
+        (``ValueError`` naming ``source``, the record's position and the field)."""
         layers: dict[str, LayerStats] = {}
         name = version = None
-        for rec in records:
-            if rec.get("type") != "step":
+        for i, rec in enumerate(records):
+            if type(rec) is dict and rec.get("type") != "step":
                 continue
-            if rec.get("schema_version") != JSONL_SCHEMA_VERSION:
-                raise ValueError(f"{source}: record schema_version "
-                                 f"{rec.get('schema_version')!r}")
+            check_document(rec, STEP_STATS, RECORD_SCHEMA, f"{source}: record {i + 1}")
             if model_version is not None and rec["version"] != model_version:
                 continue
             if rank is not None and str(rec["rank"]) != str(rank):
