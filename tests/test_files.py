@@ -59,6 +59,80 @@ def skipped(caplog):
                     if r.name.startswith("normkit.monitor") and r.levelno == logging.WARNING]
 
 
+# -- JSONL: a writer that died mid-line ------------------------------------------------------
+
+
+def test_appending_after_a_torn_line_keeps_both_runs(tmp_path, skipped):
+    path = tmp_path / "run.jsonl"
+    _watched_run(path, 3)
+    _tear_last_line(path)  # the first run's writer died while writing step 3 (line 4)
+    _watched_run(path, 2, seed=1)  # a restarted job appends to the same file
+    text = path.read_text()
+    assert text.endswith("\n")
+    assert _steps(path) == [1, 2, 1, 2]  # the torn step is gone, everything else is kept
+    msgs = skipped()
+    assert any(f"{path}:4" in m for m in msgs), msgs
+    lines = text.splitlines()
+    assert json.loads(lines[4])["step"] == 1  # the new run starts on a line of its own
+
+
+def test_a_torn_line_glued_to_the_next_record_loses_only_itself(tmp_path, skipped):
+    """Files the exporter wrote before it started appending on a fresh line: the first record
+    of the restarted run sits on the torn line.  It is recovered; the torn part is skipped."""
+    path = tmp_path / "run.jsonl"
+    _watched_run(path, 3)
+    _tear_last_line(path)
+    second = tmp_path / "second.jsonl"
+    _watched_run(second, 2, seed=1)
+    # what the old exporter wrote: the second run's records (no header: the file was not new)
+    # appended right after the torn bytes
+    with open(path, "ab") as f:
+        f.write(b"".join(second.read_bytes().splitlines(keepends=True)[1:]))
+    assert _steps(path) == [1, 2, 1, 2]
+    msgs = skipped()
+    assert len(msgs) == 1 and f"{path}:4" in msgs[0] and "glued" in msgs[0], msgs
+
+
+def test_a_corrupt_line_in_the_middle_is_skipped_with_its_line_number(tmp_path, skipped):
+    path = tmp_path / "run.jsonl"
+    _watched_run(path, 4)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = b"\x00\xff\xfe garbage from a bad disk block\n"  # not UTF-8, not JSON
+    path.write_bytes(b"".join(lines))
+    assert _steps(path) == [1, 3, 4]
+    assert any(f"{path}:3" in m for m in skipped())
+
+
+def test_many_bad_lines_are_named_then_counted(tmp_path, skipped):
+    path = tmp_path / "run.jsonl"
+    _watched_run(path, 1)
+    with open(path, "a") as f:
+        f.write('{"torn\n' * 50)
+    assert _steps(path) == [1]
+    msgs = skipped()
+    assert len(msgs) == 11 and "50 unreadable lines" in msgs[-1], msgs
+
+
+def test_a_line_that_is_not_a_record_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "run.jsonl"
+    _watched_run(path, 2)
+    with open(path, "a") as f:
+        f.write("[1, 2]\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:4: expected a record") + ".*a list"):
+        list(read_jsonl(path))
+
+
+def test_a_record_of_a_newer_schema_says_to_upgrade(tmp_path):
+    path = tmp_path / "run.jsonl"
+    _watched_run(path, 1)
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["schema_version"] = 2
+    path.write_text(lines[0] + "\n" + json.dumps(rec) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: ") + ".*newer normkit.*upgrade"):
+        list(read_jsonl(path))
+
+
 # -- baselines: checked against the schema on load -------------------------------------------
 
 

@@ -25,24 +25,18 @@ _MAX_LINES = 12
 
 
 def load_run(path: str | os.PathLike) -> list[dict]:
-    """The step records of a telemetry JSONL file, in file order.
+    """The step records of a telemetry JSONL file, in file order (``read_jsonl``: torn or
+    corrupt lines are skipped with a warning, every record is checked against the schema).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a normkit telemetry file, another schema version, or no step records.
+        ValueError: not a normkit telemetry file, another schema version, a record that does
+            not match the schema (the message names ``path:line`` and the field), or no step
+            records.
     """
-    from ..monitor.exporters import JSONL_SCHEMA_VERSION, read_jsonl
+    from ..monitor.exporters import read_jsonl
 
-    steps = []
-    for rec in read_jsonl(path):
-        if rec.get("schema") != "normkit.monitor":
-            raise ValueError(f"{path}: not a normkit telemetry file (schema "
-                             f"{rec.get('schema')!r})")
-        if rec.get("schema_version") != JSONL_SCHEMA_VERSION:
-            raise ValueError(f"{path}: schema_version {rec.get('schema_version')!r} is not "
-                             f"supported (this normkit reads {JSONL_SCHEMA_VERSION})")
-        if rec.get("type") == "step":
-            steps.append(rec)
+    steps = [rec for rec in read_jsonl(path) if rec["type"] == "step"]
     if not steps:
         raise ValueError(f"{path}: no step records (was the watched model ever run?)")
     return steps

@@ -360,6 +360,7 @@ STEP = Obj({
 STEP_STATS = Obj({k: STEP.fields[k] for k in ("type", "model", "version", "rank", "layers")},
                  "a step record")
 
-# What each record type of a normkit.monitor file must hold (other types are skipped by every
-# reader, so a later minor addition does not break older readers).
+# What each record type of a normkit.monitor file must hold; a record of another type only
+# needs a type (every reader skips types it does not know, so a later normkit may add some).
 RECORDS = {"header": HEADER, "step": STEP}
+ANY_RECORD = Obj({"type": STR}, "a record (a JSON object)")

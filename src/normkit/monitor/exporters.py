@@ -59,8 +59,18 @@ The file starts with one header line, then one line per sampled step::
                  "last_seen", "layers", "message"}]}    # alerts opened at this step
 
 Aggregates only: sums over rows, histograms of per-row means/scales and norms of parameters
-and gradients; no row, token or request identifier is ever written.  Lines are appended with
-one ``write`` each and flushed; a reader skips a torn last line (``read_jsonl``).
+and gradients; no row, token or request identifier is ever written.
+
+Torn lines.  Lines are appended with one ``write`` each and flushed, so a writer killed
+mid-line leaves at most one torn line; an exporter that opens a file ending in one starts on a
+fresh line, so a restarted job's records are never glued to it.  ``read_jsonl`` (every normkit
+reader uses it) skips a line that is not JSON — torn, at the end or followed by more records,
+or corrupt anywhere (a bad disk block) — with a warning naming the file and line number, and
+keeps every other record; a torn line with a whole record glued after it (files written before
+exporters started on a fresh line) gives that record back.  A line that *is* JSON but not a
+record of this schema (a list, a field of the wrong type, another schema, a newer
+``schema_version``) is not damage but a different file: it raises ValueError naming the file,
+the line and the field (checked against ``_schema.RECORDS``).
 
 Prometheus metrics: see ``METRICS`` (name, type, labels, help) below.
 """
@@ -77,6 +87,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._schema import ANY_RECORD, RECORD_SCHEMA, RECORD_SCHEMA_VERSION, RECORDS, check_document
 from ._sketch import EDGES
 
 __all__ = ["PrometheusExporter", "TensorBoardExporter", "JsonlExporter", "read_jsonl",
@@ -84,7 +95,7 @@ __all__ = ["PrometheusExporter", "TensorBoardExporter", "JsonlExporter", "read_j
 
 log = logging.getLogger(__name__)
 
-JSONL_SCHEMA_VERSION = 1
+JSONL_SCHEMA_VERSION = RECORD_SCHEMA_VERSION
 _EXTRA = 'pip install "normkit[monitor]"'
 
 
@@ -484,8 +495,9 @@ class JsonlExporter:
     """Appends one JSON line per sampled step to ``path`` (schema in the module docstring).
 
     Args:
-        path: the file (parent directories created).  An existing file is appended to; a header
-            line is written when the file is new or empty.
+        path: the file (parent directories created).  An existing file is appended to, from a
+            fresh line if its last one was torn (a writer killed mid-line); a header line is
+            written when the file is new or empty.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -495,9 +507,19 @@ class JsonlExporter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
         if self._f.tell() == 0:
-            self._write({"type": "header", "schema": "normkit.monitor",
+            self._write({"type": "header", "schema": RECORD_SCHEMA,
                          "schema_version": JSONL_SCHEMA_VERSION, "created_unix": time.time(),
                          "normkit_version": _normkit_version()})
+        elif not self._ends_with_newline():
+            log.warning("%s ends in a torn line (a writer stopped mid-line); appending from a "
+                        "fresh line (readers skip the torn one)", self.path)
+            self._f.write("\n")
+            self._f.flush()
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
 
     def _write(self, obj: dict) -> None:
         # One write per line: a crash leaves at most one torn last line, which readers skip.
@@ -530,18 +552,65 @@ def _finite(obj):
     return obj
 
 
+# Lines read_jsonl names one by one in its warnings; past that it counts them.
+_NAMED_BAD_LINES = 10
+# Every record the exporter writes starts so (json.dumps keeps the dicts' order, "type" first).
+_RECORD_START = '{"type":'
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Yields the records of a ``JsonlExporter`` file; a torn (unparseable) *last* line is
-    skipped with a warning, a bad line elsewhere raises ValueError."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
+    """Yields the records of a ``JsonlExporter`` file, each checked against the record schema.
+
+    A line that is not JSON — torn by a writer that died mid-line, or corrupt — is skipped with
+    a warning naming the file and line (the first ten; then a count), and reading goes on; a
+    whole record glued after a torn part is kept (see "Torn lines" in the module docstring).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a line is JSON but not a record of this schema and version; the message
+            names ``path:line`` and the field.
+    """
+    bad = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                rec = _glued_record(raw)
+                bad += 1
+                if bad <= _NAMED_BAD_LINES:
+                    why = (f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError)
+                           else str(e))
+                    log.warning("%s:%d: skipping a line that is not JSON (torn by a writer that "
+                                "stopped mid-line, or corrupt: %s)%s", path, lineno, why,
+                                "; kept the record glued after it" if rec is not None else "")
+                if rec is None:
+                    continue
+            _check_record(rec, f"{path}:{lineno}")
+            yield rec
+    if bad > _NAMED_BAD_LINES:
+        log.warning("%s: %d unreadable lines skipped in all (the first %d named above)", path,
+                    bad, _NAMED_BAD_LINES)
+
+
+def _glued_record(raw: bytes) -> dict | None:
+    """The whole record at the end of a line that starts with a torn one, or None."""
+    line = raw.decode("utf-8", "replace")
+    at = line.find(_RECORD_START, 1)
+    while at != -1:
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                log.warning("%s: skipping a torn last line (%s)", path, e)
-                return
-            raise ValueError(f"{path}:{i + 1}: not a JSON record ({e})") from e
+            rec = json.loads(line[at:])
+        except ValueError:
+            at = line.find(_RECORD_START, at + 1)
+            continue
+        return rec if type(rec) is dict else None
+    return None
+
+
+def _check_record(rec, source: str) -> None:
+    """``check_document`` for a record: a header or step record fully; a record of a type this
+    normkit does not know only for its schema and version (readers skip such types)."""
+    spec = RECORDS.get(rec.get("type")) if type(rec) is dict else None
+    check_document(rec, spec or ANY_RECORD, RECORD_SCHEMA, source)

@@ -71,6 +71,7 @@ import torch
 
 from .. import _inventory
 from .. import functional as _F
+from ._schema import RECORD_SCHEMA, RECORD_SCHEMA_VERSION
 from ._stats import LayerStats, add_rows_many, pack, unpack
 from .alerts import Alert, AlertRules
 from .drift import Baseline, DriftThresholds, warn_unjudged
@@ -79,8 +80,6 @@ __all__ = ["watch", "Watch", "find_norms", "RECORD_SCHEMA", "RECORD_SCHEMA_VERSI
 
 log = logging.getLogger(__name__)
 
-RECORD_SCHEMA = "normkit.monitor"
-RECORD_SCHEMA_VERSION = 1
 _PROPAGATORS_MAX = 64  # names kept per pass in a record; counts stay exact
 
 
