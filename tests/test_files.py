@@ -203,6 +203,30 @@ def test_the_schema_names_exactly_what_layer_stats_write():
     assert set(_schema.STEP.fields["summary"].value.fields) == set(s.summary())
 
 
+# -- a watch never loses records because of its baseline -------------------------------------
+
+
+def test_a_baseline_that_breaks_drift_costs_drift_not_records(tmp_path, caplog):
+    good = _watched_run(tmp_path / "base.jsonl", 2).baseline()
+    bad = Baseline(good.model_name, good.model_version, good.layers)
+    bad.layers["norm.0"].rows = "lots"  # built in code, so no schema check stood in the way
+    path = tmp_path / "run.jsonl"
+    with caplog.at_level(logging.WARNING, logger="normkit"):
+        w = _watched_run(path, 6, baseline=bad, drift_every=2)
+    assert w.records == 6
+    recs = [r for r in read_jsonl(path) if r["type"] == "step"]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    checked = [r["drift"] for r in recs if r["drift"]]
+    assert len(checked) == 3
+    for drift in checked:
+        assert set(drift) == {"norm.0", "norm.1"}
+        assert all(d["evaluable"] is False and "drift computation failed" in d["reason"]
+                   and d["crossed"] == [] for d in drift.values())
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(logged) == 1 and "drift" in logged[0].getMessage(), \
+        [r.getMessage() for r in logged]
+
+
 # -- atomic writes: no temp file left behind -------------------------------------------------
 
 # A child that writes ``target`` atomically and stops inside the write (at the fsync, when

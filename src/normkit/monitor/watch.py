@@ -74,7 +74,7 @@ from .. import functional as _F
 from ._schema import RECORD_SCHEMA, RECORD_SCHEMA_VERSION
 from ._stats import LayerStats, add_rows_many, pack, unpack
 from .alerts import Alert, AlertRules
-from .drift import Baseline, DriftThresholds, warn_unjudged
+from .drift import Baseline, DriftResult, DriftThresholds, warn_unjudged
 
 __all__ = ["watch", "Watch", "find_norms", "RECORD_SCHEMA", "RECORD_SCHEMA_VERSION"]
 
@@ -486,6 +486,7 @@ class Watch:
         self.nonfinite_events: list[dict] = []
         self.drift_results: dict = {}
         self._unjudged: set[str] = set()  # layers whose unjudgeable drift was logged
+        self._drift_failure_said = False
         self.records = 0
         self._totals: dict[str, LayerStats] = {}
         self._win: deque[dict[str, LayerStats]] = deque(maxlen=window)
@@ -1140,6 +1141,24 @@ class Watch:
 
     def _check_baseline(self, new_alerts: list[Alert]) -> dict:
         live = self.window_stats()
+        try:
+            return self._judge_drift(live, new_alerts)
+        except Exception as e:
+            # Whatever the baseline holds (one built in code is not schema-checked), the step
+            # keeps its record: drift is marked unavailable, and said once.
+            reason = f"drift computation failed: {type(e).__name__}: {e}"
+            if not self._drift_failure_said:
+                self._drift_failure_said = True
+                log.warning("normkit watch of %s %s: %s.  Records are still written, with drift "
+                            "evaluable=false and this reason (said once).", self.model_name,
+                            self.model_version, reason, exc_info=True)
+            self.drift_results = {
+                n: DriftResult(n, live[n].rows if n in live else 0, None, None, None, None, (),
+                               evaluable=False, reason=reason)
+                for n in self.layer_names}
+            return self.drift_results
+
+    def _judge_drift(self, live: dict[str, LayerStats], new_alerts: list[Alert]) -> dict:
         drift = self.baseline_ref.drift(live, self.thresholds)
         self.drift_results = drift
         warn_unjudged(drift, self._unjudged, f"{self.model_name} {self.model_version}")
