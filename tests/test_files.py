@@ -20,6 +20,7 @@ import pytest
 import torch
 from _monitor_models import Branches
 
+from normkit._cli.main import main
 from normkit.monitor import Baseline, JsonlExporter, read_jsonl, watch
 from normkit.monitor._stats import LayerStats
 
@@ -225,6 +226,95 @@ def test_a_baseline_that_breaks_drift_costs_drift_not_records(tmp_path, caplog):
     logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(logged) == 1 and "drift" in logged[0].getMessage(), \
         [r.getMessage() for r in logged]
+
+
+# -- normkit report: every bad input is one line naming the file ------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_file(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("report")
+    w = _watched_run(d / "run.jsonl", 2)
+    w.baseline().save(d / "baseline.json")
+    return d / "run.jsonl"
+
+
+def _report(capsys, *args) -> tuple[int, list[str]]:
+    rc = main(["report", *map(str, args)])
+    err = capsys.readouterr().err
+    return rc, err.strip().splitlines()
+
+
+def _one_line_error(rc, lines, *named):
+    assert rc == 2, lines
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    for what in named:
+        assert str(what) in lines[0], lines
+
+
+def _with_line(run_file: Path, dest: Path, lineno: int, edit) -> Path:
+    lines = run_file.read_text().splitlines()
+    rec = json.loads(lines[lineno - 1])
+    lines[lineno - 1] = json.dumps(edit(rec))
+    dest.write_text("\n".join(lines) + "\n")
+    return dest
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda r: [1, 2], "a list"),
+    (lambda r: {**r, "summary": [1]}, "summary"),
+    (lambda r: {**r, "alerts": {"a": 1}}, "alerts"),
+    (lambda r: {**r, "layers": {"norm.0": {**r["layers"]["norm.0"], "rows": "lots"}}},
+     'layers["norm.0"].rows'),
+])
+def test_report_on_a_bad_record_names_file_and_line(run_file, tmp_path, capsys, edit, field):
+    bad = _with_line(run_file, tmp_path / "bad.jsonl", 2, edit)
+    rc, lines = _report(capsys, bad, "-o", tmp_path / "r.html")
+    _one_line_error(rc, lines, f"{bad}:2", field)
+
+
+@pytest.mark.parametrize("text, field", [
+    ("[1]", "a list"),
+    ("LAYERS_LIST", "layers"),
+    ("ROWS_LOTS", 'layers["norm.0"].rows'),
+    ("TRUNCATED", "not JSON"),
+])
+def test_report_on_a_bad_baseline_names_it(run_file, tmp_path, capsys, text, field):
+    good = (run_file.parent / "baseline.json").read_text()
+    doc = json.loads(good)
+    text = {"LAYERS_LIST": json.dumps({**doc, "layers": [1]}),
+            "ROWS_LOTS": json.dumps(_edited(doc, BAD_BASELINES[0][0])),
+            "TRUNCATED": good[:100]}.get(text, text)
+    base = tmp_path / "base.json"
+    base.write_text(text)
+    rc, lines = _report(capsys, run_file, "--baseline", base, "-o", tmp_path / "r.html")
+    _one_line_error(rc, lines, base, field)
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    """A directory no file can be created in: a read-only one, or, for root (whom modes do
+    not stop), sysfs, which refuses new files to everyone."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    return Path("/sys")
+
+
+@pytest.mark.parametrize("where", ["missing_uncreatable", "under_a_file", "permission",
+                                   "is_a_directory"])
+def test_report_to_an_unwritable_output_names_it(run_file, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir.html").mkdir()
+    out = {"missing_uncreatable": Path("/proc/normkit-no-such-dir/r.html"),
+           "under_a_file": tmp_path / "file" / "r.html",
+           "permission": _unwritable_dir(tmp_path) / "normkit-r.html",
+           "is_a_directory": tmp_path / "dir.html"}[where]
+    rc, lines = _report(capsys, run_file, "-o", out)
+    _one_line_error(rc, lines, out)
+    if where == "is_a_directory":  # nothing half-written beside it
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.html", "file"]
 
 
 # -- atomic writes: no temp file left behind -------------------------------------------------

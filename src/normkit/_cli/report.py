@@ -7,7 +7,8 @@ examples:
   normkit report run.jsonl -o report.html
   normkit report run.jsonl --baseline baseline.json -o reports/today.html
 
-exit codes: 0 written, 2 the run or baseline could not be read (a one-line reason).
+exit codes: 0 written, 2 the run or baseline could not be read, or the report could not be
+written (a one-line reason naming the file, and the line of the run where one is at fault).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".html":
         print(f"normkit report: --output must end in .html, got {out}", file=sys.stderr)
         return 2
+    if out.is_dir():  # checked first: the figures and markdown would be written beside it
+        print(f"normkit report: --output {out} is a directory, not an .html file",
+              file=sys.stderr)
+        return 2
     try:
         doc = build_telemetry_report(args.run, args.baseline)
     except (OSError, ValueError, KeyError) as e:
@@ -47,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
               + (f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""),
               file=sys.stderr)
         return 2
-    paths = write_report(doc, out.parent, stem=out.stem, image_dir=f"{out.stem}-plots")
+    try:
+        paths = write_report(doc, out.parent, stem=out.stem, image_dir=f"{out.stem}-plots")
+    except OSError as e:  # e.filename: the file that failed (a figure is written first)
+        print(f"normkit report: cannot write {out}: {e.strerror or e}"
+              + (f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""),
+              file=sys.stderr)
+        return 2
     console.print(f"report: [bold]{paths['html']}[/bold] (markdown: {paths['markdown']})")
     return 0
