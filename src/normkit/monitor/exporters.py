@@ -511,8 +511,8 @@ class JsonlExporter:
                          "schema_version": JSONL_SCHEMA_VERSION, "created_unix": time.time(),
                          "normkit_version": _normkit_version()})
         elif not self._ends_with_newline():
-            log.warning("%s ends in a torn line (a writer stopped mid-line); appending from a "
-                        "fresh line (readers skip the torn one)", self.path)
+            log.warning("%s does not end with a newline (a writer stopped mid-line); appending "
+                        "from a fresh line (readers skip a torn line)", self.path)
             self._f.write("\n")
             self._f.flush()
 
