@@ -404,8 +404,8 @@ def test_plan_reasons_for_unknown_and_registered_classes():
     model = torch.nn.Sequential(WhiteNorm(), Scaler(), normkit.nn.DyT(8))
     _, plan = convert(model, return_plan=True)
     assert [(n.kind, n.reason) for n in plan.norms] == [
-        ("custom", "looks like a norm but normkit does not know it (declare it with "
-                   "normkit.register_norm)"),
+        ("custom", "looks like a norm but normkit does not know it; declare it with "
+                   "normkit.register_norm"),
         ("rms", "registered without casting=, which convert needs to reproduce it"),
         ("dyt", "already a normkit module"),
     ]

@@ -187,8 +187,8 @@ def _plan(module: torch.nn.Module) -> tuple[NormInfo | None, Callable[[], torch.
     if info.family == "normkit":
         return info, None, "already a normkit module"
     if info.family is None and info.kind == "custom":
-        return info, None, ("looks like a norm but normkit does not know it (declare it with "
-                            "normkit.register_norm)")
+        return info, None, ("looks like a norm but normkit does not know it; declare it with "
+                            "normkit.register_norm")
     if info.kind not in ("layer", "rms"):
         return info, None, f"no normkit module computes {info.kind} norms"
     build, why = _builder(module, info)
