@@ -290,13 +290,25 @@ def test_deepcopy_of_converted_model_reverts():
     assert clone[0].weight is not model[0].weight
 
 
-def test_hooks_are_not_carried_over_and_say_so(caplog):
-    model = torch.nn.Sequential(torch.nn.LayerNorm(8))
-    model[0].register_forward_hook(lambda *a: None)
+def test_hooks_are_not_carried_over_and_say_where(caplog):
+    torch.manual_seed(0)
+    model, _, _, _ = _hf_model("llama")
+    model.layers[1].input_layernorm.register_forward_hook(lambda *a: None)
     with caplog.at_level(logging.WARNING, logger=LOG):
-        convert(model)
-    assert isinstance(model[0], LayerNorm)
-    assert "hooks" in caplog.text
+        _, plan = convert(model, return_plan=True)
+    assert isinstance(model.layers[1].input_layernorm, RMSNorm)
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "hooks" in msg and "layers.1.input_layernorm (LlamaRMSNorm)" in msg
+    noted = [n.name for n in plan.replaced if n.note]
+    assert noted == ["layers.1.input_layernorm"]
+
+
+def test_hooks_on_the_root_name_the_root(caplog):
+    ln = torch.nn.LayerNorm(8)
+    ln.register_forward_pre_hook(lambda *a: None)
+    with caplog.at_level(logging.WARNING, logger=LOG):
+        assert isinstance(convert(ln), LayerNorm)
+    assert "hooks registered on the root module (LayerNorm)" in caplog.text
 
 
 def test_bad_arguments():
@@ -306,6 +318,171 @@ def test_bad_arguments():
         revert(None)
     with pytest.raises(TypeError, match="filter must be callable"):
         convert(torch.nn.LayerNorm(4), filter=3)
+    for flag in ("inplace", "dry_run", "return_plan"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'yes'"):
+            convert(torch.nn.LayerNorm(4), **{flag: "yes"})
+
+
+# ----------------------------------------------------------------------------------------------
+# What convert did: the plan, the summary line, dry runs
+# ----------------------------------------------------------------------------------------------
+
+
+class _Block(torch.nn.Module):
+    """One of everything convert meets: norms it replaces and norms it leaves alone, each for
+    a different reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln1 = torch.nn.LayerNorm(8)
+        self.ln2 = torch.nn.LayerNorm(8)
+        self.rms = torch.nn.RMSNorm(8)
+        self.group = torch.nn.GroupNorm(2, 8)
+        self.batch = torch.nn.BatchNorm1d(8)
+        self.hand = ScaledRMSNorm(8)                   # hand-written: no known forward
+        self.nan_eps = torch.nn.LayerNorm(8, eps=float("nan"))
+        self.done = LayerNorm(8)                        # already normkit's
+        self.fc = torch.nn.Linear(8, 8)                 # no norm: not in the plan
+
+
+def test_plan_says_what_was_replaced_and_why_the_rest_was_not(caplog):
+    model = _Block()
+    with caplog.at_level(logging.INFO, logger=LOG):
+        got, plan = convert(model, return_plan=True)
+    assert got is model and not plan.dry_run
+    assert [(n.name, n.type_name, n.becomes) for n in plan.replaced] == [
+        ("ln1", "LayerNorm", "LayerNorm"), ("ln2", "LayerNorm", "LayerNorm"),
+        ("rms", "RMSNorm", "RMSNorm")]
+    assert all(n.casting == "torch" and not n.zero_centered_gamma for n in plan.replaced)
+    skipped = {n.name: (n.type_name, n.kind, n.reason) for n in plan.skipped}
+    assert list(skipped) == ["group", "batch", "hand", "nan_eps", "done"]
+    assert skipped["group"] == ("GroupNorm", "group", "no normkit module computes group norms")
+    assert skipped["batch"][1:] == ("batch", "no normkit module computes batch norms")
+    assert "matches no known norm implementation" in skipped["hand"][2]
+    assert skipped["nan_eps"][2] == "eps=nan"
+    assert skipped["done"][2] == "already a normkit module"
+    assert all(n.becomes is None for n in plan.skipped)
+    assert plan.counts() == {"LayerNorm": 2, "RMSNorm": 1}
+    assert isinstance(model.ln1, LayerNorm) and model.group.__class__ is torch.nn.GroupNorm
+
+    # one INFO line per call, the plan's summary
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert infos == [plan.summary()]
+    line = infos[0]
+    assert line.startswith("replaced 3 of 8 norms: 2 LayerNorm → normkit.nn.LayerNorm, "
+                           "1 RMSNorm → normkit.nn.RMSNorm; left alone: 1 GroupNorm (no normkit "
+                           "module computes group norms), ")
+    assert "1 LayerNorm (eps=nan)" in line and "1 LayerNorm (already a normkit module)" in line
+    assert "\n" not in line
+    # str(plan): the summary, then a line per norm with its qualified name
+    text = str(plan).splitlines()
+    assert text[0] == line and len(text) == 1 + 8
+    assert any(t.split()[0] == "hand" and "ScaledRMSNorm" in t for t in text[1:])
+
+
+def test_plan_reasons_for_unknown_and_registered_classes():
+    import normkit
+
+    class WhiteNorm(torch.nn.Module):  # a look-alike ("Norm" in its name) of no known kind
+        def __init__(self):
+            super().__init__()
+            self.eps = 1e-5
+
+        def forward(self, x):
+            return x / x.std(-1, keepdim=True).add(self.eps)
+
+    class Scaler(torch.nn.Module):  # a new class object per test run: the registration is ours
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+            self.eps = 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    normkit.register_norm(Scaler, kind="rms")
+    model = torch.nn.Sequential(WhiteNorm(), Scaler(), normkit.nn.DyT(8))
+    _, plan = convert(model, return_plan=True)
+    assert [(n.kind, n.reason) for n in plan.norms] == [
+        ("custom", "looks like a norm but normkit does not know it; declare it with "
+                   "normkit.register_norm"),
+        ("rms", "registered without casting=, which convert needs to reproduce it"),
+        ("dyt", "already a normkit module"),
+    ]
+
+
+def test_plan_of_hf_model_names_casting_and_filter():
+    torch.manual_seed(0)
+    model, _, _, _ = _hf_model("gemma")
+    _, plan = convert(model, filter=lambda m, name: name != "norm", return_plan=True)
+    assert [n.name for n in plan.replaced] == [
+        f"layers.{i}.{s}" for i in (0, 1) for s in ("input_layernorm", "post_attention_layernorm")]
+    assert {(n.type_name, n.becomes, n.casting, n.zero_centered_gamma)
+            for n in plan.replaced} == {("GemmaRMSNorm", "RMSNorm", "gemma", True)}
+    (left,) = plan.skipped
+    assert (left.name, left.reason) == ("norm", "the filter returned False")
+    assert plan.counts() == {"GemmaRMSNorm": 4}
+
+
+def test_plan_of_model_without_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    _, plan = convert(model, return_plan=True)
+    assert plan.norms == () and plan.summary() == "found no norms"
+
+
+def test_second_convert_reports_the_norms_as_done():
+    model = convert(torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.RMSNorm(8)))
+    _, plan = convert(model, return_plan=True)
+    assert plan.replaced == ()
+    assert plan.summary() == ("replaced 0 of 2 norms; left alone: 1 LayerNorm (already a "
+                              "normkit module), 1 RMSNorm (already a normkit module)")
+
+
+def _snapshot(model):
+    return ([(n, m) for n, m in model.named_modules()],
+            [(n, p) for n, p in model.named_parameters()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_untouched(model, snap):
+    modules, params, state = snap
+    assert [(n, m) for n, m in model.named_modules()] == modules  # the same objects
+    assert all(a[0] == b[0] and a[1] is b[1]
+               for a, b in zip(model.named_parameters(), params, strict=True))
+    now = model.state_dict()
+    assert list(now) == list(state)
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_dry_run_changes_nothing_and_plans_what_convert_does(inplace, caplog):
+    torch.manual_seed(0)
+    model, norm_classes, _, _ = _hf_model("llama")
+    model.layers[0].input_layernorm.register_forward_hook(lambda *a: None)
+    snap = _snapshot(model)
+    with caplog.at_level(logging.INFO, logger=LOG):
+        got, plan = convert(model, dry_run=True, inplace=inplace, return_plan=True)
+    assert got is model  # not even a copy
+    _assert_untouched(model, snap)
+    assert all(isinstance(m, norm_classes) for m in model.modules()
+               if "norm" in type(m).__name__.lower())
+    assert plan.dry_run and len(plan.replaced) == 5 and plan.skipped == ()
+    assert [r.getMessage() for r in caplog.records] == [plan.summary()]  # no hook warning
+    assert plan.summary().startswith("dry run: would replace 5 of 5 norms: 5 LlamaRMSNorm → ")
+    assert [n.name for n in plan.replaced if n.note] == ["layers.0.input_layernorm"]
+    # the real conversion does what the dry run said
+    _, done = convert(model, return_plan=True)
+    assert done.norms == plan.norms and not done.dry_run
+
+
+def test_dry_run_of_a_root_norm_and_without_plan():
+    ln = torch.nn.LayerNorm(8)
+    snap = _snapshot(ln)
+    assert convert(ln, dry_run=True) is ln
+    _assert_untouched(ln, snap)
+    _, plan = convert(ln, dry_run=True, return_plan=True)
+    assert [(n.name, n.becomes) for n in plan.norms] == [("", "LayerNorm")]
+    assert "<root>" in str(plan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,10 +568,10 @@ def test_lookalikes_are_left_alone(make, caplog):
 
 
 def test_non_norm_modules_are_not_logged(caplog):
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GroupNorm(2, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     with caplog.at_level(logging.DEBUG, logger=LOG):
         convert(model)
-    assert not [r for r in caplog.records if r.name == LOG]
+    assert [r.getMessage() for r in caplog.records if r.name == LOG] == ["found no norms"]
 
 
 def test_behaviour_not_name_decides():

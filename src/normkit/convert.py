@@ -3,7 +3,9 @@
 ``convert(model)`` walks the module tree post-order and replaces every norm it can reproduce
 *exactly* with a ``normkit.nn`` module that holds the very same Parameter objects (nothing is
 copied or re-initialised), so optimizers, tied weights and state_dict keys are untouched.
-``revert(model)`` puts the original module objects back.
+``revert(model)`` puts the original module objects back.  Every call logs one INFO line saying
+what it replaced and what it left alone, and why; ``return_plan=True`` returns the same as a
+``ConvertPlan``, and ``dry_run=True`` makes that plan without changing anything.
 
 What is converted, and how each keeps its semantics:
 
@@ -21,8 +23,8 @@ Which modules are norms, and of which kind, is ``normkit._inventory``'s answer (
 watch and audit use).  Hugging Face classes are recognised there by behaviour, not by name alone
 (the source of their forward).  Convert additionally needs the module to hold exactly one 1-D
 ``weight`` Parameter (no bias, buffers or children) and a real epsilon.  Anything else that
-looks like a norm is left alone and logged at debug level — a norm converted with the wrong cast
-order would silently change a model's outputs.
+looks like a norm is left alone, with the reason in the plan (and one debug line) — a norm
+converted with the wrong cast order would silently change a model's outputs.
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ import functools
 import logging
 import math
 import numbers
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ._inventory import NormInfo, describe
 from .nn import LayerNorm, RMSNorm
 
-__all__ = ["convert", "revert"]
+__all__ = ["convert", "revert", "ConvertPlan", "PlannedNorm"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,99 @@ log = logging.getLogger(__name__)
 _ORIGINAL = "_normkit_original"
 
 Filter = Callable[[torch.nn.Module, str], bool]
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: what convert did (or, in a dry run, would do) to each norm
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedNorm:
+    """One norm of the model, as ``convert`` saw it.
+
+    Attributes:
+        name: qualified module name ("" is the root).
+        type_name: the class name of the module convert found there.
+        kind: the inventory's kind ("layer", "rms", "batch", "group", "instance", "dyt",
+            "custom").
+        becomes: "LayerNorm" or "RMSNorm" (``normkit.nn``) when replaced, None when left alone.
+        casting: the replacement's casting mode (None when left alone).
+        zero_centered_gamma: the replacement multiplies by 1 + γ.
+        reason: why it is left alone ("" when replaced).
+        note: what changes besides the module, e.g. hooks that are not carried over ("" if
+            nothing).
+    """
+
+    name: str
+    type_name: str
+    kind: str
+    becomes: str | None
+    casting: str | None = None
+    zero_centered_gamma: bool = False
+    reason: str = ""
+    note: str = ""
+
+    def outcome(self) -> str:
+        """What became of it, in words: "→ normkit.nn.RMSNorm (casting='llama')" or
+        "left alone: <reason>"."""
+        if self.becomes is None:
+            return f"left alone: {self.reason}"
+        what = f"→ normkit.nn.{self.becomes} (casting={self.casting!r}"
+        what += ", zero_centered_gamma=True)" if self.zero_centered_gamma else ")"
+        return f"{what}; {self.note}" if self.note else what
+
+
+@dataclass(frozen=True)
+class ConvertPlan:
+    """Every norm ``convert`` met, in the order it met them (post-order: children first; a
+    module shared by two parents once, under its first name), and what became of each.
+
+    ``str(plan)`` is ``summary()`` followed by one line per norm: its qualified name ("<root>"
+    for the root), class and ``PlannedNorm.outcome()``.
+
+    Attributes:
+        norms: a ``PlannedNorm`` per norm (modules that are no norm are not listed).
+        dry_run: nothing was changed; ``becomes`` says what convert would do.
+    """
+
+    norms: tuple[PlannedNorm, ...]
+    dry_run: bool = False
+
+    @property
+    def replaced(self) -> tuple[PlannedNorm, ...]:
+        return tuple(n for n in self.norms if n.becomes is not None)
+
+    @property
+    def skipped(self) -> tuple[PlannedNorm, ...]:
+        return tuple(n for n in self.norms if n.becomes is None)
+
+    def counts(self) -> dict[str, int]:
+        """How many modules of each class were (or would be) replaced."""
+        return dict(Counter(n.type_name for n in self.replaced))
+
+    def summary(self) -> str:
+        """One line: how many norms of each class were replaced, by what, and which were left
+        alone and why — the line ``convert`` logs at INFO."""
+        if not self.norms:
+            return "found no norms"
+        replaced = Counter((n.type_name, n.becomes) for n in self.replaced)
+        line = (f"{'dry run: would replace' if self.dry_run else 'replaced'} "
+                f"{len(self.replaced)} of {len(self.norms)} norms")
+        if replaced:
+            line += ": " + ", ".join(f"{k} {old} → normkit.nn.{new}"
+                                     for (old, new), k in replaced.items())
+        skipped = Counter((n.type_name, n.reason) for n in self.skipped)
+        if skipped:
+            line += "; left alone: " + ", ".join(f"{k} {cls} ({why})"
+                                                 for (cls, why), k in skipped.items())
+        return line
+
+    def __str__(self) -> str:
+        rows = [(n.name or "<root>", n.type_name, n.outcome()) for n in self.norms]
+        w0, w1 = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+        return "\n".join([self.summary(),
+                          *(f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,15 +176,29 @@ def _not_plain_leaf(module: torch.nn.Module, params: set[str]) -> str:
     return ""
 
 
-def _plan(module: torch.nn.Module) -> tuple[Callable[[], torch.nn.Module] | None, str]:
-    """(a builder of the replacement, "") if ``module`` is a norm convert reproduces exactly,
-    else (None, why not) — the reason is empty for modules that are no norm (``_inventory``)
-    or one no normkit module computes (BatchNorm, GroupNorm, InstanceNorm, DyT)."""
-    if isinstance(module, (LayerNorm, RMSNorm)):
-        return None, ""  # already converted
+def _plan(module: torch.nn.Module) -> tuple[NormInfo | None, Callable[[], torch.nn.Module] | None,
+                                          str]:
+    """(info, a builder of the replacement, "") if ``module`` is a norm convert reproduces
+    exactly; (info, None, why not) for any other norm; (None, None, "") for a module that is no
+    norm (``_inventory``)."""
     info = describe(module)
-    if info is None or info.kind not in ("layer", "rms"):
-        return None, ""
+    if info is None:
+        return None, None, ""
+    if info.family == "normkit":
+        return info, None, "already a normkit module"
+    if info.family is None and info.kind == "custom":
+        return info, None, ("looks like a norm but normkit does not know it; declare it with "
+                            "normkit.register_norm")
+    if info.kind not in ("layer", "rms"):
+        return info, None, f"no normkit module computes {info.kind} norms"
+    build, why = _builder(module, info)
+    return info, build, why
+
+
+def _builder(module: torch.nn.Module, info: NormInfo
+             ) -> tuple[Callable[[], torch.nn.Module] | None, str]:
+    """(a builder of the replacement, "") for a LayerNorm- or RMSNorm-kind ``module`` convert
+    reproduces exactly, else (None, why not)."""
     cls = type(module)
     if isinstance(module, torch.nn.LayerNorm) and info.family == "torch":
         if cls.forward is not torch.nn.LayerNorm.forward:
@@ -105,9 +216,11 @@ def _plan(module: torch.nn.Module) -> tuple[Callable[[], torch.nn.Module] | None
         if not _valid_eps(module.eps, allow_none=True):
             return None, f"eps={module.eps!r}"
         return functools.partial(_from_torch_rms_norm, module), ""
-    if info.casting is None:  # a look-alike, or registered without a casting
-        return None, ("its forward matches no known norm implementation (declare one with "
-                      "normkit.register_norm(..., casting=...))")
+    if info.family == "registered" and info.casting is None:
+        return None, "registered without casting=, which convert needs to reproduce it"
+    if info.casting is None:  # a look-alike
+        return None, ("its forward matches no known norm implementation; declare it with "
+                      "normkit.register_norm(..., casting=...)")
     what = "registered" if info.family == "registered" else f"{info.family}-style forward"
     params = {"weight"}
     if info.kind == "layer" and "bias" in module._parameters:
@@ -133,10 +246,6 @@ def _finish(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
         if key in vars(new) or isinstance(value, (torch.nn.Module, torch.nn.Parameter)):
             continue
         setattr(new, key, value)
-    if any((old._forward_pre_hooks, old._forward_hooks, old._backward_hooks,
-            old._backward_pre_hooks)):
-        log.warning("hooks registered on %s are not carried over to its normkit replacement",
-                    type(old).__name__)
     object.__setattr__(new, _ORIGINAL, old)
     return new
 
@@ -202,9 +311,19 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return any((module._forward_pre_hooks, module._forward_hooks, module._backward_hooks,
+                module._backward_pre_hooks))
+
+
 def convert(
-    model: torch.nn.Module, *, filter: Filter | None = None, inplace: bool = True
-) -> torch.nn.Module:
+    model: torch.nn.Module,
+    *,
+    filter: Filter | None = None,
+    inplace: bool = True,
+    dry_run: bool = False,
+    return_plan: bool = False,
+) -> torch.nn.Module | tuple[torch.nn.Module, ConvertPlan]:
     """Replace the norms of ``model`` with normkit modules that compute exactly the same thing.
 
     Converted: ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` (and subclasses that keep their
@@ -212,37 +331,64 @@ def convert(
     and T5 (see the module docstring).  Each replacement keeps the original's eps exactly, its
     casting order and output dtype, its plain attributes (e.g. ``variance_epsilon``), its
     training flag and the same Parameter objects — so state_dict keys and optimizer state are
-    unchanged.  Modules that merely look like norms are left alone (logged at debug level).
-    Hooks registered on a replaced module are not carried over (logged as a warning).
+    unchanged.  Every other norm is left alone, with the reason in the plan.  Hooks registered
+    on a replaced module are not carried over (a warning names the module's path).
+
+    Each call logs one INFO line on the ``normkit.convert`` logger: ``ConvertPlan.summary()``,
+    e.g. "replaced 5 of 5 norms: 5 LlamaRMSNorm → normkit.nn.RMSNorm".
 
     Args:
         model: the root module; it may itself be a norm.
         filter: ``filter(module, qualified_name) -> bool``, called for each module that would be
             converted ("" names the root); only those for which it returns True are replaced.
         inplace: modify ``model`` (default), or convert a ``copy.deepcopy`` of it.
+        dry_run: change nothing and copy nothing: the plan (and the log line) say what a
+            conversion with the same arguments would do, and ``model`` itself is returned.
+        return_plan: also return the ``ConvertPlan``.
 
     Returns:
         The converted root — a new object when ``model`` itself was a norm, else ``model``
-        (or its copy).  Undo with ``normkit.revert``.
+        (or its copy) — or ``(root, plan)`` with ``return_plan=True``.  Undo with
+        ``normkit.revert``.
     """
     _check_model(model)
     if filter is not None and not callable(filter):
         raise TypeError(f"filter must be callable or None, got {type(filter).__name__}")
-    if not inplace:
+    for flag, value in (("inplace", inplace), ("dry_run", dry_run),
+                        ("return_plan", return_plan)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {value!r}")
+    if not (inplace or dry_run):
         model = copy.deepcopy(model)
+    planned: list[PlannedNorm] = []
 
     def fn(module: torch.nn.Module, name: str) -> torch.nn.Module:
-        build, why = _plan(module)
+        info, build, why = _plan(module)
+        if info is None:
+            return module
+        if build is not None and filter is not None and not filter(module, name):
+            build, why = None, "the filter returned False"
         if build is None:
-            if why:
-                log.debug("normkit.convert leaves %r (%s) alone: %s",
-                          name, type(module).__name__, why)
+            log.debug("normkit.convert leaves %r (%s) alone: %s",
+                      name, type(module).__name__, why)
+            planned.append(PlannedNorm(name, type(module).__name__, info.kind, None,
+                                       reason=why))
             return module
-        if filter is not None and not filter(module, name):
+        note = "its hooks are not carried over" if _has_hooks(module) else ""
+        planned.append(PlannedNorm(name, type(module).__name__, info.kind,
+                                   "RMSNorm" if info.kind == "rms" else "LayerNorm",
+                                   info.casting, info.zero_centered_gamma, note=note))
+        if dry_run:
             return module
+        if note:
+            log.warning("hooks registered on %s (%s) are not carried over to its normkit "
+                        "replacement", name or "the root module", type(module).__name__)
         return build()
 
-    return _swap(model, fn, "", {})
+    root = _swap(model, fn, "", {})
+    plan = ConvertPlan(tuple(planned), dry_run)
+    log.info("%s", plan.summary())
+    return (root, plan) if return_plan else root
 
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:
