@@ -72,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
     import datetime as _dt
     import time
 
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -85,24 +84,24 @@ def run(args: argparse.Namespace) -> int:
     from normkit._report import write_json_atomic
     from normkit.study import plan_runs, run_study, write_outputs
 
-    out = Console()
-    err = Console(stderr=True)
+    from ._out import console, error, lit
+
+    out = console()
+    err = console(stderr=True)
     try:
         config = config_from_args(args)
     except ValueError as e:
-        err.print(f"[red]normkit study: error:[/red] {e}", soft_wrap=True)
-        return 2
+        return error(err, "study", e)
     try:
         from normkit._report.plotting import require_matplotlib
 
         require_matplotlib()
     except ImportError as e:
-        err.print(f"[red]normkit study: error:[/red] {e}", soft_wrap=True)
-        return 2
+        return error(err, "study", e)
     n_runs = len(plan_runs(config))
     out.print(f"[bold]normkit study[/bold] ({config.preset}): {n_runs} training runs, "
               f"experiments {', '.join(config.experiments)}, seeds "
-              f"{','.join(map(str, config.seeds))}, {config.threads} threads → {args.out}")
+              f"{','.join(map(str, config.seeds))}, {config.threads} threads → {lit(args.out)}")
     t0 = time.perf_counter()
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
@@ -110,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         task = progress.add_task("loading text", total=None)
 
         def on_progress(done: int, total: int, label: str) -> None:
-            progress.update(task, completed=done, total=total, description=f"{label:<26}")
+            progress.update(task, completed=done, total=total,
+                            description=lit(f"{label:<26}"))
 
         doc = run_study(config, args.out, progress=on_progress)
         progress.update(task, description="plots and report")
@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
 
     out.print(findings_table(doc))
-    out.print(f"wall time {wall:.1f} s; results [bold]{paths['results']}[/bold], report "
-              f"[bold]{paths['html']}[/bold] and {paths['markdown'].name}")
+    out.print(f"wall time {wall:.1f} s; results [bold]{lit(paths['results'])}[/bold], report "
+              f"[bold]{lit(paths['html'])}[/bold] and {lit(paths['markdown'].name)}")
     if args.record:
         from normkit.bench import find_repo_root
 
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
             path = write_json_atomic(root / "benchmarks" / "results" / f"study-{stamp}.json", doc)
-            out.print(f"recorded [bold]{path}[/bold]")
+            out.print(f"recorded [bold]{lit(path)}[/bold]")
     return 0
 
 
