@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -168,3 +169,34 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"normkit\[report\]"):
         plotting.require_matplotlib()
 
+
+def test_study_terminal_findings_say_what_the_html_report_says():
+    """`normkit study` prints the findings in the report's words: the same verdict for each
+    claim, and the same note on the quick preset."""
+    import copy
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from normkit._cli.study import findings_table
+    from normkit.study import build_document
+
+    root = Path(__file__).resolve().parents[1]
+    recorded = sorted((root / "benchmarks" / "results").glob("study-*.json"))[-1]
+    doc = copy.deepcopy(json.loads(recorded.read_text(encoding="utf-8")))
+    doc["config"]["preset"] = "quick"
+    # one finding of each verdict: reproduced, not reproduced, two inconclusive, not measured
+    states = [(True, True), (False, True), (True, False), (False, False), (None, False)]
+    for f, (holds, conclusive) in zip(doc["findings"][:5], states, strict=True):
+        f["holds"], f["conclusive"] = holds, conclusive
+    report = build_document(doc)
+    table = next(b for b in report.blocks if type(b).__name__ == "Table")
+    assert table.headers == ("claim", "source", "verdict", "evidence")
+    buf = io.StringIO()
+    Console(file=buf, width=400).print(findings_table(doc))
+    terminal = buf.getvalue()
+    lines = {" ".join(line.split()) for line in terminal.splitlines()}
+    for row in table.rows:  # claim, source, verdict, evidence: each on the terminal's row
+        assert any(all(cell in line for cell in row) for line in lines), row
+    note = next(b.text for b in report.blocks if type(b).__name__ == "Callout")
+    assert note.replace("`", "") in " ".join(terminal.split())

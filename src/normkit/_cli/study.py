@@ -133,23 +133,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The colour of each verdict kind (the report's call-out colours).
+_STYLE = {"ok": "green", "bad": "red", "warn": "yellow", "info": "dim"}
+
+
 def findings_table(doc):
-    """The findings as a rich table: verdict, claim, source, evidence."""
+    """The findings as a rich table, in the words of the HTML report (one source:
+    ``normkit.study.report.findings_rows``): claim, source, verdict, evidence."""
     from rich.table import Table
 
+    from normkit._report.document import plain
+    from normkit.study.report import QUICK_NOTE, findings_rows
+
+    from ._out import lit
+
     table = Table(title="normkit study — findings", title_justify="left")
-    for col in ("verdict", "claim", "source", "evidence"):
+    for col in ("claim", "source", "verdict", "evidence"):
         table.add_column(col, overflow="fold")
-    for f in doc["findings"]:
-        if f["holds"] is None:
-            mark = "[dim]not measured[/dim]"
-        elif not f["conclusive"]:
-            mark = "[yellow]inconclusive[/yellow]"
-        else:
-            mark = "[green]reproduced[/green]" if f["holds"] else "[red]not reproduced[/red]"
-        table.add_row(mark, f["claim"], f["source"], f"[dim]{f['evidence']}[/dim]")
+    for claim, source, verdict, kind, evidence in findings_rows(doc):
+        table.add_row(lit(plain(claim)), lit(plain(source)),
+                      f"[{_STYLE[kind]}]{lit(verdict)}[/{_STYLE[kind]}]",
+                      f"[dim]{lit(plain(evidence))}[/dim]")
     if doc["config"]["preset"] == "quick":
-        table.caption = ("quick preset: too short for the training-dynamics claims; "
-                         "run the default study for those")
+        table.caption = lit(plain(QUICK_NOTE))
         table.caption_justify = "left"
     return table
