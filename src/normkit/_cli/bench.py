@@ -35,7 +35,7 @@ _ints = int_list(1, "positive integers", "1,8,512")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small grid (M 1,512,4096; N 768,4096; ln+rms fwd+bwd, add_ln fwd; "
-                        "no torch.compile) that finishes in under a minute")
+                        "no torch.compile): about 30 s on a 2-core CPU")
     p.add_argument("--ops", type=names(_OPS), metavar="LIST",
                    help=f"ops to time, from {','.join(_OPS)} "
                         "(default: all; --quick: ln,rms,add_ln)")

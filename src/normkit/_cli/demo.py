@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("normkit-demo"),
                         help="output directory (default: ./normkit-demo)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller model, fewer steps and a one-point benchmark (~1 min)")
+                        help="a smaller model, fewer steps and a one-point benchmark (about "
+                             "25 s on a 2-core CPU)")
     parser.add_argument("--no-bench", action="store_true", help="skip the kernel benchmark")
 
 

@@ -6,7 +6,8 @@ spread and a "within noise" verdict.
 
 Writes DIR/results.json (schema-versioned), DIR/report.md with DIR/plots/*.png,
 DIR/report.html (self-contained) and DIR/runs/*.jsonl (per-run telemetry).
-The default study takes about 15 min on a 2-core CPU; --quick about 1-2 min.
+On a 2-core CPU the default study takes about 7 min (434 s measured; the recorded run in
+benchmarks/results/study-20261123.json took 430 s) and --quick about 15 s.
 
 examples:
   normkit study --quick
@@ -33,8 +34,9 @@ _seeds = int_list(0, "seeds >= 0", "0,1,2")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="tiny models, 2 seeds, few steps (about 1-2 min): checks the pipeline "
-                        "and batch dependence; too short for the training-dynamics findings")
+                   help="tiny models, 2 seeds, few steps (about 15 s on a 2-core CPU): checks "
+                        "the pipeline and batch dependence; too short for the training-dynamics "
+                        "findings")
     p.add_argument("--out", type=Path, default=Path("study"), metavar="DIR",
                    help="output directory (default: ./study)")
     p.add_argument("--experiments", type=_experiments, metavar="LIST",
