@@ -289,6 +289,8 @@ def test_torch_compile_fullgraph_same_results():
 
 
 def test_custom_ops_are_registered():
+    import normkit.functional  # noqa: F401  (``import normkit`` is lazy: this registers the ops)
+
     assert hasattr(torch.ops.normkit, "norm_fwd") and hasattr(torch.ops.normkit, "norm_bwd")
     x = torch.randn(3, 8)
     y, h, stats = torch.ops.normkit.norm_fwd(x, None, None, None, 1e-5, False, False, "torch", None)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -46,11 +47,74 @@ def test_html_escapes_text_and_embeds_images():
 
 def test_markdown_tables_figures_and_callouts():
     md = render_markdown(_doc(), image_dir="plots", footer="foot")
-    assert md.startswith("# t <&> title\n")
+    assert md.startswith("# t &lt;&amp;&gt; title\n")
     assert "| name | value |\n| :--- | ---: |\n| a\\|b | 1.0 |" in md
     assert "![alt \"quoted\"](plots/fig.png)" in md
     assert "> **✅ OK** fine" in md and "> **❌ FAIL** broken" in md
     assert "```\nx < 1\ny\n```" in md
+
+
+def _visible(page: str) -> tuple[str, list[str]]:
+    """(the text a reader sees, the elements) of an HTML page."""
+    from html.parser import HTMLParser
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.text, self.tags = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    c = Collect()
+    c.feed(page)
+    return "".join(c.text), c.tags
+
+
+def _markdown_page(md: str) -> str:
+    """``md`` rendered as GitHub would (CommonMark with tables and strike-through)."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(md)
+
+
+def test_markdown_shows_html_as_text():
+    md = render_markdown(_doc())
+    assert "<script>" not in md
+    text, tags = _visible(_markdown_page(md))
+    assert "a <script>alert(1)</script> b" in text and "script" not in tags
+    assert "Section <one>" in text and "t <&> title" in text
+    assert "x<y" in text and "code" in tags and "strong" in tags  # the marks still work
+
+
+# Names a user can give a module or file: HTML, markdown emphasis, code, links, strike-through,
+# a table pipe, entities, backslashes, and the report's own marks.
+USER = ("<script>alert(1)</script>", "*m* _u_ __b__", "`c` ``d``", "[a](javascript:x)",
+        "~~s~~", "p|q", "&amp; &lt;", "C:\\dir\\", "**not bold**", "_orig_mod.ln_f", "a\\`b")
+
+
+def _named_doc(name: str) -> Document:
+    from normkit._report import literal, literal_code
+
+    d = Document(f"t {literal(name)}", literal(name))
+    d.heading(f"h {literal(name)}")
+    d.paragraph(f"p {literal(name)} and {literal_code(name)} **bold**")
+    d.table(["layer", "v"], [[literal(name), "1"]], caption=literal(name))
+    d.callout("bad", f"origin {literal_code(name)}")
+    d.key_values([("file", literal(name))])
+    return d
+
+
+@pytest.mark.parametrize("name", USER)
+def test_literal_strings_show_as_written_in_html_and_markdown(name):
+    for render in (lambda d: _markdown_page(render_markdown(d)), render_html):
+        text, tags = _visible(render(_named_doc(name)))
+        # title (and <title>), subtitle, heading, paragraph twice, cell, caption, call-out, file
+        assert text.count(name) >= 9, (name, text)
+        assert tags == _visible(render(_named_doc("x")))[1]  # no element came from the name
 
 
 def test_document_validates_blocks():
@@ -104,3 +168,35 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(ImportError, match=r"normkit\[report\]"):
         plotting.require_matplotlib()
+
+
+def test_study_terminal_findings_say_what_the_html_report_says():
+    """`normkit study` prints the findings in the report's words: the same verdict for each
+    claim, and the same note on the quick preset."""
+    import copy
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from normkit._cli.study import findings_table
+    from normkit.study import build_document
+
+    root = Path(__file__).resolve().parents[1]
+    recorded = sorted((root / "benchmarks" / "results").glob("study-*.json"))[-1]
+    doc = copy.deepcopy(json.loads(recorded.read_text(encoding="utf-8")))
+    doc["config"]["preset"] = "quick"
+    # one finding of each verdict: reproduced, not reproduced, two inconclusive, not measured
+    states = [(True, True), (False, True), (True, False), (False, False), (None, False)]
+    for f, (holds, conclusive) in zip(doc["findings"][:5], states, strict=True):
+        f["holds"], f["conclusive"] = holds, conclusive
+    report = build_document(doc)
+    table = next(b for b in report.blocks if type(b).__name__ == "Table")
+    assert table.headers == ("claim", "source", "verdict", "evidence")
+    buf = io.StringIO()
+    Console(file=buf, width=400).print(findings_table(doc))
+    terminal = buf.getvalue()
+    lines = {" ".join(line.split()) for line in terminal.splitlines()}
+    for row in table.rows:  # claim, source, verdict, evidence: each on the terminal's row
+        assert any(all(cell in line for cell in row) for line in lines), row
+    note = next(b.text for b in report.blocks if type(b).__name__ == "Callout")
+    assert note.replace("`", "") in " ".join(terminal.split())

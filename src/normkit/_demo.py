@@ -77,7 +77,6 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
     ``nan_origin``, ``page_alerts``, ``audit`` (finding counts and ok), ``bench`` (JSON path)
     and ``report`` (HTML path).
     """
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from normkit.audit import audit
@@ -85,7 +84,10 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
     from normkit.study.data import fixed_batches, load_corpus, sample_batch
     from normkit.study.models import TinyGPT
 
-    console = console or Console()
+    from ._cli._out import console as new_console
+    from ._cli._out import lit
+
+    console = console or new_console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config
@@ -98,13 +100,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    def announce(alert):
-        colour = "red" if alert.severity == "page" else "yellow"
-        console.print(f"[bold {colour}]{alert.severity.upper()}[/bold {colour}] "
-                      f"{alert.rule}: {alert.message}", soft_wrap=True)
-
     # One rule set for the whole demo: alerts are printed as they open (not logged twice).
-    rules = AlertRules(dedupe_seconds=3600, callbacks=[announce], log_alerts=False)
+    rules = AlertRules(dedupe_seconds=3600, callbacks=[announcer(console)], log_alerts=False)
 
     progress = Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console)
@@ -115,7 +112,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
         # 1. Training with telemetry ------------------------------------------------------
         prom = PrometheusExporter(port=0, addr="127.0.0.1")
         summary["metrics_url"] = prom.url
-        console.print(f"Prometheus metrics of the training run: [bold]{prom.url}[/bold]")
+        console.print(f"Prometheus metrics of the training run: [bold]{lit(prom.url)}[/bold]")
         task = progress.add_task("1/7 training a pre-LN transformer", total=cfg.train_steps)
         losses = []
         with watch(model, model_name=MODEL_NAME, model_version="1", every=cfg.every,
@@ -219,6 +216,19 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
     return summary
 
 
+def announcer(console):
+    """An ``AlertRules`` callback printing each alert as it opens (its message literally: it
+    names modules)."""
+    from ._cli._out import lit
+
+    def announce(alert) -> None:
+        colour = "red" if alert.severity == "page" else "yellow"
+        console.print(f"[bold {colour}]{alert.severity.upper()}[/bold {colour}] "
+                      f"{lit(alert.rule)}: {lit(alert.message)}", soft_wrap=True)
+
+    return announce
+
+
 def _name_of(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
@@ -252,7 +262,7 @@ def _write_reports(out: Path, summary: dict, audit_report, live_log: Path) -> Pa
     """``report.html`` (the demo) and ``telemetry.html`` (the serving run with drift)."""
     import json
 
-    from ._report import Document, write_report
+    from ._report import Document, literal, literal_code, write_report
     from ._report.plotting import new_figure, to_png
     from ._report.telemetry import build_telemetry_report
 
@@ -287,7 +297,8 @@ def _write_reports(out: Path, summary: dict, audit_report, live_log: Path) -> Pa
         layers = sorted({la for a in drift for la in (a.get("layers") or [a.get("layer")]) if la})
         doc.callout("warn", f"Ticket: {len(drift)} drift alert(s) on shifted traffic "
                             f"(base64 blobs instead of source); layers: "
-                            f"{', '.join(layers[:6])}{' …' if len(layers) > 6 else ''}.")
+                            f"{literal(', '.join(layers[:6]))}"
+                            f"{' …' if len(layers) > 6 else ''}.")
     else:
         doc.callout("info", "No drift alert fired on the shifted traffic.")
     doc.paragraph("Per-layer detail, drift table and plots: `telemetry.html`.")
@@ -295,8 +306,8 @@ def _write_reports(out: Path, summary: dict, audit_report, live_log: Path) -> Pa
     doc.heading("4. A non-finite value and where it started")
     origin, injected = summary["nan_origin"], summary["nan_injected_at"]
     kind = "bad" if summary["page_alerts"] else "warn"
-    doc.callout(kind, f"Page: Inf written into `{injected}`.weight; telemetry named the origin "
-                      f"`{origin}`"
+    doc.callout(kind, f"Page: Inf written into {literal_code(injected + '.weight')}; telemetry "
+                      f"named the origin {literal_code(origin)}"
                 + (" — the right module." if origin == injected else "."))
 
     doc.heading("5. Release audit")
@@ -304,8 +315,8 @@ def _write_reports(out: Path, summary: dict, audit_report, live_log: Path) -> Pa
     doc.callout("ok" if summary["audit"]["ok"] else "bad",
                 f"{'passes' if summary['audit']['ok'] else 'fails'} the release gate "
                 f"(errors {c['error']}, warnings {c['warning']}, info {c['info']}).")
-    rows = [(f.id, f.severity, f.layer or "–", f.message) for f in audit_report.findings
-            if f.severity != "info"][:20]
+    rows = [(f.id, f.severity, literal(f.layer or "–"), literal(f.message))
+            for f in audit_report.findings if f.severity != "info"][:20]
     if rows:
         doc.table(["id", "severity", "layer", "message"], rows, align=("l", "l", "l", "l"))
 

@@ -86,17 +86,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from rich.console import Console
-    from rich.markup import escape
+    from ._out import console, error, lit
 
-    out = Console(width=None if Console().is_terminal else 160)
-    err = Console(stderr=True)
+    out = console(width=160)
+    err = console(stderr=True)
 
     def fail(msg: str) -> int:
-        # the message names user files: printed literally, "run[b].onnx" is not markup
-        err.print(f"[red]normkit audit: error:[/red] {escape(msg)}", soft_wrap=True, markup=True,
-                  highlight=False)
-        return 2
+        return error(err, "audit", msg)
 
     # Library loggers (exporters, transformers) must not spray the terminal or the JSON.
     logging.getLogger().setLevel(logging.ERROR)
@@ -134,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
                         target.model, inputs, dtype=args.dtype, checks=checks,
                         state_dict=target.state_dict, training=args.training,
                         opset=args.opset, exporter=args.exporter,
-                        progress=lambda name: status.update(f"[dim]auditing: {name}…[/dim]"),
+                        progress=lambda name: status.update(
+                            f"[dim]auditing: {lit(name)}…[/dim]"),
                         _target=target.name, _missing_keys=target.missing_keys,
                         _unexpected_keys=target.unexpected_keys)
             finally:
@@ -189,27 +186,28 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 def render_table(report, out, fail_on: str = "error") -> None:
     """The terminal view: the verdict under the gate ``fail_on``, findings table, norm
     inventory."""
-    from rich.markup import escape
     from rich.table import Table
+
+    from ._out import lit
 
     c = report.counts()
     verdict = "[green]passed[/green]" if report.ok(fail_on) else "[red]failed[/red]"
     placement = report.metrics.get("model", {}).get("placement")
-    out.print(f"[bold]normkit audit[/bold] {escape(report.target)}: {verdict} "
+    out.print(f"[bold]normkit audit[/bold] {lit(report.target)}: {verdict} "
               f"(--fail-on {fail_on}) — {c['error']} error(s), "
-              f"{c['warning']} warning(s), {c['info']} info; dtype {report.dtype}"
-              + (f"; {placement}" if placement else "") + f"; {report.seconds:.1f} s")
+              f"{c['warning']} warning(s), {c['info']} info; dtype {lit(report.dtype)}"
+              + (f"; {lit(placement)}" if placement else "") + f"; {report.seconds:.1f} s")
     if report.layers:
         inv = Table(title="norm layers", title_justify="left")
         for col in ("layer", "type", "shape", "eps", "affine", "dtype", "params", "placement"):
             inv.add_column(col, justify="right" if col in ("params", "eps") else "left")
         for L in report.layers:
-            inv.add_row(escape(L["name"] or "(root)"), escape(L["type"]),
-                        str(L.get("normalized_shape")),
+            inv.add_row(lit(L["name"] or "(root)"), lit(L["type"]),
+                        lit(L.get("normalized_shape")),
                         "–" if L.get("eps") is None else f"{L['eps']:g}",
                         "γβ" if L.get("affine") and L.get("bias") else
                         ("γ" if L.get("affine") else "–"),
-                        str(L.get("dtype")), str(L.get("params")), L.get("placement") or "–")
+                        lit(L.get("dtype")), str(L.get("params")), lit(L.get("placement") or "–"))
         out.print(inv)
     if report.findings:
         t = Table(title="findings", title_justify="left", show_lines=False)
@@ -217,8 +215,8 @@ def render_table(report, out, fail_on: str = "error") -> None:
             t.add_column(col, overflow="fold")
         for f in report.findings:
             s = _STYLE[f.severity]
-            t.add_row(f"[{s}]{f.severity}[/{s}]", f.id, escape(f.layer or "–"),
-                      escape(f.message), escape(f.fix))
+            t.add_row(f"[{s}]{f.severity}[/{s}]", lit(f.id), lit(f.layer or "–"),
+                      lit(f.message), lit(f.fix))
         out.print(t)
     else:
         out.print("[green]no findings[/green]")
@@ -233,7 +231,7 @@ def render_table(report, out, fail_on: str = "error") -> None:
                   f"{num['output_rel_err_vs_float64']:.3g}")
     exp = report.metrics.get("export")
     if exp and "exporter" in exp:
-        out.print(f"ONNX: {exp['exporter']} exporter, opset {exp['opset']}, output max rel "
+        out.print(f"ONNX: {lit(exp['exporter'])} exporter, opset {exp['opset']}, output max rel "
                   f"{exp.get('output_max_rel', float('nan')):.3g}")
     for name, why in report.skipped.items():
-        out.print(f"[dim]skipped {name}: {escape(why)}[/dim]")
+        out.print(f"[dim]skipped {lit(name)}: {lit(why)}[/dim]")

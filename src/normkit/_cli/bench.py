@@ -35,7 +35,7 @@ _ints = int_list(1, "positive integers", "1,8,512")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small grid (M 1,512,4096; N 768,4096; ln+rms fwd+bwd, add_ln fwd; "
-                        "no torch.compile) that finishes in under a minute")
+                        "no torch.compile): about 30 s on a 2-core CPU")
     p.add_argument("--ops", type=names(_OPS), metavar="LIST",
                    help=f"ops to time, from {','.join(_OPS)} "
                         "(default: all; --quick: ln,rms,add_ln)")
@@ -90,19 +90,16 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from normkit import bench
 
-    out = Console()
-    if not out.is_terminal:  # piped to a file: keep the table whole rather than 80 wide
-        out = Console(width=160)
-    err = Console(stderr=True)
+    from ._out import console, error
+
+    out = console(width=160)  # piped to a file: keep the table whole rather than 80 wide
+    err = console(stderr=True)
     try:
         config = config_from_args(args)
     except ValueError as e:
-        err.print(f"[red]normkit bench: error:[/red] {e}", soft_wrap=True)
-        return 2
+        return error(err, "bench", e)
     json_path = args.json or bench.default_json_path(config.device)
     doc = run_and_report(config, json_path, out=out, err=err)
     if args.check and doc["bar"]["ok"] is False:
@@ -113,20 +110,21 @@ def run(args: argparse.Namespace) -> int:
 def run_and_report(config, json_path: str | Path, out=None, err=None) -> dict[str, Any]:
     """Run ``config`` with a progress bar, print the table and bar check, write the JSON.
     Also used by benchmarks/run_cpu.py."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from normkit import bench
 
-    out = out or Console()
-    err = err or Console(stderr=True)
+    from ._out import console, lit
+
+    out = out or console()
+    err = err or console(stderr=True)
     n_cases = len(config.cases())
     out.print(
         f"[bold]normkit bench[/bold]: {n_cases} cases on {config.device} "
         f"(backend {config.backend}); peers: {', '.join(config.peers) or 'none'}"
     )
     for note in bench.config_notes(config):
-        out.print(f"  [dim]note:[/dim] {note}")
+        out.print(f"  [dim]note:[/dim] {lit(note)}")
 
     t0 = time.perf_counter()
     with Progress(
@@ -140,7 +138,7 @@ def run_and_report(config, json_path: str | Path, out=None, err=None) -> dict[st
         task = progress.add_task("starting", total=n_cases)
 
         def on_progress(done: int, total: int, label: str) -> None:
-            progress.update(task, completed=done, description=f"{label:<28}")
+            progress.update(task, completed=done, description=lit(f"{label:<28}"))
 
         doc = bench.run_bench(config, progress=on_progress)
     wall = time.perf_counter() - t0
@@ -148,7 +146,7 @@ def run_and_report(config, json_path: str | Path, out=None, err=None) -> dict[st
     out.print(results_table(doc))
     _print_bar(out, doc["bar"])
     path = bench.write_json_atomic(json_path, doc)
-    out.print(f"wall time {wall:.1f} s; results written to [bold]{path}[/bold]")
+    out.print(f"wall time {wall:.1f} s; results written to [bold]{lit(path)}[/bold]")
     return doc
 
 
@@ -198,6 +196,8 @@ def results_table(doc: dict[str, Any]):
     from rich.table import Table
 
     from normkit.bench import BAR_MAX_SLOWDOWN
+
+    from ._out import lit
 
     peers = doc["config"]["peers"]
     min_sp = 1.0 / BAR_MAX_SLOWDOWN
@@ -259,12 +259,12 @@ def results_table(doc: dict[str, Any]):
                      "confirm")
     if errors:
         more = f" (+{len(errors) - 5} more in the JSON)" if len(errors) > 5 else ""
-        notes.append("[red]normkit errors:[/red] " + "; ".join(errors[:5]) + more)
+        notes.append("[red]normkit errors:[/red] " + lit("; ".join(errors[:5]) + more))
     for name in ("compile", "onnxruntime"):
         errs = {r["impls"][name]["error"] for r in results
                 if "error" in r["impls"].get(name, {})}
         if errs:
-            notes.append(f"[red]{name} failed:[/red] " + "; ".join(sorted(errs)[:2]))
+            notes.append(f"[red]{name} failed:[/red] " + lit("; ".join(sorted(errs)[:2])))
     if notes:
         table.caption = "\n".join(notes)
         table.caption_justify = "left"
@@ -272,6 +272,8 @@ def results_table(doc: dict[str, Any]):
 
 
 def _print_bar(out, bar: dict[str, Any]) -> None:
+    from ._out import lit
+
     points = bar["points"]
     worst = bar["worst_speedup"]
     if not points and worst is None:
@@ -286,7 +288,7 @@ def _print_bar(out, bar: dict[str, Any]) -> None:
     for p in points:
         if p.get("error"):
             out.print(f"  {p['op']:<7} {p['pass']} {p['dtype']:<8}  [red]error[/red]: "
-                      f"{p['error']}")
+                      f"{lit(p['error'])}")
             continue
         cf = "–" if p["copy_fraction"] is None else f"{p['copy_fraction']:.2f}"
         sp = "–" if p["speedup_vs_torch"] is None else f"{p['speedup_vs_torch']:.2f}"

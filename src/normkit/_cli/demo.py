@@ -21,30 +21,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("normkit-demo"),
                         help="output directory (default: ./normkit-demo)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller model, fewer steps and a one-point benchmark (~1 min)")
+                        help="a smaller model, fewer steps and a one-point benchmark (about "
+                             "25 s on a 2-core CPU)")
     parser.add_argument("--no-bench", action="store_true", help="skip the kernel benchmark")
 
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from rich.console import Console
-
     from normkit._demo import DemoConfig, run_demo
 
-    console = Console()
+    from ._out import console
+
+    con = console()
     config = DemoConfig.quick() if args.quick else DemoConfig()
     if args.no_bench:
         config = dataclasses.replace(config, bench=False)
-    summary = run_demo(args.output, config, console)
-    console.print()
-    console.print(f"[bold]normkit demo[/bold] done in {summary['wall_s']:.0f} s")
-    console.print(f"  loss {summary['train']['loss_first']:.2f} → "
-                  f"{summary['train']['loss_last']:.2f} over {summary['train']['steps']} steps")
-    console.print(f"  drift alerts (ticket): {len(summary['drift_alerts'])}")
-    console.print(f"  NaN alert (page): origin [bold]{summary['nan_origin']}[/bold] "
-                  f"(Inf injected into {summary['nan_injected_at']})")
-    a = summary["audit"]
-    console.print(f"  audit: {'pass' if a['ok'] else 'FAIL'} — {a['counts']}")
-    console.print(f"  report: [bold]{summary['report']}[/bold]")
+    print_summary(con, run_demo(args.output, config, con))
     return 0
+
+
+def print_summary(con, summary: dict) -> None:
+    """The demo's closing lines on ``con``: loss, alerts, the NaN origin, audit, report path."""
+    from ._out import lit
+
+    con.print()
+    con.print(f"[bold]normkit demo[/bold] done in {summary['wall_s']:.0f} s")
+    con.print(f"  loss {summary['train']['loss_first']:.2f} → "
+              f"{summary['train']['loss_last']:.2f} over {summary['train']['steps']} steps")
+    con.print(f"  drift alerts (ticket): {len(summary['drift_alerts'])}")
+    con.print(f"  NaN alert (page): origin [bold]{lit(summary['nan_origin'])}[/bold] "
+              f"(Inf injected into {lit(summary['nan_injected_at'])})")
+    a = summary["audit"]
+    con.print(f"  audit: {'pass' if a['ok'] else 'FAIL'} — {lit(a['counts'])}")
+    con.print(f"  report: [bold]{lit(summary['report'])}[/bold]")

@@ -30,12 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from .._report import write_report
     from .._report.telemetry import build_telemetry_report
+    from ._out import console, lit
 
-    console = Console(stderr=True)
     out: Path = args.output
     if out.suffix.lower() != ".html":
         print(f"normkit report: --output must end in .html, got {out}", file=sys.stderr)
@@ -59,5 +57,6 @@ def run(args: argparse.Namespace) -> int:
               + (f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""),
               file=sys.stderr)
         return 2
-    console.print(f"report: [bold]{paths['html']}[/bold] (markdown: {paths['markdown']})")
+    console(stderr=True).print(f"report: [bold]{lit(paths['html'])}[/bold] "
+                               f"(markdown: {lit(paths['markdown'])})")
     return 0

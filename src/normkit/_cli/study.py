@@ -6,7 +6,8 @@ spread and a "within noise" verdict.
 
 Writes DIR/results.json (schema-versioned), DIR/report.md with DIR/plots/*.png,
 DIR/report.html (self-contained) and DIR/runs/*.jsonl (per-run telemetry).
-The default study takes about 15 min on a 2-core CPU; --quick about 1-2 min.
+On a 2-core CPU the default study takes about 7 min (434 s measured; the recorded run in
+benchmarks/results/study-20261123.json took 430 s) and --quick about 15 s.
 
 examples:
   normkit study --quick
@@ -33,8 +34,9 @@ _seeds = int_list(0, "seeds >= 0", "0,1,2")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="tiny models, 2 seeds, few steps (about 1-2 min): checks the pipeline "
-                        "and batch dependence; too short for the training-dynamics findings")
+                   help="tiny models, 2 seeds, few steps (about 15 s on a 2-core CPU): checks "
+                        "the pipeline and batch dependence; too short for the training-dynamics "
+                        "findings")
     p.add_argument("--out", type=Path, default=Path("study"), metavar="DIR",
                    help="output directory (default: ./study)")
     p.add_argument("--experiments", type=_experiments, metavar="LIST",
@@ -72,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     import datetime as _dt
     import time
 
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -85,24 +86,24 @@ def run(args: argparse.Namespace) -> int:
     from normkit._report import write_json_atomic
     from normkit.study import plan_runs, run_study, write_outputs
 
-    out = Console()
-    err = Console(stderr=True)
+    from ._out import console, error, lit
+
+    out = console()
+    err = console(stderr=True)
     try:
         config = config_from_args(args)
     except ValueError as e:
-        err.print(f"[red]normkit study: error:[/red] {e}", soft_wrap=True)
-        return 2
+        return error(err, "study", e)
     try:
         from normkit._report.plotting import require_matplotlib
 
         require_matplotlib()
     except ImportError as e:
-        err.print(f"[red]normkit study: error:[/red] {e}", soft_wrap=True)
-        return 2
+        return error(err, "study", e)
     n_runs = len(plan_runs(config))
     out.print(f"[bold]normkit study[/bold] ({config.preset}): {n_runs} training runs, "
               f"experiments {', '.join(config.experiments)}, seeds "
-              f"{','.join(map(str, config.seeds))}, {config.threads} threads → {args.out}")
+              f"{','.join(map(str, config.seeds))}, {config.threads} threads → {lit(args.out)}")
     t0 = time.perf_counter()
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         task = progress.add_task("loading text", total=None)
 
         def on_progress(done: int, total: int, label: str) -> None:
-            progress.update(task, completed=done, total=total, description=f"{label:<26}")
+            progress.update(task, completed=done, total=total,
+                            description=lit(f"{label:<26}"))
 
         doc = run_study(config, args.out, progress=on_progress)
         progress.update(task, description="plots and report")
@@ -118,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
 
     out.print(findings_table(doc))
-    out.print(f"wall time {wall:.1f} s; results [bold]{paths['results']}[/bold], report "
-              f"[bold]{paths['html']}[/bold] and {paths['markdown'].name}")
+    out.print(f"wall time {wall:.1f} s; results [bold]{lit(paths['results'])}[/bold], report "
+              f"[bold]{lit(paths['html'])}[/bold] and {lit(paths['markdown'].name)}")
     if args.record:
         from normkit.bench import find_repo_root
 
@@ -129,27 +131,32 @@ def run(args: argparse.Namespace) -> int:
         else:
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
             path = write_json_atomic(root / "benchmarks" / "results" / f"study-{stamp}.json", doc)
-            out.print(f"recorded [bold]{path}[/bold]")
+            out.print(f"recorded [bold]{lit(path)}[/bold]")
     return 0
 
 
+# The colour of each verdict kind (the report's call-out colours).
+_STYLE = {"ok": "green", "bad": "red", "warn": "yellow", "info": "dim"}
+
+
 def findings_table(doc):
-    """The findings as a rich table: verdict, claim, source, evidence."""
+    """The findings as a rich table, in the words of the HTML report (one source:
+    ``normkit.study.report.findings_rows``): claim, source, verdict, evidence."""
     from rich.table import Table
 
+    from normkit._report.document import plain
+    from normkit.study.report import QUICK_NOTE, findings_rows
+
+    from ._out import lit
+
     table = Table(title="normkit study — findings", title_justify="left")
-    for col in ("verdict", "claim", "source", "evidence"):
+    for col in ("claim", "source", "verdict", "evidence"):
         table.add_column(col, overflow="fold")
-    for f in doc["findings"]:
-        if f["holds"] is None:
-            mark = "[dim]not measured[/dim]"
-        elif not f["conclusive"]:
-            mark = "[yellow]inconclusive[/yellow]"
-        else:
-            mark = "[green]reproduced[/green]" if f["holds"] else "[red]not reproduced[/red]"
-        table.add_row(mark, f["claim"], f["source"], f"[dim]{f['evidence']}[/dim]")
+    for claim, source, verdict, kind, evidence in findings_rows(doc):
+        table.add_row(lit(plain(claim)), lit(plain(source)),
+                      f"[{_STYLE[kind]}]{lit(verdict)}[/{_STYLE[kind]}]",
+                      f"[dim]{lit(plain(evidence))}[/dim]")
     if doc["config"]["preset"] == "quick":
-        table.caption = ("quick preset: too short for the training-dynamics claims; "
-                         "run the default study for those")
+        table.caption = lit(plain(QUICK_NOTE))
         table.caption_justify = "left"
     return table

@@ -7,12 +7,27 @@ figures, call-outs, key/value lists) — rendered two ways from the same blocks:
   scripts, no network), the same look for every normkit report;
 * :func:`render_markdown`: markdown whose figures point at PNG files written beside it.
 
+Block text may carry two inline marks (```code```, ``**bold**``); user strings (file, model and
+layer names, messages) go in through :func:`literal` / :func:`literal_code` and come out as
+written in both formats — escaped, never read as HTML or markdown.
+
 :func:`write_report` writes both (and the PNGs) atomically.  Plots come from
 :mod:`normkit._report.plotting`, which imports matplotlib (the ``report`` extra) lazily.
 """
 
 from .._io import write_bytes_atomic, write_json_atomic, write_text_atomic
-from .document import Callout, Code, Document, Figure, Heading, KeyValues, Paragraph, Table
+from .document import (
+    Callout,
+    Code,
+    Document,
+    Figure,
+    Heading,
+    KeyValues,
+    Paragraph,
+    Table,
+    literal,
+    literal_code,
+)
 from .html import render_html
 from .markdown import render_markdown
 from .writer import write_report
@@ -27,6 +42,8 @@ __all__ = [
     "Callout",
     "KeyValues",
     "Code",
+    "literal",
+    "literal_code",
     # rendering and writing
     "render_html",
     "render_markdown",

@@ -1,7 +1,11 @@
 """The report model: a :class:`Document` of blocks, independent of the output format.
 
-Text in paragraphs, cells and call-outs may use two inline marks, rendered by both formats:
-```code``` and ``**bold**``.  Everything else is plain text (escaped in HTML).
+Text in headings, paragraphs, cells, captions and call-outs may use two inline marks, rendered
+by both formats: ```code``` and ``**bold**``; a backslash before a backslash, a backtick or a
+star makes that character plain.  Everything else is plain text, shown as written: escaped in
+HTML and in markdown.  A user's string (a file, model or layer name, an error message) goes in
+through :func:`literal` (or :func:`literal_code`), so its own backticks and stars stay
+characters.
 """
 
 from __future__ import annotations
@@ -10,10 +14,56 @@ import re
 from dataclasses import dataclass, field
 
 __all__ = ["Heading", "Paragraph", "Table", "Figure", "Callout", "KeyValues", "Code",
-           "Document", "CALLOUT_KINDS"]
+           "Document", "CALLOUT_KINDS", "literal", "literal_code", "spans", "plain"]
 
 CALLOUT_KINDS = ("info", "ok", "warn", "bad")
 _FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.png$")
+
+_ESCAPE = re.compile(r"\\([\\`*])")
+_SPECIAL = re.compile(r"([\\`*])")
+# One pass, left to right: an escaped character, a `code` span or a **bold** span (either may
+# hold escaped characters; a lone backslash is a character).
+_MARKS = re.compile(r"\\([\\`*])"
+                    r"|`((?:\\[\\`*]|[^`])+?)`"
+                    r"|\*\*((?:\\[\\`*]|[^*])+?)\*\*")
+
+
+def literal(text) -> str:
+    """``str(text)`` as report text that shows exactly those characters (no marks)."""
+    return _SPECIAL.sub(r"\\\1", str(text))
+
+
+def literal_code(text) -> str:
+    """``str(text)`` as a ```code``` span that shows exactly those characters."""
+    return f"`{literal(text)}`" if str(text) else ""
+
+
+def spans(text: str) -> list[tuple[str, str]]:
+    """``text`` as runs of ``("text" | "code" | "bold", characters)``, escapes resolved: what
+    both renderers draw."""
+    runs: list[tuple[str, str]] = []
+    plain_chars: list[str] = []
+    pos = 0
+    for m in _MARKS.finditer(text):
+        plain_chars.append(text[pos:m.start()])
+        pos = m.end()
+        if m.group(1) is not None:
+            plain_chars.append(m.group(1))
+            continue
+        if "".join(plain_chars):
+            runs.append(("text", "".join(plain_chars)))
+        plain_chars = []
+        kind, body = ("code", m.group(2)) if m.group(2) is not None else ("bold", m.group(3))
+        runs.append((kind, _ESCAPE.sub(r"\1", body)))
+    plain_chars.append(text[pos:])
+    if "".join(plain_chars):
+        runs.append(("text", "".join(plain_chars)))
+    return runs
+
+
+def plain(text: str) -> str:
+    """``text`` without its marks: the characters a reader sees (a terminal, a page title)."""
+    return "".join(chars for _kind, chars in spans(text))
 
 
 @dataclass(frozen=True)

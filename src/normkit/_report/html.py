@@ -12,7 +12,18 @@ import base64
 import html
 import re
 
-from .document import Callout, Code, Document, Figure, Heading, KeyValues, Paragraph, Table
+from .document import (
+    Callout,
+    Code,
+    Document,
+    Figure,
+    Heading,
+    KeyValues,
+    Paragraph,
+    Table,
+    plain,
+    spans,
+)
 
 __all__ = ["render_html", "inline_html", "STYLE"]
 
@@ -57,15 +68,17 @@ footer { color: var(--muted); font-size: 12px; margin-top: 40px; border-top: 1px
 """
 
 _TAGS = {"ok": "OK", "warn": "NOTE", "bad": "FAIL", "info": "INFO"}
-_CODE = re.compile(r"`([^`]+)`")
-_BOLD = re.compile(r"\*\*([^*]+)\*\*")
+_ELEMENT = {"code": "code", "bold": "strong"}
 
 
 def inline_html(text: str) -> str:
-    """Escape ``text`` and render its inline marks (```code```, ``**bold**``)."""
-    out = html.escape(text, quote=True)
-    out = _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", out)
-    return _BOLD.sub(lambda m: f"<strong>{m.group(1)}</strong>", out)
+    """``text`` as HTML: its inline marks (```code```, ``**bold**``) as elements, every
+    character escaped."""
+    out = []
+    for kind, chars in spans(text):
+        chars = html.escape(chars, quote=True)
+        out.append(chars if kind == "text" else f"<{_ELEMENT[kind]}>{chars}</{_ELEMENT[kind]}>")
+    return "".join(out)
 
 
 def _slug(text: str) -> str:
@@ -113,7 +126,7 @@ def render_html(doc: Document, footer: str = "") -> str:
         '<html lang="en"><head><meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         '<link rel="icon" href="data:,">\n'
-        f"<title>{html.escape(doc.title)}</title>\n<style>{STYLE}</style></head>\n"
+        f"<title>{html.escape(plain(doc.title))}</title>\n<style>{STYLE}</style></head>\n"
         f"<body><main><header><h1>{inline_html(doc.title)}</h1>{sub}</header>\n"
         f"{body}\n{foot}</main></body></html>\n"
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 
-__all__ = ["require_matplotlib", "new_figure", "to_png", "PALETTE"]
+__all__ = ["require_matplotlib", "new_figure", "to_png", "text_label", "PALETTE"]
 
 # Colour-blind-safe (Okabe–Ito), in the order configurations are usually listed.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
@@ -25,6 +25,12 @@ def require_matplotlib():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def text_label(text) -> str:
+    """``str(text)`` as a matplotlib title, legend entry or tick label that shows exactly those
+    characters: a layer named ``$\\frac$`` would otherwise be parsed as mathtext (and fail)."""
+    return str(text).replace("$", r"\$")
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 3.6,

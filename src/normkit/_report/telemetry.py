@@ -14,8 +14,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from .document import Document
-from .plotting import new_figure, to_png
+from .document import Document, literal, literal_code
+from .plotting import new_figure, text_label, to_png
 
 __all__ = ["load_run", "build_telemetry_report"]
 
@@ -76,27 +76,31 @@ def _series(steps, layers, key):
     return out
 
 
-def _activation_figure(steps, layers) -> bytes | None:
+def _activation_figure(steps, layers) -> tuple[bytes, str] | None:
+    """The input mean and scale of each layer over the steps: ``(png, alt text)``.  RMSNorm
+    layers record their input's RMS and no mean, so a model without a mean statistic gets one
+    panel, the scale, rather than an empty mean chart."""
     shown = layers[:_MAX_LINES]
     mean = _series(steps, shown, "input_mean")
-    scale = _series(steps, shown, "input_std")
-    rms = _series(steps, shown, "input_rms")
-    for name, s in rms.items():  # RMSNorm layers have a scale (RMS) but no mean
-        scale.setdefault(name, s)
-    if not mean and not scale:
+    std = _series(steps, shown, "input_std")
+    rms = {name: s for name, s in _series(steps, shown, "input_rms").items() if name not in std}
+    scale = {**std, **rms}
+    if not scale and not mean:
         return None
-    fig, (a, b) = new_figure(ncols=2, width=5.6, height=3.6)
-    for name in shown:
-        if name in mean:
-            a.plot(*mean[name], label=name, linewidth=1.2)
-        if name in scale:
-            b.plot(*scale[name], label=name, linewidth=1.2)
-    a.set_title("input mean per layer")
-    b.set_title("input std (LayerNorm) / RMS (RMSNorm)")
-    for ax in (a, b):
+    scale_title = " / ".join(t for t, has in (("input std (LayerNorm)", std),
+                                              ("input RMS (RMSNorm)", rms)) if has)
+    panels = [(series, title) for series, title in ((mean, "input mean per layer"),
+                                                    (scale, scale_title)) if series]
+    fig, axes = new_figure(ncols=len(panels), width=5.6, height=3.6)
+    for ax, (series, title) in zip(axes, panels, strict=True):
+        for name in shown:
+            if name in series:
+                ax.plot(*series[name], label=text_label(name), linewidth=1.2)
+        ax.set_title(title)
         ax.set_xlabel("step")
-    b.legend(fontsize=7, loc="best")
-    return to_png(fig)
+    axes[-1].legend(fontsize=7, loc="best")
+    what = "input mean and scale" if mean else "input RMS"  # no mean: RMSNorm layers only
+    return to_png(fig), f"{what} of each norm layer over steps"
 
 
 def _alert_figure(steps) -> bytes | None:
@@ -111,7 +115,7 @@ def _alert_figure(steps) -> bytes | None:
         ys = [rules.index(a["rule"]) for _, a in pts if a["severity"] == sev]
         if xs:
             ax.scatter(xs, ys, color=colours[sev], label=sev, s=30, zorder=3)
-    ax.set_yticks(range(len(rules)), rules)
+    ax.set_yticks(range(len(rules)), [text_label(r) for r in rules])
     ax.set_ylim(-0.7, len(rules) - 0.3)
     first, last = steps[0]["step"], steps[-1]["step"]
     ax.set_xlim(first - 1, last + 1)
@@ -161,11 +165,11 @@ def build_telemetry_report(path: str | os.PathLike,
     pages = [a for _, a in alerts if a["severity"] == "page"]
 
     doc = Document("normkit telemetry report",
-                   ", ".join(f"{m} {v}" for m, v in models) + f" — {Path(path).name}")
+                   literal(", ".join(f"{m} {v}" for m, v in models) + f" — {Path(path).name}"))
     span = steps[-1]["time_unix"] - steps[0]["time_unix"]
     doc.key_values([
-        ("file", str(path)),
-        ("model / version", "; ".join(f"{m} / {v}" for m, v in models)),
+        ("file", literal(path)),
+        ("model / version", literal("; ".join(f"{m} / {v}" for m, v in models))),
         ("sampled steps", f"{len(steps)} (steps {steps[0]['step']}–{steps[-1]['step']}, "
                           f"every {steps[0].get('every')})"),
         ("ranks", ", ".join(ranks)),
@@ -176,7 +180,7 @@ def build_telemetry_report(path: str | os.PathLike,
         r, p, e = nonfinite[0]
         n_steps = len({r["step"] for r, _, _ in nonfinite})
         doc.callout("bad", f"Non-finite values in {n_steps} sampled step(s); the first, at step "
-                           f"{r['step']} ({p}), started in `{e.get('origin')}`.")
+                           f"{r['step']} ({p}), started in {literal_code(e.get('origin'))}.")
     elif pages:
         doc.callout("bad", f"{len(pages)} page alert(s) in this run.")
     elif alerts:
@@ -206,9 +210,10 @@ def build_telemetry_report(path: str | os.PathLike,
         rows = []
         for (p, origin), g in groups.items():
             prop = g["prop"]
-            rows.append((g["steps"][0], g["steps"][-1], len(g["steps"]), p, origin or "–",
-                         g["values"],
-                         ", ".join(prop[:4]) + (f" (+{len(prop) - 4})" if len(prop) > 4 else ""),
+            rows.append((g["steps"][0], g["steps"][-1], len(g["steps"]), p,
+                         literal(origin or "–"), g["values"],
+                         literal(", ".join(prop[:4]))
+                         + (f" (+{len(prop) - 4})" if len(prop) > 4 else ""),
                          g["modules"]))
         doc.table(["first step", "last step", "sampled steps", "pass", "origin", "values",
                    "propagators", "modules"], rows, align=("r", "r", "r", "l", "l", "r", "l", "r"),
@@ -223,37 +228,13 @@ def build_telemetry_report(path: str | os.PathLike,
         if png:
             doc.figure(png, "alerts.png", "alert timeline by rule and severity")
         doc.table(["step", "severity", "rule", "layer", "count", "message"],
-                  [(r["step"], a["severity"], a["rule"], a.get("layer") or "–", a["count"],
-                    a.get("message", "")) for r, a in alerts],
+                  [(r["step"], a["severity"], literal(a["rule"]), literal(a.get("layer") or "–"),
+                    a["count"], literal(a.get("message", ""))) for r, a in alerts],
                   align=("r", "l", "l", "l", "r", "l"))
     else:
         doc.paragraph("No alert was opened.")
 
-    doc.heading("Activations per layer")
-    png = _activation_figure(steps, layers)
-    if png:
-        caption = "" if len(layers) <= _MAX_LINES else (
-            f"the first {_MAX_LINES} of {len(layers)} layers; all are in the table")
-        doc.figure(png, "activations.png", "input mean and scale of each norm layer over steps",
-                   caption)
-    last = steps[-1].get("summary", {})
-    lat = _latency(steps, layers)
-    rows = []
-    for name in layers:
-        s = last.get(name, {})
-        calls, p50, p99 = lat.get(name, (0, None, None))
-        # the norm's kind ("layer", "batch", ...); older records only say "ln" or "rms"
-        kind = s.get("norm") or s.get("kind", "–")
-        rows.append((name, kind, _fmt(s.get("input_mean")),
-                     _fmt(s.get("input_std") if s.get("input_std") is not None
-                          else s.get("input_rms")),
-                     _fmt(s.get("weight_norm")), _fmt(s.get("weight_update_norm")),
-                     _fmt(s.get("weight_grad_norm")),
-                     "–" if p50 is None else f"{p50 * 1e6:.0f} / {p99 * 1e6:.0f}"))
-    doc.table(["layer", "kind", "input mean", "input std/RMS", "|γ|", "|Δγ|", "|∇γ|",
-               "latency p50/p99 µs"], rows,
-              caption="last sampled step; |Δγ| is γ's change since the previous sampled step "
-                      "(0 means frozen), latency over every recorded call")
+    _layers_section(doc, steps, layers, nonfinite)
 
     doc.heading("Drift against the baseline")
     checks = [r["drift"] for r in steps if r.get("drift")]
@@ -272,14 +253,15 @@ def build_telemetry_report(path: str | os.PathLike,
     live = Baseline.from_records(steps, source=str(path))  # the records read above
     results = base.drift(live.layers)
     judged = [r for r in results.values() if r.evaluable]
-    doc.paragraph(f"Baseline `{Path(baseline).name}`: {base.model_name} "
-                  f"{base.model_version}; the whole run is merged and compared layer by "
-                  "layer (mean shift in baseline std, variance ratio, PSI and KS of the "
-                  "per-row statistics, each against its limit at the run's row counts).")
+    doc.paragraph(f"Baseline {literal_code(Path(baseline).name)}: "
+                  f"{literal(f'{base.model_name} {base.model_version}')}; the whole run is "
+                  "merged and compared layer by layer (mean shift in baseline std, variance "
+                  "ratio, PSI and KS of the per-row statistics, each against its limit at the "
+                  "run's row counts).")
     drifted = [r for r in judged if r.drifted]
     if drifted:
         doc.callout("warn", f"{len(drifted)} of {len(judged)} layers drifted: "
-                            + ", ".join(r.layer for r in drifted[:8]))
+                            + literal(", ".join(r.layer for r in drifted[:8])))
     elif judged:
         doc.callout("ok", f"No drift in any of the {len(judged)} compared layers.")
     blind = [(r.layer, r.reason) for r in results.values() if not r.evaluable]
@@ -287,14 +269,86 @@ def build_telemetry_report(path: str | os.PathLike,
         doc.callout("warn" if judged else "info", _not_judged(blind, "over the whole run"))
     if judged:
         doc.table(["layer", "rows", "mean shift", "variance ratio", "PSI", "KS", "crossed"],
-                  [(r.layer, r.rows, _fmt(r.mean_shift, 3), _fmt(r.variance_ratio, 3),
+                  [(literal(r.layer), r.rows, _fmt(r.mean_shift, 3), _fmt(r.variance_ratio, 3),
                     _fmt(r.psi, 3), _fmt(r.ks, 3), ", ".join(r.crossed) or "–")
                    for r in judged])
     return doc
 
 
+def _last_finite(steps, name: str, keys: tuple[str, ...]) -> tuple[float, int] | None:
+    """``(value, step)`` of the layer's last finite value of the first of ``keys`` it records
+    (a NaN stops the statistics of every layer it reaches; the table shows what was before)."""
+    for rec in reversed(steps):
+        s = rec.get("summary", {}).get(name, {})
+        v = next((s[k] for k in keys if s.get(k) is not None), None)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            return v, rec["step"]
+    return None
+
+
+def _layers_section(doc: Document, steps, layers, nonfinite) -> None:
+    """The per-layer figure and table: statistics of the last sampled step — or, for a layer
+    the run's NaN/Inf reached, its last finite ones with their step, and where the NaN started."""
+    doc.heading("Activations per layer")
+    summaries = [s for rec in steps for s in rec.get("summary", {}).values()]
+    has_mean = any(s.get("input_mean") is not None for s in summaries)
+    fig = _activation_figure(steps, layers)
+    if fig:
+        png, alt = fig
+        notes = [] if has_mean else [
+            "RMSNorm layers record their input's RMS (the root of its mean square), not a mean: "
+            "the RMS is what is plotted"]
+        if len(layers) > _MAX_LINES:
+            notes.append(f"the first {_MAX_LINES} of {len(layers)} layers; all are in the table")
+        doc.figure(png, "activations.png", alt, "; ".join(notes))
+
+    final = steps[-1]["step"]
+    bad = {name: [rec["step"] for rec in steps
+                  if rec.get("summary", {}).get(name, {}).get("nonfinite_rows")]
+           for name in layers}
+    any_bad = any(bad.values())
+    columns = [("input mean", ("input_mean",))] if has_mean else []
+    columns += [("input std/RMS", ("input_std", "input_rms")), ("|γ|", ("weight_norm",)),
+                ("|Δγ|", ("weight_update_norm",)), ("|∇γ|", ("weight_grad_norm",))]
+    lat = _latency(steps, layers)
+    rows, older = [], False
+    for name in layers:
+        summary = next((rec["summary"][name] for rec in reversed(steps)
+                        if name in rec.get("summary", {})), {})
+        # the norm's kind ("layer", "batch", ...); older records only say "ln" or "rms"
+        row = [literal(name), literal(summary.get("norm") or summary.get("kind", "–"))]
+        for _header, keys in columns:
+            value, step = _last_finite(steps, name, keys) or (None, final)
+            older |= step != final
+            row.append(_fmt(value) + ("" if step == final else f" (step {step})"))
+        if any_bad:
+            first, last = (bad[name] or [None])[0], (bad[name] or [None])[-1]
+            row.append("–" if first is None else f"step {first}" if first == last
+                       else f"steps {first}–{last}")
+        _calls, p50, p99 = lat.get(name, (0, None, None))
+        row.append("–" if p50 is None else f"{p50 * 1e6:.0f} / {p99 * 1e6:.0f}")
+        rows.append(row)
+
+    if nonfinite:
+        r, p, e = nonfinite[0]
+        doc.paragraph(f"Non-finite values from step {r['step']} ({p}), started in "
+                      f"{literal_code(e.get('origin'))}; the statistics of a layer they reached "
+                      "are its last finite ones.")
+    headers = ["layer", "kind", *(h for h, _ in columns)]
+    caption = [f"last sampled step ({final}), or where a step is given in brackets the last "
+               "with a finite value" if older else f"last sampled step ({final})",
+               "|Δγ| is γ's change since the previous sampled step (0 means frozen)",
+               "latency over every recorded call"]
+    if any_bad:
+        headers.append("non-finite input")
+        caption.append("non-finite input: the first and last sampled step with non-finite rows")
+    if has_mean and any(s.get("kind") == "rms" for s in summaries):
+        caption.append("RMSNorm layers have no input mean (–): their scale is the RMS")
+    doc.table(headers + ["latency p50/p99 µs"], rows, caption="; ".join(caption))
+
 def _not_judged(layers: list[tuple[str, str | None]], when: str) -> str:
     """The sentence naming the layers whose drift could not be judged, and why."""
-    shown = "; ".join(f"{name} ({why or 'no reason recorded'})" for name, why in layers[:8])
+    shown = literal("; ".join(f"{name} ({why or 'no reason recorded'})"
+                              for name, why in layers[:8]))
     more = f"; and {len(layers) - 8} more" if len(layers) > 8 else ""
     return f"Drift could not be judged {when} for {len(layers)} layer(s): {shown}{more}."

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_text_atomic
+from .._report.markdown import code_span, escape_text, table_cell
 
 SCHEMA_VERSION = 1
 
@@ -278,15 +279,15 @@ class AuditReport:
         c = self.counts()
         verdict = "✅ passed" if self.ok(fail_on) else "❌ failed"
         lines = [
-            f"## normkit audit: `{self.target}` — {verdict} (`--fail-on {fail_on}`)",
+            f"## normkit audit: {code_span(self.target)} — {verdict} (`--fail-on {fail_on}`)",
             "",
             f"{c['error']} error(s), {c['warning']} warning(s), {c['info']} info; dtype "
             f"{self.dtype}; checks: {', '.join(self.checks) or 'none'}; {self.seconds:.1f} s.",
             "",
         ]
         if self.skipped:
-            lines += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items()),
-                      ""]
+            lines += ["Skipped: " + "; ".join(f"{_md(k)} ({_md(v)})"
+                                              for k, v in self.skipped.items()), ""]
         if self.findings:
             lines += ["| severity | id | layer | message | fix |", "|---|---|---|---|---|"]
             for f in self.findings:
@@ -300,9 +301,9 @@ class AuditReport:
                       "|---|---|---|---|---|---|---|---|"]
             for L in self.layers:
                 lines.append(
-                    f"| {_md(L['name'] or '(root)')} | {L['type']} | "
+                    f"| {_md(L['name'] or '(root)')} | {_md(L['type'])} | "
                     f"{L.get('normalized_shape')} | {L.get('eps')} | {L.get('affine')} | "
-                    f"{L.get('dtype')} | {L.get('params')} | {L.get('placement') or '—'} |")
+                    f"{L.get('dtype')} | {L.get('params')} | {_md(L.get('placement') or '—')} |")
         return "\n".join(lines) + "\n"
 
     def write(self, path: str | os.PathLike, fmt: str = "json", fail_on: str = "error") -> Path:
@@ -313,5 +314,7 @@ class AuditReport:
         return write_text_atomic(path, text)
 
 
-def _md(text: str) -> str:
-    return str(text).replace("|", "\\|")
+def _md(text) -> str:
+    """A user's string (a target, layer, message) as one markdown table cell, shown as written:
+    a module named ``<script>`` is text, not HTML."""
+    return table_cell(escape_text(str(text)))

@@ -11,7 +11,7 @@ from .._report import Document, write_json_atomic, write_report
 from . import plots
 from .stats import NOISE_K
 
-__all__ = ["build_document", "write_outputs"]
+__all__ = ["build_document", "write_outputs", "findings_rows", "QUICK_NOTE"]
 
 _PLACE = {"none": "no norm", "post": "post-LN", "pre": "pre-LN", "peri": "peri-LN"}
 _NORM = {"layer": "LayerNorm", "rms": "RMSNorm", "dyt": "Dynamic Tanh", "none": "no norm",
@@ -41,6 +41,13 @@ def _noise(c: dict, nd: int = 3) -> str:
     return f"{c['diff']:+.{nd}f} ± {c['noise']:.{nd}f}: **{verdict}**"
 
 
+# The findings' wording, shared by the report and the terminal summary of `normkit study`.
+QUICK_NOTE = ("The quick preset trains tiny models for a few dozen steps: enough to check the "
+              "pipeline and batch dependence, too short for the training-dynamics claims. Run "
+              "`normkit study` (the default preset) for those; a recorded run is kept in "
+              "`benchmarks/results/study-*.json`.")
+
+
 def _verdict(f: dict) -> tuple[str, str]:
     if f["holds"] is None:
         return "not measured", "info"
@@ -48,6 +55,12 @@ def _verdict(f: dict) -> tuple[str, str]:
         return ("agrees (inconclusive at this scale)" if f["holds"]
                 else "not shown (inconclusive at this scale)"), "warn"
     return ("reproduced", "ok") if f["holds"] else ("not reproduced", "bad")
+
+
+def findings_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """One row per finding: ``(claim, source, verdict, kind, evidence)``, where ``kind`` is the
+    verdict's call-out kind ("ok", "bad", "warn", "info")."""
+    return [(f["claim"], f["source"], *_verdict(f), f["evidence"]) for f in doc["findings"]]
 
 
 def build_document(doc: dict[str, Any], runs_dir: Path | None = None) -> Document:
@@ -65,16 +78,12 @@ def build_document(doc: dict[str, Any], runs_dir: Path | None = None) -> Documen
                 f"**beyond noise** when the means differ by more than {NOISE_K:g} standard "
                 "errors of the difference over seeds (Welch); with 2–3 seeds this is a rough "
                 "screen, not a significance test.")
-    rows = []
-    for f in doc["findings"]:
-        text, _kind = _verdict(f)
-        rows.append((f["claim"], f["source"], text, f["evidence"]))
-    d.table(("claim", "source", "verdict", "evidence"), rows, align=("l", "l", "l", "l"))
+    d.table(("claim", "source", "verdict", "evidence"),
+            [(claim, source, verdict, evidence)
+             for claim, source, verdict, _kind, evidence in findings_rows(doc)],
+            align=("l", "l", "l", "l"))
     if cfg["preset"] == "quick":
-        d.callout("warn", "The quick preset trains tiny models for a few dozen steps: enough to "
-                  "check the pipeline and batch dependence, too short for the training-dynamics "
-                  "claims. Run `normkit study` (the default preset) for those; a recorded run "
-                  "is kept in `benchmarks/results/study-*.json`.")
+        d.callout("warn", QUICK_NOTE)
 
     d.heading("Setup")
     data = doc["data"]

@@ -1,0 +1,52 @@
+"""``normkit --help`` and ``normkit COMMAND --help`` answer at once: neither the console script
+nor ``import normkit`` imports torch (it was 2.3 s of CPU before the help text showed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from normkit._cli.main import COMMANDS
+
+# The package these tests import: the subprocess must run the same code.
+SRC = Path(importlib.util.find_spec("normkit").origin).resolve().parents[1]
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_does_not_import_torch(command):
+    """The console script imports the package ``normkit``; the time of ``normkit --help`` was
+    torch's import (2.3 s of CPU).  The test checks the cause, not a wall time."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['normkit', *{command.split()!r}, '--help']\n"
+            "try:\n"
+            "    runpy.run_module('normkit._cli.main', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "print('HEAVY', [m for m in ('torch', 'numpy', 'rich') if m in sys.modules])\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    assert p.returncode == 0, p.stderr
+    assert "usage: normkit" in p.stdout
+    assert p.stdout.splitlines()[-1] == "HEAVY []"
+
+
+def test_import_normkit_is_lazy_and_complete():
+    code = ("import sys, normkit\n"
+            "assert 'torch' not in sys.modules, 'import normkit imported torch'\n"
+            "assert set(normkit.__all__) <= set(dir(normkit))\n"
+            "import normkit.convert\n"  # the submodule must not hide the function
+            "from normkit import layer_norm, convert\n"
+            "import torch\n"
+            "m = convert(torch.nn.Sequential(torch.nn.LayerNorm(4)))\n"
+            "assert type(m[0]) is normkit.nn.LayerNorm and callable(normkit.convert)\n"
+            "assert normkit.functional.layer_norm is layer_norm\n"
+            "assert all(getattr(normkit, n) is not None for n in normkit.__all__)\n"
+            "print('ok')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    assert p.stdout.strip() == "ok", p.stderr
