@@ -285,14 +285,17 @@ def layer_norm(
             multiply; output weight.dtype (16-bit weight) or float32.
         out_dtype: output dtype for "torch"/"gemma" casting.
         out: a tensor to write y into (shape of x, the output dtype, contiguous, same device);
-            it is returned as y.  It may be x itself (each row is read before it is written).
-            No autograd through it, as with torch's ``out=`` arguments: with a gradient wanted
-            this raises.  Saves the allocation and the first-touch page faults of a fresh
-            output, which for large tensors cost as much as the op.
+            it is returned as y.  It may be x itself (each row is read before it is written);
+            any other memory it shares with x, residual, weight, bias or residual_out raises
+            a RuntimeError, as torch's ``out=`` arguments do (so does an out that overlaps
+            itself).  No autograd through it, as with torch's ``out=`` arguments: with a
+            gradient wanted this raises.  Saves the allocation and the first-touch page faults
+            of a fresh output, which for large tensors cost as much as the op.
         residual_out: with ``residual``, a tensor to write h into (x's shape and dtype,
-            contiguous, same device, not ``out``); it is returned as h.  It may be ``residual``
-            itself — the in-place update of the residual stream that serving engines use — or
-            x.  No autograd through it, as ``out``.
+            contiguous, same device); it is returned as h.  It may be ``residual`` itself — the
+            in-place update of the residual stream that serving engines use — or x; other
+            memory shared with an input or with ``out`` raises, as for ``out``.  No autograd
+            through it, as ``out``.
 
     Returns:
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype).
@@ -462,12 +465,13 @@ def _check_out(out, x, weight, bias, residual, casting, out_dtype):
         raise ValueError(f"out must have x's shape {tuple(x.shape)}, dtype {want} and device "
                          f"{x.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
     if not out.is_contiguous():
+        _check_internal_overlap("out", out)
         raise ValueError("out must be contiguous")
     _check_no_autograd("out", x, weight, bias, residual, out)
 
 
-def _check_residual_out(residual_out, out, x, weight, bias, residual):
-    """``residual_out=``: where h goes; like x, contiguous, not out, outside autograd."""
+def _check_residual_out(residual_out, x, weight, bias, residual):
+    """``residual_out=``: where h goes; like x, contiguous, outside autograd."""
     if not isinstance(residual_out, torch.Tensor):
         raise TypeError(f"residual_out must be a torch.Tensor or None, got "
                         f"{type(residual_out).__name__}")
@@ -479,10 +483,104 @@ def _check_residual_out(residual_out, out, x, weight, bias, residual):
                          f"and device {x.device}; got {tuple(residual_out.shape)}, "
                          f"{residual_out.dtype}, {residual_out.device}")
     if not residual_out.is_contiguous():
+        _check_internal_overlap("residual_out", residual_out)
         raise ValueError("residual_out must be contiguous")
-    if out is not None and out.numel() and out.data_ptr() == residual_out.data_ptr():
-        raise ValueError("out and residual_out must be different tensors")
     _check_no_autograd("residual_out", x, weight, bias, residual, residual_out)
+
+
+# torch's words for the same errors (aten/src/ATen/MemoryOverlap.cpp), so that a torch user
+# recognises them.
+_PARTIAL_OVERLAP = ("unsupported operation: some elements of the input tensor and the written-to "
+                    "tensor refer to a single memory location")
+_INTERNAL_OVERLAP = ("unsupported operation: more than one element of the written-to tensor "
+                     "refers to a single memory location")
+_CLONE = "Please clone() the tensor before performing the operation."
+
+
+def _check_writes(x, weight, bias, residual, out, residual_out):
+    """``out=`` / ``residual_out=`` (already checked to be contiguous tensors like x) share no
+    memory with an input or with each other, as torch requires of its out= arguments
+    (RuntimeError in torch's words), except in the in-place forms (``out=x``;
+    ``residual_out=residual`` or ``x``: the same elements exactly, which the kernels read row by
+    row before writing).  Anything else would be read after it was overwritten.
+
+    Memory, not storage: two tensors over one numpy array overlap, and two disjoint slices of one
+    buffer do not (``torch._C._overlaps`` compares storages only, and costs ~0.4 µs a pair).
+    The eager fast path (kernels/csrc/host.cpp, ``run``) declines any call whose byte ranges
+    meet, so the error is raised here; other calls cost a few pointer reads.
+    """
+    if out is not None:
+        _check_write("out", out, (x, residual, weight, bias, residual_out), 1)
+    if residual_out is not None:
+        _check_write("residual_out", residual_out, (x, residual, weight, bias), 2)
+
+
+_SOURCES = ("x", "residual", "weight", "bias", "residual_out")  # _check_write's sources, in order
+
+
+def _check_write(name, dst, sources, in_place):
+    """Raises when output ``dst`` shares memory with one of ``sources`` (named as in _SOURCES;
+    None for an absent one), other than an exact alias of one of the first ``in_place``."""
+    lo = dst.data_ptr()
+    hi = lo + dst.nbytes
+    for i, src in enumerate(sources):
+        if src is None or (src is dst and i < in_place):
+            continue
+        start = src.data_ptr()
+        # A contiguous source spans [start, start + nbytes); a strided one may reach further.
+        if start < hi and (start + src.nbytes > lo or not src.is_contiguous()):
+            _check_pair(name, dst, _SOURCES[i], src, lo, hi, i < in_place)
+
+
+def _check_pair(name, dst, src_name, src, lo, hi, in_place):
+    """The exact test, for a source whose span meets the output's bytes [lo, hi)."""
+    if not _shares_memory(src, dst, lo, hi):
+        return
+    if in_place and src.dtype == dst.dtype and src.data_ptr() == lo and (
+            src.shape == dst.shape and src.is_contiguous()):
+        return  # the same elements: the documented in-place form
+    unless = f" unless it is {src_name} itself" if in_place else ""
+    raise RuntimeError(f"{name}= and {src_name}: {_PARTIAL_OVERLAP} ({name} must not share "
+                       f"memory with {src_name}{unless}). {_CLONE}")
+
+
+def _shares_memory(src, dst, lo, hi):
+    """Whether an element of ``src`` has a byte in [lo, hi), the bytes of contiguous ``dst``."""
+    if not (dst.numel() and src.numel()) or src.device != dst.device or dst.is_meta:
+        return False  # nothing written or read; other devices, meta: no memory in common
+    size = src.element_size()
+    # (count, byte step) per dim, largest step first; repeated (step 0) and single dims add no
+    # address.  Negative steps do not exist in torch.
+    dims = sorted(((n, s * size) for n, s in zip(src.shape, src.stride(), strict=True)
+                   if n > 1 and s), key=lambda d: -d[1])
+    return _touches(src.data_ptr(), dims, size, lo, hi)
+
+
+def _touches(base, dims, size, lo, hi):
+    """Whether the elements ``base + Σ i_k·step_k`` (0 <= i_k < count_k over ``dims``, largest
+    step first), each ``size`` bytes, touch [lo, hi).  Exact, in O(len(dims)) steps: the blocks
+    of the outer dim lie one after another, so only the first block that ends past ``lo`` can
+    straddle it; any later block that starts before ``hi`` starts inside."""
+    if not dims:
+        return base < hi and lo < base + size
+    (count, step), inner = dims[0], dims[1:]
+    span = size + sum((n - 1) * s for n, s in inner)  # bytes one block reaches
+    if step < span:  # blocks interleave (an unusual as_strided view): assume they touch
+        return True
+    i = max(0, (lo - base - span) // step + 1)  # the first block that ends past lo
+    start = base + i * step
+    if i >= count or start >= hi:
+        return False
+    return (start >= lo or _touches(start, inner, size, lo, hi)
+            or (i + 1 < count and start + step < hi))
+
+
+def _check_internal_overlap(name, t):
+    """An output with a repeated (stride 0) dim: several elements would be written to one place.
+    torch's own test (``MemOverlap::Yes``; it answers "too hard" for other strided layouts)."""
+    if torch._debug_has_internal_overlap(t) == 1:
+        raise RuntimeError(f"{name}=: {_INTERNAL_OVERLAP} ({name} has stride "
+                           f"{tuple(t.stride())} for shape {tuple(t.shape)}). {_CLONE}")
 
 
 def _check_no_autograd(name, *tensors):
@@ -507,7 +605,9 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
     if out is not None:
         _check_out(out, x, weight, bias, residual, casting, out_dtype)
     if residual_out is not None:
-        _check_residual_out(residual_out, out, x, weight, bias, residual)
+        _check_residual_out(residual_out, x, weight, bias, residual)
+    if (out is not None or residual_out is not None) and not torch.compiler.is_compiling():
+        _check_writes(x, weight, bias, residual, out, residual_out)
     if not x.is_cpu and torch.is_autocast_enabled(x.device.type):
         # torch's autocast runs layer_norm / rms_norm in float32 on accelerators (CPU: no policy).
         x, weight, bias, residual = (
