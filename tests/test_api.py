@@ -3,6 +3,8 @@ empty input, torch.compile, lean import and cold start."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,6 +86,149 @@ def test_use_backend_as_context_and_global():
     finally:
         normkit.use_backend("auto")
     assert "cpu" in normkit.available_backends()
+
+
+def _in_threads(*bodies):
+    """Runs each body in a thread of its own; re-raises the first failure (an assert in a thread
+    would otherwise only print)."""
+    errors = []
+
+    def guarded(body):
+        try:
+            body()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+def _reference_calls(monkeypatch):
+    """Thread ids of the calls that ran on the reference backend."""
+    from normkit import functional
+
+    calls = []
+    real = functional.reference.norm_forward
+    monkeypatch.setattr(functional.reference, "norm_forward",
+                        lambda *a: calls.append(threading.get_ident()) or real(*a))
+    return calls
+
+
+def test_use_backend_blocks_are_per_thread():
+    """The issue's interleaving: A enters "reference", B enters "cpu", A leaves, B leaves.  Each
+    block held for its own thread only, and the process was left on "reference" for good."""
+    step = threading.Barrier(2)
+    seen = {}
+
+    def a():
+        with normkit.use_backend("reference"):
+            step.wait()  # 1: A is in its block
+            step.wait()  # 2: B is in its block
+            seen["a in block"] = normkit.get_backend()
+        step.wait()  # 3: A has left
+        step.wait()  # 4: B looked
+        seen["a after"] = normkit.get_backend()
+
+    def b():
+        step.wait()  # 1
+        seen["b before"] = normkit.get_backend()
+        with normkit.use_backend("cpu"):
+            step.wait()  # 2
+            seen["b in block"] = normkit.get_backend()
+            step.wait()  # 3
+            seen["b after a left"] = normkit.get_backend()
+            step.wait()  # 4
+
+    _in_threads(a, b)
+    assert seen == {"b before": "auto", "a in block": "reference", "b in block": "cpu",
+                    "b after a left": "cpu", "a after": "auto"}
+    assert normkit.get_backend() == "auto"
+    from normkit import functional
+    assert functional._fast is not None  # the fast path is back for everyone
+
+
+def test_a_block_in_one_thread_does_not_move_another(monkeypatch):
+    """While A computes inside a "reference" block, B (no block) keeps computing on the CPU
+    kernels, and the other way round."""
+    calls = _reference_calls(monkeypatch)
+    step = threading.Barrier(2)
+    x = torch.randn(3, 16)
+    idents = {}
+
+    def a():
+        idents["a"] = threading.get_ident()
+        with normkit.use_backend("reference"):
+            step.wait()
+            normkit.layer_norm(x, 16)
+            step.wait()
+
+    def b():
+        idents["b"] = threading.get_ident()
+        step.wait()
+        normkit.layer_norm(x, 16)
+        normkit.rms_norm(x, 16)
+        step.wait()
+
+    _in_threads(a, b)
+    assert calls == [idents["a"]]
+
+
+def test_a_plain_call_sets_the_process_wide_backend():
+    """``normkit.use_backend(name)`` outside a block: every thread without a block of its own
+    sees it; a block in a thread wins over it there and ends with the thread's own value."""
+    step = threading.Barrier(2)
+    seen = {}
+
+    def worker():
+        step.wait()  # 1: main set "reference" for the process
+        seen["no block"] = normkit.get_backend()
+        with normkit.use_backend("cpu"):
+            step.wait()  # 2
+            seen["in block"] = normkit.get_backend()
+            step.wait()  # 3: main set "auto" again
+            seen["in block after main"] = normkit.get_backend()
+        seen["after block"] = normkit.get_backend()
+
+    def main():
+        normkit.use_backend("reference")
+        step.wait()  # 1
+        step.wait()  # 2
+        seen["main"] = normkit.get_backend()
+        normkit.use_backend("auto")
+        step.wait()  # 3
+
+    try:
+        _in_threads(worker, main)
+    finally:
+        normkit.use_backend("auto")
+    assert seen == {"no block": "reference", "in block": "cpu", "main": "reference",
+                    "in block after main": "cpu", "after block": "auto"}
+
+
+def test_use_backend_objects_made_in_two_threads_before_either_block_starts():
+    """``use_backend(name)`` sets the process-wide value at once (it cannot know a ``with``
+    follows); entering withdraws that, whatever other threads did in between."""
+    made = threading.Barrier(2)
+    step = threading.Barrier(2)
+
+    def body(name):
+        def run():
+            ctx = normkit.use_backend(name)
+            made.wait()
+            with ctx:
+                step.wait()
+                assert normkit.get_backend() == name
+                step.wait()
+        return run
+
+    _in_threads(body("reference"), body("cpu"))
+    assert normkit.get_backend() == "auto"
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -20,6 +20,7 @@ import math
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -42,10 +43,11 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "reference", "cpu", "triton")
 CASTINGS = ("torch", "gemma", "llama", "t5")
 
-_backend = "auto"
+_backend = "auto"  # the process-wide backend; a use_backend block in a thread wins over it there
 _observers = 0  # threads with a statistics sink set (see _set_stats_sink); 0 keeps the fast path
-_tls = threading.local()
-_observers_lock = threading.Lock()
+_slow_blocks = 0  # use_backend blocks, in any thread, of a backend the fast paths do not serve
+_tls = threading.local()  # per thread: .sink (statistics), .backend and .saved (use_backend)
+_lock = threading.Lock()  # guards the counts above, _backend and _pending
 _cpu_module = None  # normkit.kernels.cpu (the compiled kernels), loaded on the first CPU call
 _cpu_error: str | None = None
 _triton_module = None  # normkit.kernels.triton, imported when a CUDA tensor (or test) needs it
@@ -53,14 +55,16 @@ _triton_error: str | None = None
 _tracing_state = torch._C._get_tracing_state  # bound once: ~60 ns on the M=1 fast path
 _is_compiling = torch.compiler.is_compiling
 # The compiled eager entry point (cpu.infer) while the eager fast paths may be taken (backend
-# "auto" or "cpu", no statistics sink anywhere), else None: one global read on every call
-# instead of four checks.
+# "auto" or "cpu" for the process and in every block, no statistics sink anywhere), else None:
+# one global read on every call instead of four checks.
 _fast = None
 
 
 def _refresh_fast():
+    """Recompute _fast; call with _lock held (or before any thread can race, at first load)."""
     global _fast
-    ok = _cpu_module is not None and _backend in ("auto", "cpu") and not _observers
+    ok = (_cpu_module is not None and _backend in ("auto", "cpu") and not _observers
+          and not _slow_blocks)
     _fast = _cpu_module.infer if ok else None
 
 
@@ -68,11 +72,29 @@ def _refresh_fast():
 # Backend selection
 # ----------------------------------------------------------------------------------------------
 
+# Process-wide settings that entering their use_backend object may still take back: (weak
+# reference to the object, name), oldest first, above the settled value _base.  _backend is the
+# newest one left.
+_pending: list = []
+_base = "auto"
+
 
 class use_backend(contextlib.AbstractContextManager):
-    """Select the backend: ``normkit.use_backend("cpu")`` sets it for the process;
-    ``with normkit.use_backend("reference"): ...`` sets it for the block and restores the previous
-    one on exit.
+    """Select the backend.
+
+    ``normkit.use_backend("cpu")`` sets it for the process: every thread without a block of its
+    own uses it.  ``with normkit.use_backend("reference"): ...`` sets it for the calling thread
+    only, until the block ends, like ``torch.no_grad``: other threads and the process-wide
+    value are untouched, and on exit the thread goes back to what it used before (nested blocks
+    in turn).  In a thread, its innermost block wins over the process-wide value, also over one
+    set inside the block.  ``get_backend()`` says what the calling thread uses.
+
+    The call itself cannot know that a ``with`` follows, so it sets the process-wide value,
+    and entering the block takes that back (whatever other threads set in between); between the
+    two, other threads may see it for a moment.  While a block of "reference" or "triton" is
+    open in any thread, the eager fast path is off in all of them (~1 µs per call; they still
+    compute on their own backend).  A backward pass computes on the backend of the thread that
+    runs it.
 
     Names: "auto" (fastest correct backend for the device, dtype and N — never chosen by the
     number of rows, so a row gets the same bits alone or in a batch), "reference" (pure torch,
@@ -83,18 +105,49 @@ class use_backend(contextlib.AbstractContextManager):
     """
 
     def __init__(self, name: str):
-        global _backend
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-        self._previous = _backend
-        _backend = name
-        _refresh_fast()
+        self.name = name
+        with _lock:
+            _pending.append((weakref.ref(self), name))
+            _settle()
+
+    def __enter__(self):
+        global _slow_blocks
+        with _lock:
+            _pending[:] = [p for p in _pending if p[0]() is not self]  # take the setting back
+            _settle()
+            if self.name not in ("auto", "cpu"):
+                _slow_blocks += 1
+                _refresh_fast()
+        saved = getattr(_tls, "saved", None)
+        if saved is None:
+            saved = _tls.saved = []
+        saved.append(getattr(_tls, "backend", None))
+        _tls.backend = self.name
+        return self
 
     def __exit__(self, *exc):
-        global _backend
-        _backend = self._previous
-        _refresh_fast()
+        global _slow_blocks
+        _tls.backend = _tls.saved.pop()
+        if self.name not in ("auto", "cpu"):
+            with _lock:
+                _slow_blocks -= 1
+                _refresh_fast()
         return False
+
+
+def _settle():
+    """Recompute _backend (and _fast) from _pending; with _lock held.  A setting whose object is
+    gone can no longer be taken back: the newest such becomes _base, and older ones go."""
+    global _backend, _base
+    for i in range(len(_pending) - 1, -1, -1):
+        if _pending[i][0]() is None:
+            _base = _pending[i][1]
+            del _pending[:i + 1]
+            break
+    _backend = _pending[-1][1] if _pending else _base
+    _refresh_fast()
 
 
 def empty_cache() -> None:
@@ -110,8 +163,9 @@ def empty_cache() -> None:
 
 
 def get_backend() -> str:
-    """The backend name currently selected ("auto", "reference", "cpu" or "triton")."""
-    return _backend
+    """The backend the calling thread uses ("auto", "reference", "cpu" or "triton"): its
+    innermost ``use_backend`` block's, else the process-wide one."""
+    return getattr(_tls, "backend", None) or _backend
 
 
 def available_backends() -> list[str]:
@@ -150,7 +204,8 @@ def _load_cpu():
 
             cpu.configure(_fast_double_backward)
             _cpu_module = cpu
-            _refresh_fast()
+            with _lock:
+                _refresh_fast()
         except ImportError as e:  # not built, or built for another torch: the reference serves
             _cpu_error = str(e)
             warnings.warn(f"{e}.  Until then the reference backend serves CPU tensors (slower).",
@@ -160,7 +215,7 @@ def _load_cpu():
 
 def _select(x, weight, bias, casting, out_dtype):
     """The kernels module (cpu or triton), or None for the reference."""
-    name = _backend
+    name = get_backend()
     if name == "reference":
         return None
     if name == "triton" or (name == "auto" and x.is_cuda):
@@ -197,7 +252,7 @@ def _select_triton(name, x, weight, bias, casting, out_dtype):
 def _backward_kernels(stats):
     """The kernels module for a custom-op backward.  Every backend writes the same (M, 3)
     [m1, dm, rstd] statistics, so any backend that runs on their device can take them."""
-    if stats.is_cpu and not (_backend == "triton" and _triton_module is not None
+    if stats.is_cpu and not (get_backend() == "triton" and _triton_module is not None
                              and _triton_module.INTERPRET):
         cpu = _load_cpu()
         if cpu is not None:
@@ -224,7 +279,7 @@ def _set_stats_sink(sink):
     global _observers
     previous = getattr(_tls, "sink", None)
     _tls.sink = sink
-    with _observers_lock:
+    with _lock:
         _observers += (sink is not None) - (previous is not None)
         _refresh_fast()
     return previous
