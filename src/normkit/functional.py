@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
+import operator
 import os
 import threading
 import warnings
@@ -66,6 +68,17 @@ def _refresh_fast():
     ok = (_cpu_module is not None and _backend in ("auto", "cpu") and not _observers
           and not _slow_blocks)
     _fast = _cpu_module.infer if ok else None
+
+
+class _ArgumentError(RuntimeError, ValueError):
+    """A tensor argument that does not fit the others (shape, dtype, device, out= under
+    autograd): a RuntimeError, as torch raises for these, and a ValueError, as normkit raised
+    before."""
+
+
+class _DtypeError(NotImplementedError, TypeError):
+    """x, weight or bias of a dtype the ops do not compute: NotImplementedError (a RuntimeError),
+    as torch raises for these, and a TypeError, as normkit raised before."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,9 +227,10 @@ def _load_cpu():
 
 
 def _select(x, weight, bias, casting, out_dtype):
-    """The kernels module (cpu or triton), or None for the reference."""
+    """The kernels module (cpu or triton), or None for the reference (which also propagates
+    meta tensors' shapes and dtypes, whatever the backend)."""
     name = get_backend()
-    if name == "reference":
+    if name == "reference" or x.is_meta:
         return None
     if name == "triton" or (name == "auto" and x.is_cuda):
         return _select_triton(name, x, weight, bias, casting, out_dtype)
@@ -324,11 +338,14 @@ def layer_norm(
     ``zero_centered_gamma``), statistics in float32 (float64 for float64 input).
 
     Args:
-        x: (..., *normalized_shape) float tensor (float32, bfloat16, float16, float64).
-        normalized_shape: int or shape of the trailing dims to normalize over.
+        x: (..., *normalized_shape) float tensor (float32, bfloat16, float16, float64), dense
+            (not nested or sparse).  On the meta device the outputs are meta tensors of the
+            right shape and dtype, as with torch's ops.
+        normalized_shape: int or shape of the trailing dims to normalize over (anything with
+            ``__index__``, such as a numpy integer, counts as an int, as in torch).
         weight, bias: γ and β of shape ``normalized_shape``, or None.  They may have another
             float dtype than x (e.g. float32 γ with bfloat16 activations).
-        eps: added to the variance; must be finite and >= 0.
+        eps: added to the variance; a real number (numpy scalars too), finite and >= 0.
         residual: tensor like x (same shape, dtype and device), added before normalizing.
         zero_centered_gamma: multiply by ``1 + weight`` (γ stored zero-centred, as in Gemma).
         return_residual: also return ``h`` — the input of the next pre-norm block.
@@ -354,6 +371,17 @@ def layer_norm(
 
     Returns:
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype).
+
+    Raises:
+        TypeError: an argument of the wrong kind (x not a tensor, a float in normalized_shape,
+            a string eps).
+        RuntimeError: as torch, for a tensor that does not fit the others: shape, device,
+            dtype, out= with autograd, out=/residual_out= sharing memory with an input.  Its
+            subclass NotImplementedError for a non-floating x, weight or bias and for nested
+            and sparse tensors.  (Shape, device and dtype errors are also ValueError /
+            TypeError, which normkit raised before.)
+        ValueError: an option out of range: eps < 0, an unknown casting, out_dtype with
+            "llama"/"t5", a backend that cannot compute the call.
 
     Under ``torch.autocast`` the op behaves like torch's own ``layer_norm``: on CUDA (and other
     accelerators) it runs in float32 and returns float32; on the CPU autocast leaves it alone.
@@ -436,27 +464,52 @@ def _first_call(x):
 def _check_param(name, p, shape, x):
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+    _check_dense(name, p)
     if p.shape != shape:
-        raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(p.shape)}")
+        raise _ArgumentError(f"{name} must have shape {shape} (normalized_shape), got "
+                             f"{tuple(p.shape)}")
     if not p.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
+        raise _DtypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
     if not (p.is_cpu and x.is_cpu) and p.device != x.device:
-        raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+        raise _ArgumentError(f"{name} is on {p.device} but x is on {x.device}")
+
+
+def _check_dense(name, t):
+    """Nested and sparse tensors: named, with the way to a dense one (the kernels read rows)."""
+    if t.layout is not torch.strided or t.is_nested:
+        if t.is_nested:
+            raise NotImplementedError(
+                f"{name} must be a dense (strided) tensor, got a nested tensor: normalize the "
+                f"rows of a jagged one, {name}.values(), and rebuild it with "
+                f"torch.nested.nested_tensor_from_jagged(y, {name}.offsets())")
+        raise NotImplementedError(f"{name} must be a dense (strided) tensor, got layout "
+                                  f"{t.layout}: pass {name}.to_dense()")
 
 
 def _shape_of(normalized_shape):
-    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+    """normalized_shape as a tuple of ints.  Like torch: an int, or anything with
+    ``__index__`` (numpy integers, 0-dim integer tensors), or a sequence of those; not a bool,
+    a float or a string."""
+    if type(normalized_shape) is int:
         return (normalized_shape,)
-    if isinstance(normalized_shape, (str, bytes)):
-        raise TypeError(
-            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-        )
-    try:
-        return tuple(int(d) for d in normalized_shape)
-    except TypeError:
-        raise TypeError(
-            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-        ) from None
+    dims = normalized_shape
+    if not isinstance(dims, (str, bytes, bool)):
+        try:
+            dims = (operator.index(dims),)
+        except TypeError:
+            pass
+        try:
+            return tuple(_dim(d) for d in dims)
+        except TypeError:
+            pass
+    raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
+                    f"{normalized_shape!r}")
+
+
+def _dim(d):
+    if isinstance(d, bool):
+        raise TypeError(d)
+    return operator.index(d)
 
 
 def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dtype, rms):
@@ -466,12 +519,13 @@ def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dty
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_dense("x", x)
     if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        raise _DtypeError(f"x must be a floating-point tensor, got {x.dtype}")
     ns = _shape_of(normalized_shape)
     k = len(ns)
     if k == 0 or k > x.dim() or x.shape[-k:] != ns:
-        raise ValueError(
+        raise _ArgumentError(
             f"normalized_shape {ns} must match the trailing dims of x, whose shape is "
             f"{tuple(x.shape)}"
         )
@@ -484,8 +538,9 @@ def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dty
             raise TypeError(
                 f"residual must be a torch.Tensor or None, got {type(residual).__name__}"
             )
+        _check_dense("residual", residual)
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(
+            raise _ArgumentError(
                 f"residual must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
                 f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}"
             )
@@ -494,7 +549,9 @@ def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dty
             raise TypeError("eps must be a float, got None")
         eps = torch.finfo(x.dtype).eps
     elif type(eps) is not float:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        # any real number, as torch (numpy scalars too); not a bool, which is a flag passed in
+        # the wrong place far more often than an eps of 1
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
             raise TypeError(f"eps must be a float, got {type(eps).__name__}")
         eps = float(eps)
     if not 0.0 <= eps < math.inf:  # also false for NaN
@@ -514,14 +571,16 @@ def _check_out(out, x, weight, bias, residual, casting, out_dtype):
     """``out=``: a contiguous tensor shaped like x in the output dtype, outside autograd."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    _check_dense("out", out)
     want = reference.output_dtype(x.dtype, None if weight is None else weight.dtype, casting,
                                   out_dtype)
     if out.shape != x.shape or out.dtype != want or out.device != x.device:
-        raise ValueError(f"out must have x's shape {tuple(x.shape)}, dtype {want} and device "
-                         f"{x.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
+        raise _ArgumentError(f"out must have x's shape {tuple(x.shape)}, dtype {want} and "
+                             f"device {x.device}; got {tuple(out.shape)}, {out.dtype}, "
+                             f"{out.device}")
     if not out.is_contiguous():
         _check_internal_overlap("out", out)
-        raise ValueError("out must be contiguous")
+        raise _ArgumentError("out must be contiguous")
     _check_no_autograd("out", x, weight, bias, residual, out)
 
 
@@ -532,14 +591,16 @@ def _check_residual_out(residual_out, x, weight, bias, residual):
                         f"{type(residual_out).__name__}")
     if residual is None:
         raise ValueError("residual_out needs residual: without it there is no h to write")
+    _check_dense("residual_out", residual_out)
     if (residual_out.shape != x.shape or residual_out.dtype != x.dtype
             or residual_out.device != x.device):
-        raise ValueError(f"residual_out must have x's shape {tuple(x.shape)}, dtype {x.dtype} "
-                         f"and device {x.device}; got {tuple(residual_out.shape)}, "
-                         f"{residual_out.dtype}, {residual_out.device}")
+        raise _ArgumentError(f"residual_out must have x's shape {tuple(x.shape)}, dtype "
+                             f"{x.dtype} and device {x.device}; got "
+                             f"{tuple(residual_out.shape)}, {residual_out.dtype}, "
+                             f"{residual_out.device}")
     if not residual_out.is_contiguous():
         _check_internal_overlap("residual_out", residual_out)
-        raise ValueError("residual_out must be contiguous")
+        raise _ArgumentError("residual_out must be contiguous")
     _check_no_autograd("residual_out", x, weight, bias, residual, residual_out)
 
 
@@ -640,8 +701,10 @@ def _check_internal_overlap(name, t):
 
 def _check_no_autograd(name, *tensors):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise ValueError(f"{name}= does not support autograd (as torch's out= arguments): call "
-                         f"without {name}, or under torch.no_grad()")
+        raise _ArgumentError(f"{name}= does not support autograd (as torch's out= arguments: "
+                             f"functions with out=... arguments don't support automatic "
+                             f"differentiation): call without {name}, or under "
+                             f"torch.no_grad()")
 
 
 def _rows(t, m, n, flat):
@@ -663,7 +726,7 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
         _check_residual_out(residual_out, x, weight, bias, residual)
     if (out is not None or residual_out is not None) and not torch.compiler.is_compiling():
         _check_writes(x, weight, bias, residual, out, residual_out)
-    if not x.is_cpu and torch.is_autocast_enabled(x.device.type):
+    if not x.is_cpu and not x.is_meta and torch.is_autocast_enabled(x.device.type):
         # torch's autocast runs layer_norm / rms_norm in float32 on accelerators (CPU: no policy).
         x, weight, bias, residual = (
             None if t is None else t.float() for t in (x, weight, bias, residual)
