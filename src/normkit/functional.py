@@ -544,20 +544,11 @@ def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dty
                 f"residual must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
                 f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}"
             )
-    if eps is None:
-        if not rms:
-            raise TypeError("eps must be a float, got None")
+    if eps is None and rms:
         eps = torch.finfo(x.dtype).eps
-    elif type(eps) is not float:
-        # any real number, as torch (numpy scalars too); not a bool, which is a flag passed in
-        # the wrong place far more often than an eps of 1
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-            raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-        eps = float(eps)
-    if not 0.0 <= eps < math.inf:  # also false for NaN
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    if casting not in CASTINGS:
-        raise ValueError(f"casting must be one of {CASTINGS}, got {casting!r}")
+    else:
+        eps = _eps_of(eps)
+    _check_casting(casting)
     if out_dtype is not None:
         if casting not in ("torch", "gemma"):
             raise ValueError(f"out_dtype is only for casting 'torch'/'gemma', not {casting!r}")
@@ -565,6 +556,23 @@ def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dty
             raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
     n = ns[0] if k == 1 else math.prod(ns)
     return ns, n, eps
+
+
+def _eps_of(eps):
+    """eps as a float, finite and >= 0.  Any real number, as torch takes (numpy scalars too);
+    not a bool, which is a flag passed in the wrong place far more often than an eps of 1."""
+    if type(eps) is not float:
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+        eps = float(eps)
+    if not 0.0 <= eps < math.inf:  # also false for NaN
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps
+
+
+def _check_casting(casting):
+    if casting not in CASTINGS:
+        raise ValueError(f"casting must be one of {CASTINGS}, got {casting!r}")
 
 
 def _check_out(out, x, weight, bias, residual, casting, out_dtype):
