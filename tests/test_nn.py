@@ -127,11 +127,32 @@ def test_options_are_class_defaults_and_shown_only_when_set():
     assert (LayerNorm.casting, LayerNorm.zero_centered_gamma) == ("torch", False)
     assert (RMSNorm.casting, RMSNorm.zero_centered_gamma) == ("torch", False)
     mod = RMSNorm(8, eps=1e-6)
-    assert repr(mod) == repr(torch.nn.RMSNorm(8, eps=1e-6))
+    assert repr(mod) == "normkit.nn." + repr(torch.nn.RMSNorm(8, eps=1e-6))
     mod.casting, mod.zero_centered_gamma = "gemma", True
     assert "casting='gemma'" in repr(mod) and "zero_centered_gamma=True" in repr(mod)
     assert RMSNorm.casting == "torch"  # the instance attribute did not touch the class
-    assert repr(LayerNorm(4)) == repr(torch.nn.LayerNorm(4))
+    assert repr(LayerNorm(4)) == "normkit.nn." + repr(torch.nn.LayerNorm(4))
+
+
+def test_a_converted_model_prints_which_norms_are_normkits():
+    """torch's format, with the class's home in front: ``print(model)`` after
+    ``normkit.convert`` shows what was replaced (before, it read exactly as torch's)."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16),
+                                torch.nn.RMSNorm(16, eps=1e-6), torch.nn.BatchNorm1d(16))
+    before = str(model)
+    normkit.convert(model)
+    after = str(model)
+    # e.g. "(1): normkit.nn.LayerNorm((16,), eps=1e-05, elementwise_affine=True, bias=True)"
+    assert f"(1): normkit.nn.{torch.nn.LayerNorm(16)!r}" in after
+    assert f"(2): normkit.nn.{torch.nn.RMSNorm(16, eps=1e-6)!r}" in after
+    assert after.replace("normkit.nn.", "") == before  # otherwise torch's print, unchanged
+    assert repr(FusedAddRMSNorm(8, casting="llama")) == (
+        f"normkit.nn.FusedAdd{torch.nn.RMSNorm(8)!r}"[:-1] + ", casting='llama')")
+
+    class Mine(LayerNorm):  # a user's subclass is the user's: named as torch names it
+        pass
+
+    assert repr(Mine(4)) == "Mine" + repr(torch.nn.LayerNorm(4))[len("LayerNorm"):]
 
 
 ALL_MODULES = [LayerNorm, RMSNorm, FusedAddLayerNorm, FusedAddRMSNorm]

@@ -54,6 +54,14 @@ def _reset_zero_centered(module) -> None:
             module.weight.zero_()
 
 
+def _get_name(module) -> str:
+    """The name ``print(model)`` shows: ``normkit.nn.LayerNorm((768,), eps=1e-05, ...)`` for
+    normkit's own classes, so that a converted model shows which norms were replaced (torch's
+    repr is otherwise the same); a user's subclass keeps its plain name, as in torch."""
+    cls = type(module)
+    return f"normkit.nn.{cls.__name__}" if cls.__module__ == __name__ else cls.__name__
+
+
 def _options_repr(module) -> str:
     """The non-default casting options, formatted to append to torch's ``extra_repr``."""
     parts = []
@@ -101,6 +109,8 @@ class LayerNorm(torch.nn.LayerNorm):
             zero_centered_gamma=self.zero_centered_gamma, casting=self.casting,
         )
 
+    _get_name = _get_name
+
     def extra_repr(self) -> str:
         return super().extra_repr() + _options_repr(self)
 
@@ -140,6 +150,8 @@ class RMSNorm(torch.nn.RMSNorm):
             x, self.normalized_shape, self.weight, self.eps,
             zero_centered_gamma=self.zero_centered_gamma, casting=self.casting,
         )
+
+    _get_name = _get_name
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _options_repr(self)
@@ -248,6 +260,8 @@ class DyT(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
+
+    _get_name = _get_name
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, alpha_init={self.alpha_init}, "
