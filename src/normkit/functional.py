@@ -63,7 +63,7 @@ _fast = None
 
 
 def _refresh_fast():
-    """Recompute _fast; call with _lock held (or before any thread can race, at first load)."""
+    """Recompute _fast; call with _lock held."""
     global _fast
     ok = (_cpu_module is not None and _backend in ("auto", "cpu") and not _observers
           and not _slow_blocks)
@@ -128,11 +128,10 @@ class use_backend(contextlib.AbstractContextManager):
     def __enter__(self):
         global _slow_blocks
         with _lock:
-            _pending[:] = [p for p in _pending if p[0]() is not self]  # take the setting back
-            _settle()
             if self.name not in ("auto", "cpu"):
                 _slow_blocks += 1
-                _refresh_fast()
+            _pending[:] = [p for p in _pending if p[0]() is not self]  # take the setting back
+            _settle()
         saved = getattr(_tls, "saved", None)
         if saved is None:
             saved = _tls.saved = []
@@ -480,8 +479,8 @@ def _check_dense(name, t):
         if t.is_nested:
             raise NotImplementedError(
                 f"{name} must be a dense (strided) tensor, got a nested tensor: normalize the "
-                f"rows of a jagged one, {name}.values(), and rebuild it with "
-                f"torch.nested.nested_tensor_from_jagged(y, {name}.offsets())")
+                f"rows of a jagged one, {name}.values(), and nest the result again with "
+                f"torch.nested.nested_tensor_from_jagged(result, {name}.offsets())")
         raise NotImplementedError(f"{name} must be a dense (strided) tensor, got layout "
                                   f"{t.layout}: pass {name}.to_dense()")
 
