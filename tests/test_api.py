@@ -3,6 +3,9 @@ empty input, torch.compile, lean import and cold start."""
 
 from __future__ import annotations
 
+import threading
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,28 +23,39 @@ from normkit.kernels import reference
     "call,exc,match",
     [
         (lambda: normkit.layer_norm([1.0, 2.0], 2), TypeError, "x must be a torch.Tensor"),
-        (lambda: normkit.layer_norm(torch.ones(2, 3, dtype=torch.int64), 3), TypeError,
-         "x must be a floating-point"),
-        (lambda: normkit.layer_norm(torch.ones(2, 3), 4), ValueError, "normalized_shape"),
-        (lambda: normkit.layer_norm(torch.ones(2, 3), (2, 3, 1)), ValueError, "normalized_shape"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3, dtype=torch.int64), 3),
+         NotImplementedError, "x must be a floating-point"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 4), RuntimeError, "normalized_shape"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), (2, 3, 1)), RuntimeError,
+         "normalized_shape"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), ()), RuntimeError, "normalized_shape"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), [3.0]), TypeError, "normalized_shape"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), ["3"]), TypeError, "normalized_shape"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), (True,)), TypeError, "normalized_shape"),
         (lambda: normkit.layer_norm(torch.ones(2, 3), "3"), TypeError, "normalized_shape"),
-        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, torch.ones(4)), ValueError,
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, torch.ones(4)), RuntimeError,
          r"weight must have shape \(3,\)"),
-        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, None, torch.ones(2)), ValueError,
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, None, torch.ones(2)), RuntimeError,
          "bias must have shape"),
         (lambda: normkit.layer_norm(torch.ones(2, 3), 3, torch.ones(3, dtype=torch.int32)),
-         TypeError, "weight must be a floating-point"),
+         RuntimeError, "weight must be a floating-point"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, torch.ones(3, device="meta")),
+         RuntimeError, "weight is on meta but x is on cpu"),
         (lambda: normkit.layer_norm(torch.ones(2, 3), 3, eps=-1.0), ValueError,
          "eps must be finite and >= 0"),
         (lambda: normkit.layer_norm(torch.ones(2, 3), 3, eps=float("nan")), ValueError, "eps"),
         (lambda: normkit.layer_norm(torch.ones(2, 3), 3, eps="1e-5"), TypeError,
          "eps must be a float"),
         (lambda: normkit.layer_norm(torch.ones(2, 3), 3, eps=None), TypeError, "eps"),
-        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, residual=torch.ones(3, 3)), ValueError,
-         "residual must match x"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, residual=torch.ones(3, 3)),
+         RuntimeError, "residual must match x"),
         (lambda: normkit.layer_norm(torch.ones(2, 3), 3,
                                     residual=torch.ones(2, 3, dtype=torch.float64)),
-         ValueError, "residual must match x"),
+         RuntimeError, "residual must match x"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, eps=torch.tensor(1e-5)), TypeError,
+         "eps must be a float"),
+        (lambda: normkit.layer_norm(torch.ones(2, 3), 3, eps=True), TypeError,
+         "eps must be a float"),
         (lambda: normkit.rms_norm(torch.ones(2, 3), 3, casting="fp32"), ValueError,
          "casting must be one of"),
         (lambda: normkit.rms_norm(torch.ones(2, 3), 3, casting="llama",
@@ -54,6 +68,125 @@ from normkit.kernels import reference
 def test_bad_input_is_named(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# (x, normalized_shape, weight, bias): calls torch refuses, and the type it raises
+TORCH_REFUSES = {
+    "shape": (torch.ones(2, 3), (4,), None, None),
+    "ndims": (torch.ones(2, 3), (2, 2, 3), None, None),
+    "empty_shape": (torch.ones(2, 3), (), None, None),
+    "weight_shape": (torch.ones(2, 3), (3,), torch.ones(4), None),
+    "bias_shape": (torch.ones(2, 3), (3,), torch.ones(3), torch.ones(2)),
+    "weight_device": (torch.ones(2, 3), (3,), torch.ones(3, device="meta"), None),
+    "x_device": (torch.ones(2, 3, device="meta"), (3,), torch.ones(3), None),
+    "x_dtype": (torch.ones(2, 3, dtype=torch.int64), (3,), None, None),
+    "weight_dtype": (torch.ones(2, 3), (3,), torch.ones(3, dtype=torch.int32), None),
+    "x_sparse": (torch.ones(2, 3).to_sparse(), (3,), None, None),
+}
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("case", list(TORCH_REFUSES))
+def test_errors_have_torchs_types(case, rms):
+    """A torch user's ``except`` catches normkit's error where it catches torch's (shape and
+    device mismatches are RuntimeError in torch; normkit raised ValueError), and normkit's own
+    earlier callers still catch the ValueError / TypeError they caught before."""
+    x, ns, w, b = TORCH_REFUSES[case]
+    if rms and b is not None:
+        pytest.skip("RMSNorm has no bias")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            F.rms_norm(x, ns, w) if rms else F.layer_norm(x, ns, w, b)
+    except Exception as e:  # noqa: BLE001 - the type is what the test compares
+        theirs = e
+    else:
+        pytest.skip("torch takes this call (an integer γ for rms_norm); normkit refuses it")
+    with pytest.raises(Exception) as ours:
+        if rms:
+            normkit.rms_norm(x, ns, w)
+        else:
+            normkit.layer_norm(x, ns, w, b)
+    assert isinstance(ours.value, type(theirs)), (ours.value, theirs)
+    name = case.split("_")[0]
+    assert (name if name in ("weight", "bias", "x") else "normalized_shape") in str(ours.value)
+
+
+def test_errors_keep_the_types_normkit_raised_before():
+    with pytest.raises(ValueError, match="normalized_shape"):
+        normkit.layer_norm(torch.ones(2, 3), 4)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        normkit.layer_norm(torch.ones(2, 3), 3, torch.ones(4))
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        normkit.layer_norm(torch.ones(2, 3, dtype=torch.int64), 3)
+
+
+def test_numpy_scalars_are_taken_as_torch_takes_them():
+    """``normalized_shape=np.int64(8)`` and ``eps=np.float32(1e-5)``: torch takes anything with
+    ``__index__`` for a dim and any real number for eps."""
+    np = pytest.importorskip("numpy")
+    x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
+    want = F.layer_norm(x, (8,), w, b, float(np.float32(1e-5)))
+    for ns in (np.int64(8), (np.int64(8),), [np.int32(8)], torch.tensor(8), torch.Size([8])):
+        torch.testing.assert_close(normkit.layer_norm(x, ns, w, b, np.float32(1e-5)), want)
+    torch.testing.assert_close(normkit.rms_norm(x, np.int64(8), w, np.float32(1e-5)),
+                               F.rms_norm(x, (8,), w, float(np.float32(1e-5))))
+    assert torch.equal(normkit.rms_norm(x, 8, w, np.float64(1e-5)), normkit.rms_norm(x, 8, w, 1e-5))
+    assert torch.equal(normkit.layer_norm(x, 8, eps=np.int64(1)), normkit.layer_norm(x, 8, eps=1.0))
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_meta_tensors_give_meta_outputs_like_torch(rms, backend):
+    """Shape propagation, as torch's layer_norm / rms_norm on the meta device: right shape and
+    dtype, every option, gradients too, and no data touched."""
+    x = torch.randn(2, 5, 8, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    w = torch.randn(8, device="meta", requires_grad=True)
+    b = None if rms else torch.randn(8, device="meta")
+    r = torch.randn(2, 5, 8, dtype=torch.bfloat16, device="meta")
+    op = normkit.rms_norm if rms else normkit.layer_norm
+    args = (x, 8, w) if rms else (x, 8, w, b)
+    with normkit.use_backend(backend):
+        y = op(*args)
+        assert (y.device.type, y.shape, y.dtype) == ("meta", x.shape, torch.bfloat16)
+        torch_y = (F.rms_norm(x, (8,), w.bfloat16()) if rms
+                   else F.layer_norm(x, (8,), w.bfloat16(), b.bfloat16()))
+        assert (y.shape, y.dtype) == (torch_y.shape, torch_y.dtype)
+        y, h = op(*args, residual=r, return_residual=True, casting="llama")
+        assert (y.shape, y.dtype, h.shape, h.dtype) == (x.shape, torch.float32, x.shape,
+                                                        torch.bfloat16)
+        y = op(*args, out_dtype=torch.float32, zero_centered_gamma=True)
+        assert y.dtype == torch.float32 and y.is_meta
+        dx, dw = torch.autograd.grad(op(*args).sum(), (x, w))
+        assert dx.is_meta and dx.shape == x.shape and dw.shape == w.shape
+        with torch.no_grad():
+            out = torch.empty(2, 5, 8, dtype=torch.bfloat16, device="meta")
+            assert op(*args, out=out) is out
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_nested_and_sparse_tensors_are_refused_by_name(rms):
+    """Not an internal error from deep inside: the argument, what it is, and what to do."""
+    op = normkit.rms_norm if rms else normkit.layer_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors warn that they are a prototype
+        jagged = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)],
+                                            layout=torch.jagged)
+        strided = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)])
+        csr = torch.randn(3, 8).to_sparse_csr()
+    cases = [
+        (lambda: op(jagged, 8), "x must be a dense.*nested.*values()"),
+        (lambda: op(strided, 8), "x must be a dense.*nested"),
+        (lambda: op(torch.randn(3, 8).to_sparse(), 8), "x must be a dense.*sparse_coo"),
+        (lambda: op(csr, 8), "x must be a dense.*sparse_csr"),
+        (lambda: op(torch.randn(3, 8), 8, torch.ones(8).to_sparse()),
+         "weight must be a dense.*sparse_coo"),
+        (lambda: op(torch.randn(3, 8), 8, residual=torch.randn(3, 8).to_sparse()),
+         "residual must be a dense.*sparse_coo"),
+    ]
+    for call, match in cases:
+        with pytest.raises(NotImplementedError, match=match):
+            call()
 
 
 def test_cpu_backend_refuses_what_it_cannot_compute():
@@ -84,6 +217,149 @@ def test_use_backend_as_context_and_global():
     finally:
         normkit.use_backend("auto")
     assert "cpu" in normkit.available_backends()
+
+
+def _in_threads(*bodies):
+    """Runs each body in a thread of its own; re-raises the first failure (an assert in a thread
+    would otherwise only print)."""
+    errors = []
+
+    def guarded(body):
+        try:
+            body()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+def _reference_calls(monkeypatch):
+    """Thread ids of the calls that ran on the reference backend."""
+    from normkit import functional
+
+    calls = []
+    real = functional.reference.norm_forward
+    monkeypatch.setattr(functional.reference, "norm_forward",
+                        lambda *a: calls.append(threading.get_ident()) or real(*a))
+    return calls
+
+
+def test_use_backend_blocks_are_per_thread():
+    """The issue's interleaving: A enters "reference", B enters "cpu", A leaves, B leaves.  Each
+    block held for its own thread only, and the process was left on "reference" for good."""
+    step = threading.Barrier(2)
+    seen = {}
+
+    def a():
+        with normkit.use_backend("reference"):
+            step.wait()  # 1: A is in its block
+            step.wait()  # 2: B is in its block
+            seen["a in block"] = normkit.get_backend()
+        step.wait()  # 3: A has left
+        step.wait()  # 4: B looked
+        seen["a after"] = normkit.get_backend()
+
+    def b():
+        step.wait()  # 1
+        seen["b before"] = normkit.get_backend()
+        with normkit.use_backend("cpu"):
+            step.wait()  # 2
+            seen["b in block"] = normkit.get_backend()
+            step.wait()  # 3
+            seen["b after a left"] = normkit.get_backend()
+            step.wait()  # 4
+
+    _in_threads(a, b)
+    assert seen == {"b before": "auto", "a in block": "reference", "b in block": "cpu",
+                    "b after a left": "cpu", "a after": "auto"}
+    assert normkit.get_backend() == "auto"
+    from normkit import functional
+    assert functional._fast is not None  # the fast path is back for everyone
+
+
+def test_a_block_in_one_thread_does_not_move_another(monkeypatch):
+    """While A computes inside a "reference" block, B (no block) keeps computing on the CPU
+    kernels, and the other way round."""
+    calls = _reference_calls(monkeypatch)
+    step = threading.Barrier(2)
+    x = torch.randn(3, 16)
+    idents = {}
+
+    def a():
+        idents["a"] = threading.get_ident()
+        with normkit.use_backend("reference"):
+            step.wait()
+            normkit.layer_norm(x, 16)
+            step.wait()
+
+    def b():
+        idents["b"] = threading.get_ident()
+        step.wait()
+        normkit.layer_norm(x, 16)
+        normkit.rms_norm(x, 16)
+        step.wait()
+
+    _in_threads(a, b)
+    assert calls == [idents["a"]]
+
+
+def test_a_plain_call_sets_the_process_wide_backend():
+    """``normkit.use_backend(name)`` outside a block: every thread without a block of its own
+    sees it; a block in a thread wins over it there and ends with the thread's own value."""
+    step = threading.Barrier(2)
+    seen = {}
+
+    def worker():
+        step.wait()  # 1: main set "reference" for the process
+        seen["no block"] = normkit.get_backend()
+        with normkit.use_backend("cpu"):
+            step.wait()  # 2
+            seen["in block"] = normkit.get_backend()
+            step.wait()  # 3: main set "auto" again
+            seen["in block after main"] = normkit.get_backend()
+        seen["after block"] = normkit.get_backend()
+
+    def main():
+        normkit.use_backend("reference")
+        step.wait()  # 1
+        step.wait()  # 2
+        seen["main"] = normkit.get_backend()
+        normkit.use_backend("auto")
+        step.wait()  # 3
+
+    try:
+        _in_threads(worker, main)
+    finally:
+        normkit.use_backend("auto")
+    assert seen == {"no block": "reference", "in block": "cpu", "main": "reference",
+                    "in block after main": "cpu", "after block": "auto"}
+
+
+def test_use_backend_objects_made_in_two_threads_before_either_block_starts():
+    """``use_backend(name)`` sets the process-wide value at once (it cannot know a ``with``
+    follows); entering withdraws that, whatever other threads did in between."""
+    made = threading.Barrier(2)
+    step = threading.Barrier(2)
+
+    def body(name):
+        def run():
+            ctx = normkit.use_backend(name)
+            made.wait()
+            with ctx:
+                step.wait()
+                assert normkit.get_backend() == name
+                step.wait()
+        return run
+
+    _in_threads(body("reference"), body("cpu"))
+    assert normkit.get_backend() == "auto"
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import warnings
 
 import pytest
 import torch
 
+import normkit
 from normkit.nn import FusedAddLayerNorm, FusedAddRMSNorm, LayerNorm, RMSNorm
 
 # Forward tolerances, normkit vs torch in the same dtype (assert_close: |a-b| <= atol + rtol*|b|).
@@ -125,11 +127,130 @@ def test_options_are_class_defaults_and_shown_only_when_set():
     assert (LayerNorm.casting, LayerNorm.zero_centered_gamma) == ("torch", False)
     assert (RMSNorm.casting, RMSNorm.zero_centered_gamma) == ("torch", False)
     mod = RMSNorm(8, eps=1e-6)
-    assert repr(mod) == repr(torch.nn.RMSNorm(8, eps=1e-6))
+    assert repr(mod) == "normkit.nn." + repr(torch.nn.RMSNorm(8, eps=1e-6))
     mod.casting, mod.zero_centered_gamma = "gemma", True
     assert "casting='gemma'" in repr(mod) and "zero_centered_gamma=True" in repr(mod)
     assert RMSNorm.casting == "torch"  # the instance attribute did not touch the class
-    assert repr(LayerNorm(4)) == repr(torch.nn.LayerNorm(4))
+    assert repr(LayerNorm(4)) == "normkit.nn." + repr(torch.nn.LayerNorm(4))
+
+
+def test_a_converted_model_prints_which_norms_are_normkits():
+    """torch's format, with the class's home in front: ``print(model)`` after
+    ``normkit.convert`` shows what was replaced (before, it read exactly as torch's)."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16),
+                                torch.nn.RMSNorm(16, eps=1e-6), torch.nn.BatchNorm1d(16))
+    before = str(model)
+    normkit.convert(model)
+    after = str(model)
+    # e.g. "(1): normkit.nn.LayerNorm((16,), eps=1e-05, elementwise_affine=True, bias=True)"
+    assert f"(1): normkit.nn.{torch.nn.LayerNorm(16)!r}" in after
+    assert f"(2): normkit.nn.{torch.nn.RMSNorm(16, eps=1e-6)!r}" in after
+    assert after.replace("normkit.nn.", "") == before  # otherwise torch's print, unchanged
+    assert repr(FusedAddRMSNorm(8, casting="llama")) == (
+        f"normkit.nn.FusedAdd{torch.nn.RMSNorm(8)!r}"[:-1] + ", casting='llama')")
+
+    class Mine(LayerNorm):  # a user's subclass is the user's: named as torch names it
+        pass
+
+    assert repr(Mine(4)) == "Mine" + repr(torch.nn.LayerNorm(4))[len("LayerNorm"):]
+
+
+ALL_MODULES = [LayerNorm, RMSNorm, FusedAddLayerNorm, FusedAddRMSNorm]
+
+
+def _run(mod, x, r):
+    return mod(x, r)[0] if isinstance(mod, (FusedAddLayerNorm, FusedAddRMSNorm)) else mod(x)
+
+
+@pytest.mark.parametrize("casting", ["torch", "gemma", "llama", "t5"])
+@pytest.mark.parametrize("nk_cls", ALL_MODULES, ids=lambda c: c.__name__)
+def test_every_functional_option_is_a_constructor_argument(nk_cls, casting):
+    """casting and zero_centered_gamma, as in the functional API: the same bits as the
+    functional call, kept in extra_repr, config not state (torch's state_dict keys) and
+    carried by a state_dict round trip into a module built alike, by deepcopy and pickle."""
+    torch.manual_seed(0)
+    rms = nk_cls in (RMSNorm, FusedAddRMSNorm)
+    mod = nk_cls(16, eps=1e-6, dtype=torch.bfloat16, casting=casting, zero_centered_gamma=True)
+    assert (mod.casting, mod.zero_centered_gamma) == (casting, True)
+    assert torch.equal(mod.weight, torch.zeros(16, dtype=torch.bfloat16))  # 1 + 0: identity
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(0.0, 0.5)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    r = torch.randn(5, 16, dtype=torch.bfloat16)
+    h = x + r if nk_cls in (FusedAddLayerNorm, FusedAddRMSNorm) else x
+    if rms:
+        want = normkit.rms_norm(h, 16, mod.weight, 1e-6, casting=casting, zero_centered_gamma=True)
+    else:
+        want = normkit.layer_norm(h, 16, mod.weight, mod.bias, 1e-6, casting=casting,
+                                  zero_centered_gamma=True)
+    with torch.no_grad():
+        assert torch.equal(_run(mod, x, r), want)
+    assert "zero_centered_gamma=True" in repr(mod)
+    assert (f"casting={casting!r}" in repr(mod)) == (casting != "torch")
+    torch_cls = torch.nn.RMSNorm if rms else torch.nn.LayerNorm
+    assert list(mod.state_dict()) == list(torch_cls(16).state_dict())
+    twin = nk_cls(16, eps=1e-6, dtype=torch.bfloat16, casting=casting, zero_centered_gamma=True)
+    twin.load_state_dict(mod.state_dict(), strict=True)
+    for other in (twin, copy.deepcopy(mod), pickle.loads(pickle.dumps(mod))):
+        assert (other.casting, other.zero_centered_gamma) == (casting, True)
+        with torch.no_grad():
+            assert torch.equal(_run(other, x, r), want)
+
+
+@pytest.mark.parametrize("nk_cls", [LayerNorm, RMSNorm])
+def test_zero_centered_gamma_against_float64(nk_cls):
+    """With zero_centered_gamma the stored weight is γ - 1 (Gemma): y = x̂·(1 + w) (+ b)."""
+    torch.manual_seed(0)
+    mod = nk_cls(24, eps=1e-5, zero_centered_gamma=True)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(0.0, 0.5)
+    x = torch.randn(6, 24) * 3 + 1
+    x64 = x.double()
+    if nk_cls is LayerNorm:
+        xhat = (x64 - x64.mean(-1, keepdim=True)) * torch.rsqrt(x64.var(-1, unbiased=False,
+                                                                        keepdim=True) + 1e-5)
+        exact = xhat * (1 + mod.weight.double()) + mod.bias.double()
+    else:
+        exact = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-5)
+        exact = exact * (1 + mod.weight.double())
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), exact.float(), **FWD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("nk_cls", ALL_MODULES, ids=lambda c: c.__name__)
+def test_bad_options_are_named(nk_cls):
+    with pytest.raises(ValueError, match="casting must be one of"):
+        nk_cls(8, casting="fp32")
+    with pytest.raises(TypeError, match="zero_centered_gamma must be a bool"):
+        nk_cls(8, zero_centered_gamma="yes")
+    with pytest.raises(ValueError, match="zero_centered_gamma=True needs elementwise_affine"):
+        nk_cls(8, elementwise_affine=False, zero_centered_gamma=True)
+    with pytest.raises(TypeError, match="eps must be a float"):
+        nk_cls(8, eps="1e-5")
+    with pytest.raises(ValueError, match="eps must be finite"):
+        nk_cls(8, eps=-1.0)
+    with pytest.raises(TypeError, match="normalized_shape"):
+        nk_cls(8.0)
+
+
+@pytest.mark.parametrize("nk_cls", [LayerNorm, RMSNorm])
+def test_numpy_scalars_in_the_constructor(nk_cls):
+    """As torch's modules take them, and onto the compiled entry point (plain ints, a float)."""
+    np = pytest.importorskip("numpy")
+    from normkit.kernels import cpu
+
+    mod = nk_cls(np.int64(8), eps=np.float32(1e-5))
+    assert mod.normalized_shape == (8,) and type(mod.normalized_shape[0]) is int
+    assert type(mod.eps) is float and mod.eps == float(np.float32(1e-5))
+    x = torch.randn(3, 8)
+    ref = (torch.nn.LayerNorm if nk_cls is LayerNorm else torch.nn.RMSNorm)(8, eps=mod.eps)
+    with torch.no_grad():
+        before = cpu._cpu.calls()
+        got = mod(x)
+        assert cpu._cpu.calls() == before + 1
+        torch.testing.assert_close(got, ref(x), **FWD_TOL[torch.float32])
 
 
 # ----------------------------------------------------------------------------------------------

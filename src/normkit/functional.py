@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
+import operator
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -42,10 +45,11 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "reference", "cpu", "triton")
 CASTINGS = ("torch", "gemma", "llama", "t5")
 
-_backend = "auto"
+_backend = "auto"  # the process-wide backend; a use_backend block in a thread wins over it there
 _observers = 0  # threads with a statistics sink set (see _set_stats_sink); 0 keeps the fast path
-_tls = threading.local()
-_observers_lock = threading.Lock()
+_slow_blocks = 0  # use_backend blocks, in any thread, of a backend the fast paths do not serve
+_tls = threading.local()  # per thread: .sink (statistics), .backend and .saved (use_backend)
+_lock = threading.Lock()  # guards the counts above, _backend and _pending
 _cpu_module = None  # normkit.kernels.cpu (the compiled kernels), loaded on the first CPU call
 _cpu_error: str | None = None
 _triton_module = None  # normkit.kernels.triton, imported when a CUDA tensor (or test) needs it
@@ -53,26 +57,57 @@ _triton_error: str | None = None
 _tracing_state = torch._C._get_tracing_state  # bound once: ~60 ns on the M=1 fast path
 _is_compiling = torch.compiler.is_compiling
 # The compiled eager entry point (cpu.infer) while the eager fast paths may be taken (backend
-# "auto" or "cpu", no statistics sink anywhere), else None: one global read on every call
-# instead of four checks.
+# "auto" or "cpu" for the process and in every block, no statistics sink anywhere), else None:
+# one global read on every call instead of four checks.
 _fast = None
 
 
 def _refresh_fast():
+    """Recompute _fast; call with _lock held."""
     global _fast
-    ok = _cpu_module is not None and _backend in ("auto", "cpu") and not _observers
+    ok = (_cpu_module is not None and _backend in ("auto", "cpu") and not _observers
+          and not _slow_blocks)
     _fast = _cpu_module.infer if ok else None
+
+
+class _ArgumentError(RuntimeError, ValueError):
+    """A tensor argument that does not fit the others (shape, dtype, device, out= under
+    autograd): a RuntimeError, as torch raises for these, and a ValueError, as normkit raised
+    before."""
+
+
+class _DtypeError(NotImplementedError, TypeError):
+    """x, weight or bias of a dtype the ops do not compute: NotImplementedError (a RuntimeError),
+    as torch raises for these, and a TypeError, as normkit raised before."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Backend selection
 # ----------------------------------------------------------------------------------------------
 
+# Process-wide settings that entering their use_backend object may still take back: (weak
+# reference to the object, name), oldest first, above the settled value _base.  _backend is the
+# newest one left.
+_pending: list = []
+_base = "auto"
+
 
 class use_backend(contextlib.AbstractContextManager):
-    """Select the backend: ``normkit.use_backend("cpu")`` sets it for the process;
-    ``with normkit.use_backend("reference"): ...`` sets it for the block and restores the previous
-    one on exit.
+    """Select the backend.
+
+    ``normkit.use_backend("cpu")`` sets it for the process: every thread without a block of its
+    own uses it.  ``with normkit.use_backend("reference"): ...`` sets it for the calling thread
+    only, until the block ends, like ``torch.no_grad``: other threads and the process-wide
+    value are untouched, and on exit the thread goes back to what it used before (nested blocks
+    in turn).  In a thread, its innermost block wins over the process-wide value, also over one
+    set inside the block.  ``get_backend()`` says what the calling thread uses.
+
+    The call itself cannot know that a ``with`` follows, so it sets the process-wide value,
+    and entering the block takes that back (whatever other threads set in between); between the
+    two, other threads may see it for a moment.  While a block of "reference" or "triton" is
+    open in any thread, the eager fast path is off in all of them (~1 µs per call; they still
+    compute on their own backend).  A backward pass computes on the backend of the thread that
+    runs it.
 
     Names: "auto" (fastest correct backend for the device, dtype and N — never chosen by the
     number of rows, so a row gets the same bits alone or in a batch), "reference" (pure torch,
@@ -83,18 +118,48 @@ class use_backend(contextlib.AbstractContextManager):
     """
 
     def __init__(self, name: str):
-        global _backend
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-        self._previous = _backend
-        _backend = name
-        _refresh_fast()
+        self.name = name
+        with _lock:
+            _pending.append((weakref.ref(self), name))
+            _settle()
+
+    def __enter__(self):
+        global _slow_blocks
+        with _lock:
+            if self.name not in ("auto", "cpu"):
+                _slow_blocks += 1
+            _pending[:] = [p for p in _pending if p[0]() is not self]  # take the setting back
+            _settle()
+        saved = getattr(_tls, "saved", None)
+        if saved is None:
+            saved = _tls.saved = []
+        saved.append(getattr(_tls, "backend", None))
+        _tls.backend = self.name
+        return self
 
     def __exit__(self, *exc):
-        global _backend
-        _backend = self._previous
-        _refresh_fast()
+        global _slow_blocks
+        _tls.backend = _tls.saved.pop()
+        if self.name not in ("auto", "cpu"):
+            with _lock:
+                _slow_blocks -= 1
+                _refresh_fast()
         return False
+
+
+def _settle():
+    """Recompute _backend (and _fast) from _pending; with _lock held.  A setting whose object is
+    gone can no longer be taken back: the newest such becomes _base, and older ones go."""
+    global _backend, _base
+    for i in range(len(_pending) - 1, -1, -1):
+        if _pending[i][0]() is None:
+            _base = _pending[i][1]
+            del _pending[:i + 1]
+            break
+    _backend = _pending[-1][1] if _pending else _base
+    _refresh_fast()
 
 
 def empty_cache() -> None:
@@ -110,8 +175,9 @@ def empty_cache() -> None:
 
 
 def get_backend() -> str:
-    """The backend name currently selected ("auto", "reference", "cpu" or "triton")."""
-    return _backend
+    """The backend the calling thread uses ("auto", "reference", "cpu" or "triton"): its
+    innermost ``use_backend`` block's, else the process-wide one."""
+    return getattr(_tls, "backend", None) or _backend
 
 
 def available_backends() -> list[str]:
@@ -150,7 +216,8 @@ def _load_cpu():
 
             cpu.configure(_fast_double_backward)
             _cpu_module = cpu
-            _refresh_fast()
+            with _lock:
+                _refresh_fast()
         except ImportError as e:  # not built, or built for another torch: the reference serves
             _cpu_error = str(e)
             warnings.warn(f"{e}.  Until then the reference backend serves CPU tensors (slower).",
@@ -159,9 +226,10 @@ def _load_cpu():
 
 
 def _select(x, weight, bias, casting, out_dtype):
-    """The kernels module (cpu or triton), or None for the reference."""
-    name = _backend
-    if name == "reference":
+    """The kernels module (cpu or triton), or None for the reference (which also propagates
+    meta tensors' shapes and dtypes, whatever the backend)."""
+    name = get_backend()
+    if name == "reference" or x.is_meta:
         return None
     if name == "triton" or (name == "auto" and x.is_cuda):
         return _select_triton(name, x, weight, bias, casting, out_dtype)
@@ -197,7 +265,7 @@ def _select_triton(name, x, weight, bias, casting, out_dtype):
 def _backward_kernels(stats):
     """The kernels module for a custom-op backward.  Every backend writes the same (M, 3)
     [m1, dm, rstd] statistics, so any backend that runs on their device can take them."""
-    if stats.is_cpu and not (_backend == "triton" and _triton_module is not None
+    if stats.is_cpu and not (get_backend() == "triton" and _triton_module is not None
                              and _triton_module.INTERPRET):
         cpu = _load_cpu()
         if cpu is not None:
@@ -224,7 +292,7 @@ def _set_stats_sink(sink):
     global _observers
     previous = getattr(_tls, "sink", None)
     _tls.sink = sink
-    with _observers_lock:
+    with _lock:
         _observers += (sink is not None) - (previous is not None)
         _refresh_fast()
     return previous
@@ -269,11 +337,14 @@ def layer_norm(
     ``zero_centered_gamma``), statistics in float32 (float64 for float64 input).
 
     Args:
-        x: (..., *normalized_shape) float tensor (float32, bfloat16, float16, float64).
-        normalized_shape: int or shape of the trailing dims to normalize over.
+        x: (..., *normalized_shape) float tensor (float32, bfloat16, float16, float64), dense
+            (not nested or sparse).  On the meta device the outputs are meta tensors of the
+            right shape and dtype, as with torch's ops.
+        normalized_shape: int or shape of the trailing dims to normalize over (anything with
+            ``__index__``, such as a numpy integer, counts as an int, as in torch).
         weight, bias: γ and β of shape ``normalized_shape``, or None.  They may have another
             float dtype than x (e.g. float32 γ with bfloat16 activations).
-        eps: added to the variance; must be finite and >= 0.
+        eps: added to the variance; a real number (numpy scalars too), finite and >= 0.
         residual: tensor like x (same shape, dtype and device), added before normalizing.
         zero_centered_gamma: multiply by ``1 + weight`` (γ stored zero-centred, as in Gemma).
         return_residual: also return ``h`` — the input of the next pre-norm block.
@@ -285,17 +356,31 @@ def layer_norm(
             multiply; output weight.dtype (16-bit weight) or float32.
         out_dtype: output dtype for "torch"/"gemma" casting.
         out: a tensor to write y into (shape of x, the output dtype, contiguous, same device);
-            it is returned as y.  It may be x itself (each row is read before it is written).
-            No autograd through it, as with torch's ``out=`` arguments: with a gradient wanted
-            this raises.  Saves the allocation and the first-touch page faults of a fresh
-            output, which for large tensors cost as much as the op.
+            it is returned as y.  It may be x itself (each row is read before it is written);
+            any other memory it shares with x, residual, weight, bias or residual_out raises
+            a RuntimeError, as torch's ``out=`` arguments do (so does an out that overlaps
+            itself).  No autograd through it, as with torch's ``out=`` arguments: with a
+            gradient wanted this raises.  Saves the allocation and the first-touch page faults
+            of a fresh output, which for large tensors cost as much as the op.
         residual_out: with ``residual``, a tensor to write h into (x's shape and dtype,
-            contiguous, same device, not ``out``); it is returned as h.  It may be ``residual``
-            itself — the in-place update of the residual stream that serving engines use — or
-            x.  No autograd through it, as ``out``.
+            contiguous, same device); it is returned as h.  It may be ``residual`` itself — the
+            in-place update of the residual stream that serving engines use — or x; other
+            memory shared with an input or with ``out`` raises, as for ``out``.  No autograd
+            through it, as ``out``.
 
     Returns:
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype).
+
+    Raises:
+        TypeError: an argument of the wrong kind (x not a tensor, a float in normalized_shape,
+            a string eps).
+        RuntimeError: as torch, for a tensor that does not fit the others: shape, device,
+            dtype, out= with autograd, out=/residual_out= sharing memory with an input.  Its
+            subclass NotImplementedError for a non-floating x, weight or bias and for nested
+            and sparse tensors.  (Shape, device and dtype errors are also ValueError /
+            TypeError, which normkit raised before.)
+        ValueError: an option out of range: eps < 0, an unknown casting, out_dtype with
+            "llama"/"t5", a backend that cannot compute the call.
 
     Under ``torch.autocast`` the op behaves like torch's own ``layer_norm``: on CUDA (and other
     accelerators) it runs in float32 and returns float32; on the CPU autocast leaves it alone.
@@ -378,27 +463,52 @@ def _first_call(x):
 def _check_param(name, p, shape, x):
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+    _check_dense(name, p)
     if p.shape != shape:
-        raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(p.shape)}")
+        raise _ArgumentError(f"{name} must have shape {shape} (normalized_shape), got "
+                             f"{tuple(p.shape)}")
     if not p.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
+        raise _DtypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
     if not (p.is_cpu and x.is_cpu) and p.device != x.device:
-        raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+        raise _ArgumentError(f"{name} is on {p.device} but x is on {x.device}")
+
+
+def _check_dense(name, t):
+    """Nested and sparse tensors: named, with the way to a dense one (the kernels read rows)."""
+    if t.layout is not torch.strided or t.is_nested:
+        if t.is_nested:
+            raise NotImplementedError(
+                f"{name} must be a dense (strided) tensor, got a nested tensor: normalize the "
+                f"rows of a jagged one, {name}.values(), and nest the result again with "
+                f"torch.nested.nested_tensor_from_jagged(result, {name}.offsets())")
+        raise NotImplementedError(f"{name} must be a dense (strided) tensor, got layout "
+                                  f"{t.layout}: pass {name}.to_dense()")
 
 
 def _shape_of(normalized_shape):
-    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+    """normalized_shape as a tuple of ints.  Like torch: an int, or anything with
+    ``__index__`` (numpy integers, 0-dim integer tensors), or a sequence of those; not a bool,
+    a float or a string."""
+    if type(normalized_shape) is int:
         return (normalized_shape,)
-    if isinstance(normalized_shape, (str, bytes)):
-        raise TypeError(
-            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-        )
-    try:
-        return tuple(int(d) for d in normalized_shape)
-    except TypeError:
-        raise TypeError(
-            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
-        ) from None
+    dims = normalized_shape
+    if not isinstance(dims, (str, bytes, bool)):
+        try:
+            dims = (operator.index(dims),)
+        except TypeError:
+            pass
+        try:
+            return tuple(_dim(d) for d in dims)
+        except TypeError:
+            pass
+    raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
+                    f"{normalized_shape!r}")
+
+
+def _dim(d):
+    if isinstance(d, bool):
+        raise TypeError(d)
+    return operator.index(d)
 
 
 def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dtype, rms):
@@ -408,12 +518,13 @@ def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dty
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_dense("x", x)
     if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        raise _DtypeError(f"x must be a floating-point tensor, got {x.dtype}")
     ns = _shape_of(normalized_shape)
     k = len(ns)
     if k == 0 or k > x.dim() or x.shape[-k:] != ns:
-        raise ValueError(
+        raise _ArgumentError(
             f"normalized_shape {ns} must match the trailing dims of x, whose shape is "
             f"{tuple(x.shape)}"
         )
@@ -426,23 +537,17 @@ def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dty
             raise TypeError(
                 f"residual must be a torch.Tensor or None, got {type(residual).__name__}"
             )
+        _check_dense("residual", residual)
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(
+            raise _ArgumentError(
                 f"residual must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
                 f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}"
             )
-    if eps is None:
-        if not rms:
-            raise TypeError("eps must be a float, got None")
+    if eps is None and rms:
         eps = torch.finfo(x.dtype).eps
-    elif type(eps) is not float:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-        eps = float(eps)
-    if not 0.0 <= eps < math.inf:  # also false for NaN
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    if casting not in CASTINGS:
-        raise ValueError(f"casting must be one of {CASTINGS}, got {casting!r}")
+    else:
+        eps = _eps_of(eps)
+    _check_casting(casting)
     if out_dtype is not None:
         if casting not in ("torch", "gemma"):
             raise ValueError(f"out_dtype is only for casting 'torch'/'gemma', not {casting!r}")
@@ -452,43 +557,161 @@ def _validate(x, normalized_shape, weight, bias, eps, residual, casting, out_dty
     return ns, n, eps
 
 
+def _eps_of(eps):
+    """eps as a float, finite and >= 0.  Any real number, as torch takes (numpy scalars too);
+    not a bool, which is a flag passed in the wrong place far more often than an eps of 1."""
+    if type(eps) is not float:
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+        eps = float(eps)
+    if not 0.0 <= eps < math.inf:  # also false for NaN
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps
+
+
+def _check_casting(casting):
+    if casting not in CASTINGS:
+        raise ValueError(f"casting must be one of {CASTINGS}, got {casting!r}")
+
+
 def _check_out(out, x, weight, bias, residual, casting, out_dtype):
     """``out=``: a contiguous tensor shaped like x in the output dtype, outside autograd."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    _check_dense("out", out)
     want = reference.output_dtype(x.dtype, None if weight is None else weight.dtype, casting,
                                   out_dtype)
     if out.shape != x.shape or out.dtype != want or out.device != x.device:
-        raise ValueError(f"out must have x's shape {tuple(x.shape)}, dtype {want} and device "
-                         f"{x.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
+        raise _ArgumentError(f"out must have x's shape {tuple(x.shape)}, dtype {want} and "
+                             f"device {x.device}; got {tuple(out.shape)}, {out.dtype}, "
+                             f"{out.device}")
     if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
+        _check_internal_overlap("out", out)
+        raise _ArgumentError("out must be contiguous")
     _check_no_autograd("out", x, weight, bias, residual, out)
 
 
-def _check_residual_out(residual_out, out, x, weight, bias, residual):
-    """``residual_out=``: where h goes; like x, contiguous, not out, outside autograd."""
+def _check_residual_out(residual_out, x, weight, bias, residual):
+    """``residual_out=``: where h goes; like x, contiguous, outside autograd."""
     if not isinstance(residual_out, torch.Tensor):
         raise TypeError(f"residual_out must be a torch.Tensor or None, got "
                         f"{type(residual_out).__name__}")
     if residual is None:
         raise ValueError("residual_out needs residual: without it there is no h to write")
+    _check_dense("residual_out", residual_out)
     if (residual_out.shape != x.shape or residual_out.dtype != x.dtype
             or residual_out.device != x.device):
-        raise ValueError(f"residual_out must have x's shape {tuple(x.shape)}, dtype {x.dtype} "
-                         f"and device {x.device}; got {tuple(residual_out.shape)}, "
-                         f"{residual_out.dtype}, {residual_out.device}")
+        raise _ArgumentError(f"residual_out must have x's shape {tuple(x.shape)}, dtype "
+                             f"{x.dtype} and device {x.device}; got "
+                             f"{tuple(residual_out.shape)}, {residual_out.dtype}, "
+                             f"{residual_out.device}")
     if not residual_out.is_contiguous():
-        raise ValueError("residual_out must be contiguous")
-    if out is not None and out.numel() and out.data_ptr() == residual_out.data_ptr():
-        raise ValueError("out and residual_out must be different tensors")
+        _check_internal_overlap("residual_out", residual_out)
+        raise _ArgumentError("residual_out must be contiguous")
     _check_no_autograd("residual_out", x, weight, bias, residual, residual_out)
+
+
+# torch's words for the same errors (aten/src/ATen/MemoryOverlap.cpp), so that a torch user
+# recognises them.
+_PARTIAL_OVERLAP = ("unsupported operation: some elements of the input tensor and the written-to "
+                    "tensor refer to a single memory location")
+_INTERNAL_OVERLAP = ("unsupported operation: more than one element of the written-to tensor "
+                     "refers to a single memory location")
+_CLONE = "Please clone() the tensor before performing the operation."
+
+
+def _check_writes(x, weight, bias, residual, out, residual_out):
+    """``out=`` / ``residual_out=`` (already checked to be contiguous tensors like x) share no
+    memory with an input or with each other, as torch requires of its out= arguments
+    (RuntimeError in torch's words), except in the in-place forms (``out=x``;
+    ``residual_out=residual`` or ``x``: the same elements exactly, which the kernels read row by
+    row before writing).  Anything else would be read after it was overwritten.
+
+    Memory, not storage: two tensors over one numpy array overlap, and two disjoint slices of one
+    buffer do not (``torch._C._overlaps`` compares storages only, and costs ~0.4 µs a pair).
+    The eager fast path (kernels/csrc/host.cpp, ``run``) declines any call whose byte ranges
+    meet, so the error is raised here; other calls cost a few pointer reads.
+    """
+    if out is not None:
+        _check_write("out", out, (x, residual, weight, bias, residual_out), 1)
+    if residual_out is not None:
+        _check_write("residual_out", residual_out, (x, residual, weight, bias), 2)
+
+
+_SOURCES = ("x", "residual", "weight", "bias", "residual_out")  # _check_write's sources, in order
+
+
+def _check_write(name, dst, sources, in_place):
+    """Raises when output ``dst`` shares memory with one of ``sources`` (named as in _SOURCES;
+    None for an absent one), other than an exact alias of one of the first ``in_place``."""
+    lo = dst.data_ptr()
+    hi = lo + dst.nbytes
+    for i, src in enumerate(sources):
+        if src is None or (src is dst and i < in_place):
+            continue
+        start = src.data_ptr()
+        # A contiguous source spans [start, start + nbytes); a strided one may reach further.
+        if start < hi and (start + src.nbytes > lo or not src.is_contiguous()):
+            _check_pair(name, dst, _SOURCES[i], src, lo, hi, i < in_place)
+
+
+def _check_pair(name, dst, src_name, src, lo, hi, in_place):
+    """The exact test, for a source whose span meets the output's bytes [lo, hi)."""
+    if not _shares_memory(src, dst, lo, hi):
+        return
+    if in_place and src.dtype == dst.dtype and src.data_ptr() == lo and (
+            src.shape == dst.shape and src.is_contiguous()):
+        return  # the same elements: the documented in-place form
+    unless = f" unless it is {src_name} itself" if in_place else ""
+    raise RuntimeError(f"{name}= and {src_name}: {_PARTIAL_OVERLAP} ({name} must not share "
+                       f"memory with {src_name}{unless}). {_CLONE}")
+
+
+def _shares_memory(src, dst, lo, hi):
+    """Whether an element of ``src`` has a byte in [lo, hi), the bytes of contiguous ``dst``."""
+    if not (dst.numel() and src.numel()) or src.device != dst.device or dst.is_meta:
+        return False  # nothing written or read; other devices, meta: no memory in common
+    size = src.element_size()
+    # (count, byte step) per dim, largest step first; repeated (step 0) and single dims add no
+    # address.  Negative steps do not exist in torch.
+    dims = sorted(((n, s * size) for n, s in zip(src.shape, src.stride(), strict=True)
+                   if n > 1 and s), key=lambda d: -d[1])
+    return _touches(src.data_ptr(), dims, size, lo, hi)
+
+
+def _touches(base, dims, size, lo, hi):
+    """Whether the elements ``base + Σ i_k·step_k`` (0 <= i_k < count_k over ``dims``, largest
+    step first), each ``size`` bytes, touch [lo, hi).  Exact, in O(len(dims)) steps: the blocks
+    of the outer dim lie one after another, so only the first block that ends past ``lo`` can
+    straddle it; any later block that starts before ``hi`` starts inside."""
+    if not dims:
+        return base < hi and lo < base + size
+    (count, step), inner = dims[0], dims[1:]
+    span = size + sum((n - 1) * s for n, s in inner)  # bytes one block reaches
+    if step < span:  # blocks interleave (an unusual as_strided view): assume they touch
+        return True
+    i = max(0, (lo - base - span) // step + 1)  # the first block that ends past lo
+    start = base + i * step
+    if i >= count or start >= hi:
+        return False
+    return (start >= lo or _touches(start, inner, size, lo, hi)
+            or (i + 1 < count and start + step < hi))
+
+
+def _check_internal_overlap(name, t):
+    """An output with a repeated (stride 0) dim: several elements would be written to one place.
+    torch's own test (``MemOverlap::Yes``; it answers "too hard" for other strided layouts)."""
+    if torch._debug_has_internal_overlap(t) == 1:
+        raise RuntimeError(f"{name}=: {_INTERNAL_OVERLAP} ({name} has stride "
+                           f"{tuple(t.stride())} for shape {tuple(t.shape)}). {_CLONE}")
 
 
 def _check_no_autograd(name, *tensors):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise ValueError(f"{name}= does not support autograd (as torch's out= arguments): call "
-                         f"without {name}, or under torch.no_grad()")
+        raise _ArgumentError(f"{name}= does not support autograd (as torch's out= arguments: "
+                             f"functions with out=... arguments don't support automatic "
+                             f"differentiation): call without {name}, or under "
+                             f"torch.no_grad()")
 
 
 def _rows(t, m, n, flat):
@@ -507,8 +730,10 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, zc, return_residual,
     if out is not None:
         _check_out(out, x, weight, bias, residual, casting, out_dtype)
     if residual_out is not None:
-        _check_residual_out(residual_out, out, x, weight, bias, residual)
-    if not x.is_cpu and torch.is_autocast_enabled(x.device.type):
+        _check_residual_out(residual_out, x, weight, bias, residual)
+    if (out is not None or residual_out is not None) and not torch.compiler.is_compiling():
+        _check_writes(x, weight, bias, residual, out, residual_out)
+    if not x.is_cpu and not x.is_meta and torch.is_autocast_enabled(x.device.type):
         # torch's autocast runs layer_norm / rms_norm in float32 on accelerators (CPU: no policy).
         x, weight, bias, residual = (
             None if t is None else t.float() for t in (x, weight, bias, residual)

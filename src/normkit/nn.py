@@ -5,14 +5,20 @@ so the constructor, the parameters (``weight``, ``bias``), the state_dict keys a
 ``reset_parameters`` are torch's own: a checkpoint saved from ``torch.nn.LayerNorm`` loads into
 ``normkit.nn.LayerNorm`` with ``strict=True`` and back.
 
-Two class attributes select model-specific numerics; an instance (for example one made by
-``normkit.convert`` from a Hugging Face norm) may override them:
+The constructors take torch's arguments, plus two keyword-only options of the functional API
+that select model-specific numerics (``normkit.convert`` sets them from a Hugging Face norm):
 
 * ``casting`` — where the cast back to a 16-bit dtype happens ("torch", "gemma", "llama", "t5";
   see ``normkit.layer_norm``).  Output dtype: x.dtype for "torch"/"gemma";
   ``promote_types(x.dtype, weight.dtype)`` for "llama"; for "t5" weight.dtype when the weight is
   16-bit, else float32.  With the default "torch" the output dtype is always x.dtype, as in torch.
-* ``zero_centered_gamma`` — multiply by ``1 + weight`` (γ stored zero-centred, as in Gemma).
+* ``zero_centered_gamma`` — multiply by ``1 + weight`` (γ stored zero-centred, as in Gemma); the
+  weight then starts at zeros, so that a fresh module is the identity scale as torch's is.
+
+They are configuration, not state: shown by ``extra_repr`` when not the default, kept by
+``copy.deepcopy`` and pickle, and absent from the state_dict, whose keys stay torch's (a
+state_dict loads into a module built with the same options).  ``normalized_shape`` and ``eps``
+are stored as plain ints and a float (numpy scalars are taken, as torch takes them).
 
 ``DyT`` (Dynamic Tanh, ``weight * tanh(alpha * x) + bias``) has no statistics at all; it is here
 so that ``normkit study`` can compare it with the norms on equal footing.
@@ -22,9 +28,38 @@ from __future__ import annotations
 
 import torch
 
-from .functional import layer_norm, rms_norm
+from .functional import _check_casting, _eps_of, _shape_of, layer_norm, rms_norm
 
 __all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm", "DyT"]
+
+
+def _set_options(module, casting, zero_centered_gamma, elementwise_affine) -> None:
+    """Checks and sets the two options (before torch's constructor, whose reset_parameters
+    reads zero_centered_gamma)."""
+    _check_casting(casting)
+    if not isinstance(zero_centered_gamma, bool):
+        raise TypeError(f"zero_centered_gamma must be a bool, got "
+                        f"{type(zero_centered_gamma).__name__}")
+    if zero_centered_gamma and not elementwise_affine:
+        raise ValueError("zero_centered_gamma=True needs elementwise_affine=True: it says how "
+                         "the weight is stored")
+    module.casting = casting
+    module.zero_centered_gamma = zero_centered_gamma
+
+
+def _reset_zero_centered(module) -> None:
+    """After torch's reset_parameters (weight = 1): a zero-centred weight starts at 0."""
+    if module.zero_centered_gamma and module.weight is not None:
+        with torch.no_grad():
+            module.weight.zero_()
+
+
+def _get_name(module) -> str:
+    """The name ``print(model)`` shows: ``normkit.nn.LayerNorm((768,), eps=1e-05, ...)`` for
+    normkit's own classes, so that a converted model shows which norms were replaced (torch's
+    repr is otherwise the same); a user's subclass keeps its plain name, as in torch."""
+    cls = type(module)
+    return f"normkit.nn.{cls.__name__}" if cls.__module__ == __name__ else cls.__name__
 
 
 def _options_repr(module) -> str:
@@ -46,10 +81,26 @@ class LayerNorm(torch.nn.LayerNorm):
     Output dtype: x.dtype with the default ``casting="torch"`` (also when weight/bias have
     another dtype, e.g. float32 γ with bfloat16 activations); see the module docstring for the
     other casting modes.
+
+    Args: torch's (``normalized_shape``, ``eps=1e-5``, ``elementwise_affine``, ``bias``,
+    ``device``, ``dtype``), and keyword-only ``casting="torch"`` and
+    ``zero_centered_gamma=False`` (see the module docstring).
     """
 
-    casting: str = "torch"
+    casting: str = "torch"  # class defaults: instances made before these were arguments
     zero_centered_gamma: bool = False
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None, *, casting: str = "torch",
+                 zero_centered_gamma: bool = False):
+        _set_options(self, casting, zero_centered_gamma, elementwise_affine)
+        super().__init__(_shape_of(normalized_shape), _eps_of(eps), elementwise_affine, bias,
+                         device, dtype)
+
+    def reset_parameters(self) -> None:
+        """torch's (weight 1, bias 0), with weight 0 when zero-centred."""
+        super().reset_parameters()
+        _reset_zero_centered(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalizes ``input`` of shape (..., *normalized_shape); returns the same shape."""
@@ -57,6 +108,8 @@ class LayerNorm(torch.nn.LayerNorm):
             input, self.normalized_shape, self.weight, self.bias, self.eps,
             zero_centered_gamma=self.zero_centered_gamma, casting=self.casting,
         )
+
+    _get_name = _get_name
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _options_repr(self)
@@ -70,10 +123,26 @@ class RMSNorm(torch.nn.RMSNorm):
 
     Output dtype: x.dtype with the default ``casting="torch"``; see the module docstring for the
     other casting modes.
+
+    Args: torch's (``normalized_shape``, ``eps=None``, ``elementwise_affine``, ``device``,
+    ``dtype``), and keyword-only ``casting="torch"`` and ``zero_centered_gamma=False`` (see
+    the module docstring).
     """
 
-    casting: str = "torch"
+    casting: str = "torch"  # class defaults: instances made before these were arguments
     zero_centered_gamma: bool = False
+
+    def __init__(self, normalized_shape, eps: float | None = None,
+                 elementwise_affine: bool = True, device=None, dtype=None, *,
+                 casting: str = "torch", zero_centered_gamma: bool = False):
+        _set_options(self, casting, zero_centered_gamma, elementwise_affine)
+        super().__init__(_shape_of(normalized_shape), None if eps is None else _eps_of(eps),
+                         elementwise_affine, device, dtype)
+
+    def reset_parameters(self) -> None:
+        """torch's (weight 1), with weight 0 when zero-centred."""
+        super().reset_parameters()
+        _reset_zero_centered(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalizes ``x`` of shape (..., *normalized_shape); returns the same shape."""
@@ -81,6 +150,8 @@ class RMSNorm(torch.nn.RMSNorm):
             x, self.normalized_shape, self.weight, self.eps,
             zero_centered_gamma=self.zero_centered_gamma, casting=self.casting,
         )
+
+    _get_name = _get_name
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _options_repr(self)
@@ -189,6 +260,8 @@ class DyT(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
+
+    _get_name = _get_name
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, alpha_init={self.alpha_init}, "

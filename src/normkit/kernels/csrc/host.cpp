@@ -270,6 +270,17 @@ const at::Tensor* plain(PyObject* obj) {
   return &t;
 }
 
+// The bytes [lo, hi) of a contiguous tensor; empty for nullptr.
+struct Span {
+  uintptr_t lo = 0, hi = 0;
+};
+Span span(const at::Tensor* t) {
+  if (t == nullptr) return {};
+  const auto lo = reinterpret_cast<uintptr_t>(t->const_data_ptr());
+  return {lo, lo + t->nbytes()};
+}
+bool meet(Span a, Span b) { return a.lo < b.hi && b.lo < a.hi; }
+
 // The rows of t: a contiguous (M, N) view (no copy; t is contiguous).
 at::Tensor rows(const at::Tensor& t, int64_t m, int64_t n) {
   return t.dim() == 2 ? t : t.view({m, n});
@@ -387,9 +398,19 @@ py::object run(py::handle xo, py::handle no, py::handle wo, py::handle bo, doubl
     return t;
   };
   if (!oo.is_none() && (train || (out = like_x(oo)) == nullptr)) return py::none();
-  if (!hoo.is_none()) {
-    if (train || r == nullptr || (hout = like_x(hoo)) == nullptr) return py::none();
-    if (out != nullptr && out->data_ptr() == hout->data_ptr()) return py::none();
+  if (!hoo.is_none() && (train || r == nullptr || (hout = like_x(hoo)) == nullptr))
+    return py::none();
+  // An output sharing memory with an input or with the other output goes to the general path,
+  // which raises torch's error for it (functional._check_writes) — but for the in-place forms,
+  // out=x and residual_out=residual or x: outputs are like x, so the same address is the same
+  // elements, and the kernels read each row before they write it.
+  if (out != nullptr || hout != nullptr) {
+    const Span sx = span(x), sw = span(w), sb = span(b), sr = span(r), so = span(out),
+               sh = span(hout);
+    if ((meet(so, sx) && so.lo != sx.lo) || meet(so, sr) || meet(so, sw) || meet(so, sb) ||
+        meet(so, sh) || (meet(sh, sx) && sh.lo != sx.lo) || (meet(sh, sr) && sh.lo != sr.lo) ||
+        meet(sh, sw) || meet(sh, sb))
+      return py::none();
   }
   const int64_t m = x->numel() / n;
   if (m == 0) return py::none();
