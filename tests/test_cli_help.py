@@ -50,3 +50,18 @@ def test_import_normkit_is_lazy_and_complete():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, PYTHONPATH=str(SRC)))
     assert p.stdout.strip() == "ok", p.stderr
+
+
+def test_import_after_torch_registers_the_custom_ops():
+    """``import torch, normkit``: torch is paid for, so the ops are registered at once and a
+    program that calls them resolves without any other normkit call first."""
+    code = ("import sys, torch, normkit\n"
+            "assert 'normkit.functional' in sys.modules\n"
+            "op = torch.ops.normkit.norm_fwd\n"
+            "x = torch.randn(2, 8)\n"
+            "y = op(x, None, None, None, 1e-5, False, False, 'torch', None)[0]\n"
+            "torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,)))\n"
+            "print('ok')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    assert p.stdout.strip() == "ok", p.stderr

@@ -1,10 +1,12 @@
 """normkit: fast, exact and observable layer normalization for PyTorch.
 
-``import normkit`` imports nothing: every public name below loads on first use (PEP 562), so
-``normkit --help`` does not pay for torch.  ``normkit.layer_norm`` (or ``normkit.nn``,
+``import normkit`` imports nothing heavy: every public name below loads on first use (PEP 562),
+so ``normkit --help`` does not pay for torch.  ``normkit.layer_norm`` (or ``normkit.nn``,
 ``normkit.convert``, ...) imports torch and normkit's functional layer, which registers the
-``torch.ops.normkit`` custom ops; the compiled CPU kernels load on the first CPU call (a shared
-library: nothing compiles).  ``normkit.watch`` / ``normkit.Baseline`` (telemetry,
+``torch.ops.normkit`` custom ops.  Where torch is already imported (``import torch, normkit``),
+``import normkit`` registers them at once (about 25 ms), so a saved program that calls them
+(``torch.export.load``) loads right after it.  The compiled CPU kernels load on the first CPU
+call (a shared library: nothing compiles).  ``normkit.watch`` / ``normkit.Baseline`` (telemetry,
 ``normkit.monitor``) and ``normkit.audit`` load the telemetry or the audit.  No optional extra
 (triton, transformers, onnx, prometheus_client, matplotlib) is imported by any of them.
 """
@@ -71,6 +73,9 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+if "torch" in sys.modules:  # torch's import is paid already: register the custom ops now
+    importlib.import_module(".functional", __name__)
 
 __all__ = [
     # functional ops
