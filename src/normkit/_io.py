@@ -156,6 +156,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
                 _unlink(tmp)
                 raise
     except OSError as e:
+        if e.errno is None:  # not the system's error: nothing to re-attribute
+            raise
         raise OSError(e.errno, e.strerror, str(path)) from e
     return path
 
