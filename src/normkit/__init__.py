@@ -15,7 +15,7 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
+from ._provenance import __version__
 
 # name -> (submodule, attribute or None for the submodule itself), imported on first access.
 # ``normkit.audit`` is a callable package: ``normkit.audit(model)`` and ``normkit.audit.RULES``.
