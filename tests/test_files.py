@@ -196,6 +196,26 @@ def test_a_baseline_of_a_newer_schema_says_to_upgrade(tmp_path, baseline_doc):
         Baseline.load(path)
 
 
+def test_telemetry_files_name_the_normkit_code_that_wrote_them(tmp_path, monkeypatch):
+    """The JSONL header and a baseline carry the running code's version
+    (``normkit._provenance``), not that of whatever distribution is installed (none, or an
+    older one, when the code is a checkout on PYTHONPATH)."""
+    import importlib.metadata
+
+    import normkit
+
+    def installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", installed)
+    path = tmp_path / "run.jsonl"
+    w = _watched_run(path, 2)
+    header = next(read_jsonl(path))
+    assert header["type"] == "header" and header["normkit_version"] == normkit.__version__
+    assert w.baseline().normkit_version == normkit.__version__
+    assert Baseline.from_jsonl(path).normkit_version == normkit.__version__
+
+
 def test_the_schema_names_exactly_what_layer_stats_write():
     from normkit.monitor import _schema
 

@@ -47,7 +47,7 @@ KNOWN_UP = {
     ("normkit._report.telemetry", "normkit.monitor.drift"),
     ("normkit._report.telemetry", "normkit.monitor.exporters"),
 }
-KNOWN_CIRCLES = [["normkit.monitor.drift", "normkit.monitor.exporters"]]
+KNOWN_CIRCLES: list[list[str]] = []
 
 
 def _modules() -> dict[str, Path]:

@@ -1,6 +1,9 @@
-"""The schemas of the files normkit's telemetry writes — a baseline (``normkit.baseline``) and a
-JSONL record (``normkit.monitor``) — written down once, field by field, with the checker that
-reads a parsed JSON document against them.
+"""The telemetry's files, at the bottom of ``normkit.monitor``: the schemas of a baseline
+(``normkit.baseline``) and of a JSONL record (``normkit.monitor``), each with its one version,
+the histogram bucket layout both use, the checker that reads a parsed JSON document against
+them, and ``read_jsonl``, the one reader of a telemetry file.  Writers (the exporters, the
+watch, ``Baseline.save``) and readers (``Baseline``, the report, the study) sit above it; it
+imports nothing from its siblings.
 
 Readers call ``check_document(doc, SPEC, schema, source)`` before touching a document, so a
 file with a wrong field type is refused at once with one message naming the file, the field
@@ -10,15 +13,85 @@ does not name are allowed: a later normkit may add fields within a schema versio
 meaning bumps the version, and ``check_document`` refuses versions it does not know.
 
 Plain code, no dependency (jsonschema is not one).
+
+JSONL record schema (``schema`` "normkit.monitor", ``schema_version`` 1)
+--------------------------------------------------------------------------
+
+The file starts with one header line, then one line per sampled step::
+
+    {"type": "header", "schema": "normkit.monitor", "schema_version": 1, "created_unix": float,
+     "normkit_version": str}
+
+    {"type": "step", "schema": "normkit.monitor", "schema_version": 1,
+     "time_unix": float,            # wall time the step started
+     "model": str, "version": str,  # watch(model_name=, model_version=)
+     "rank": str,                   # "0", "1", ... or "all" (reduce="all", written by rank 0)
+     "world_size": int,
+     "step": int,                   # 1-based count of root forward calls (sampled or not)
+     "every": int | float,          # the sampling setting
+     "batch_size": int | null, "seq_len": int | null,   # as seen by the first norm layer
+     "nonfinite": {"forward" | "backward": {
+         "origin": str | null,      # first module producing non-finite from finite inputs
+                                    # ("<input>"/"<loss>": it arrived from outside the model)
+         "origin_values": int,      # non-finite values in the origin's output (its in-grads)
+         "origins": [str],          # further independent origins in the same pass
+         "propagators": [str],      # modules that passed it on, in execution order (≤ 64)
+         "modules": int,            # modules with non-finite outputs (in-grads) in the pass
+         "resolved": bool}},        # False: origin placed provisionally (a container, or the
+                                    # last module with a bad parameter gradient); a hunting
+                                    # step follows (see normkit.monitor.watch)
+     "layers": {layer: {            # per norm layer, mergeable sums (LayerStats.to_dict)
+         "kind": "ln" | "rms",      # the statistics held: mean and variance, or mean square
+         "norm": str | null,        # the norm's kind: "layer", "rms", "batch", "group",
+                                    # "instance", "dyt", "custom" (null in older records)
+         "rows": int, "nonfinite_rows": int,
+         "sum_mean", "sum_mean_sq", "sum_var", "sum_ms": float,   # over finite input rows
+         "out_n": int, "out_sum", "out_sumsq": float, "out_nonfinite": int,
+         "grad_nonfinite_rows": int, "steps": int,
+         "batch_size", "seq_len": int | null,
+         "weight_norm", "bias_norm", "weight_update_norm", "bias_update_norm",
+         "grad_input_norm", "weight_grad_norm", "bias_grad_norm": float | null,
+         "hist_mean", "hist_scale", "hist_latency": {   # per-row mean, per-row std (LN) or
+             "edges": "slog2/4/80", "n": int,            # RMS (RMSNorm), forward seconds
+             "min": float | null, "max": float | null,
+             "buckets": [[bucket index, count], ...]}}},
+     "summary": {layer: {...}},     # derived values (LayerStats.summary): input_mean,
+                                    # input_std, input_rms, row_mean/row_scale quantiles,
+                                    # output_mean, output_std, latency p50/p99, ...
+     "latency_seconds": {layer: [float]},   # forward wall times of this step's calls
+     "drift": null | {layer: {      # on the steps that checked drift against a baseline
+         "layer", "rows", "mean_shift", "variance_ratio", "psi", "ks",
+         "crossed": [str],          # metrics at or over their limit
+         "evaluable": bool,         # false: not judged (metrics null), "reason" says why
+         "reason": str | null,      # e.g. "the live window has 6 rows, fewer than min_rows=20"
+         "limits": {metric: float}}},   # each metric's limit at these row counts
+     "alerts": [{"severity", "rule", "layer", "model", "version", "count", "first_seen",
+                 "last_seen", "layers", "message"}]}    # alerts opened at this step
+
+Aggregates only: sums over rows, histograms of per-row means/scales and norms of parameters
+and gradients; no row, token or request identifier is ever written.
+
+Torn lines.  Lines are appended with one ``write`` each and flushed, so a writer killed
+mid-line leaves at most one torn line; an exporter that opens a file ending in one starts on a
+fresh line, so a restarted job's records are never glued to it.  ``read_jsonl`` (every normkit
+reader uses it) skips a line that is not JSON — torn, at the end or followed by more records,
+or corrupt anywhere (a bad disk block) — with a warning naming the file and line number, and
+keeps every other record; a torn line with a whole record glued after it (files written before
+exporters started on a fresh line) gives that record back.  A line that *is* JSON but not a
+record of this schema (a list, a field of the wrong type, another schema, a newer
+``schema_version``) is not damage but a different file: it raises ValueError naming the file,
+the line and the field (checked against ``RECORDS`` below).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterator
 
-from ._sketch import EDGES_ID, NBUCKETS
-from ._stats import KINDS
+# read_jsonl's warnings keep the logger name they have always had
+log = logging.getLogger("normkit.monitor.exporters")
 
 BASELINE_SCHEMA = "normkit.baseline"
 BASELINE_SCHEMA_VERSION = 1
@@ -26,6 +99,21 @@ RECORD_SCHEMA = "normkit.monitor"
 RECORD_SCHEMA_VERSION = 1
 _VERSIONS = {BASELINE_SCHEMA: BASELINE_SCHEMA_VERSION, RECORD_SCHEMA: RECORD_SCHEMA_VERSION}
 _TITLES = {BASELINE_SCHEMA: "normkit baseline", RECORD_SCHEMA: "normkit telemetry file"}
+
+# Row statistics of the *input* of a norm layer.  "ln" layers (LayerNorm, GroupNorm, BatchNorm)
+# give a mean and a variance per row; "rms" layers give only the mean square (RMSNorm never
+# computes a mean, and we do not add a pass over the activations to get one).
+KINDS = ("ln", "rms")
+
+# The histogram bucket layout every histogram in a file uses (``_sketch`` computes with it):
+# edges 0, ±2^(j/4) for j in [-80, 80].
+_STEPS_PER_OCTAVE = 4
+_J = 80
+_POS = [2.0 ** (j / _STEPS_PER_OCTAVE) for j in range(-_J, _J + 1)]
+EDGES: list[float] = [-e for e in reversed(_POS)] + [0.0] + _POS
+NBUCKETS = len(EDGES) + 1  # bucket i holds EDGES[i-1] < v <= EDGES[i] (0 and last are open)
+EDGES_ID = f"slog2/{_STEPS_PER_OCTAVE}/{_J}"  # stored with every histogram: a changed layout
+# must never be merged with an old one silently
 
 
 class SchemaError(ValueError):
@@ -364,3 +452,69 @@ STEP_STATS = Obj({k: STEP.fields[k] for k in ("type", "model", "version", "rank"
 # needs a type (every reader skips types it does not know, so a later normkit may add some).
 RECORDS = {"header": HEADER, "step": STEP}
 ANY_RECORD = Obj({"type": STR}, "a record (a JSON object)")
+
+
+# -- reading a normkit.monitor file ------------------------------------------------------------
+
+# Lines read_jsonl names one by one in its warnings; past that it counts them.
+_NAMED_BAD_LINES = 10
+# Every record the exporter writes starts so (json.dumps keeps the dicts' order, "type" first).
+_RECORD_START = '{"type":'
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Yields the records of a ``JsonlExporter`` file, each checked against the record schema.
+
+    A line that is not JSON — torn by a writer that died mid-line, or corrupt — is skipped with
+    a warning naming the file and line (the first ten; then a count), and reading goes on; a
+    whole record glued after a torn part is kept (see "Torn lines" in the module docstring).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a line is JSON but not a record of this schema and version; the message
+            names ``path:line`` and the field.
+    """
+    bad = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                rec = _glued_record(raw)
+                bad += 1
+                if bad <= _NAMED_BAD_LINES:
+                    why = (f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError)
+                           else str(e))
+                    log.warning("%s:%d: skipping a line that is not JSON (torn by a writer that "
+                                "stopped mid-line, or corrupt: %s)%s", path, lineno, why,
+                                "; kept the record glued after it" if rec is not None else "")
+                if rec is None:
+                    continue
+            _check_record(rec, f"{path}:{lineno}")
+            yield rec
+    if bad > _NAMED_BAD_LINES:
+        log.warning("%s: %d unreadable lines skipped in all (the first %d named above)", path,
+                    bad, _NAMED_BAD_LINES)
+
+
+def _glued_record(raw: bytes) -> dict | None:
+    """The whole record at the end of a line that starts with a torn one, or None."""
+    line = raw.decode("utf-8", "replace")
+    at = line.find(_RECORD_START, 1)
+    while at != -1:
+        try:
+            rec = json.loads(line[at:])
+        except ValueError:
+            at = line.find(_RECORD_START, at + 1)
+            continue
+        return rec if type(rec) is dict else None
+    return None
+
+
+def _check_record(rec, source: str) -> None:
+    """``check_document`` for a record: a header or step record fully; a record of a type this
+    normkit does not know only for its schema and version (readers skip such types)."""
+    spec = RECORDS.get(rec.get("type")) if type(rec) is dict else None
+    check_document(rec, spec or ANY_RECORD, RECORD_SCHEMA, source)

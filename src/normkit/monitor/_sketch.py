@@ -15,13 +15,8 @@ import math
 import numpy as np
 import torch
 
-_STEPS_PER_OCTAVE = 4
-_J = 80
-_POS = [2.0 ** (j / _STEPS_PER_OCTAVE) for j in range(-_J, _J + 1)]
-EDGES: list[float] = [-e for e in reversed(_POS)] + [0.0] + _POS
-NBUCKETS = len(EDGES) + 1  # bucket i holds EDGES[i-1] < v <= EDGES[i] (0 and last are open)
-EDGES_ID = f"slog2/{_STEPS_PER_OCTAVE}/{_J}"  # stored with every histogram: a changed layout
-# must never be merged with an old one silently
+from ._schema import EDGES, EDGES_ID, NBUCKETS  # the layout files store (and name)
+
 EDGES_NP = np.array(EDGES, dtype=np.float64)
 _EDGES_T = {torch.float32: torch.tensor(EDGES, dtype=torch.float32),
             torch.float64: torch.tensor(EDGES, dtype=torch.float64)}

@@ -15,11 +15,6 @@ import torch
 from . import _sketch
 from ._sketch import NBUCKETS, Histogram
 
-# Row statistics of the *input* of a norm layer.  "ln" layers (LayerNorm, GroupNorm, BatchNorm)
-# give a mean and a variance per row; "rms" layers give only the mean square (RMSNorm never
-# computes a mean, and we do not add a pass over the activations to get one).
-KINDS = ("ln", "rms")
-
 _SUM_FIELDS = ("rows", "nonfinite_rows", "sum_mean", "sum_mean_sq", "sum_var", "sum_ms",
                "out_n", "out_sum", "out_sumsq", "out_nonfinite", "grad_nonfinite_rows", "steps")
 _LAST_FIELDS = ("batch_size", "seq_len", "weight_norm", "bias_norm", "weight_update_norm",
@@ -31,6 +26,9 @@ class LayerStats:
     """Aggregates for one norm layer.  Sums merge by addition; "last" fields keep the newest
     value (they describe the model's state, e.g. ‖γ‖, not a distribution)."""
 
+    # The input's row statistics held (``_schema.KINDS``): "ln" a mean and a variance per row
+    # (LayerNorm, GroupNorm, BatchNorm), "rms" only the mean square (RMSNorm never computes a
+    # mean, and we do not add a pass over the activations to get one).
     kind: str = "ln"
     norm: str | None = None  # the norm's kind in normkit._inventory ("layer", "batch", ...)
     rows: int = 0

@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 
 from .._io import write_text_atomic
+from .._provenance import normkit_version as _running_version
 from ._schema import (
     BASELINE,
     BASELINE_SCHEMA,
@@ -66,6 +67,7 @@ from ._schema import (
     RECORD_SCHEMA,
     STEP_STATS,
     check_document,
+    read_jsonl,
 )
 from ._sketch import ks, psi
 from ._stats import LayerStats
@@ -73,15 +75,6 @@ from ._stats import LayerStats
 __all__ = ["Baseline", "DriftThresholds", "DriftResult", "compute_drift", "BASELINE_SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
-
-
-def _normkit_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("normkit")
-    except Exception:
-        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -274,7 +267,7 @@ class Baseline:
         self.model_name = str(model_name)
         self.model_version = str(model_version)
         self.layers = dict(layers)
-        self.normkit_version = normkit_version or _normkit_version()
+        self.normkit_version = normkit_version or _running_version()
         self.created_unix = time.time() if created_unix is None else float(created_unix)
 
     def __repr__(self) -> str:
@@ -342,8 +335,6 @@ class Baseline:
         Raises:
             ValueError: no usable step record, or a record of another schema version.
         """
-        from .exporters import read_jsonl
-
         return cls.from_records(read_jsonl(path), model_version=model_version, rank=rank,
                                 source=str(path))
 

@@ -4,73 +4,8 @@ Optional dependencies (prometheus_client, tensorboard) are imported when an expo
 never at ``import normkit.monitor``; a missing one raises ImportError naming
 ``pip install "normkit[monitor]"``.
 
-JSONL record schema (``schema`` "normkit.monitor", ``schema_version`` 1)
---------------------------------------------------------------------------
-
-The file starts with one header line, then one line per sampled step::
-
-    {"type": "header", "schema": "normkit.monitor", "schema_version": 1, "created_unix": float,
-     "normkit_version": str}
-
-    {"type": "step", "schema": "normkit.monitor", "schema_version": 1,
-     "time_unix": float,            # wall time the step started
-     "model": str, "version": str,  # watch(model_name=, model_version=)
-     "rank": str,                   # "0", "1", ... or "all" (reduce="all", written by rank 0)
-     "world_size": int,
-     "step": int,                   # 1-based count of root forward calls (sampled or not)
-     "every": int | float,          # the sampling setting
-     "batch_size": int | null, "seq_len": int | null,   # as seen by the first norm layer
-     "nonfinite": {"forward" | "backward": {
-         "origin": str | null,      # first module producing non-finite from finite inputs
-                                    # ("<input>"/"<loss>": it arrived from outside the model)
-         "origin_values": int,      # non-finite values in the origin's output (its in-grads)
-         "origins": [str],          # further independent origins in the same pass
-         "propagators": [str],      # modules that passed it on, in execution order (≤ 64)
-         "modules": int,            # modules with non-finite outputs (in-grads) in the pass
-         "resolved": bool}},        # False: origin placed provisionally (a container, or the
-                                    # last module with a bad parameter gradient); a hunting
-                                    # step follows (see normkit.monitor.watch)
-     "layers": {layer: {            # per norm layer, mergeable sums (LayerStats.to_dict)
-         "kind": "ln" | "rms",      # the statistics held: mean and variance, or mean square
-         "norm": str | null,        # the norm's kind: "layer", "rms", "batch", "group",
-                                    # "instance", "dyt", "custom" (null in older records)
-         "rows": int, "nonfinite_rows": int,
-         "sum_mean", "sum_mean_sq", "sum_var", "sum_ms": float,   # over finite input rows
-         "out_n": int, "out_sum", "out_sumsq": float, "out_nonfinite": int,
-         "grad_nonfinite_rows": int, "steps": int,
-         "batch_size", "seq_len": int | null,
-         "weight_norm", "bias_norm", "weight_update_norm", "bias_update_norm",
-         "grad_input_norm", "weight_grad_norm", "bias_grad_norm": float | null,
-         "hist_mean", "hist_scale", "hist_latency": {   # per-row mean, per-row std (LN) or
-             "edges": "slog2/4/80", "n": int,            # RMS (RMSNorm), forward seconds
-             "min": float | null, "max": float | null,
-             "buckets": [[bucket index, count], ...]}}},
-     "summary": {layer: {...}},     # derived values (LayerStats.summary): input_mean,
-                                    # input_std, input_rms, row_mean/row_scale quantiles,
-                                    # output_mean, output_std, latency p50/p99, ...
-     "latency_seconds": {layer: [float]},   # forward wall times of this step's calls
-     "drift": null | {layer: {      # on the steps that checked drift against a baseline
-         "layer", "rows", "mean_shift", "variance_ratio", "psi", "ks",
-         "crossed": [str],          # metrics at or over their limit
-         "evaluable": bool,         # false: not judged (metrics null), "reason" says why
-         "reason": str | null,      # e.g. "the live window has 6 rows, fewer than min_rows=20"
-         "limits": {metric: float}}},   # each metric's limit at these row counts
-     "alerts": [{"severity", "rule", "layer", "model", "version", "count", "first_seen",
-                 "last_seen", "layers", "message"}]}    # alerts opened at this step
-
-Aggregates only: sums over rows, histograms of per-row means/scales and norms of parameters
-and gradients; no row, token or request identifier is ever written.
-
-Torn lines.  Lines are appended with one ``write`` each and flushed, so a writer killed
-mid-line leaves at most one torn line; an exporter that opens a file ending in one starts on a
-fresh line, so a restarted job's records are never glued to it.  ``read_jsonl`` (every normkit
-reader uses it) skips a line that is not JSON — torn, at the end or followed by more records,
-or corrupt anywhere (a bad disk block) — with a warning naming the file and line number, and
-keeps every other record; a torn line with a whole record glued after it (files written before
-exporters started on a fresh line) gives that record back.  A line that *is* JSON but not a
-record of this schema (a list, a field of the wrong type, another schema, a newer
-``schema_version``) is not damage but a different file: it raises ValueError naming the file,
-the line and the field (checked against ``_schema.RECORDS``).
+The JSONL record schema — every field, and how torn lines are read — is the docstring of
+``normkit.monitor._schema``, where the schema, its version and ``read_jsonl`` live.
 
 Prometheus metrics: see ``METRICS`` (name, type, labels, help) below.
 """
@@ -84,18 +19,17 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from ._schema import ANY_RECORD, RECORD_SCHEMA, RECORD_SCHEMA_VERSION, RECORDS, check_document
-from ._sketch import EDGES
+from .._provenance import normkit_version
+from ._schema import EDGES, RECORD_SCHEMA, RECORD_SCHEMA_VERSION, read_jsonl
 
 __all__ = ["PrometheusExporter", "TensorBoardExporter", "JsonlExporter", "read_jsonl",
            "METRICS", "JSONL_SCHEMA_VERSION", "DEFAULT_PORT"]
 
 log = logging.getLogger(__name__)
 
-JSONL_SCHEMA_VERSION = RECORD_SCHEMA_VERSION
+JSONL_SCHEMA_VERSION = RECORD_SCHEMA_VERSION  # the record schema's one version, by its old name
 _EXTRA = 'pip install "normkit[monitor]"'
 
 
@@ -251,10 +185,8 @@ class PrometheusExporter:
 
     def _export(self, record: dict) -> None:
         base = (record["model"], record["version"], str(record["rank"]))
-        from .drift import _normkit_version
-
         if base not in self._last_step:
-            self._c("normkit_watch_info", *base, _normkit_version()).set(1)
+            self._c("normkit_watch_info", *base, normkit_version()).set(1)
         prev = self._last_step.get(base, 0)
         self._last_step[base] = record["step"]
         self._c("normkit_steps", *base).inc(max(record["step"] - prev, 0))
@@ -492,7 +424,7 @@ def _masked_crc32c(data: bytes) -> int:
 
 
 class JsonlExporter:
-    """Appends one JSON line per sampled step to ``path`` (schema in the module docstring).
+    """Appends one JSON line per sampled step to ``path`` (schema: ``normkit.monitor._schema``).
 
     Args:
         path: the file (parent directories created).  An existing file is appended to, from a
@@ -501,15 +433,13 @@ class JsonlExporter:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from .drift import _normkit_version
-
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
         if self._f.tell() == 0:
             self._write({"type": "header", "schema": RECORD_SCHEMA,
                          "schema_version": JSONL_SCHEMA_VERSION, "created_unix": time.time(),
-                         "normkit_version": _normkit_version()})
+                         "normkit_version": normkit_version()})
         elif not self._ends_with_newline():
             log.warning("%s does not end with a newline (a writer stopped mid-line); appending "
                         "from a fresh line (readers skip a torn line)", self.path)
@@ -550,67 +480,3 @@ def _finite(obj):
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
-
-
-# Lines read_jsonl names one by one in its warnings; past that it counts them.
-_NAMED_BAD_LINES = 10
-# Every record the exporter writes starts so (json.dumps keeps the dicts' order, "type" first).
-_RECORD_START = '{"type":'
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Yields the records of a ``JsonlExporter`` file, each checked against the record schema.
-
-    A line that is not JSON — torn by a writer that died mid-line, or corrupt — is skipped with
-    a warning naming the file and line (the first ten; then a count), and reading goes on; a
-    whole record glued after a torn part is kept (see "Torn lines" in the module docstring).
-
-    Raises:
-        OSError: the file cannot be read.
-        ValueError: a line is JSON but not a record of this schema and version; the message
-            names ``path:line`` and the field.
-    """
-    bad = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))
-            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-                rec = _glued_record(raw)
-                bad += 1
-                if bad <= _NAMED_BAD_LINES:
-                    why = (f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError)
-                           else str(e))
-                    log.warning("%s:%d: skipping a line that is not JSON (torn by a writer that "
-                                "stopped mid-line, or corrupt: %s)%s", path, lineno, why,
-                                "; kept the record glued after it" if rec is not None else "")
-                if rec is None:
-                    continue
-            _check_record(rec, f"{path}:{lineno}")
-            yield rec
-    if bad > _NAMED_BAD_LINES:
-        log.warning("%s: %d unreadable lines skipped in all (the first %d named above)", path,
-                    bad, _NAMED_BAD_LINES)
-
-
-def _glued_record(raw: bytes) -> dict | None:
-    """The whole record at the end of a line that starts with a torn one, or None."""
-    line = raw.decode("utf-8", "replace")
-    at = line.find(_RECORD_START, 1)
-    while at != -1:
-        try:
-            rec = json.loads(line[at:])
-        except ValueError:
-            at = line.find(_RECORD_START, at + 1)
-            continue
-        return rec if type(rec) is dict else None
-    return None
-
-
-def _check_record(rec, source: str) -> None:
-    """``check_document`` for a record: a header or step record fully; a record of a type this
-    normkit does not know only for its schema and version (readers skip such types)."""
-    spec = RECORDS.get(rec.get("type")) if type(rec) is dict else None
-    check_document(rec, spec or ANY_RECORD, RECORD_SCHEMA, source)

@@ -1115,7 +1115,7 @@ class Watch:
             out.append(a)
 
     def _record(self, cur, layers, fwd, bwd, drift, alerts) -> dict:
-        """The JSON record of a step (schema in ``normkit.monitor.exporters``); built on the
+        """The JSON record of a step (schema in ``normkit.monitor._schema``); built on the
         export thread from objects the step thread no longer changes."""
         record = {
             "type": "step",
