@@ -333,7 +333,7 @@ def test_event_file_framing_matches_tensorboards_own_crc(tmp_path):
     from tensorboard.compat.proto import event_pb2
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-    from normkit.monitor.exporters import _EventFile, _masked_crc32c
+    from normkit.monitor.exporters.tensorboard import _EventFile, _masked_crc32c
 
     rng = np.random.default_rng(0)
     for n in (0, 1, 7, 8, 9, 255, 4096, 10007):

@@ -1,50 +1,20 @@
-"""Exporters: Prometheus, TensorBoard and JSONL.  Each receives one record per sampled step.
-
-Optional dependencies (prometheus_client, tensorboard) are imported when an exporter is built,
-never at ``import normkit.monitor``; a missing one raises ImportError naming
-``pip install "normkit[monitor]"``.
-
-The JSONL record schema — every field, and how torn lines are read — is the docstring of
-``normkit.monitor._schema``, where the schema, its version and ``read_jsonl`` live.
-
-Prometheus metrics: see ``METRICS`` (name, type, labels, help) below.
-"""
+"""The Prometheus exporter: the metrics (``METRICS``: name, type, labels, help) a step record
+becomes, served on ``/metrics`` through ``prometheus_client`` (imported when the exporter is
+built)."""
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import os
-import struct
 import threading
-import time
-from pathlib import Path
 
-from .._provenance import normkit_version
-from ._schema import EDGES, RECORD_SCHEMA, RECORD_SCHEMA_VERSION, read_jsonl
+from ..._provenance import normkit_version
+from ._optional import require
 
-__all__ = ["PrometheusExporter", "TensorBoardExporter", "JsonlExporter", "read_jsonl",
-           "METRICS", "JSONL_SCHEMA_VERSION", "DEFAULT_PORT"]
+__all__ = ["PrometheusExporter", "METRICS", "LATENCY_BUCKETS", "DEFAULT_PORT",
+           "exported_series_names"]
 
 log = logging.getLogger(__name__)
-
-JSONL_SCHEMA_VERSION = RECORD_SCHEMA_VERSION  # the record schema's one version, by its old name
-_EXTRA = 'pip install "normkit[monitor]"'
-
-
-def _require(module: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{module} is needed for this exporter: {_EXTRA}") from e
-
-
-# ----------------------------------------------------------------------------------------------
-# Prometheus
-# ----------------------------------------------------------------------------------------------
 
 _L = ("model", "version", "rank")
 _LL = _L + ("layer",)
@@ -135,7 +105,7 @@ class PrometheusExporter:
     """
 
     def __init__(self, port: int | None = DEFAULT_PORT, addr: str = "127.0.0.1", registry=None):
-        pc = _require("prometheus_client")
+        pc = require("prometheus_client")
         self.registry = registry if registry is not None else pc.CollectorRegistry()
         self._m = {}
         for name, kind, labels, doc in METRICS:
@@ -279,204 +249,4 @@ class PrometheusExporter:
 
     def asgi_app(self):
         """An ASGI app serving this exporter's registry (mount it in your own server)."""
-        return _require("prometheus_client").make_asgi_app(registry=self.registry)
-
-
-# ----------------------------------------------------------------------------------------------
-# TensorBoard
-# ----------------------------------------------------------------------------------------------
-
-_TB_SCALARS = ("input_mean", "input_std", "input_rms", "output_mean", "output_std",
-               "nonfinite_rows", "grad_nonfinite_rows", "weight_norm", "bias_norm",
-               "weight_update_norm", "bias_update_norm", "grad_input_norm", "weight_grad_norm",
-               "bias_grad_norm")
-
-
-class TensorBoardExporter:
-    """Writes TensorBoard event files: scalars ``normkit/<layer>/<metric>`` every record and
-    histograms ``normkit/<layer>/row_mean`` / ``row_scale`` every ``histogram_every`` records;
-    step = the watch's step.
-
-    One event per step holding every value: SummaryWriter's ``add_scalar`` writes an event per
-    value (~30 µs each, ~200 per step here), which alone would cost more than the 5% budget;
-    histograms are rarer for the same reason (~80 buckets each, 26 per step).  The files are
-    the ones ``torch.utils.tensorboard.SummaryWriter`` writes (same writer class).
-
-    Args:
-        log_dir: directory for the event files (created).
-        histogram_every: write histograms on every n-th record (default 10; 1 = always).
-    """
-
-    def __init__(self, log_dir: str | os.PathLike, histogram_every: int = 10):
-        _require("tensorboard")
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-
-        if histogram_every < 1:
-            raise ValueError(f"histogram_every must be >= 1, got {histogram_every!r}")
-        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-        self.log_dir = str(log_dir)
-        self.histogram_every = histogram_every
-        self._n = 0
-        self._tags: dict = {}
-        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
-        self._writer = _EventFile(self.log_dir, event_pb2)
-
-    def _tag(self, *parts: str) -> str:
-        t = self._tags.get(parts)
-        if t is None:
-            t = self._tags[parts] = "/".join(parts)
-        return t
-
-    def _histo(self, h: dict):
-        limits, counts = [], []
-        last = len(EDGES)
-        for i, c in h["buckets"]:
-            limits.append(EDGES[i] if i < last else h["max"])
-            counts.append(float(c))
-        return self._summary_pb2.HistogramProto(
-            min=h["min"], max=h["max"], num=float(h["n"]), bucket_limit=limits, bucket=counts)
-
-    def export(self, record: dict) -> None:
-        if record.get("type") != "step":
-            return
-        summary = self._summary_pb2.Summary()
-        add = summary.value.add
-        prefix = "normkit"
-        if record["rank"] not in ("0", "all"):
-            prefix = f"normkit/rank{record['rank']}"
-        histos = self._n % self.histogram_every == 0
-        self._n += 1
-        lat_all = record.get("latency_seconds", {})
-        for layer, s in record["summary"].items():
-            for k in _TB_SCALARS:
-                v = s.get(k)
-                if v is not None:
-                    add(tag=self._tag(prefix, layer, k), simple_value=v)
-            lat = lat_all.get(layer)
-            if lat:
-                add(tag=self._tag(prefix, layer, "latency_seconds"),
-                    simple_value=sorted(lat)[len(lat) // 2])
-            if histos:
-                raw = record["layers"][layer]
-                for hk, name in (("hist_mean", "row_mean"), ("hist_scale", "row_scale")):
-                    if raw[hk]["n"]:
-                        add(tag=self._tag(prefix, layer, name), histo=self._histo(raw[hk]))
-        for pname in ("forward", "backward"):
-            bad = record["nonfinite"][pname]["origin"] is not None
-            add(tag=self._tag(prefix, "nonfinite", pname), simple_value=float(bad))
-        for layer, d in (record.get("drift") or {}).items():
-            for k in ("mean_shift", "variance_ratio", "psi", "ks"):
-                if d.get(k) is not None:
-                    add(tag=self._tag(prefix, layer, "drift_" + k), simple_value=d[k])
-        ev = self._event_pb2.Event(wall_time=record["time_unix"], step=int(record["step"]),
-                                   summary=summary)
-        self._writer.write(ev)
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-class _EventFile:
-    """A TensorBoard event file: TFRecord framing (length, masked CRC-32C of the length, the
-    serialized ``Event``, masked CRC-32C of it), a ``brain.Event:2`` version event first, named
-    ``events.out.tfevents.<time>.<host>.<pid>.<n>`` like TensorBoard's own writer.
-
-    Written in place of tensorboard's ``EventFileWriter``, whose pure-Python CRC takes ~1 ms per
-    6 KB event on its own thread — holding the GIL, i.e. stealing it from the training step
-    (~0.3% of a 460 ms step by itself).  Here the CRC is google-crc32c's (``_crc``) and the write
-    happens on the caller's thread (the watch's export thread).
-    """
-
-    _uid = 0
-
-    def __init__(self, log_dir: str, event_pb2):
-        import socket
-
-        _EventFile._uid += 1
-        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                f"{os.getpid()}.{_EventFile._uid}")
-        self.path = os.path.join(log_dir, name)
-        self._f = open(self.path, "ab")
-        self.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-
-    def write(self, event) -> None:
-        data = event.SerializeToString()
-        head = struct.pack("<Q", len(data))
-        self._f.write(b"".join((head, struct.pack("<I", _masked_crc32c(head)), data,
-                                struct.pack("<I", _masked_crc32c(data)))))
-        self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-def _masked_crc32c(data: bytes) -> int:
-    from ._crc import masked_crc32c
-
-    return masked_crc32c(data)
-
-
-# ----------------------------------------------------------------------------------------------
-# JSONL
-# ----------------------------------------------------------------------------------------------
-
-
-class JsonlExporter:
-    """Appends one JSON line per sampled step to ``path`` (schema: ``normkit.monitor._schema``).
-
-    Args:
-        path: the file (parent directories created).  An existing file is appended to, from a
-            fresh line if its last one was torn (a writer killed mid-line); a header line is
-            written when the file is new or empty.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
-        if self._f.tell() == 0:
-            self._write({"type": "header", "schema": RECORD_SCHEMA,
-                         "schema_version": JSONL_SCHEMA_VERSION, "created_unix": time.time(),
-                         "normkit_version": normkit_version()})
-        elif not self._ends_with_newline():
-            log.warning("%s does not end with a newline (a writer stopped mid-line); appending "
-                        "from a fresh line (readers skip a torn line)", self.path)
-            self._f.write("\n")
-            self._f.flush()
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
-
-    def _write(self, obj: dict) -> None:
-        # One write per line: a crash leaves at most one torn last line, which readers skip.
-        try:
-            line = json.dumps(obj, separators=(",", ":"), allow_nan=False)
-        except ValueError:  # a NaN/Inf slipped into a derived value: JSON has no such numbers
-            line = json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False)
-        self._f.write(line + "\n")
-        self._f.flush()
-
-    def export(self, record: dict) -> None:
-        if self._f is None:
-            raise ValueError(f"JsonlExporter({self.path}) is closed")
-        self._write(record)
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-def _finite(obj):
-    """``obj`` with non-finite floats replaced by None."""
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+        return require("prometheus_client").make_asgi_app(registry=self.registry)
