@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 # The watch's log: these messages keep the logger name they have always had.
-log = logging.getLogger("normkit.monitor.watch")
+log = logging.getLogger(__package__ + ".watch")
 
 
 class _Worker:

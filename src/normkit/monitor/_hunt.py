@@ -55,7 +55,7 @@ import torch
 from .alerts import Alert
 
 # The watch's log: the hunt's messages keep the logger name they have always had.
-log = logging.getLogger("normkit.monitor.watch")
+log = logging.getLogger(__package__ + ".watch")
 
 _PROPAGATORS_MAX = 64  # names kept per pass in a record; counts stay exact
 

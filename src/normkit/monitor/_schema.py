@@ -39,7 +39,7 @@ The file starts with one header line, then one line per sampled step::
          "modules": int,            # modules with non-finite outputs (in-grads) in the pass
          "resolved": bool}},        # False: origin placed provisionally (a container, or the
                                     # last module with a bad parameter gradient); a hunting
-                                    # step follows (see normkit.monitor.watch)
+                                    # step follows (see normkit.monitor._hunt)
      "layers": {layer: {            # per norm layer, mergeable sums (LayerStats.to_dict)
          "kind": "ln" | "rms",      # the statistics held: mean and variance, or mean square
          "norm": str | null,        # the norm's kind: "layer", "rms", "batch", "group",
@@ -91,7 +91,7 @@ import os
 from collections.abc import Callable, Iterator
 
 # read_jsonl's warnings keep the logger name they have always had
-log = logging.getLogger("normkit.monitor.exporters")
+log = logging.getLogger(__package__ + ".exporters")
 
 BASELINE_SCHEMA = "normkit.baseline"
 BASELINE_SCHEMA_VERSION = 1
