@@ -44,8 +44,6 @@ _LAYERS = [
 KNOWN_UP = {
     ("normkit._demo", "normkit._cli._out"),
     ("normkit._demo", "normkit._cli.bench"),
-    ("normkit._report.telemetry", "normkit.monitor.drift"),
-    ("normkit._report.telemetry", "normkit.monitor.exporters"),
 }
 KNOWN_CIRCLES = [["normkit.monitor.drift", "normkit.monitor.exporters"]]
 

@@ -264,7 +264,7 @@ def _write_reports(out: Path, summary: dict, audit_report, live_log: Path) -> Pa
 
     from ._report import Document, literal, literal_code, write_report
     from ._report.plotting import new_figure, to_png
-    from ._report.telemetry import build_telemetry_report
+    from .monitor.report import build_telemetry_report
 
     tele = build_telemetry_report(live_log, out / "baseline.json")
     write_report(tele, out, stem="telemetry", image_dir="telemetry-plots")

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._report import write_report
-    from .._report.telemetry import build_telemetry_report
+    from ..monitor.report import build_telemetry_report
     from ._out import console, lit
 
     out: Path = args.output
