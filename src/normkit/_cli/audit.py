@@ -86,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from ._out import console, error, lit
+    from .._console import console, lit
+    from ._out import error
 
     out = console(width=160)
     err = console(stderr=True)
@@ -188,7 +189,7 @@ def render_table(report, out, fail_on: str = "error") -> None:
     inventory."""
     from rich.table import Table
 
-    from ._out import lit
+    from .._console import lit
 
     c = report.counts()
     verdict = "[green]passed[/green]" if report.ok(fail_on) else "[red]failed[/red]"

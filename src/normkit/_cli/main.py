@@ -10,7 +10,7 @@ Adding a command (``demo``, ``audit``, ``study``, ``report``, ``monitor``) is ad
 and its name to ``COMMANDS``.  Command modules import heavy things (torch kernels, onnx, rich
 tables) inside ``run``, and ``import normkit`` imports nothing until a name is used, so
 ``normkit --help`` does not import torch (tests/test_cli_help.py).  What a command prints of
-the user's (paths, names, messages) goes through ``_out.lit``: it is never Rich markup.
+the user's (paths, names, messages) goes through ``normkit._console.lit``: it is never Rich markup.
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from normkit._report import write_json_atomic
     from normkit.study import plan_runs, run_study, write_outputs
 
-    from ._out import console, error, lit
+    from .._console import console, lit
+    from ._out import error
 
     out = console()
     err = console(stderr=True)
@@ -147,7 +148,7 @@ def findings_table(doc):
     from normkit._report.document import plain
     from normkit.study.report import QUICK_NOTE, findings_rows
 
-    from ._out import lit
+    from .._console import lit
 
     table = Table(title="normkit study — findings", title_justify="left")
     for col in ("claim", "source", "verdict", "evidence"):

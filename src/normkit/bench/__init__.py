@@ -21,8 +21,9 @@ Forward runs under ``torch.no_grad()`` (inference, the serving case).  Backward 
 Times are medians of samples taken after warm-up; each sample times enough back-to-back calls
 (``inner``) to dwarf the clock's overhead, and enough samples are taken to fill ``min_time_s``.
 
-The module is a library: it does not print.  ``normkit bench`` (normkit/_cli/bench.py) renders
-the results with rich; ``benchmarks/run_cpu.py`` runs the full grid.
+The harness does not print.  ``normkit.bench._terminal`` shows a run on the terminal with Rich
+(for ``normkit bench``, ``normkit demo`` and ``benchmarks/run_cpu.py``, which runs the full
+grid).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Any
 
 import torch
 
-from ._io import write_json_atomic
+from .._io import write_json_atomic
 
 __all__ = [
     "SCHEMA_VERSION",
