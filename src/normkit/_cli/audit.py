@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.ERROR)
     from normkit.audit import _target
     from normkit.audit._core import audit, audit_onnx, audit_state_dict
-    from normkit.audit._report import CHECKS
+    from normkit.audit._findings import CHECKS
 
     checks = list(args.checks or CHECKS)
     if args.skip:

@@ -142,11 +142,11 @@ _STYLE = {"ok": "green", "bad": "red", "warn": "yellow", "info": "dim"}
 
 def findings_table(doc):
     """The findings as a rich table, in the words of the HTML report (one source:
-    ``normkit.study.report.findings_rows``): claim, source, verdict, evidence."""
+    ``normkit.study.writeup.findings_rows``): claim, source, verdict, evidence."""
     from rich.table import Table
 
     from normkit._report.document import plain
-    from normkit.study.report import QUICK_NOTE, findings_rows
+    from normkit.study.writeup import QUICK_NOTE, findings_rows
 
     from .._console import lit
 

@@ -12,6 +12,7 @@ import torch
 
 from . import _checks
 from ._checks import Context, Skip
+from ._findings import CHECKS, AuditReport, Finding, finding
 from ._model import (
     Inputs,
     as_inputs,
@@ -23,7 +24,6 @@ from ._model import (
     synthesize_inputs,
     trace_placement,
 )
-from ._report import CHECKS, AuditReport, Finding, finding
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Findings, the rule table that gives each finding id its meaning, and the report.
+"""Findings, the rule table that gives each finding id its meaning, and the findings table
+(``AuditReport``: the audit's result, as JSON or markdown).
 
 Finding ids are a public, stable contract (CI configurations filter on them): an id is never
 renamed or reused for another meaning.  New checks get new ids.  See docs/audit.md.
