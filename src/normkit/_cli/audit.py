@@ -97,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
     # Library loggers (exporters, transformers) must not spray the terminal or the JSON.
     logging.getLogger().setLevel(logging.ERROR)
-    from normkit.audit import _target
     from normkit.audit._core import audit, audit_onnx, audit_state_dict
     from normkit.audit._findings import CHECKS
+
+    from . import _target
 
     checks = list(args.checks or CHECKS)
     if args.skip:
