@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_text_atomic
+from .._provenance import normkit_version
 from .._report.markdown import code_span, escape_text, table_cell
 
 SCHEMA_VERSION = 1
@@ -248,15 +249,10 @@ class AuditReport:
         ``fail_on``, the same as ``ok(fail_on)``), summary, findings, layers, metrics."""
         import torch
 
-        try:
-            from importlib.metadata import version
-
-            nk = version("normkit")
-        except Exception:
-            nk = None
         return _jsonable({
             "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "normkit audit", "normkit": nk, "torch": torch.__version__},
+            "tool": {"name": "normkit audit", "normkit": normkit_version(),
+                     "torch": torch.__version__},
             "target": self.target,
             "dtype": self.dtype,
             "ok": self.ok(fail_on),

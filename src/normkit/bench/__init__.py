@@ -31,14 +31,11 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
-import importlib.metadata
 import importlib.util
 import logging
 import math
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -47,7 +44,9 @@ from typing import Any
 
 import torch
 
+from .. import _provenance
 from .._io import write_json_atomic
+from .._provenance import find_repo_root, usable_cores
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -624,7 +623,7 @@ def _build_onnxruntime(case: Case, t: _Inputs, cfg: BenchConfig) -> Callable[[],
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # the IR of opset 17; newer onnx writes IRs older runtimes refuse
     so = ort.SessionOptions()
-    so.intra_op_num_threads = _usable_cores()
+    so.intra_op_num_threads = usable_cores()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     # No spin-waiting: ORT's idle worker would otherwise busy-loop after each run and steal one
@@ -930,48 +929,8 @@ def bar_check(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Machine description (no hostname, on purpose)
+# Machine description (normkit._provenance's, with the compiled kernels' path)
 # ----------------------------------------------------------------------------------------------
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _cpuinfo() -> dict[str, Any]:
-    info: dict[str, Any] = {"model": platform.processor() or platform.machine(), "flags": []}
-    text = _read("/proc/cpuinfo")
-    if text:
-        for line in text.splitlines():
-            key, _, val = line.partition(":")
-            key = key.strip()
-            if key == "model name" and val.strip():
-                info["model"] = val.strip()
-            elif key == "flags":
-                have = set(val.split())
-                info["flags"] = [f for f in ("avx", "avx2", "fma", "f16c", "avx512f",
-                                             "avx512bw", "avx512_bf16", "avx512_fp16",
-                                             "amx_bf16") if f in have]
-                break
-    return info
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _cpu_kernels_info() -> dict[str, Any]:
@@ -983,89 +942,16 @@ def _cpu_kernels_info() -> dict[str, Any]:
     return cpu.status()
 
 
-def _git_commit(root: Path | None) -> dict[str, Any] | None:
-    if root is None or not (root / ".git").exists():
-        return None
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=5)
-        # --no-optional-locks: a plain `git status` may rewrite the index; a benchmark must not.
-        dirty = subprocess.run(["git", "--no-optional-locks", "-C", str(root), "status",
-                                "--porcelain"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {
-        "commit": head.stdout.strip() or None,
-        "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
-    }
-
-
 def machine_info() -> dict[str, Any]:
-    """What a reader needs to compare two result files: CPU, cores, memory, library versions,
-    threads, OS.  Never the hostname."""
-    import numpy
-
-    meminfo = _read("/proc/meminfo") or ""
-    mem_gb = None
-    for line in meminfo.splitlines():
-        if line.startswith("MemTotal:"):
-            mem_gb = round(int(line.split()[1]) / 2**20, 1)
-    thp = _read("/sys/kernel/mm/transparent_hugepage/enabled")
-    try:
-        import normkit
-
-        nk_version = getattr(normkit, "__version__", None) or _version("normkit")
-    except Exception:
-        nk_version = _version("normkit")
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        capability = None
-    env_keys = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
-                "MKL_NUM_THREADS", "NORMKIT_CPU_ISA", "NORMKIT_STREAM_MIN_MB",
-                "NORMKIT_CPU_POOL_MB", "THP_MEM_ALLOC_ENABLE",
-                "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
-    cuda = None
-    if torch.cuda.is_available():
-        cuda = {"device": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
-    return {
-        "cpu": _cpuinfo(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": _usable_cores(),
-        "memory_gb": mem_gb,
-        "transparent_hugepage": thp.strip() if thp else None,
-        "os": {"system": platform.system(), "release": platform.release(),
-               "platform": platform.platform()},
-        "python": {"version": platform.python_version(),
-                   "implementation": platform.python_implementation()},
-        "torch": {"version": torch.__version__, "threads": torch.get_num_threads(),
-                  "interop_threads": torch.get_num_interop_threads(),
-                  "cpu_capability": capability},
-        "cuda": cuda,
-        "numpy": numpy.__version__,
-        "normkit_cpu": _cpu_kernels_info(),
-        "onnxruntime": _version("onnxruntime"),
-        "normkit": {"version": nk_version, "git": _git_commit(find_repo_root())},
-        "env": {k: os.environ[k] for k in env_keys if k in os.environ},
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    """What a reader needs to compare two result files (:func:`normkit._provenance.machine_info`:
+    CPU, cores, memory, library versions, threads, OS, the checkout; never the hostname), and
+    ``normkit_cpu``: the instruction-set path the compiled kernels run on."""
+    return {**_provenance.machine_info(), "normkit_cpu": _cpu_kernels_info()}
 
 
 # ----------------------------------------------------------------------------------------------
 # Output files
 # ----------------------------------------------------------------------------------------------
-
-
-def find_repo_root(start: str | os.PathLike | None = None) -> Path | None:
-    """The normkit checkout containing ``start`` (default: cwd), or None."""
-    here = Path(start or os.getcwd()).resolve()
-    for d in (here, *here.parents):
-        pyproject = d / "pyproject.toml"
-        if pyproject.is_file() and (d / "benchmarks").is_dir():
-            text = _read(str(pyproject)) or ""
-            if 'name = "normkit"' in text:
-                return d
-    return None
 
 
 def default_json_path(device: str = "cpu", now: _dt.datetime | None = None,
