@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     out.print(f"wall time {wall:.1f} s; results [bold]{lit(paths['results'])}[/bold], report "
               f"[bold]{lit(paths['html'])}[/bold] and {lit(paths['markdown'].name)}")
     if args.record:
-        from normkit.bench import find_repo_root
+        from normkit._provenance import find_repo_root
 
         root = find_repo_root()
         if root is None:
