@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from normkit._cli.bench import run_and_report
 from normkit.bench import BenchConfig, default_json_path
+from normkit.bench._terminal import run_and_print
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     config = BenchConfig(device="cpu")  # the defaults are the full grid and every peer
-    run_and_report(config, default_json_path("cpu", cwd=REPO))
+    run_and_print(config, default_json_path("cpu", cwd=REPO))
 
 
 if __name__ == "__main__":

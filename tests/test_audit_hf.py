@@ -177,7 +177,7 @@ def test_hf_directory_with_a_norm_key_missing(tmp_path):
     and reports it missing; the audit turns that into NK-PARAM-001 at the layer."""
     from safetensors.torch import load_file, save_file
 
-    from normkit.audit._target import load_target
+    from normkit._cli._target import load_target
 
     build("bert").save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"

@@ -204,7 +204,8 @@ RICH_TEXT = ("[/x]", "[bold]b", r"C:\runs\[1]\m.pt", "C:\\dir\\", r"a\[bold]b", 
 
 @pytest.mark.parametrize("text", RICH_TEXT)
 def test_normkit_consoles_print_user_strings_literally(capsys, text):
-    from normkit._cli._out import console, error, lit
+    from normkit._cli._out import error
+    from normkit._console import console, lit
 
     con = console(color_system=None)
     for template in ("{}", "[bold]{}[/bold] after", "[red]{}[/red][bold]x[/bold]"):
@@ -216,7 +217,7 @@ def test_normkit_consoles_print_user_strings_literally(capsys, text):
 
 
 def test_bench_prints_errors_literally():
-    from normkit._cli import bench as bench_cli
+    from normkit.bench import _terminal as bench_cli
 
     msg = "x must be [float32] [/x] :thumbs_up:"
     doc = {"config": {"peers": ["torch"]},

@@ -65,3 +65,21 @@ def test_import_after_torch_registers_the_custom_ops():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, PYTHONPATH=str(SRC)))
     assert p.stdout.strip() == "ok", p.stderr
+
+
+def test_version_is_the_running_codes_without_torch():
+    """``normkit --version`` names the code that runs (``normkit._provenance``), not whatever
+    distribution pip installed under the name, and answers without importing torch."""
+    from normkit._provenance import __version__
+
+    code = ("import runpy, sys\n"
+            "sys.argv = ['normkit', '--version']\n"
+            "try:\n"
+            "    runpy.run_module('normkit._cli.main', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "print('HEAVY', [m for m in ('torch', 'numpy', 'rich') if m in sys.modules])\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [f"normkit {__version__}", "HEAVY []"]

@@ -10,9 +10,9 @@ from _monitor_models import TinyTransformer, lm_batch
 from torch import nn
 
 from normkit import convert
-from normkit._report import telemetry
-from normkit._report.telemetry import build_telemetry_report
 from normkit.monitor import AlertRules, JsonlExporter, watch
+from normkit.monitor import report as telemetry
+from normkit.monitor.report import build_telemetry_report
 
 
 @pytest.fixture(scope="module")

@@ -358,8 +358,8 @@ def test_drift_that_cannot_be_judged_is_said_once(tmp_path, caplog):
     sentence in ``normkit report``; no ticket.  Once the window holds enough rows, the layers
     the baseline has are judged (the gauge goes to 1) and nothing more is logged."""
     pytest.importorskip("prometheus_client")
-    from normkit._report.telemetry import build_telemetry_report
     from normkit.monitor import PrometheusExporter
+    from normkit.monitor.report import build_telemetry_report
 
     m = _model()
     base = _run(m, 10, seed=1).baseline()

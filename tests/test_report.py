@@ -13,8 +13,8 @@ from _browser import check_page, find_chromium
 from _monitor_models import TinyTransformer, lm_batch
 
 from normkit import convert
-from normkit._report.telemetry import build_telemetry_report, load_run
 from normkit.monitor import AlertRules, JsonlExporter, watch
+from normkit.monitor.report import build_telemetry_report, load_run
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import importlib
 import sys
 import types
 
-from ._provenance import __version__
+from ._provenance import __version__  # noqa: F401  (normkit.__version__)
 
 # name -> (submodule, attribute or None for the submodule itself), imported on first access.
 # ``normkit.audit`` is a callable package: ``normkit.audit(model)`` and ``normkit.audit.RULES``.

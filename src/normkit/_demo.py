@@ -46,15 +46,19 @@ class DemoConfig:
     serve_steps: int = 24
     every: int = 1
     bench: bool = True
-    bench_args: tuple[str, ...] = ("--quick",)
+    # The benchmark's grid: ``None`` is ``normkit bench --quick``; else ``BenchConfig`` fields
+    # (lists for its tuples, and ``timing`` as ``TimingPolicy`` fields), JSON-ready for demo.json.
+    bench_grid: dict[str, Any] | None = None
     seed: int = 0
 
     @classmethod
     def quick(cls) -> DemoConfig:
+        # normkit bench --ops ln,rms --dtypes float32 --M 256 --N 512 --no-backward
+        #               --peers torch,copy --min-time 0.05
         return cls(train_steps=40, layers=2, dim=64, serve_steps=12, bench=True,
-                   bench_args=("--ops", "ln,rms", "--dtypes", "float32", "--M", "256",
-                               "--N", "512", "--no-backward", "--peers", "torch,copy",
-                               "--min-time", "0.05"))
+                   bench_grid={"ops": ["ln", "rms"], "dtypes": ["float32"], "Ms": [256],
+                               "Ns": [512], "bwd_ops": [], "peers": ["torch", "copy"],
+                               "timing": {"min_time_s": 0.05}})
 
     def __post_init__(self):
         for name in ("train_steps", "layers", "dim", "heads", "context", "batch", "serve_steps",
@@ -84,14 +88,14 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
     from normkit.study.data import fixed_batches, load_corpus, sample_batch
     from normkit.study.models import TinyGPT
 
-    from ._cli._out import console as new_console
-    from ._cli._out import lit
+    from ._console import console as new_console
+    from ._console import lit
 
     console = console or new_console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = config
-    summary: dict[str, Any] = {"config": cfg.__dict__ | {"bench_args": list(cfg.bench_args)}}
+    summary: dict[str, Any] = {"config": dict(cfg.__dict__)}
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     corpus = load_corpus(max_train_bytes=2_000_000, max_val_bytes=200_000)
@@ -197,7 +201,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
         summary["bench"] = None
         if cfg.bench:
             task = progress.add_task("6/7 benchmarking the kernels", total=1)
-            summary["bench"] = str(_bench(out / "bench.json", cfg.bench_args, progress))
+            summary["bench"] = str(_bench(out / "bench.json", cfg.bench_grid, progress))
             progress.update(task, completed=1)
         progress.advance(overall)
 
@@ -219,7 +223,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
 def announcer(console):
     """An ``AlertRules`` callback printing each alert as it opens (its message literally: it
     names modules)."""
-    from ._cli._out import lit
+    from ._console import lit
 
     def announce(alert) -> None:
         colour = "red" if alert.severity == "page" else "yellow"
@@ -240,21 +244,21 @@ def _counts(report) -> dict[str, int]:
     return counts
 
 
-def _bench(json_path: Path, bench_args: tuple[str, ...], progress) -> Path:
+def _bench(json_path: Path, grid: dict[str, Any] | None, progress) -> Path:
     """``normkit bench`` in this process, its table printed above the demo's progress bar (its
     own bar goes to a silent console: rich shows one live display per console)."""
-    import argparse
     import io
 
     from rich.console import Console
 
-    from ._cli import bench as bench_cli
+    from .bench import BenchConfig, TimingPolicy
+    from .bench._terminal import run_and_print
 
-    parser = argparse.ArgumentParser(prog="normkit bench")
-    bench_cli.add_arguments(parser)
-    config = bench_cli.config_from_args(parser.parse_args(list(bench_args)))
-    bench_cli.run_and_report(config, json_path, out=progress.console,
-                             err=Console(file=io.StringIO()))
+    if grid is None:
+        config = BenchConfig.quick_grid()
+    else:
+        config = BenchConfig(**{**grid, "timing": TimingPolicy(**grid.get("timing", {}))})
+    run_and_print(config, json_path, out=progress.console, err=Console(file=io.StringIO()))
     return json_path
 
 
@@ -264,7 +268,7 @@ def _write_reports(out: Path, summary: dict, audit_report, live_log: Path) -> Pa
 
     from ._report import Document, literal, literal_code, write_report
     from ._report.plotting import new_figure, to_png
-    from ._report.telemetry import build_telemetry_report
+    from .monitor.report import build_telemetry_report
 
     tele = build_telemetry_report(live_log, out / "baseline.json")
     write_report(tele, out, stem="telemetry", image_dir="telemetry-plots")

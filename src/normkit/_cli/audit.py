@@ -86,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from ._out import console, error, lit
+    from .._console import console, lit
+    from ._out import error
 
     out = console(width=160)
     err = console(stderr=True)
@@ -96,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
 
     # Library loggers (exporters, transformers) must not spray the terminal or the JSON.
     logging.getLogger().setLevel(logging.ERROR)
-    from normkit.audit import _target
     from normkit.audit._core import audit, audit_onnx, audit_state_dict
-    from normkit.audit._report import CHECKS
+    from normkit.audit._findings import CHECKS
+
+    from . import _target
 
     checks = list(args.checks or CHECKS)
     if args.skip:
@@ -188,7 +190,7 @@ def render_table(report, out, fail_on: str = "error") -> None:
     inventory."""
     from rich.table import Table
 
-    from ._out import lit
+    from .._console import lit
 
     c = report.counts()
     verdict = "[green]passed[/green]" if report.ok(fail_on) else "[red]failed[/red]"

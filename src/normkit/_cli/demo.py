@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from normkit._demo import DemoConfig, run_demo
 
-    from ._out import console
+    from .._console import console
 
     con = console()
     config = DemoConfig.quick() if args.quick else DemoConfig()
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 def print_summary(con, summary: dict) -> None:
     """The demo's closing lines on ``con``: loss, alerts, the NaN origin, audit, report path."""
-    from ._out import lit
+    from .._console import lit
 
     con.print()
     con.print(f"[bold]normkit demo[/bold] done in {summary['wall_s']:.0f} s")

@@ -10,7 +10,7 @@ Adding a command (``demo``, ``audit``, ``study``, ``report``, ``monitor``) is ad
 and its name to ``COMMANDS``.  Command modules import heavy things (torch kernels, onnx, rich
 tables) inside ``run``, and ``import normkit`` imports nothing until a name is used, so
 ``normkit --help`` does not import torch (tests/test_cli_help.py).  What a command prints of
-the user's (paths, names, messages) goes through ``_out.lit``: it is never Rich markup.
+the user's (paths, names, messages) goes through ``normkit._console.lit``: it is never Rich markup.
 """
 
 from __future__ import annotations
@@ -20,16 +20,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .._provenance import normkit_version
+
 COMMANDS = ("demo", "bench", "study", "audit", "report")
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("normkit")
-    except Exception:
-        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="normkit",
         description="normkit: fast, exact and observable layer normalization for PyTorch.",
     )
-    parser.add_argument("--version", action="version", version=f"normkit {_version()}")
+    parser.add_argument("--version", action="version", version=f"normkit {normkit_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         module = importlib.import_module(f"normkit._cli.{name}")

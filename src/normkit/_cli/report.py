@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._console import console, lit
     from .._report import write_report
-    from .._report.telemetry import build_telemetry_report
-    from ._out import console, lit
+    from ..monitor.report import build_telemetry_report
 
     out: Path = args.output
     if out.suffix.lower() != ".html":

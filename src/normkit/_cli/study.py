@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from normkit._report import write_json_atomic
     from normkit.study import plan_runs, run_study, write_outputs
 
-    from ._out import console, error, lit
+    from .._console import console, lit
+    from ._out import error
 
     out = console()
     err = console(stderr=True)
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     out.print(f"wall time {wall:.1f} s; results [bold]{lit(paths['results'])}[/bold], report "
               f"[bold]{lit(paths['html'])}[/bold] and {lit(paths['markdown'].name)}")
     if args.record:
-        from normkit.bench import find_repo_root
+        from normkit._provenance import find_repo_root
 
         root = find_repo_root()
         if root is None:
@@ -141,13 +142,13 @@ _STYLE = {"ok": "green", "bad": "red", "warn": "yellow", "info": "dim"}
 
 def findings_table(doc):
     """The findings as a rich table, in the words of the HTML report (one source:
-    ``normkit.study.report.findings_rows``): claim, source, verdict, evidence."""
+    ``normkit.study.writeup.findings_rows``): claim, source, verdict, evidence."""
     from rich.table import Table
 
     from normkit._report.document import plain
-    from normkit.study.report import QUICK_NOTE, findings_rows
+    from normkit.study.writeup import QUICK_NOTE, findings_rows
 
-    from ._out import lit
+    from .._console import lit
 
     table = Table(title="normkit study — findings", title_justify="left")
     for col in ("claim", "source", "verdict", "evidence"):

@@ -16,7 +16,7 @@ import sys
 import types
 
 from ._core import audit, audit_onnx, audit_state_dict
-from ._report import CHECKS, RULES, SCHEMA_VERSION, SEVERITIES, AuditReport, Finding, Rule
+from ._findings import CHECKS, RULES, SCHEMA_VERSION, SEVERITIES, AuditReport, Finding, Rule
 
 
 class _CallableModule(types.ModuleType):

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._findings import Finding, finding
 from ._model import (
     Inputs,
     Norm,
@@ -26,7 +27,6 @@ from ._model import (
     tol_for,
     widen_batch,
 )
-from ._report import Finding, finding
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import torch
 
 from . import _checks
 from ._checks import Context, Skip
+from ._findings import CHECKS, AuditReport, Finding, finding
 from ._model import (
     Inputs,
     as_inputs,
@@ -23,7 +24,6 @@ from ._model import (
     synthesize_inputs,
     trace_placement,
 )
-from ._report import CHECKS, AuditReport, Finding, finding
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def audit_onnx(path: str, shapes: list[tuple[int, ...]] | None = None) -> AuditR
     import numpy as np
 
     from ._onnx import _FUSED, _Graph, _import
-    from ._target import TargetError, _reason, load_onnx
+    from ._onnx_file import TargetError, error_line, load_onnx
 
     try:
         onnx, ort = _import()
@@ -357,7 +357,7 @@ def audit_onnx(path: str, shapes: list[tuple[int, ...]] | None = None) -> AuditR
         sess = ort.InferenceSession(proto.SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise TargetError(f"ONNX Runtime cannot load {path}: {_reason(e)}") from None
+        raise TargetError(f"ONNX Runtime cannot load {path}: {error_line(e)}") from None
     feeds = {}
     rng = np.random.default_rng(0)
     for k, i in enumerate(sess.get_inputs()):
@@ -375,7 +375,7 @@ def audit_onnx(path: str, shapes: list[tuple[int, ...]] | None = None) -> AuditR
     except Exception as e:
         given = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
         raise TargetError(f"ONNX Runtime cannot run {path} on inputs {given} (set them with "
-                          f"--input-shape): {_reason(e)}") from None
+                          f"--input-shape): {error_line(e)}") from None
     if any(o.dtype.kind == "f" and not np.isfinite(o).all() for o in outs):
         findings.append(finding("NK-NUM-001", None,
                                 "ONNX Runtime output has NaN/Inf on random inputs"))

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from ._checks import Context, Skip
+from ._findings import Finding, finding
 from ._model import Inputs, Norm, call, capture, flat_outputs, rel_err
-from ._report import Finding, finding
 
 log = logging.getLogger(__name__)
 

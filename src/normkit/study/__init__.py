@@ -13,8 +13,8 @@ Importing this package imports torch and normkit, never matplotlib (plots import
 """
 
 from .config import EXPERIMENTS, StudyConfig
-from .report import build_document, write_outputs
 from .runner import SCHEMA, SCHEMA_VERSION, findings, plan_runs, run_study
+from .writeup import build_document, write_outputs
 
 __all__ = [
     "StudyConfig",

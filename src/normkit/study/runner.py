@@ -10,9 +10,7 @@ import copy
 import datetime as _dt
 import logging
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .._provenance import machine_summary, versions
 from .config import StudyConfig
 from .data import fixed_batches, load_corpus
 from .models import NORM_TYPES, PLACEMENTS, make_norm
@@ -88,26 +87,6 @@ def _total_steps(cfg: StudyConfig, specs: list[RunSpec]) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _machine(threads: int) -> dict[str, Any]:
-    load = None
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except (OSError, AttributeError):
-        pass
-    return {"platform": platform.platform(), "processor": platform.processor() or None,
-            "cpu_count": os.cpu_count(), "torch_threads": threads, "loadavg": load}
-
-
-def _versions() -> dict[str, str]:
-    try:
-        from importlib.metadata import version
-
-        nk = version("normkit")
-    except Exception:
-        nk = "unknown"
-    return {"normkit": nk, "torch": torch.__version__, "python": sys.version.split()[0]}
-
-
 def unigram_loss(data: torch.Tensor) -> float:
     """Entropy (nats) of the byte frequencies: the loss of a model that learns only those."""
     counts = torch.bincount(data.long(), minlength=256).double()
@@ -134,7 +113,7 @@ def run_study(cfg: StudyConfig, out_dir: str | os.PathLike,
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     started = _dt.datetime.now(_dt.timezone.utc)
-    machine = _machine(cfg.threads)
+    machine = machine_summary(cfg.threads)
     try:
         corpus = load_corpus(cfg.train_bytes, cfg.val_bytes)
         specs = plan_runs(cfg)
@@ -180,9 +159,9 @@ def run_study(cfg: StudyConfig, out_dir: str | os.PathLike,
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "versions": _versions(),
+        "versions": versions(),
         "machine": machine,
-        "machine_end": _machine(cfg.threads),
+        "machine_end": machine_summary(cfg.threads),
         "config": cfg.to_dict(),
         "data": {**corpus.describe(), "unigram_loss": uni},
         "experiments": experiments,

@@ -1,6 +1,6 @@
-"""Turning a CLI TARGET into something to audit: a factory, a checkpoint, a safetensors file,
-a Hugging Face directory or an ONNX file.  Every failure is a ``TargetError`` with a one-line
-message (the CLI prints it and exits with code 2)."""
+"""Turning ``normkit audit``'s TARGET into something to audit: a factory, a checkpoint, a
+safetensors file, a Hugging Face directory or an ONNX file.  Every failure is a ``TargetError``
+with a one-line message (the command prints it and exits with code 2)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,7 @@ from typing import Any
 
 import torch
 
-
-class TargetError(ValueError):
-    """The target cannot be loaded; the message says why, in one line.  A ``ValueError``, so
-    that ``normkit.audit_onnx(path)`` callers catch it as the bad argument it is."""
+from ..audit._onnx_file import TargetError, error_line
 
 
 @dataclass
@@ -63,12 +60,6 @@ def load_factory(spec: str) -> tuple[torch.nn.Module, Any]:
     return result, inputs
 
 
-def _reason(e: BaseException) -> str:
-    """One line for an exception: its type and the first line of its message."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
 def _tensor_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
     """The state_dict inside a loaded checkpoint (bare, or under "state_dict"/"model")."""
     if isinstance(obj, dict):
@@ -93,7 +84,7 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
                 f"{path} is not a plain state_dict (it pickles Python objects, e.g. a whole "
                 "model); normkit loads checkpoints only with weights_only=True: save "
                 "model.state_dict() instead") from None
-        raise TargetError(f"cannot read {path} as a torch checkpoint: {_reason(e)}") from None
+        raise TargetError(f"cannot read {path} as a torch checkpoint: {error_line(e)}") from None
     return _tensor_dict(obj, path)
 
 
@@ -106,57 +97,7 @@ def load_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as e:
-        raise TargetError(f"cannot read {path} as safetensors: {_reason(e)}") from None
-
-
-def load_onnx(path: str):
-    """An ONNX file with its external data, checked before anything reads it: not empty, a
-    ModelProto with a graph, every external data file present and long enough for its
-    tensors, and valid for ``onnx.checker``.  Returns the ``onnx.ModelProto``."""
-    try:
-        import onnx
-        import onnx.numpy_helper as nh
-        from onnx.external_data_helper import (
-            ExternalDataInfo,
-            load_external_data_for_model,
-            uses_external_data,
-        )
-    except ImportError:
-        raise TargetError('reading .onnx needs onnx and onnxruntime: pip install '
-                          '"normkit[export]"') from None
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise TargetError(f"cannot read {path}: {e.strerror or e}") from None
-    if size == 0:
-        raise TargetError(f"{path} is empty (0 bytes): not an ONNX model")
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except Exception as e:
-        raise TargetError(f"cannot read {path} as ONNX: {_reason(e)}") from None
-    # An empty or foreign protobuf can parse as a ModelProto with no graph at all.
-    if not proto.HasField("graph") or not proto.graph.node:
-        raise TargetError(f"{path} holds no graph (no ONNX nodes): not an ONNX model")
-    base = os.path.dirname(os.path.abspath(path))
-    external = {t.name: ExternalDataInfo(t).location for t in proto.graph.initializer
-                if uses_external_data(t)}
-    for name, location in external.items():
-        if not os.path.isfile(os.path.join(base, location)):
-            raise TargetError(f"{path}: its external data file {location} (tensor {name!r}) "
-                              "is missing")
-    try:
-        load_external_data_for_model(proto, base)
-        for t in proto.graph.initializer:
-            nh.to_array(t)  # a short external data file leaves a tensor without its bytes
-    except Exception as e:
-        what = (f"its external data ({', '.join(sorted(set(external.values())))})" if external
-                else "its tensors")
-        raise TargetError(f"cannot read {what} for {path}: {_reason(e)}") from None
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as e:
-        raise TargetError(f"{path} is not a valid ONNX model: {_reason(e)}") from None
-    return proto
+        raise TargetError(f"cannot read {path} as safetensors: {error_line(e)}") from None
 
 
 def load_hf_dir(path: str) -> Target:
@@ -178,7 +119,7 @@ def load_hf_dir(path: str) -> Target:
     try:
         model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except Exception as e:
-        raise TargetError(f"cannot load the Hugging Face model in {path}: {_reason(e)}") \
+        raise TargetError(f"cannot load the Hugging Face model in {path}: {error_line(e)}") \
             from None
     return Target("hf", path, model=model.eval(), missing_keys=list(info.get("missing_keys", [])),
                   unexpected_keys=list(info.get("unexpected_keys", [])))

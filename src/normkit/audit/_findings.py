@@ -1,4 +1,5 @@
-"""Findings, the rule table that gives each finding id its meaning, and the report.
+"""Findings, the rule table that gives each finding id its meaning, and the findings table
+(``AuditReport``: the audit's result, as JSON or markdown).
 
 Finding ids are a public, stable contract (CI configurations filter on them): an id is never
 renamed or reused for another meaning.  New checks get new ids.  See docs/audit.md.
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_text_atomic
+from .._provenance import normkit_version
 from .._report.markdown import code_span, escape_text, table_cell
 
 SCHEMA_VERSION = 1
@@ -247,15 +249,10 @@ class AuditReport:
         ``fail_on``, the same as ``ok(fail_on)``), summary, findings, layers, metrics."""
         import torch
 
-        try:
-            from importlib.metadata import version
-
-            nk = version("normkit")
-        except Exception:
-            nk = None
         return _jsonable({
             "schema_version": SCHEMA_VERSION,
-            "tool": {"name": "normkit audit", "normkit": nk, "torch": torch.__version__},
+            "tool": {"name": "normkit audit", "normkit": normkit_version(),
+                     "torch": torch.__version__},
             "target": self.target,
             "dtype": self.dtype,
             "ok": self.ok(fail_on),

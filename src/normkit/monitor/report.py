@@ -1,9 +1,10 @@
-"""The offline view of a telemetry run: ``normkit report RUN.jsonl [--baseline B.json]``.
+"""The telemetry run as a report document: ``normkit report RUN.jsonl [--baseline B.json]``.
 
 Reads the records a ``normkit.monitor.JsonlExporter`` wrote (schema ``normkit.monitor``) and
-builds a :class:`~normkit._report.Document`: health at a glance, NaN/Inf events with the module
-where they started, the alert timeline, per-layer input mean and scale over time, latency, and
-drift of the whole run against a saved ``Baseline``.  Everything shown is an aggregate the
+builds a :class:`~normkit._report.Document`, which the shared renderer (``normkit._report``)
+writes as HTML and markdown: health at a glance, NaN/Inf events with the module where they
+started, the alert timeline, per-layer input mean and scale over time, latency, and drift of
+the whole run against a saved ``Baseline``.  Everything shown is an aggregate the
 exporter already wrote; the report never needs the model or the data.
 """
 
@@ -14,8 +15,10 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from .document import Document, literal, literal_code
-from .plotting import new_figure, text_label, to_png
+from .._report import Document, literal, literal_code
+from .._report.plotting import new_figure, text_label, to_png
+from .drift import Baseline
+from .exporters import read_jsonl
 
 __all__ = ["load_run", "build_telemetry_report"]
 
@@ -34,8 +37,6 @@ def load_run(path: str | os.PathLike) -> list[dict]:
             not match the schema (the message names ``path:line`` and the field), or no step
             records.
     """
-    from ..monitor.exporters import read_jsonl
-
     steps = [rec for rec in read_jsonl(path) if rec["type"] == "step"]
     if not steps:
         raise ValueError(f"{path}: no step records (was the watched model ever run?)")
@@ -153,8 +154,6 @@ def build_telemetry_report(path: str | os.PathLike,
     Returns:
         The Document (render with ``write_report`` or ``render_html``).
     """
-    from ..monitor.drift import Baseline
-
     steps = load_run(path)
     layers = _layer_order(steps)
     models = sorted({(r["model"], r["version"]) for r in steps})

@@ -1,5 +1,6 @@
-"""The study's report: a :class:`normkit._report.Document` built from the results document,
-written as markdown + PNGs and as one self-contained HTML page."""
+"""The study's write-up: a :class:`normkit._report.Document` built from the results document
+(what was run, the findings, tables and plots), written as ``report.md`` + PNGs and as one
+self-contained ``report.html``."""
 
 from __future__ import annotations
 
