@@ -69,8 +69,8 @@ from typing import Any
 
 import torch
 
+from .. import _dispatch as _F
 from .. import _inventory
-from .. import functional as _F
 from ._schema import RECORD_SCHEMA, RECORD_SCHEMA_VERSION
 from ._stats import LayerStats, add_rows_many, pack, unpack
 from .alerts import Alert, AlertRules
