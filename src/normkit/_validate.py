@@ -10,7 +10,7 @@ import operator
 
 import torch
 
-from ._options import NormOptions
+from ._options import NormOptions, _check_casting, _check_out_dtype, _eps_of
 from .kernels import reference
 
 
@@ -77,7 +77,8 @@ def _dim(d):
 
 
 def _validate(x, normalized_shape, weight, bias, residual, opts: NormOptions):
-    """Checks every argument; returns (normalized_shape tuple, N, the options checked).
+    """Checks every argument; returns (normalized_shape tuple, N, the options checked, with eps
+    a float: None, for RMSNorm, is ``torch.finfo(x.dtype).eps``, as in torch's ``rms_norm``).
 
     This runs on every call, so the checks are ordered and written to cost ~1 µs in all.
     """
@@ -108,7 +109,14 @@ def _validate(x, normalized_shape, weight, bias, residual, opts: NormOptions):
                 f"residual must match x: shape {tuple(x.shape)}, {x.dtype}, {x.device}; got "
                 f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}"
             )
-    opts = opts.checked(x.dtype)
+    eps, rms, zc, casting, out_dtype = opts
+    if eps is None and rms:
+        opts = NormOptions(torch.finfo(x.dtype).eps, rms, zc, casting, out_dtype)
+    elif type(eps) is not float or not 0.0 <= eps < math.inf:
+        opts = NormOptions(_eps_of(eps), rms, zc, casting, out_dtype)  # or raises
+    _check_casting(casting)
+    if out_dtype is not None:
+        _check_out_dtype(out_dtype, casting)
     n = ns[0] if k == 1 else math.prod(ns)
     return ns, n, opts
 

@@ -55,6 +55,9 @@ __all__ = [
 
 _tracing_state = torch._C._get_tracing_state  # bound once: ~60 ns on the M=1 fast path
 _is_compiling = torch.compiler.is_compiling
+# Builds the general path's NormOptions without the NamedTuple's generated __new__ (a Python
+# frame): ~0.15 µs against ~0.35 µs, on every general-path call.
+_new = tuple.__new__
 
 
 def layer_norm(
@@ -135,7 +138,7 @@ def layer_norm(
         if res is not None:
             return _finish(res, x, residual, return_residual)
     return _norm(x, normalized_shape, weight, bias, residual,
-                 NormOptions(eps, False, zero_centered_gamma, casting, out_dtype),
+                 _new(NormOptions, (eps, False, zero_centered_gamma, casting, out_dtype)),
                  return_residual, out, residual_out)
 
 
@@ -176,7 +179,7 @@ def rms_norm(
             if res is not None:
                 return _finish(res, x, residual, return_residual)
     return _norm(x, normalized_shape, weight, None, residual,
-                 NormOptions(eps, True, zero_centered_gamma, casting, out_dtype),
+                 _new(NormOptions, (eps, True, zero_centered_gamma, casting, out_dtype)),
                  return_residual, out, residual_out)
 
 
@@ -237,12 +240,16 @@ def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return
     if torch.compiler.is_compiling():
         y, h = _compiled_path(x2, w, b, r2, opts)
     else:
-        kern = _select(x2, w, b, opts.casting, opts.out_dtype) if m and n else None
+        # The kernels take the options one by one; unpacked once (~0.1 µs less than ``*opts``
+        # or attribute reads at each use).
+        eps, rms, zc, casting, out_dtype = opts
+        kern = _select(x2, w, b, casting, out_dtype) if m and n else None
         sink = _sink()
         if kern is None:
-            y, h, mean, rstd = reference.norm_forward(x2, w, b, r2, *opts)
+            y, h, mean, rstd = reference.norm_forward(x2, w, b, r2, eps, rms, zc, casting,
+                                                      out_dtype)
             if sink is not None:
-                _report(sink, mean.detach(), rstd.detach(), opts.eps, opts.rms)
+                _report(sink, mean.detach(), rstd.detach(), eps, rms)
         elif not (torch.is_grad_enabled() and (
             x.requires_grad
             or (w is not None and w.requires_grad)
@@ -251,13 +258,14 @@ def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return
         )):
             if (out is not None or residual_out is not None) and kern is _dispatch._cpu_module:
                 y, h, stats = kern.forward(
-                    x2, w, b, r2, *opts, sink is not None,
+                    x2, w, b, r2, eps, rms, zc, casting, out_dtype, sink is not None,
                     y=None if out is None else _rows(out, m, n, flat),
                     h=None if residual_out is None else _rows(residual_out, m, n, flat))
             else:
-                y, h, stats = kern.forward(x2, w, b, r2, *opts, sink is not None)
+                y, h, stats = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype,
+                                           sink is not None)
             if sink is not None:
-                _report_stats(sink, stats, opts.eps, opts.rms)
+                _report_stats(sink, stats, eps, rms)
         else:
             res = _NormFunction.apply(x2, w, b, r2, opts, kern, sink)
             y, h = res if r2 is not None else (res, None)
