@@ -222,7 +222,7 @@ def test_training_fast_path_equals_general_path(dtype, rms, residual, m, params)
     bit, for leading dims too (2, m, n), with one or several dγ blocks (2×70 rows: eight), and
     with γ/β in float32 or in x's dtype (the node rounds dγ/dβ to bfloat16 in the kernel, the
     general path with ``.to()``)."""
-    from normkit.functional import _NormFunction
+    from normkit._autograd import _NormFunction
     from normkit.kernels import cpu
 
     n = 37

@@ -13,7 +13,7 @@ import torch
 from conftest import DTYPES, bits, parallel_from, run_python
 
 import normkit
-from normkit import functional
+from normkit import _dispatch as functional
 from normkit.kernels import cpu
 
 

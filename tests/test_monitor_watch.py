@@ -16,7 +16,7 @@ import torch
 from _monitor_models import Branches, ConvNet, ConvNeXtish, TinyTransformer, lm_batch
 
 import normkit
-from normkit import functional as F
+from normkit import _dispatch as F
 from normkit.monitor import AlertRules, JsonlExporter, read_jsonl, watch
 
 K = 4  # norm k: blocks.2.ln1, fed by blocks.1.mlp.fc2 through the residual add

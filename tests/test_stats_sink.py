@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import normkit
-from normkit import functional as F
+from normkit import _dispatch as F
 
 
 class _Sink:

@@ -33,7 +33,7 @@ from conftest import (
 )
 
 import normkit
-from normkit import functional as nf
+from normkit import _dispatch as nf
 from normkit.kernels import reference
 
 pytest.importorskip("triton")

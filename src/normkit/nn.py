@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from .functional import _check_casting, _eps_of, _shape_of, layer_norm, rms_norm
+from ._options import _check_casting, _eps_of
+from ._validate import _shape_of
+from .functional import layer_norm, rms_norm
 
 __all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm", "DyT"]
 

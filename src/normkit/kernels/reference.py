@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["norm_forward", "compute_dtype", "output_dtype"]
+__all__ = ["norm_forward", "norm_backward_graph", "compute_dtype", "output_dtype"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -244,3 +244,45 @@ def norm_backward(
     if has_bias:
         db = dy.to(ct).sum(0)
     return dx.to(v.dtype), dw, db
+
+
+def norm_backward_graph(
+    need: tuple[bool, ...],
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    dy: torch.Tensor | None,
+    dh: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    zero_centered_gamma: bool = False,
+    casting: str = "torch",
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward on rows by autograd through ``norm_forward``, itself differentiable
+    (``create_graph=True``): every backend's backward when a graph of it is wanted (double
+    backward).
+
+    Args:
+        need: whether x, weight, bias, residual (in that order) want a gradient.
+        x, weight, bias, residual, eps, rms, zero_centered_gamma, casting, out_dtype: the
+            forward's, as in ``norm_forward``.
+        dy: the gradient of y (None: zeros); dh: of h (None when h was not used).
+
+    Returns:
+        (dx, dweight, dbias, dresidual), None where not needed.
+    """
+    inputs = [(i, t) for i, t in enumerate((x, weight, bias, residual)) if need[i]]
+    y, h, _, _ = norm_forward(x, weight, bias, residual, eps, rms, zero_centered_gamma, casting,
+                              out_dtype)
+    outs, grads = [y], [dy if dy is not None else torch.zeros_like(y)]
+    if h is not None and dh is not None:
+        outs.append(h)
+        grads.append(dh)
+    got = torch.autograd.grad(outs, [t for _, t in inputs], grads, create_graph=True,
+                              allow_unused=True)
+    result = [None] * 4
+    for (i, _), g in zip(inputs, got, strict=True):
+        result[i] = g
+    return tuple(result)

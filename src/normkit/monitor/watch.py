@@ -11,7 +11,7 @@ How it works, per step (one call of the root module's ``forward``):
   (output gradients) are finite; the modules that pass it on are *propagators*.  How it does
   that cheaply, forward and backward, is the docstring of ``normkit.monitor._hunt``.
 * Norm layers: input row statistics — for normkit layers the (mean, rstd) the kernel already
-  computed, through ``functional._set_stats_sink`` (no extra pass); for torch / Hugging Face
+  computed, through ``_dispatch._set_stats_sink`` (no extra pass); for torch / Hugging Face
   norms a mean and a centred norm per row (two passes) — output mean/std, ‖γ‖/‖β‖ and their
   change since the previous sampled step, gradient norms of input and parameters, non-finite
   row counts, forward wall time (CPU wall time; on CUDA it is launch time — no synchronisation
@@ -37,8 +37,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .. import _dispatch as _F
 from .. import _inventory
-from .. import functional as _F
 from ._export import _Exports
 from ._hunt import (
     _check_recorded_calls,

@@ -401,7 +401,7 @@ py::object run(py::handle xo, py::handle no, py::handle wo, py::handle bo, doubl
   if (!hoo.is_none() && (train || r == nullptr || (hout = like_x(hoo)) == nullptr))
     return py::none();
   // An output sharing memory with an input or with the other output goes to the general path,
-  // which raises torch's error for it (functional._check_writes) — but for the in-place forms,
+  // which raises torch's error for it (_validate._check_writes) — but for the in-place forms,
   // out=x and residual_out=residual or x: outputs are like x, so the same address is the same
   // elements, and the kernels read each row before they write it.
   if (out != nullptr || hout != nullptr) {

@@ -1,0 +1,78 @@
+"""Autograd of the eager general path: ``_NormFunction``, and the backward helpers it shares with
+the custom ops (``_ops``).
+
+The three ways a gradient is computed:
+
+* the eager fast path: a C++ autograd node (kernels/csrc/host.cpp), whose ``create_graph=True``
+  backward is the reference's (``_dispatch._eager_double_backward``);
+* the eager general path: ``_NormFunction`` over the backend's ``forward`` / ``backward``;
+* under ``torch.compile``: the ``normkit::norm_fwd`` op's registered backward (``_ops``).
+
+Every one differentiates the reference (``reference.norm_backward_graph``) when a graph of the
+backward itself is wanted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import _report_stats
+from ._options import NormOptions
+from .kernels import reference
+
+
+class _NormFunction(torch.autograd.Function):
+    """Stashes what backward needs; shapes are already (M, N)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, opts: NormOptions, kern, sink):
+        y, h, stats = kern.forward(x, weight, bias, residual, *opts, True)
+        if sink is not None:
+            _report_stats(sink, stats, opts.eps, opts.rms)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, bias, residual, h, stats)
+        ctx.opts = opts
+        ctx.kern = kern  # backward runs on the backend that ran the forward
+        if residual is not None:
+            return y, h
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        x, weight, bias, residual, h, stats = ctx.saved_tensors
+        opts = ctx.opts
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the reference instead (double backward).
+            return reference.norm_backward_graph(need, x, weight, bias, residual, dy, dh,
+                                                 *opts) + (None, None, None)
+        v = h if h is not None else x
+        if dy is None:  # only h was used
+            dy = _zero_dy(x, weight, opts)
+        dx, dw, db = _kernel_backward(ctx.kern, v, weight, bias, stats, dy, dh, opts,
+                                      need[1] or need[2])
+        if dw is not None and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
+        if db is not None and db.dtype != bias.dtype:
+            db = db.to(bias.dtype)
+        return (
+            dx if need[0] else None,
+            dw if need[1] else None,
+            db if need[2] else None,
+            dx if need[3] else None,
+            None, None, None,
+        )
+
+
+def _zero_dy(x, weight, opts: NormOptions):
+    """The gradient of an unused y: zeros shaped like x in y's dtype."""
+    return torch.zeros(x.shape, device=x.device, dtype=reference.output_dtype(
+        x.dtype, None if weight is None else weight.dtype, opts.casting, opts.out_dtype))
+
+
+def _kernel_backward(kern, v, weight, bias, stats, dy, dh, opts: NormOptions, need_dw):
+    dy = dy.contiguous()
+    if dh is not None:
+        dh = dh.contiguous()
+    return kern.backward(dy, dh, v.contiguous(), weight, bias is not None, stats, opts.rms,
+                         opts.zero_centered, opts.casting, need_dw)

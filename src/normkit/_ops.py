@@ -1,0 +1,154 @@
+"""How graphs see the op: the ``normkit::norm_fwd`` / ``normkit::norm_bwd`` custom ops
+(``torch.library``, with fake implementations and a registered backward) that ``torch.compile``
+traces through without graph breaks, and torch's own ops for tracers and exporters
+(``_traceable``).  The custom-op machinery costs several µs per call in eager mode, which is
+why eager calls bypass it.  The ops take the options' fields one by one: a custom op's schema
+has tensors and scalars only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._autograd import _kernel_backward, _zero_dy
+from ._dispatch import _backward_kernels, _select
+from ._options import NormOptions
+from .kernels import reference
+
+_tracing_state = torch._C._get_tracing_state
+
+
+@torch.library.custom_op("normkit::norm_fwd", mutates_args=())
+def _norm_fwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+    zero_centered: bool,
+    casting: str,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, stats) on rows; h and stats are empty when not produced."""
+    kern = _select(x, weight, bias, casting, out_dtype) if x.numel() else None
+    if kern is None:
+        y, h, mean, rstd = reference.norm_forward(
+            x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype
+        )
+        stats = x.new_empty(0, dtype=reference.compute_dtype(x.dtype))
+    else:
+        y, h, stats = kern.forward(
+            x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, True
+        )
+    return y, (x.new_empty(0) if h is None else h), stats
+
+
+@_norm_fwd_op.register_fake
+def _(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype):
+    m, n = x.shape
+    od = reference.output_dtype(
+        x.dtype, None if weight is None else weight.dtype, casting, out_dtype
+    )
+    y = x.new_empty((m, n), dtype=od)
+    h = x.new_empty((m, n)) if residual is not None else x.new_empty(0)
+    stats = x.new_empty((m, 3), dtype=reference.compute_dtype(x.dtype))
+    return y, h, stats
+
+
+@torch.library.custom_op("normkit::norm_bwd", mutates_args=())
+def _norm_bwd_op(
+    dy: torch.Tensor,
+    dh: torch.Tensor | None,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    h: torch.Tensor,
+    stats: torch.Tensor,
+    eps: float,
+    rms: bool,
+    zero_centered: bool,
+    casting: str,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); dweight/dbias empty when there is no weight/bias."""
+    v = h if residual is not None else x
+    if stats.numel() == 0:  # forward ran on the reference (autograd cannot run in here)
+        dx, dw, db = reference.norm_backward(dy, dh, v, weight, bias is not None, eps, rms,
+                                             zero_centered, casting)
+    else:
+        opts = NormOptions(eps, rms, zero_centered, casting, out_dtype)
+        dx, dw, db = _kernel_backward(_backward_kernels(stats), v, weight, bias, stats, dy, dh,
+                                      opts, True)
+    dw = x.new_empty(0) if dw is None else dw.to(weight.dtype)
+    db = x.new_empty(0) if db is None else db.to(bias.dtype)
+    # A kernel may return dγ and dβ as rows of one buffer (the triton backend with one row
+    # block); the outputs of a custom op must not alias each other.
+    if dw.numel() and db.numel() and (dw.untyped_storage().data_ptr()
+                                      == db.untyped_storage().data_ptr()):
+        db = db.clone()
+    return dx, dw, db
+
+
+@_norm_bwd_op.register_fake
+def _(dy, dh, x, weight, bias, residual, h, stats, eps, rms, zero_centered, casting, out_dtype):
+    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = x.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, weight, bias, residual = inputs[:4]
+    _, h, stats = output
+    ctx.save_for_backward(x, weight, bias, residual, h, stats)
+    ctx.opts = NormOptions(*inputs[4:])
+
+
+def _fwd_backward(ctx, dy, dh, dstats):
+    x, weight, bias, residual, h, stats = ctx.saved_tensors
+    if dh is not None and residual is None:
+        dh = None
+    if dy is None:
+        dy = _zero_dy(x, weight, ctx.opts)
+    dx, dw, db = _norm_bwd_op(dy, dh, x, weight, bias, residual, h, stats, *ctx.opts)
+    return (
+        dx,
+        dw if weight is not None else None,
+        db if bias is not None else None,
+        dx if residual is not None else None,
+        None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "normkit::norm_fwd", _fwd_backward, setup_context=_fwd_setup_context
+)
+
+
+def _compiled_path(x, w, b, r, opts: NormOptions):
+    """(y, h or None) on rows through the custom op: what ``torch.compile`` traces."""
+    y, h, _ = _norm_fwd_op(x, w, b, r, *opts)
+    return y, (h if r is not None else None)
+
+
+def _traceable(x, ns, n, weight, bias, residual, opts: NormOptions):
+    """The op in torch's own ops, for tracers and exporters: ``F.layer_norm`` (ONNX
+    LayerNormalization, opset >= 17) and ``F.rms_norm`` (RMSNormalization, opset 23, dynamo
+    exporter) where torch's semantics are ours, the reference formulas (plain ONNX ops)
+    elsewhere.  Same values as the kernels within rounding; eps and γ/β stay the module's."""
+    eps, rms, zc, casting, out_dtype = opts
+    h = None if residual is None else x + residual  # in x.dtype, rounded once, as the kernels
+    v = x if h is None else h
+    same = (casting in ("torch", "gemma") and not zc and out_dtype in (None, v.dtype)
+            and all(p is None or p.dtype == v.dtype for p in (weight, bias)))
+    # The TorchScript exporter has no symbolic for aten::rms_norm (pytorch#159249).
+    if same and not (rms and _tracing_state() is not None):
+        y = (torch.nn.functional.rms_norm(v, ns, weight, eps) if rms
+             else torch.nn.functional.layer_norm(v, ns, weight, bias, eps))
+    else:
+        flat = lambda t: None if t is None else t.reshape(n)  # noqa: E731
+        y, _, _, _ = reference.norm_forward(v.reshape(-1, n), flat(weight), flat(bias), None,
+                                            *opts)
+        y = y.reshape(v.shape)
+    return y, h
