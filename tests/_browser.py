@@ -20,9 +20,10 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 
-__all__ = ["find_chromium", "check_page", "PageCheck", "BrowserError"]
+__all__ = ["find_chromium", "check_page", "PageCheck", "BrowserError", "visible"]
 
 _CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 _FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -210,3 +211,22 @@ def check_page(path: str | os.PathLike, width: int = 1200, height: int = 1600,
     png = base64.b64decode(shot["data"])
     return PageCheck(title=title, errors=errors, images=images, screenshot=png,
                      screenshot_colours=_colours(png))
+
+
+def visible(page: str) -> tuple[str, list[str]]:
+    """(the text a reader sees, the elements) of an HTML page, without a browser."""
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.text, self.tags = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    c = Collect()
+    c.feed(page)
+    return "".join(c.text), c.tags

@@ -10,11 +10,11 @@ import json
 import os
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
+from _browser import visible
 from markdown_it import MarkdownIt
 from torch import nn
 
@@ -56,25 +56,6 @@ def normkit(*args, cwd=TESTS, timeout=300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(SRC)]))
     return subprocess.run([sys.executable, "-m", "normkit._cli.main", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
-
-
-def visible(page: str) -> tuple[str, list[str]]:
-    """(the text a reader sees, the elements) of an HTML page."""
-
-    class Collect(HTMLParser):
-        def __init__(self):
-            super().__init__()
-            self.text, self.tags = [], []
-
-        def handle_starttag(self, tag, attrs):
-            self.tags.append(tag)
-
-        def handle_data(self, data):
-            self.text.append(data)
-
-    c = Collect()
-    c.feed(page)
-    return "".join(c.text), c.tags
 
 
 def rendered_text(markdown: str) -> tuple[str, list[str]]:

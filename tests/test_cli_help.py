@@ -28,11 +28,16 @@ def test_help_does_not_import_torch(command):
             "except SystemExit as e:\n"
             "    assert e.code == 0, e.code\n"
             "print('HEAVY', [m for m in ('torch', 'numpy', 'rich') if m in sys.modules])\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    p = _python(code, timeout=60)
     assert p.returncode == 0, p.stderr
     assert "usage: normkit" in p.stdout
     assert p.stdout.splitlines()[-1] == "HEAVY []"
+
+
+def _python(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter on this checkout's normkit."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONPATH=str(SRC)))
 
 
 def test_import_normkit_is_lazy_and_complete():
@@ -47,8 +52,7 @@ def test_import_normkit_is_lazy_and_complete():
             "assert normkit.functional.layer_norm is layer_norm\n"
             "assert all(getattr(normkit, n) is not None for n in normkit.__all__)\n"
             "print('ok')\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    p = _python(code)
     assert p.stdout.strip() == "ok", p.stderr
 
 
@@ -62,8 +66,7 @@ def test_import_after_torch_registers_the_custom_ops():
             "y = op(x, None, None, None, 1e-5, False, False, 'torch', None)[0]\n"
             "torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,)))\n"
             "print('ok')\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    p = _python(code)
     assert p.stdout.strip() == "ok", p.stderr
 
 
@@ -79,7 +82,6 @@ def test_version_is_the_running_codes_without_torch():
             "except SystemExit as e:\n"
             "    assert e.code == 0, e.code\n"
             "print('HEAVY', [m for m in ('torch', 'numpy', 'rich') if m in sys.modules])\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60, env=dict(os.environ, PYTHONPATH=str(SRC)))
+    p = _python(code, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == [f"normkit {__version__}", "HEAVY []"]

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from _browser import visible
 
 from normkit._report import Document, render_html, render_markdown, write_json_atomic, write_report
 
@@ -54,26 +55,6 @@ def test_markdown_tables_figures_and_callouts():
     assert "```\nx < 1\ny\n```" in md
 
 
-def _visible(page: str) -> tuple[str, list[str]]:
-    """(the text a reader sees, the elements) of an HTML page."""
-    from html.parser import HTMLParser
-
-    class Collect(HTMLParser):
-        def __init__(self):
-            super().__init__()
-            self.text, self.tags = [], []
-
-        def handle_starttag(self, tag, attrs):
-            self.tags.append(tag)
-
-        def handle_data(self, data):
-            self.text.append(data)
-
-    c = Collect()
-    c.feed(page)
-    return "".join(c.text), c.tags
-
-
 def _markdown_page(md: str) -> str:
     """``md`` rendered as GitHub would (CommonMark with tables and strike-through)."""
     from markdown_it import MarkdownIt
@@ -84,7 +65,7 @@ def _markdown_page(md: str) -> str:
 def test_markdown_shows_html_as_text():
     md = render_markdown(_doc())
     assert "<script>" not in md
-    text, tags = _visible(_markdown_page(md))
+    text, tags = visible(_markdown_page(md))
     assert "a <script>alert(1)</script> b" in text and "script" not in tags
     assert "Section <one>" in text and "t <&> title" in text
     assert "x<y" in text and "code" in tags and "strong" in tags  # the marks still work
@@ -111,10 +92,10 @@ def _named_doc(name: str) -> Document:
 @pytest.mark.parametrize("name", USER)
 def test_literal_strings_show_as_written_in_html_and_markdown(name):
     for render in (lambda d: _markdown_page(render_markdown(d)), render_html):
-        text, tags = _visible(render(_named_doc(name)))
+        text, tags = visible(render(_named_doc(name)))
         # title (and <title>), subtitle, heading, paragraph twice, cell, caption, call-out, file
         assert text.count(name) >= 9, (name, text)
-        assert tags == _visible(render(_named_doc("x")))[1]  # no element came from the name
+        assert tags == visible(render(_named_doc("x")))[1]  # no element came from the name
 
 
 def test_document_validates_blocks():
