@@ -125,17 +125,9 @@ def _check_out(out, x, weight, bias, residual, opts: NormOptions):
     """``out=``: a contiguous tensor shaped like x in the output dtype, outside autograd."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-    _check_dense("out", out)
     want = reference.output_dtype(x.dtype, None if weight is None else weight.dtype,
                                   opts.casting, opts.out_dtype)
-    if out.shape != x.shape or out.dtype != want or out.device != x.device:
-        raise _ArgumentError(f"out must have x's shape {tuple(x.shape)}, dtype {want} and "
-                             f"device {x.device}; got {tuple(out.shape)}, {out.dtype}, "
-                             f"{out.device}")
-    if not out.is_contiguous():
-        _check_internal_overlap("out", out)
-        raise _ArgumentError("out must be contiguous")
-    _check_no_autograd("out", x, weight, bias, residual, out)
+    _check_output("out", out, want, x, weight, bias, residual)
 
 
 def _check_residual_out(residual_out, x, weight, bias, residual):
@@ -145,17 +137,20 @@ def _check_residual_out(residual_out, x, weight, bias, residual):
                         f"{type(residual_out).__name__}")
     if residual is None:
         raise ValueError("residual_out needs residual: without it there is no h to write")
-    _check_dense("residual_out", residual_out)
-    if (residual_out.shape != x.shape or residual_out.dtype != x.dtype
-            or residual_out.device != x.device):
-        raise _ArgumentError(f"residual_out must have x's shape {tuple(x.shape)}, dtype "
-                             f"{x.dtype} and device {x.device}; got "
-                             f"{tuple(residual_out.shape)}, {residual_out.dtype}, "
-                             f"{residual_out.device}")
-    if not residual_out.is_contiguous():
-        _check_internal_overlap("residual_out", residual_out)
-        raise _ArgumentError("residual_out must be contiguous")
-    _check_no_autograd("residual_out", x, weight, bias, residual, residual_out)
+    _check_output("residual_out", residual_out, x.dtype, x, weight, bias, residual)
+
+
+def _check_output(name, t, dtype, x, weight, bias, residual):
+    """What ``out=`` and ``residual_out=`` share: dense, x's shape and device in ``dtype``,
+    contiguous (an expanded one named as torch names it), no autograd."""
+    _check_dense(name, t)
+    if t.shape != x.shape or t.dtype != dtype or t.device != x.device:
+        raise _ArgumentError(f"{name} must have x's shape {tuple(x.shape)}, dtype {dtype} and "
+                             f"device {x.device}; got {tuple(t.shape)}, {t.dtype}, {t.device}")
+    if not t.is_contiguous():
+        _check_internal_overlap(name, t)
+        raise _ArgumentError(f"{name} must be contiguous")
+    _check_no_autograd(name, x, weight, bias, residual, t)
 
 
 # torch's words for the same errors (aten/src/ATen/MemoryOverlap.cpp), so that a torch user
