@@ -40,12 +40,12 @@ def _check_param(name, p, shape, x):
 
 def _check_dense(name, t):
     """Nested and sparse tensors: named, with the way to a dense one (the kernels read rows)."""
-    if t.layout is not torch.strided or t.is_nested:
-        if t.is_nested:
-            raise NotImplementedError(
-                f"{name} must be a dense (strided) tensor, got a nested tensor: normalize the "
-                f"rows of a jagged one, {name}.values(), and nest the result again with "
-                f"torch.nested.nested_tensor_from_jagged(result, {name}.offsets())")
+    if t.is_nested:
+        raise NotImplementedError(
+            f"{name} must be a dense (strided) tensor, got a nested tensor: normalize the "
+            f"rows of a jagged one, {name}.values(), and nest the result again with "
+            f"torch.nested.nested_tensor_from_jagged(result, {name}.offsets())")
+    if t.layout is not torch.strided:
         raise NotImplementedError(f"{name} must be a dense (strided) tensor, got layout "
                                   f"{t.layout}: pass {name}.to_dense()")
 

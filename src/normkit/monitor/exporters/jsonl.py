@@ -17,6 +17,7 @@ __all__ = ["JsonlExporter"]
 
 log = logging.getLogger(__name__)
 
+
 class JsonlExporter:
     """Appends one JSON line per sampled step to ``path`` (schema: ``normkit.monitor._schema``).
 
