@@ -24,7 +24,7 @@ Method:
   allocator's free memory of the output's size is filled with NaN (a NaN tensor allocated and
   freed: the caching allocator hands the same blocks to the op), and the copy's destination is
   NaN-filled; the output must then be finite where the truth is and within the accuracy rule of
-  tests/conftest.py (≤ 2 × torch's error + atol against float64 on the first rows).  The last
+  tests/helpers.py (≤ 2 × torch's error + atol against float64 on the first rows).  The last
   output of the timed runs is checked again.
 * **The limit**: ``dst.copy_(src)`` of uint8 buffers of ideal_bytes/2 each (read + write =
   ideal_bytes), timed the same way, rotating the same way.  ``copy_fraction`` = copy time / op
@@ -67,7 +67,7 @@ GRID_ELEMENTS = 1 << 27  # M·N of the bar's grid
 DECODE_NS = (4096, 8192)
 QUICK_NS = (4096, 65536, 262144)
 EPS = 1e-6
-# The accuracy rule's atol (tests/conftest.py ATOL).
+# The accuracy rule's atol (tests/helpers.py ATOL).
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 CHECK_ROWS = 64  # rows compared against float64 (enough to catch a wrong block; cheap at 262K)
 

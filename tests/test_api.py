@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import max_err, run_python
+from helpers import eager_calls, max_err, run_python
 
 import normkit
 from normkit.kernels import reference
@@ -377,13 +377,13 @@ def test_auto_uses_cpu_kernels_for_cpu_tensors(monkeypatch):
     calls = []
     real_forward = cpu.forward
     monkeypatch.setattr(cpu, "forward", lambda *a: calls.append(1) or real_forward(*a))
-    eager = cpu._cpu.calls()  # the compiled eager entry point's count
+    eager = eager_calls()
     normkit.layer_norm(torch.randn(1, 8), 8)
     normkit.layer_norm(torch.randn(1000, 8), 8)
     normkit.rms_norm(torch.randn(1, 8), 8, torch.randn(8), residual=torch.randn(1, 8))
     normkit.layer_norm(torch.randn(8, 1000).t(), 8)  # not contiguous: the general path
     # chosen for M=1 and M=1000 alike: never by the number of rows
-    assert len(calls) + cpu._cpu.calls() - eager == 4 and len(calls) == 1
+    assert len(calls) + eager_calls() - eager == 4 and len(calls) == 1
 
 
 def test_grad_and_no_grad_paths_give_same_bits():
@@ -412,7 +412,7 @@ def test_empty_input(shape, monkeypatch):
     from normkit.kernels import cpu
 
     monkeypatch.setattr(cpu, "forward", lambda *a, **k: pytest.fail("launched a kernel"))
-    eager = cpu._cpu.calls()
+    eager = eager_calls()
     x = torch.randn(shape)
     r = torch.randn(shape)
     y, h = normkit.layer_norm(x, 16, torch.ones(16), torch.zeros(16), residual=r,
@@ -420,7 +420,7 @@ def test_empty_input(shape, monkeypatch):
     assert y.shape == shape and h.shape == shape and y.dtype == x.dtype
     y = normkit.rms_norm(x.to(torch.bfloat16), 16)
     assert y.shape == shape and y.dtype == torch.bfloat16
-    assert cpu._cpu.calls() == eager
+    assert eager_calls() == eager
 
 
 # ------------------------------------------------------------------------------------------

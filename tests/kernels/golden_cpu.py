@@ -6,7 +6,7 @@ The corpus was recorded from the numba kernels (commit 2f03a06) before they were
 the saved statistics and every gradient.  Record it again (only when the contract changes on
 purpose) with::
 
-    python tests/golden_cpu.py --record tests/data/golden-cpu.json
+    python tests/kernels/golden_cpu.py --record tests/kernels/data/golden-cpu.json
 
 Inputs come from a counter-based generator written here (splitmix64, then sums of uniforms:
 integer arithmetic and exact float64 additions only), so they are the same on every machine
@@ -312,7 +312,7 @@ def record(path: str, dtypes=None) -> None:
                 print(f"{i}/{len(all_cases)} {case.key}", file=sys.stderr, flush=True)
     doc = {
         "schema": 1,
-        "what": "hashes of the CPU kernels' bits per case (tests/golden_cpu.py)",
+        "what": "hashes of the CPU kernels' bits per case (tests/kernels/golden_cpu.py)",
         "recorded_with": os.environ.get("GOLDEN_RECORDED_WITH", ""),
         "torch": torch.__version__,
         "cases": corpus,

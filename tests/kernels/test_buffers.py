@@ -8,7 +8,7 @@ import gc
 
 import pytest
 import torch
-from conftest import run_python
+from helpers import run_python
 
 import normkit
 from normkit.kernels import cpu

@@ -1,7 +1,7 @@
-"""The CPU kernels against the golden corpus (tests/golden_cpu.py): the bits the kernels gave
-when the corpus was recorded, case for case — outputs, h, saved statistics and every gradient,
-on every op × dtype × option, awkward N, rows far from zero, NaN/Inf and constant rows — on every
-instruction-set path this machine runs."""
+"""The CPU kernels against the golden corpus (golden_cpu.py beside this file): the bits the
+kernels gave when the corpus was recorded, case for case — outputs, h, saved statistics and every
+gradient, on every op × dtype × option, awkward N, rows far from zero, NaN/Inf and constant rows
+— on every instruction-set path this machine runs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import bits
 from golden_cpu import BY_NAME, Case, cases, digest, inputs, run
+from helpers import bits
 
 import normkit
 from normkit.kernels import cpu

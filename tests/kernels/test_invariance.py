@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import DTYPES, bits, exact_fma, parallel_from, run_python, stream_from
+from helpers import DTYPES, bits, exact_fma, parallel_from, run_python, stream_from
 
 import normkit
 from normkit.kernels import cpu

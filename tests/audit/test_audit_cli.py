@@ -9,14 +9,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import audit_models as A
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-import audit_models as A  # noqa: E402
 
 TESTS = Path(__file__).parent
 # The package these tests import: the subprocess must run the same code (the entry point's own
@@ -102,7 +99,7 @@ def test_printed_verdict_is_the_verdict_of_the_exit_code(tmp_path, fmt, fail_on,
 
 def _recipe_audit_commands() -> list[str]:
     """The `run:` commands of docs/audit.md's GitHub Actions recipe that call normkit audit."""
-    text = (TESTS.parent / "docs" / "audit.md").read_text()
+    text = (TESTS.parents[1] / "docs" / "audit.md").read_text()
     recipe = text.split("## GitHub Actions", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     return re.findall(r"^\s*(?:- )?run: (normkit audit .*)$", recipe, re.MULTILINE)
 

@@ -25,7 +25,7 @@ from normkit.study.runner import _DYNAMICS
 from normkit.study.stats import compare, summarize
 from normkit.study.train import RunSpec, lr_at, train_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FINDING_IDS = {"xiong_postln_needs_warmup", "xiong_preln_without_warmup", "rmsnorm_matches_ln",
                "rmsnorm_faster", "dyt_matches_ln", "ln_batch_invariant", "bn_batch_dependent",
                "ba_ln_lstm_faster"}

@@ -26,7 +26,7 @@ pytest.importorskip("prometheus_client")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-DEPLOY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "prometheus.yml"
+DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "prometheus.yml"
 
 
 def _free_port() -> int:

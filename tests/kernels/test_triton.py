@@ -9,7 +9,7 @@ kernels on the GPU.
 Shapes are small (the interpreter runs programs one by one in numpy) but reach every code path:
 N=1, odd N, N not a power of two, several rows per program, M=1, and the looped large-N path,
 which the ``looped`` fixture reaches on small rows by shrinking the block sizes (they are functions
-of N alone, so this changes nothing else).  The rule is conftest's: error <= 2 x torch's own error
+of N alone, so this changes nothing else).  The rule is helpers.py's: error <= 2 x torch's own error
 in the same dtype + ATOL.
 """
 
@@ -20,7 +20,7 @@ import os
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     ATOL,
     DTYPES,
     HUGE_ROWS,
@@ -282,7 +282,7 @@ def test_fp16_squares_do_not_overflow(path):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (interpreter)
 def test_huge_finite_rows_are_scaled(dtype, magnitude, rms, residual, path, calls):
     """Rows whose sum of squares overflows float32 are taken again scaled by a power of two
-    (as on the CPU): finite y, statistics and gradients (conftest.check_huge_rows)."""
+    (as on the CPU): finite y, statistics and gradients (helpers.check_huge_rows)."""
     check_huge_rows(dtype, magnitude, rms, 100, residual=residual, device=DEV)
     assert calls["forward"] and calls["backward"]
 

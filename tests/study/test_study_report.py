@@ -162,7 +162,7 @@ def test_study_terminal_findings_say_what_the_html_report_says():
     from normkit._cli.study import findings_table
     from normkit.study import build_document
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     recorded = sorted((root / "benchmarks" / "results").glob("study-*.json"))[-1]
     doc = copy.deepcopy(json.loads(recorded.read_text(encoding="utf-8")))
     doc["config"]["preset"] = "quick"

@@ -17,7 +17,7 @@ import normkit
 from normkit.monitor import METRICS, AlertRules, DriftThresholds, PrometheusExporter, watch
 from normkit.monitor.exporters import exported_series_names
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 

@@ -1,6 +1,6 @@
 """Forward and backward accuracy of the CPU kernels against the float64 reference.
 
-Rule (conftest.ATOL): error <= 2 x torch's own error in the same dtype + a per-dtype atol.
+Rule (helpers.ATOL): error <= 2 x torch's own error in the same dtype + a per-dtype atol.
 Shapes cover M=1, odd and non-power-of-two N, N=1, large N, multi-dim normalized_shape, strided
 and non-contiguous input.
 """
@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     ATOL,
     DTYPES,
     HUGE_ROWS,
@@ -336,7 +336,7 @@ def test_rms_no_fp16_overflow():
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_huge_finite_rows_stay_finite_and_accurate(dtype, magnitude, rms, n, backend):
     """Rows whose sum of squares overflows the compute type are scaled by a power of two, as
-    BLAS's nrm2 does (conftest.check_huge_rows)."""
+    BLAS's nrm2 does (helpers.check_huge_rows)."""
     with normkit.use_backend(backend):
         check_huge_rows(dtype, magnitude, rms, n, residual=n == 64)
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from conftest import DTYPES, bits, parallel_from, run_python
+from helpers import DTYPES, bits, parallel_from, run_python
 
 import normkit
 from normkit import _dispatch as functional
