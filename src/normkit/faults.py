@@ -59,7 +59,7 @@ def _restoring(*tensors: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         with torch.no_grad():
-            for t, s in zip(tensors, saved):
+            for t, s in zip(tensors, saved, strict=True):
                 t.copy_(s)
 
 
@@ -139,7 +139,7 @@ def precision(model: torch.nn.Module, layer: str, *,
         return (first.to(dtype), *rest)
 
     def back(_module, _args, out):
-        for p, d in zip(params, originals):
+        for p, d in zip(params, originals, strict=True):
             p.data = d
         if isinstance(out, tuple):  # fused norms return (y, h)
             return tuple(o.to(input_dtype[0]) if torch.is_tensor(o) else o for o in out)
@@ -151,7 +151,8 @@ def precision(model: torch.nn.Module, layer: str, *,
     finally:
         for h in handles:
             h.remove()
-        for p, d in zip(params, originals):  # a forward that raised left the half copies
+        # a forward that raised after the pre-hook left the half copies in place
+        for p, d in zip(params, originals, strict=True):
             p.data = d
 
 
@@ -170,7 +171,7 @@ def eps(model: torch.nn.Module, value: float, *,
             math.isfinite(value) and value >= 0):
         raise ValueError(f"faults.eps: value must be a finite number >= 0, got {value!r}")
     if layers is None:
-        targets = [(n, m) for n, m, info in find(model) if info.kind not in ("dyt",)]
+        targets = [(n, m) for n, m, _ in find(model)]  # those without an eps are skipped
     else:
         if isinstance(layers, str):
             raise TypeError("faults.eps: layers must be a list of layer names, not one string")
@@ -180,7 +181,8 @@ def eps(model: torch.nn.Module, value: float, *,
         attr = next((a for a in EPS_ATTRS if a in vars(m)), None)
         if attr is None:
             if layers is not None:
-                raise ValueError(f"faults.eps: {name} has no eps attribute ({', '.join(EPS_ATTRS)})")
+                raise ValueError(f"faults.eps: {name} has no eps attribute "
+                                 f"({', '.join(EPS_ATTRS)})")
             continue
         changed.append((m, attr, vars(m)[attr]))
     try:
