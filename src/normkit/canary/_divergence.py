@@ -38,9 +38,8 @@ class Divergence:
         return {"type": "divergence", "schema": RECORD_SCHEMA,
                 "schema_version": RECORD_SCHEMA_VERSION, "model": str(model),
                 "version": str(version), "serving_version": str(serving_version),
-                **({k: (v if math.isfinite(v) else None) for k, v in
-                    (("kl", self.kl), ("top1_agreement", self.top1_agreement))}),
-                "rows": self.rows}
+                "kl": self.kl if math.isfinite(self.kl) else None,  # JSON has no NaN/Inf
+                "top1_agreement": self.top1_agreement, "rows": self.rows}
 
 
 def divergence(candidate_logits: torch.Tensor, serving_logits: torch.Tensor) -> Divergence:
