@@ -65,7 +65,7 @@ def _check_value(key: str, v, where: str):
 
 def _merge(defaults: dict, given, where: str, prefix: str = "") -> dict:
     if not isinstance(given, dict):
-        raise ValueError(f"{where}: {prefix or 'the policy'}: expected a mapping, got "
+        raise ValueError(f"{where}: {prefix.rstrip('.') or 'the policy'}: expected a mapping, got "
                          f"{type(given).__name__}")
     out = copy.deepcopy(defaults)
     for k, v in given.items():

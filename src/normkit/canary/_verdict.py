@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 from ..monitor.drift import Baseline, DriftThresholds, compute_drift
 from ._divergence import Divergence
-from ._evidence import Evidence, LayerEvidence, gather
+from ._evidence import LayerEvidence, gather
 from ._policy import Policy
 
 __all__ = ["Reason", "Verdict", "evaluate", "NOT_ENOUGH_TRAFFIC", "DECISIONS"]
@@ -124,9 +124,10 @@ def _layer_rules(out: list, p: Policy, name: str, le: LayerEvidence, base, servi
         hold = compute_drift(name, base, s, th["hold"])
         if not roll.evaluable:
             why = roll.reason or ""
-            rule = "evidence.rows" if "live window" in why else "evidence.baseline"
-            out.append(Reason(rule, "hold", name, s.rows, p["evidence"]["min_rows"], "baseline",
-                              NOT_ENOUGH_TRAFFIC if rule == "evidence.rows" else why))
+            live = "live window" in why  # else the baseline is what is short
+            out.append(Reason("evidence.rows" if live else "evidence.baseline", "hold", name,
+                              s.rows if live else base.rows, p["evidence"]["min_rows"],
+                              "baseline", f"{NOT_ENOUGH_TRAFFIC}: {why}" if live else why))
         else:
             change = None if roll.variance_ratio is None else abs(roll.variance_ratio - 1)
             psi = roll.psi if roll.psi is not None else le.psi
