@@ -49,6 +49,8 @@ def test_the_fault_is_named_where_it_is():
     v = evaluate(serve(seed=100, fault="inf-weight"), demo()[2])
     out = next(r for r in v.reasons if r.rule == "nonfinite.output_values")
     assert out.layer == "blocks.1.norm1"  # the norm whose γ holds the Inf
+    assert not [r for r in v.reasons if r.rule.startswith("evidence.")], \
+        "layers whose rows are all NaN/Inf are not 'not enough traffic'"
     v = evaluate(serve(seed=100, fault="inputs-x3"), demo()[2])
     first = next(r for r in v.reasons if r.rule == "drift.variance_change")
     assert first.layer == "blocks.0.norm1" and 8 < first.observed + 1 < 10  # 3² = 9
@@ -122,6 +124,19 @@ def test_latency_against_serving(p50, p99, calls, decision, rule):
     assert [r.rule for r in lat][:1] == ([rule] if rule else [])
     if rule:
         assert lat[0].against == "serving" and lat[0].decision == decision
+
+
+def test_latency_against_a_baseline_that_has_timings():
+    from normkit.monitor import Baseline
+    from normkit.monitor._sketch import Histogram
+
+    timed = LayerStats(kind="ln", hist_latency=Histogram.of(torch.full((500,), 100e-6)))
+    base = Baseline(MODEL, VERSION, {"ln": timed})
+    for factor, decision in ((1.0, None), (3.0, "rollback")):
+        v = evaluate(_evidence(100e-6 * factor, 100e-6 * factor, 500), base)
+        lat = [r for r in v.reasons if r.rule.startswith("latency.")]
+        assert [r.decision for r in lat][:1] == ([decision] if decision else [])
+        assert all(r.against == "baseline" for r in lat)
 
 
 def test_divergence_is_kl_from_serving_and_top1_agreement():

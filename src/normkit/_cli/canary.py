@@ -105,16 +105,12 @@ def _candidate(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     from .._console import console
     from .._io import write_text_atomic
     from ..canary import evaluate, print_table, render
     from ._out import error
 
     err = console(stderr=True)
-    # read_jsonl's torn-line warnings stay (they are about the user's file); library chatter not
-    logging.getLogger("normkit.monitor.watch").setLevel(logging.ERROR)
     candidate = _candidate(args)
     if isinstance(candidate, str):
         return error(err, "canary", candidate)

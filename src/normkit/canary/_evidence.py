@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -104,9 +105,10 @@ def from_records(records: Iterable[dict], source: str = "records", model: str | 
             else:
                 ev.layers[name] = LayerEvidence(s)
     if not merged:
-        picked = f" of model {model!r}" * (model is not None) + \
-            f" of version {version!r}" * (version is not None)
-        raise ValueError(f"{source}: no step records{picked}")
+        picked = [f"{what} {v!r}" for what, v in (("model", model), ("version", version))
+                  if v is not None]
+        raise ValueError(f"{source}: no step records" + (f" of {' '.join(picked)}"
+                                                         if picked else ""))
     if len(merged) > 1:
         names = ", ".join(f"{m} {v}" for m, v in merged)
         raise ValueError(f"{source}: holds several model versions ({names}); say which one "
@@ -130,8 +132,6 @@ class PrometheusSource:
 
     def __init__(self, url: str, since: float, until: float | None = None, *, model: str,
                  version: str, timeout: float = 10.0):
-        import time
-
         if not str(url).startswith(("http://", "https://")):
             raise ValueError(f"PrometheusSource: url must start with http:// or https://, "
                              f"got {url!r}")

@@ -125,6 +125,8 @@ def _layer_rules(out: list, p: Policy, name: str, le: LayerEvidence, base, servi
         if not roll.evaluable:
             why = roll.reason or ""
             live = "live window" in why  # else the baseline is what is short
+            if live and s.nonfinite_rows:  # its rows are NaN/Inf: a rollback reason says so
+                return row
             out.append(Reason("evidence.rows" if live else "evidence.baseline", "hold", name,
                               s.rows if live else base.rows, p["evidence"]["min_rows"],
                               "baseline", f"{NOT_ENOUGH_TRAFFIC}: {why}" if live else why))
@@ -151,11 +153,11 @@ def _layer_rules(out: list, p: Policy, name: str, le: LayerEvidence, base, servi
     refs = [("serving", serving.layers.get(name) if serving else None)]
     if base is not None and base.hist_latency.n:
         refs.append(("baseline", LayerEvidence(base, *_quantiles(base))))
-    need = p["evidence"]["min_latency_calls"]
+    need = max(1, p["evidence"]["min_latency_calls"])
     for against, ref in refs:
-        if ref is None or not ref.latency_calls or le.latency_calls < need or \
-                ref.latency_calls < need or not ref.latency_p50:
-            continue
+        if ref is None or min(le.latency_calls, ref.latency_calls) < need or \
+                not (ref.latency_p50 and ref.latency_p99):
+            continue  # too few timed calls on one side: latency is not judged
         for q in ("p50", "p99"):
             ratio = getattr(le, f"latency_{q}") / getattr(ref, f"latency_{q}")
             row[f"latency_{q}_ratio_{against}"] = ratio
