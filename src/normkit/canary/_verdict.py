@@ -110,12 +110,12 @@ def _out_moments(s) -> tuple[float, float] | None:
     return m, math.sqrt(max(s.out_sumsq / s.out_n - m * m, 0.0))
 
 
-def _layer_rules(out: list, p: Policy, name: str, le: LayerEvidence, base, serving) -> dict:
-    """The statistical rules of one layer; returns its row of observed values."""
+def _layer_rules(out: list, p: Policy, th: dict[str, DriftThresholds], name: str,
+                 le: LayerEvidence, base, serving) -> dict:
+    """The statistical rules of one layer (``th``: the drift thresholds of each tier);
+    returns its row of observed values."""
     s = le.stats
     row: dict = {"rows": s.rows}
-    th = {k: DriftThresholds(**{**p["drift"][k], "min_rows": p["evidence"]["min_rows"],
-                                "alpha": p["drift"]["alpha"]}) for k in ("hold", "rollback")}
     if base is None:
         out.append(Reason("evidence.baseline", "hold", name, None, None, "baseline",
                           "the baseline has no statistics for this layer"))
@@ -123,13 +123,13 @@ def _layer_rules(out: list, p: Policy, name: str, le: LayerEvidence, base, servi
         roll = compute_drift(name, base, s, th["rollback"])
         hold = compute_drift(name, base, s, th["hold"])
         if not roll.evaluable:
-            why = roll.reason or ""
-            live = "live window" in why  # else the baseline is what is short
+            live = base.rows >= p["evidence"]["min_rows"]  # else the baseline is short
             if live and s.nonfinite_rows:  # its rows are NaN/Inf: a rollback reason says so
                 return row
             out.append(Reason("evidence.rows" if live else "evidence.baseline", "hold", name,
                               s.rows if live else base.rows, p["evidence"]["min_rows"],
-                              "baseline", f"{NOT_ENOUGH_TRAFFIC}: {why}" if live else why))
+                              "baseline", f"{NOT_ENOUGH_TRAFFIC}: {roll.reason}" if live
+                              else roll.reason))
         else:
             change = None if roll.variance_ratio is None else abs(roll.variance_ratio - 1)
             psi = roll.psi if roll.psi is not None else le.psi
@@ -229,6 +229,8 @@ def evaluate(candidate, baseline, serving=None, policy=None, *,
         reasons.append(Reason(rule, "hold", None, have, need, None,
                               f"{NOT_ENOUGH_TRAFFIC}: {have:g} {unit} of {need:g}"))
     layers: dict = {}
+    tiers = {k: DriftThresholds(**policy["drift"][k], min_rows=ev["min_rows"],
+                                alpha=policy["drift"]["alpha"]) for k in ("hold", "rollback")}
     if not short:
         for name in dict.fromkeys([*baseline.layers, *cand.layers]):
             le = cand.layers.get(name)
@@ -237,8 +239,8 @@ def evaluate(candidate, baseline, serving=None, policy=None, *,
                                       "baseline", f"{NOT_ENOUGH_TRAFFIC}: the candidate has "
                                                   "no statistics for this layer"))
                 continue
-            layers[name] = _layer_rules(reasons, policy, name, le, baseline.layers.get(name),
-                                        serv)
+            layers[name] = _layer_rules(reasons, policy, tiers, name, le,
+                                        baseline.layers.get(name), serv)
         if divergence is not None:
             for metric, value, what in (("kl", divergence.kl, "output KL (nats)"),
                                         ("top1_agreement", divergence.top1_agreement,
