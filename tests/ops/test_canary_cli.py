@@ -49,6 +49,7 @@ def test_every_format_says_what_the_exit_code_says(files, capsys, decision, code
         assert other.upper() not in said["table"].splitlines()[0]
     if decision == "hold":
         assert "not enough traffic yet" in said["json"]
+    assert ("no rule crossed" in said["table"]) == (decision == "promote")
 
 
 def test_output_file_json_or_markdown(files, capsys):

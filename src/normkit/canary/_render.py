@@ -98,6 +98,8 @@ def print_table(verdict: Verdict, out) -> None:
                       _fmt(r.observed, ".4g"), _fmt(r.threshold, ".4g"), lit(r.against or "–"),
                       lit(r.message))
         out.print(t)
+    else:
+        out.print("[green]no rule crossed[/green]")
     if verdict.layers:
         t = Table(title="layers", title_justify="left")
         t.add_column("layer")
