@@ -9,8 +9,8 @@ The layers, bottom up — a module may import its own layer and those below it:
     2  functional (and its private parts)    the ops, dispatch, autograd
     3  nn                                    the modules
     4  _inventory, convert                   which modules are norms; conversion
-    5  monitor, audit                        telemetry; the release audit
-    6  bench                                 benchmarks
+    5  monitor, audit, faults                telemetry; the release audit; fault injection
+    6  bench, canary                         benchmarks; the canary gate
     7  study, _demo                          the study; the demo
     8  _cli                                  the command line
 
@@ -35,8 +35,8 @@ _LAYERS = [
     (2, ("functional", "_dispatch", "_autograd", "_ops", "_validate", "_options")),
     (3, ("nn",)),
     (4, ("_inventory", "convert")),
-    (5, ("monitor", "audit")),
-    (6, ("bench",)),
+    (5, ("monitor", "audit", "faults")),
+    (6, ("bench", "canary")),
     (7, ("study", "_demo")),
     (8, ("_cli",)),
 ]

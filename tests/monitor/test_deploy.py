@@ -14,6 +14,7 @@ import torch
 from _monitor_models import TinyTransformer, lm_batch, train_step
 
 import normkit
+from normkit.canary import divergence
 from normkit.monitor import METRICS, AlertRules, DriftThresholds, PrometheusExporter, watch
 from normkit.monitor.exporters import exported_series_names
 
@@ -115,6 +116,8 @@ def test_every_referenced_metric_is_produced_by_the_exporter():
         with torch.no_grad():
             m(lm_batch()[0])
         w.flush()
+        # shadow traffic: the canary's output divergence of two versions on the same inputs
+        exp.export(divergence(m(lm_batch()[0]), m(lm_batch()[0])).record("lm", "v1", "v0"))
         text = generate_latest(exp.registry).decode()  # stop() removes the watch's series
     produced = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
     metrics, _ = _referenced()

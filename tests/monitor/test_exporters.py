@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
-import subprocess
-import time
-import urllib.parse
-import urllib.request
-from pathlib import Path
 
+import _prometheus
 import numpy as np
 import pytest
 import torch
 from _monitor_models import TinyTransformer, lm_batch, train_step
+from _prometheus import DEPLOY_CONFIG
+from _prometheus import get as _get
+from _prometheus import query as _query
+from _prometheus import wait_for as _wait_for
 
 import normkit
 from normkit.monitor import PrometheusExporter, TensorBoardExporter, watch
@@ -26,19 +25,7 @@ pytest.importorskip("prometheus_client")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "prometheus.yml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
+prometheus_server = _prometheus.prometheus_server  # the fixture, shared with the canary's tests
 
 def test_exporter_serves_loopback_with_bounded_labels():
     exp = PrometheusExporter(port=0)
@@ -179,78 +166,6 @@ def test_port_in_use_is_a_clear_error():
         assert exp.url.startswith("http://127.0.0.1:")
     finally:
         exp.close()
-
-
-@pytest.fixture
-def prometheus_server(tmp_path):
-    """Starts a real Prometheus (Debian package) scraping ``targets`` every second."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("the prometheus binary is not installed (.ci/run installs the Debian package)")
-    procs = []
-
-    def start(target: str | None = None) -> str:
-        """Scrapes ``target``; None: runs the shipped deploy/prometheus config (its rules
-        included) as it is, but scraping every second."""
-        port = _free_port()
-        cfg = tmp_path / "prometheus.yml"
-        if target is None:
-            shutil.copy(DEPLOY_CONFIG.parent / "rules.yml", tmp_path / "rules.yml")
-            text, n = re.subn(r"(?m)^(\s*)(scrape|evaluation)_interval: .*$", r"\1\2_interval: 1s",
-                              DEPLOY_CONFIG.read_text())
-            assert n == 2, "the shipped config's intervals moved"
-            cfg.write_text(text)
-        else:
-            cfg.write_text(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                "scrape_configs:\n  - job_name: normkit\n    static_configs:\n"
-                f"      - targets: ['{target}']\n"
-            )
-        proc = subprocess.Popen(
-            [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if "Ready" in _get(base + "/-/ready", 1):
-                    return base
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("prometheus did not become ready in 30 s")
-
-    try:
-        yield start
-    finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-def _query(base: str, q: str) -> list:
-    out = json.loads(_get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q})))
-    assert out["status"] == "success", out
-    return out["data"]["result"]
-
-
-def _wait_for(base: str, q: str, present: bool, step=lambda: None, timeout: float = 60) -> list:
-    """Queries ``q`` (calling ``step`` before each try) until it has a result (``present``) or
-    none; returns the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        step()
-        found = _query(base, q)
-        if bool(found) == present or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
 
 
 def test_real_prometheus_scrapes_a_training_run(prometheus_server):

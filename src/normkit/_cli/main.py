@@ -6,7 +6,7 @@ Each command is a module ``normkit._cli.<name>`` that defines
 * ``add_arguments(parser)``: fills its ``argparse`` sub-parser;
 * ``run(args) -> int``: does the work and returns the exit code.
 
-Adding a command (``demo``, ``audit``, ``study``, ``report``, ``monitor``) is adding its module
+Adding a command (``demo``, ``audit``, ``study``, ``report``, ``canary``) is adding its module
 and its name to ``COMMANDS``.  Command modules import heavy things (torch kernels, onnx, rich
 tables) inside ``run``, and ``import normkit`` imports nothing until a name is used, so
 ``normkit --help`` does not import torch (tests/test_cli_help.py).  What a command prints of
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from .._provenance import normkit_version
 
-COMMANDS = ("demo", "bench", "study", "audit", "report")
+COMMANDS = ("demo", "bench", "study", "audit", "report", "canary")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,6 +61,11 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "1 if the last drift check could judge the layer, 0 if not (too few rows, no baseline "
      "for the layer: see the log or the JSONL record's drift reason)"),
     ("normkit_alerts", "counter", _L + ("severity", "rule"), "Alerts opened in process"),
+    # shadow traffic (normkit.canary.divergence(...).record(...)): no rank, one per pair
+    ("normkit_canary_output_kl", "gauge", ("model", "version", "serving_version"),
+     "KL(serving || candidate) of the output distributions on the same inputs, nats per row"),
+    ("normkit_canary_top1_agreement", "gauge", ("model", "version", "serving_version"),
+     "Fraction of shadow-traffic rows where candidate and serving agree on the top class"),
 )
 
 LATENCY_BUCKETS = (2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
@@ -148,10 +153,21 @@ class PrometheusExporter:
         return c
 
     def export(self, record: dict) -> None:
-        if record.get("type") != "step":
+        kind = record.get("type")
+        if kind not in ("step", "divergence"):
             return
         with self._lock:
-            self._export(record)
+            if kind == "step":
+                self._export(record)
+            else:
+                self._export_divergence(record)
+
+    def _export_divergence(self, record: dict) -> None:
+        labels = (record["model"], record["version"], record["serving_version"])
+        # a KL of null is a non-finite one (NaN/Inf candidate logits): +Inf crosses any alert
+        kl = record.get("kl")
+        self._c("normkit_canary_output_kl", *labels).set(float("inf") if kl is None else kl)
+        self._c("normkit_canary_top1_agreement", *labels).set(record["top1_agreement"])
 
     def _export(self, record: dict) -> None:
         base = (record["model"], record["version"], str(record["rank"]))
