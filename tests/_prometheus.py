@@ -1,6 +1,5 @@
-"""A real Prometheus for the tests: the ``prometheus_server`` fixture (import it into a test
-module to use it) and small HTTP API helpers.  Shared by test_monitor_exporters.py and
-ops/test_canary.py."""
+"""A real Prometheus for the tests: the ``prometheus_server`` fixture (conftest.py offers it to
+every test) and small HTTP API helpers."""
 
 from __future__ import annotations
 

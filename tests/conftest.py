@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from _prometheus import prometheus_server  # noqa: F401  (a real Prometheus, for any test)
 
 # Without a GPU, test_triton.py runs the Triton kernels on CPU tensors in Triton's interpreter.
 # triton.jit decides "interpreted or compiled" when a function is defined — for triton's own

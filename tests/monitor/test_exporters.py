@@ -7,7 +7,6 @@ import json
 import re
 import socket
 
-import _prometheus
 import numpy as np
 import pytest
 import torch
@@ -25,7 +24,6 @@ pytest.importorskip("prometheus_client")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-prometheus_server = _prometheus.prometheus_server  # the fixture, shared with the canary's tests
 
 def test_exporter_serves_loopback_with_bounded_labels():
     exp = PrometheusExporter(port=0)

@@ -24,7 +24,6 @@ from normkit.monitor._stats import LayerStats
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-prometheus_server = _prometheus.prometheus_server  # the fixture (tests/_prometheus.py)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "canary.md"
 
