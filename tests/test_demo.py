@@ -28,9 +28,20 @@ def test_demo_shows_each_failure_mode(demo_dir):
     assert s["drift_alerts"] and all(a["severity"] == "ticket" for a in s["drift_alerts"])
     assert [a["severity"] for a in s["page_alerts"]] == ["page"]
     assert s["nan_origin"] == s["nan_injected_at"]  # the origin is the corrupted layer
+    # the canary promotes the healthy candidate and rolls back the one whose eps changed
+    assert [(c["version"], c["decision"]) for c in s["canary"]] == [("2", "promote"),
+                                                                    ("3", "rollback")]
+    assert s["canary"][1]["reasons"], s["canary"]
+    for c in s["canary"]:
+        verdict = json.loads((out / f"canary-{c['version']}.json").read_text())
+        assert verdict["decision"] == c["decision"]
+        assert f"canary {c['version']}" in stdout and c["decision"].upper() in stdout
+    report = (out / "report.md").read_text()
+    assert "**promote**" in report and "**rollback**" in report
     assert s["audit"]["ok"], s["audit"]
     for name in ("train.jsonl", "serve.jsonl", "live.jsonl", "baseline.json", "audit.json",
-                 "bench.json", "report.html", "report.md", "telemetry.html"):
+                 "bench.json", "report.html", "report.md", "telemetry.html",
+                 "canary-2.jsonl", "canary-3.jsonl"):
         assert (out / name).is_file(), name
     bench = json.loads((out / "bench.json").read_text())
     assert bench["results"] and all("normkit" in r["impls"] for r in bench["results"])

@@ -5,9 +5,11 @@
 2. Serve validation text and save what the norms saw as a versioned baseline.
 3. Serve shifted traffic (base64 blobs instead of source code): the drift alert (ticket).
 4. Corrupt one weight with an Inf: the NaN alert (page), naming the layer where it started.
-5. Audit the trained model for release (ONNX export parity included).
-6. Benchmark the kernels (``normkit bench --quick``).
-7. Tie it together in ``<out>/report.html`` (plus the telemetry report of the serving run).
+5. Canary two candidate versions on live telemetry (``normkit canary``): a healthy one is
+   promoted, one whose eps was changed at run time is rolled back.
+6. Audit the trained model for release (ONNX export parity included).
+7. Benchmark the kernels (``normkit bench --quick``).
+8. Tie it together in ``<out>/report.html`` (plus the telemetry report of the serving run).
 
 Everything is seeded; the phases share one console and one progress bar.
 """
@@ -15,6 +17,7 @@ Everything is seeded; the phases share one console and one progress bar.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import math
 import time
@@ -83,6 +86,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from normkit import canary
     from normkit.audit import audit
     from normkit.monitor import AlertRules, JsonlExporter, PrometheusExporter, watch
     from normkit.study.data import fixed_batches, load_corpus, sample_batch
@@ -90,6 +94,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
 
     from ._console import console as new_console
     from ._console import lit
+    from ._io import write_text_atomic
 
     console = console or new_console()
     out = Path(out_dir)
@@ -109,7 +114,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
 
     progress = Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console)
-    phases = ("train", "baseline", "drift", "nan", "audit", "bench", "report")
+    phases = ("train", "baseline", "drift", "nan", "canary", "audit", "bench", "report")
     with progress:
         overall = progress.add_task("[bold]normkit demo", total=len(phases))
 
@@ -117,7 +122,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
         prom = PrometheusExporter(port=0, addr="127.0.0.1")
         summary["metrics_url"] = prom.url
         console.print(f"Prometheus metrics of the training run: [bold]{lit(prom.url)}[/bold]")
-        task = progress.add_task("1/7 training a pre-LN transformer", total=cfg.train_steps)
+        task = progress.add_task("1/8 training a pre-LN transformer", total=cfg.train_steps)
         losses = []
         with watch(model, model_name=MODEL_NAME, model_version="1", every=cfg.every,
                    exporters=[JsonlExporter(out / "train.jsonl"), prom], alerts=rules):
@@ -130,7 +135,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
                 opt.step()
                 losses.append(loss.item())
                 progress.update(task, completed=step + 1,
-                                description=f"1/7 training (loss {losses[-1]:.2f})")
+                                description=f"1/8 training (loss {losses[-1]:.2f})")
         summary["train"] = {"steps": cfg.train_steps, "loss_first": losses[0],
                             "loss_last": losses[-1], "loss": losses}
         progress.advance(overall)
@@ -139,7 +144,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
         model.eval()
         val_batches = fixed_batches(corpus.val, cfg.serve_steps, cfg.batch, cfg.context,
                                     seed=cfg.seed + 1)
-        task = progress.add_task("2/7 serving, capturing a baseline", total=len(val_batches))
+        task = progress.add_task("2/8 serving, capturing a baseline", total=len(val_batches))
         serve_log = out / "serve.jsonl"
         with torch.no_grad(), watch(model, model_name=MODEL_NAME, model_version="1",
                                     exporters=[JsonlExporter(serve_log)], alerts=rules) as w:
@@ -155,7 +160,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
         shifted = _shifted(corpus.val)
         drift_batches = fixed_batches(shifted, cfg.serve_steps, cfg.batch, cfg.context,
                                       seed=cfg.seed + 2)
-        task = progress.add_task("3/7 serving shifted traffic", total=len(drift_batches))
+        task = progress.add_task("3/8 serving shifted traffic", total=len(drift_batches))
         live_log = out / "live.jsonl"
         with torch.no_grad(), watch(
                 model, model_name=MODEL_NAME, model_version="1", baseline=baseline,
@@ -166,7 +171,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
                 progress.update(task, completed=i + 1)
 
             # 4. A corrupted weight: NaN (page) -------------------------------------------
-            task = progress.add_task("4/7 corrupting one weight with Inf", total=1)
+            task = progress.add_task("4/8 corrupting one weight with Inf", total=1)
             target = model.blocks[len(model.blocks) // 2].mlp.fc
             saved = target.weight[0, 0].item()
             target.weight[0, 0] = math.inf
@@ -181,14 +186,40 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
         origin = w.nonfinite_origin
         progress.advance(overall)
         progress.advance(overall)
-        drift_alerts = [a for a in w.alerts if a.severity == "ticket"]
+        drift_alerts = [a for a in w.alerts if a.rule == "drift"]
         summary["drift_alerts"] = [a.to_dict() for a in drift_alerts]
         summary["page_alerts"] = [a.to_dict() for a in pages]
         summary["nan_origin"] = origin
         summary["nan_injected_at"] = _name_of(model, target)
 
-        # 5. Audit ----------------------------------------------------------------------------
-        task = progress.add_task("5/7 auditing for release", total=1)
+        # 5. Canary: promote a healthy candidate, roll back a broken one -------------------
+        task = progress.add_task("5/8 canary: two candidate versions", total=len(CANDIDATES))
+        summary["canary"] = []
+        for i, (version, what, fault) in enumerate(CANDIDATES):
+            log_path = out / f"canary-{version}.jsonl"
+            batches = fixed_batches(corpus.val, cfg.serve_steps, cfg.batch, cfg.context,
+                                    seed=cfg.seed + 3 + i)
+            with torch.no_grad(), fault(model), watch(
+                    model, model_name=MODEL_NAME, model_version=version,
+                    exporters=[JsonlExporter(log_path)]):
+                for x, _ in batches:
+                    model(x)
+            verdict = canary.evaluate(log_path, baseline)
+            verdict_path = out / f"canary-{version}.json"
+            write_text_atomic(verdict_path, canary.render(verdict, "json"))
+            summary["canary"].append({"version": version, "candidate": what,
+                                      "decision": verdict.decision, "path": str(verdict_path),
+                                      "reasons": [r.message for r in verdict.reasons[:3]]})
+            colour = "green" if verdict.decision == "promote" else "red"
+            console.print(f"canary {lit(version)} ({lit(what)}): "
+                          f"[bold {colour}]{verdict.decision.upper()}[/bold {colour}]"
+                          + (f" — {lit(verdict.reasons[0].message)}" if verdict.reasons else ""),
+                          soft_wrap=True)
+            progress.update(task, completed=i + 1)
+        progress.advance(overall)
+
+        # 6. Audit ----------------------------------------------------------------------------
+        task = progress.add_task("6/8 auditing for release", total=1)
         report = audit(model, val_batches[0][0][:4])
         report_path = report.write(out / "audit.json")
         report.write(out / "audit.md", "markdown")
@@ -197,16 +228,16 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
         progress.update(task, completed=1)
         progress.advance(overall)
 
-        # 6. Benchmark ------------------------------------------------------------------------
+        # 7. Benchmark ------------------------------------------------------------------------
         summary["bench"] = None
         if cfg.bench:
-            task = progress.add_task("6/7 benchmarking the kernels", total=1)
+            task = progress.add_task("7/8 benchmarking the kernels", total=1)
             summary["bench"] = str(_bench(out / "bench.json", cfg.bench_grid, progress))
             progress.update(task, completed=1)
         progress.advance(overall)
 
-        # 7. Reports -------------------------------------------------------------------------
-        task = progress.add_task("7/7 writing the report", total=1)
+        # 8. Reports -------------------------------------------------------------------------
+        task = progress.add_task("8/8 writing the report", total=1)
         summary["wall_s"] = time.perf_counter() - t_start
         summary["report"] = str(_write_reports(out, summary, report, live_log))
         progress.update(task, completed=1)
@@ -218,6 +249,19 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
                                              if k != "train"},
                                           "train": summary["train"]})
     return summary
+
+
+def _eps_changed(model):
+    from normkit import faults
+
+    return faults.eps(model, 1e-2)
+
+
+# The canary's candidates: (version, what it is, the fault it is served under).
+CANDIDATES = (
+    ("2", "healthy: the same weights on fresh traffic", lambda model: contextlib.nullcontext()),
+    ("3", "eps changed from 1e-5 to 1e-2 at run time", _eps_changed),
+)
 
 
 def announcer(console):
@@ -279,6 +323,7 @@ def _write_reports(out: Path, summary: dict, audit_report, live_log: Path) -> Pa
         ("telemetry (train)", "train.jsonl; Prometheus at " + summary["metrics_url"]),
         ("baseline", "baseline.json"),
         ("serving telemetry", "live.jsonl → telemetry.html"),
+        ("canary", ", ".join(f"canary-{v}.json" for v, _, _ in CANDIDATES)),
         ("audit", "audit.json, audit.md"),
         ("benchmark", "bench.json" if summary["bench"] else "skipped"),
     ])
@@ -314,7 +359,18 @@ def _write_reports(out: Path, summary: dict, audit_report, live_log: Path) -> Pa
                       f"named the origin {literal_code(origin)}"
                 + (" — the right module." if origin == injected else "."))
 
-    doc.heading("5. Release audit")
+    doc.heading("5. Canary: promote or roll back a candidate version")
+    doc.paragraph("Each candidate served fresh validation traffic under `watch`; `normkit "
+                  "canary` compared its telemetry with the baseline (drift, NaN/Inf, output "
+                  "distribution) and gave its verdict (canary-*.json).")
+    for c in summary["canary"]:
+        ok = c["decision"] == "promote"
+        doc.callout("ok" if ok else "bad",
+                    f"Version {literal_code(c['version'])} ({literal(c['candidate'])}): "
+                    f"**{c['decision']}**"
+                    + (f" — {literal(c['reasons'][0])}" if c["reasons"] else "") + ".")
+
+    doc.heading("6. Release audit")
     c = summary["audit"]["counts"]
     doc.callout("ok" if summary["audit"]["ok"] else "bad",
                 f"{'passes' if summary['audit']['ok'] else 'fails'} the release gate "
@@ -324,7 +380,7 @@ def _write_reports(out: Path, summary: dict, audit_report, live_log: Path) -> Pa
     if rows:
         doc.table(["id", "severity", "layer", "message"], rows, align=("l", "l", "l", "l"))
 
-    doc.heading("6. Kernel benchmark")
+    doc.heading("7. Kernel benchmark")
     if summary["bench"]:
         data = json.loads(Path(summary["bench"]).read_text())
         rows = []
