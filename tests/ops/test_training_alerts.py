@@ -50,13 +50,13 @@ def test_healthy_training_opens_no_training_alert():
 
 def test_frozen_norm_parameters_are_a_ticket_with_their_runbook():
     """The optimizer is built without one layer's γ/β (a classic param-group bug): they get
-    gradients but never change -> an affine_frozen ticket naming that layer, after ``sustain``
+    gradients but never change -> an affine_frozen ticket naming that layer, after ``history``
     sampled steps and not before."""
     torch.manual_seed(0)
     m = TinyTransformer()
     frozen = {id(p) for p in m.blocks[2].ln1.parameters()}
     opt = torch.optim.SGD([p for p in m.parameters() if id(p) not in frozen], lr=0.05)
-    rules = _rules(sustain=3)
+    rules = _rules(sustain=2, history=3)
     with watch(m, model_name="lm", model_version="v1", alerts=rules, background_export=False) as w:
         for i in range(6):
             train_step(m, opt, *lm_batch())
@@ -92,6 +92,17 @@ def test_gradient_spike_against_the_layers_own_history():
     spike = [{"a": _stats(grad=30.0), "b": _stats(grad=2.0)}] * 2
     # b at 2.0 is far above a's history but not its own: only a spikes.
     assert _run(rules, steady + spike) == [(7, "grad_spike", "a")]
+
+
+def test_gradient_accumulation_is_not_frozen():
+    """An optimizer step on one sampled step in 4: three zero updates in a row are no alert,
+    however small ``sustain`` is; ``history`` zero updates in a row are."""
+    rules = _rules(sustain=1, history=6)
+    steps = [{"a": _stats(w=4.0, w_grad=0.3, w_upd=0.01 if i % 4 == 0 else 0.0)}
+             for i in range(12)]
+    assert _run(rules, steps) == []
+    frozen = [{"a": _stats(w=4.0, w_grad=0.3, w_upd=0.0)}] * 6
+    assert _run(_rules(sustain=1, history=6), frozen) == [(5, "affine_frozen", "a")]
 
 
 def test_one_step_spike_is_noise():

@@ -65,13 +65,17 @@ class TrainingLimits:
             fraction of the largest layer's in the same step (1e-3: three orders of magnitude).
         frozen_ratio: ``affine_frozen`` when γ (or β) gets a non-zero gradient but its change
             since the previous sampled step is below this fraction of its norm (1e-7: below
-            float32's resolution, 1.2e-7, so not a single bit moved).
+            float32's resolution, 1.2e-7, so not a single bit moved) on ``history`` sampled
+            steps in a row — not ``sustain``: with gradient accumulation most steps
+            legitimately have no optimizer step.
         explode_factor: ``affine_exploding`` when ‖γ‖ (or ‖β‖) exceeds this factor times its
             smallest value over ``history``, counted from at least 1 (β starts at zero).
         history: sampled steps of each layer's own history kept (the spike median and the
-            exploding minimum); a spike needs at least ``sustain`` of them first.
-        sustain: consecutive sampled steps a condition must hold before it alerts (one odd step
-            is noise; Prometheus waits 5-15 minutes instead).
+            exploding minimum; a spike needs at least ``sustain`` of them first), and the
+            sampled steps in a row γ/β must stay unchanged to count as frozen.
+        sustain: consecutive sampled steps the spike, vanishing and exploding conditions must
+            hold before they alert (one odd step is noise; Prometheus waits 5-15 minutes
+            instead).
     """
 
     spike_factor: float = 10.0
@@ -198,7 +202,8 @@ class AlertRules:
     def check_training(self, model: str, version: str, layers: Mapping[str, object]) -> list[Alert]:
         """Checks one sampled step's per-layer numbers against ``training`` (``TrainingLimits``)
         and fires ``grad_spike``, ``grad_vanishing``, ``affine_frozen`` and
-        ``affine_exploding`` for conditions that held ``sustain`` steps in a row.
+        ``affine_exploding`` for conditions that held ``sustain`` steps in a row (``history``
+        for ``affine_frozen``).
 
         Args:
             model, version: the group the step belongs to (each layer keeps its own history
@@ -250,7 +255,7 @@ class AlertRules:
                 h.norms[slot].append(norm)
             for rule in _TRAINING_RULES:
                 h.streak[rule] = h.streak[rule] + 1 if rule in hits else 0
-                if h.streak[rule] >= lim.sustain:
+                if h.streak[rule] >= (lim.history if rule == "affine_frozen" else lim.sustain):
                     a = self.fire(rule, model, version, name, hits[rule])
                     if a is not None:
                         opened.append(a)
