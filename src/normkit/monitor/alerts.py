@@ -247,11 +247,16 @@ class AlertRules:
                     hits.setdefault("affine_frozen", f"layer {name} {sym} gets gradients "
                                                      f"(norm {grad:.3g}) but does not change "
                                                      f"(update {upd:.3g}, norm {norm:.3g})")
-                floor = max(min(h.norms[slot], default=norm), 1.0)
-                if norm > lim.explode_factor * floor:
-                    hits.setdefault("affine_exploding", f"layer {name} ‖{sym}‖ {norm:.3g} > "
-                                                        f"{lim.explode_factor:g}x its recent "
-                                                        f"minimum {floor:.3g}")
+                # The all-time minimum bounds the recent one from below: only a norm over 10x
+                # it needs the window's minimum (a min over 50 values per layer and step was
+                # most of this method's time).
+                lowest = h.lowest[slot] = min(h.lowest[slot], norm)
+                if norm > lim.explode_factor * max(lowest, 1.0):
+                    floor = max(min(h.norms[slot], default=norm), 1.0)
+                    if norm > lim.explode_factor * floor:
+                        hits.setdefault("affine_exploding", f"layer {name} ‖{sym}‖ {norm:.3g} > "
+                                                            f"{lim.explode_factor:g}x its recent "
+                                                            f"minimum {floor:.3g}")
                 h.norms[slot].append(norm)
             for rule in _TRAINING_RULES:
                 h.streak[rule] = h.streak[rule] + 1 if rule in hits else 0
@@ -269,11 +274,12 @@ class _History:
     """One layer's recent numbers (finite only) and how many steps in a row each training rule's
     condition held."""
 
-    __slots__ = ("grads", "norms", "streak")
+    __slots__ = ("grads", "norms", "lowest", "streak")
 
     def __init__(self, n: int):
         self.grads: deque[float] = deque(maxlen=n)
         self.norms = {"weight": deque(maxlen=n), "bias": deque(maxlen=n)}
+        self.lowest = {"weight": math.inf, "bias": math.inf}  # all-time minimum of norms
         self.streak = dict.fromkeys(_TRAINING_RULES, 0)
 
 
