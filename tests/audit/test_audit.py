@@ -428,7 +428,8 @@ def test_report_json_markdown_and_gate(tmp_path):
     assert doc["schema_version"] == SCHEMA_VERSION
     assert doc["ok"] is False and doc["counts"]["error"] == 1
     (f,) = doc["findings"]
-    assert set(f) == {"id", "severity", "layer", "message", "fix", "data"}
+    assert set(f) == {"id", "severity", "layer", "message", "fix", "data", "runbook_url"}
+    assert f["runbook_url"].endswith("/docs/runbooks/audit-parameters.md")
     assert (f["id"], f["layer"]) == ("NK-PARAM-002", "blocks.1.ln2")
     md = report.to_markdown()
     assert "NK-PARAM-002" in md and "failed" in md and "| blocks.1.ln2 |" in md

@@ -17,6 +17,7 @@ from typing import Any
 from .._io import write_text_atomic
 from .._provenance import normkit_version
 from .._report.markdown import code_span, escape_text, table_cell
+from ..monitor.alerts import runbook_url
 
 SCHEMA_VERSION = 1
 
@@ -142,6 +143,20 @@ _RULES = (
 
 RULES: dict[str, Rule] = {r.id: r for r in _RULES}
 
+# Each check group's runbook page under docs/runbooks/ (``Finding.runbook_url``): what a
+# finding means, how to confirm and fix it, and how to rehearse it with normkit.faults.
+RUNBOOKS = {
+    "inventory": "audit-inventory.md",
+    "parameters": "audit-parameters.md",
+    "checkpoint": "audit-parameters.md",
+    "shape": "audit-shape.md",
+    "epsilon": "audit-eps-dtype.md",
+    "batch": "audit-batch-dependence.md",
+    "numerics": "audit-nonfinite.md",
+    "export": "audit-export-parity.md",
+    "quantization": "audit-quantization.md",
+}
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -170,6 +185,12 @@ class Finding:
             raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
         if "\n" in self.message:
             raise ValueError("a finding message is one line")
+
+    @property
+    def runbook_url(self) -> str:
+        """The runbook page of this finding's check group (``normkit.monitor.alerts.runbook_url``:
+        ``$NORMKIT_RUNBOOK_BASE`` or the published docs)."""
+        return runbook_url(RUNBOOKS[RULES[self.id].check])
 
 
 def finding(rule_id: str, layer: str | None, message: str, *, severity: str | None = None,
@@ -261,7 +282,7 @@ class AuditReport:
             "checks": list(self.checks),
             "skipped": dict(self.skipped),
             "seconds": round(self.seconds, 3),
-            "findings": [asdict(f) for f in self.findings],
+            "findings": [asdict(f) | {"runbook_url": f.runbook_url} for f in self.findings],
             "layers": self.layers,
             "metrics": self.metrics,
         })

@@ -9,7 +9,7 @@ Importing this package imports torch and the standard library only; prometheus_c
 tensorboard are imported when an exporter that needs them is built.
 """
 
-from .alerts import Alert, AlertRules
+from .alerts import Alert, AlertRules, TrainingLimits
 from .drift import Baseline, DriftResult, DriftThresholds, compute_drift
 from .exporters import (
     METRICS,
@@ -39,4 +39,5 @@ __all__ = [
     # alerts
     "Alert",
     "AlertRules",
+    "TrainingLimits",
 ]

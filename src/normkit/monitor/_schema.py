@@ -66,7 +66,7 @@ The file starts with one header line, then one line per sampled step::
          "reason": str | null,      # e.g. "the live window has 6 rows, fewer than min_rows=20"
          "limits": {metric: float}}},   # each metric's limit at these row counts
      "alerts": [{"severity", "rule", "layer", "model", "version", "count", "first_seen",
-                 "last_seen", "layers", "message"}]}    # alerts opened at this step
+                 "last_seen", "layers", "message", "runbook_url"}]}  # alerts opened at this step
 
 Aggregates only: sums over rows, histograms of per-row means/scales and norms of parameters
 and gradients; no row, token or request identifier is ever written.
@@ -414,7 +414,8 @@ _ALERT = Obj({
     "last_seen": NUMBER,
     "layers": ListOf(STR),
     "message": STR,
-}, "an alert object", optional=("layer", "layers", "message"))
+    "runbook_url": STR,
+}, "an alert object", optional=("layer", "layers", "message", "runbook_url"))
 
 HEADER = Obj({
     "type": OneOf("header"),

@@ -644,6 +644,7 @@ class Watch(_Hunting):
         self.records += 1
         new_alerts: list[Alert] = []
         self._report_origins(cur.number, fwd, bwd, export, new_alerts)
+        new_alerts += self.rules.check_training(self.model_name, self.model_version, layers)
         drift = None
         if (export and self.baseline_ref is not None
                 and self.records % self.drift_every == 0):
