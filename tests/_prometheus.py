@@ -1,5 +1,6 @@
 """A real Prometheus for the tests: the ``prometheus_server`` fixture (conftest.py offers it to
-every test) and small HTTP API helpers."""
+every test), small HTTP API helpers, and the start and stop of a server process (Alertmanager's
+too)."""
 
 from __future__ import annotations
 
@@ -29,17 +30,56 @@ def get(url: str, timeout: float = 5.0) -> str:
         return r.read().decode()
 
 
+def get_json(url: str, timeout: float = 5.0):
+    return json.loads(get(url, timeout))
+
+
+def binary(name: str) -> str:
+    """The path of a system binary the test needs; skips the test where it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (.ci/run installs the Debian package)")
+    return path
+
+
+def start_process(cmd: list[str], ready_url: str, what: str) -> subprocess.Popen:
+    """Starts a server and waits (30 s at most) until ``ready_url`` answers."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            get(ready_url, 1)
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    stop_process(proc)
+    raise RuntimeError(f"{what} did not become ready in 30 s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture
 def prometheus_server(tmp_path):
-    """Starts a real Prometheus (Debian package) scraping ``targets`` every second."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("the prometheus binary is not installed (.ci/run installs the Debian package)")
+    """Starts a real Prometheus (Debian package) scraping a target every second; yields
+    ``start(target=None, *, rules=None, alertmanager=None) -> base URL``."""
+    path = binary("prometheus")
     procs = []
 
-    def start(target: str | None = None) -> str:
-        """Scrapes ``target``; None: runs the shipped deploy/prometheus config (its rules
-        included) as it is, but scraping every second."""
+    def start(target: str | None = None, *, rules: str | None = None,
+              alertmanager: str | None = None) -> str:
+        """Scrapes ``target`` (host:port), evaluating the rules file text ``rules`` every second
+        and alerting to the Alertmanager at ``alertmanager`` (host:port), where given.  None:
+        runs the shipped deploy/prometheus config (its rules included) as it is, but scraping
+        and evaluating every second."""
         port = free_port()
         cfg = tmp_path / "prometheus.yml"
         if target is None:
@@ -49,38 +89,27 @@ def prometheus_server(tmp_path):
             assert n == 2, "the shipped config's intervals moved"
             cfg.write_text(text)
         else:
-            cfg.write_text(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                "scrape_configs:\n  - job_name: normkit\n    static_configs:\n"
-                f"      - targets: ['{target}']\n"
-            )
-        proc = subprocess.Popen(
-            [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(proc)
+            text = "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            if rules is not None:
+                (tmp_path / "rules.yml").write_text(rules)
+                text += "rule_files: [rules.yml]\n"
+            if alertmanager is not None:
+                text += ("alerting:\n  alertmanagers:\n    - static_configs:\n"
+                         f"        - targets: ['{alertmanager}']\n")
+            cfg.write_text(text + "scrape_configs:\n  - job_name: normkit\n    static_configs:\n"
+                                  f"      - targets: ['{target}']\n")
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if "Ready" in get(base + "/-/ready", 1):
-                    return base
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("prometheus did not become ready in 30 s")
+        procs.append(start_process(
+            [path, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            base + "/-/ready", "prometheus"))
+        return base
 
     try:
         yield start
     finally:
         for p in procs:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            stop_process(p)
 
 
 def query(base: str, q: str) -> list:

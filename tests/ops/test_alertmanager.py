@@ -15,11 +15,11 @@ webhook receiver instead of the https://hooks.example.com placeholders.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import re
 import shlex
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -30,7 +30,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _prometheus import binary, free_port, get_json, start_process, stop_process
 
+from normkit import faults
 from normkit.monitor import DriftThresholds, PrometheusExporter, watch
 from normkit.monitor.alertmanager import (
     AlertmanagerError,
@@ -48,48 +50,6 @@ AM_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 README = ROOT / "deploy" / "README.md"
 PLACEHOLDER = "https://hooks.example.com/normkit/"
-
-
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (.ci/run installs the Debian package)")
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read().decode())
-
-
-def _start(cmd: list[str], ready_url: str, what: str) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            with urllib.request.urlopen(ready_url, timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{what} did not become ready in 30 s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _until(what: str, check, timeout: float = 45.0, step=lambda: None):
@@ -150,21 +110,21 @@ def _test_am_config(hooks_url: str) -> str:
 @pytest.fixture(scope="module")
 def alertmanager(hooks, tmp_path_factory):
     """A real Alertmanager on 127.0.0.1 (clustering off) running the shipped config; its URL."""
-    binary = _binary("prometheus-alertmanager")
+    path = binary("prometheus-alertmanager")
     tmp = tmp_path_factory.mktemp("alertmanager")
     cfg = tmp / "alertmanager.yml"
     cfg.write_text(_test_am_config(hooks.url))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start([binary, f"--config.file={cfg}", f"--storage.path={tmp / 'data'}",
+    proc = start_process([path, f"--config.file={cfg}", f"--storage.path={tmp / 'data'}",
                    f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
                    "--log.level=warn"], url + "/-/ready", "alertmanager")
     yield url
-    _stop(proc)
+    stop_process(proc)
 
 
 def test_amtool_check_config():
-    out = subprocess.run([_binary("amtool"), "check-config", str(AM_CONFIG)],
+    out = subprocess.run([binary("amtool"), "check-config", str(AM_CONFIG)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout
@@ -173,7 +133,7 @@ def test_amtool_check_config():
 def test_amtool_routes_pages_and_tickets_apart():
     """amtool's own route test: which receiver each kind of alert lands on."""
     def route(*labels):
-        out = subprocess.run([_binary("amtool"), "config", "routes", "test",
+        out = subprocess.run([binary("amtool"), "config", "routes", "test",
                               f"--config.file={AM_CONFIG}", *labels],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
@@ -208,35 +168,15 @@ def _test_rules() -> str:
 
 
 @pytest.fixture
-def prometheus(alertmanager, tmp_path):
+def prometheus(alertmanager, prometheus_server):
     """A real Prometheus evaluating the shipped rules (timing aside), scraping ``target`` every
     second and alerting to the test's Alertmanager."""
-    binary = _binary("prometheus")
-    procs = []
-
-    def start(target: str) -> str:
-        (tmp_path / "rules.yml").write_text(_test_rules())
-        am = alertmanager.removeprefix("http://")
-        (tmp_path / "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "rule_files: [rules.yml]\n"
-            f"alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{am}']\n"
-            "scrape_configs:\n  - job_name: normkit\n    static_configs:\n"
-            f"      - targets: ['{target}']\n")
-        port = _free_port()
-        procs.append(_start(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
-             "--log.level=warn"], f"http://127.0.0.1:{port}/-/ready", "prometheus"))
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for p in procs:
-        _stop(p)
+    return lambda target: prometheus_server(target, rules=_test_rules(),
+                                            alertmanager=alertmanager.removeprefix("http://"))
 
 
 def _firing(prom: str, alertname: str, model: str) -> bool:
-    alerts = _get(prom + "/api/v1/alerts")["data"]["alerts"]
+    alerts = get_json(prom + "/api/v1/alerts")["data"]["alerts"]
     return any(a["labels"]["alertname"] == alertname and a["labels"]["model"] == model
                and a["state"] == "firing" for a in alerts)
 
@@ -244,41 +184,21 @@ def _firing(prom: str, alertname: str, model: str) -> bool:
 def _am_alert(am: str, alertname: str, model: str) -> dict | None:
     q = urllib.parse.urlencode({"filter": [f'alertname="{alertname}"', f'model="{model}"']},
                                doseq=True)
-    found = _get(f"{am}/api/v2/alerts?{q}")
+    found = get_json(f"{am}/api/v2/alerts?{q}")
     return found[0] if found else None
 
 
-class _Fault(torch.nn.Module):
-    """Identity, except that its first ``rows`` output rows become NaN (the fault starts
-    here: the watch names this module as the origin)."""
-
-    rows = 0
-
-    def forward(self, h):
-        if self.rows:
-            h = h.clone()
-            h[: self.rows] = float("nan")
-        return h
-
-
-class _Served(torch.nn.Module):
-    """Linear -> fault -> LayerNorm -> Linear -> LayerNorm; ``shift`` is added to every input
-    (drift)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin1, self.fault, self.ln1 = torch.nn.Linear(16, 16), _Fault(), torch.nn.LayerNorm(16)
-        self.lin2, self.ln2 = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)
-        self.shift = 0.0
-
-    def forward(self, x):
-        return self.ln2(self.lin2(self.ln1(self.fault(self.lin1(x + self.shift)))))
+def _served() -> torch.nn.Module:
+    """Linear -> LayerNorm -> Linear -> LayerNorm: the faults go into ``ln1``."""
+    return torch.nn.Sequential(collections.OrderedDict(
+        lin1=torch.nn.Linear(16, 16), ln1=torch.nn.LayerNorm(16),
+        lin2=torch.nn.Linear(16, 16), ln2=torch.nn.LayerNorm(16)))
 
 
 def test_page_and_ticket_reach_their_receivers_and_nan_inhibits_drift(hooks, alertmanager,
                                                                       prometheus):
     torch.manual_seed(0)
-    models = {"a": _Served(), "b": _Served()}
+    models = {"a": _served(), "b": _served()}
     for m in models.values():
         m.eval()
     gen = torch.Generator().manual_seed(1)
@@ -300,6 +220,7 @@ def test_page_and_ticket_reach_their_receivers_and_nan_inhibits_drift(hooks, ale
                      baseline=baselines[name], window=5, drift_every=1,
                      thresholds=DriftThresholds(), background_export=False)
                for name, m in models.items()]
+    injected = contextlib.ExitStack()
     try:
         def step():
             for m in models.values():
@@ -308,11 +229,14 @@ def test_page_and_ticket_reach_their_receivers_and_nan_inhibits_drift(hooks, ale
                 w.flush()
 
         # Healthy first, until Prometheus holds b's (zero) NaN counter: increase() needs it.
-        _until("the first scrape", lambda: _get(
+        _until("the first scrape", lambda: get_json(
             prom + '/api/v1/query?query=normkit_nonfinite_steps_total{model="b"}')
             ["data"]["result"], step=step)
-        models["a"].shift = models["b"].shift = 3.0
-        models["b"].fault.rows = 4
+        # Both models' inputs scaled by 3 (drift, in ln1); b's ln1 also puts out a NaN.
+        for m in models.values():
+            injected.enter_context(faults.scale_inputs(m, 3.0))
+        injected.enter_context(faults.nonfinite(models["b"], "ln1", where="output",
+                                                value=float("nan")))
         _until("b's NaN page at the on-call receiver", lambda: [
             a for a in hooks.alerts("/oncall")
             if a["labels"]["alertname"] == "NormkitNonFinite" and a["labels"]["model"] == "b"],
@@ -334,6 +258,7 @@ def test_page_and_ticket_reach_their_receivers_and_nan_inhibits_drift(hooks, ale
     finally:
         for w in watches:
             w.stop()
+        injected.close()
     tickets = hooks.alerts("/ticket")
     pages = hooks.alerts("/oncall")
     # b's drift ticket (and its slow-burn ticket) were held back by its NaN page.
@@ -353,7 +278,7 @@ def test_silence_opens_holds_and_expires(alertmanager):
               "model": "canary-lm", "version": "v2"}
     with silence(alertmanager, {"model": "canary-lm", "version": "v2"}, duration="30m",
                  comment="rollout of canary-lm v2", created_by="normkit-test") as sid:
-        s = _get(f"{alertmanager}/api/v2/silence/{sid}")
+        s = get_json(f"{alertmanager}/api/v2/silence/{sid}")
         assert s["status"]["state"] == "active" and s["createdBy"] == "normkit-test"
         assert {(m["name"], m["value"]) for m in s["matchers"]} == {("model", "canary-lm"),
                                                                      ("version", "v2")}
@@ -365,7 +290,7 @@ def test_silence_opens_holds_and_expires(alertmanager):
         held = _until("the silenced alert", lambda: _am_alert(alertmanager, "NormkitNonFinite",
                                                               "canary-lm"))
         assert held["status"]["state"] == "suppressed" and held["status"]["silencedBy"] == [sid]
-    assert _get(f"{alertmanager}/api/v2/silence/{sid}")["status"]["state"] == "expired"
+    assert get_json(f"{alertmanager}/api/v2/silence/{sid}")["status"]["state"] == "expired"
     # 30 minutes from opening, give or take the test's own duration
     assert 29 * 60 < (_parse_time(ends) - _parse_time(s["startsAt"])) < 31 * 60
 
@@ -380,14 +305,14 @@ def test_silence_expires_when_the_body_raises(alertmanager):
     with pytest.raises(KeyError, match="boom"):
         with silence(alertmanager, {"model": "raising"}, "5m", "test") as sid:
             raise KeyError("boom")
-    assert _get(f"{alertmanager}/api/v2/silence/{sid}")["status"]["state"] == "expired"
+    assert get_json(f"{alertmanager}/api/v2/silence/{sid}")["status"]["state"] == "expired"
 
 
 def test_open_and_expire_silence_functions(alertmanager):
     sid = open_silence(alertmanager, {"model": "lm", "version": "v9"}, 90, "manual")
-    assert _get(f"{alertmanager}/api/v2/silence/{sid}")["status"]["state"] == "active"
+    assert get_json(f"{alertmanager}/api/v2/silence/{sid}")["status"]["state"] == "active"
     expire_silence(alertmanager + "/", sid)
-    assert _get(f"{alertmanager}/api/v2/silence/{sid}")["status"]["state"] == "expired"
+    assert get_json(f"{alertmanager}/api/v2/silence/{sid}")["status"]["state"] == "expired"
 
 
 def test_documented_amtool_silence_command_works(alertmanager):
@@ -397,17 +322,17 @@ def test_documented_amtool_silence_command_works(alertmanager):
                if ln.startswith("amtool ") and " silence add " in ln]
     args = shlex.split(line.split("#")[0])
     args = [a for a in args if not a.startswith("--alertmanager.url=")]
-    out = subprocess.run([_binary("amtool"), *args[1:], f"--alertmanager.url={alertmanager}"],
+    out = subprocess.run([binary("amtool"), *args[1:], f"--alertmanager.url={alertmanager}"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     sid = out.stdout.strip()
-    s = _get(f"{alertmanager}/api/v2/silence/{sid}")
+    s = get_json(f"{alertmanager}/api/v2/silence/{sid}")
     assert s["status"]["state"] == "active"
     expire_silence(alertmanager, sid)
 
 
 def test_unreachable_alertmanager_is_a_clear_error():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(AlertmanagerError, match=f"unreachable at {url}/api/v2/silences"):
         with silence(url, {"model": "lm"}, "30m", "rollout", timeout=2):
             pass
