@@ -32,10 +32,12 @@ import pytest
 import torch
 from _prometheus import binary, free_port, get_json, start_process, stop_process
 
+from normkit import canary as canary_mod
 from normkit import faults
-from normkit.monitor import DriftThresholds, PrometheusExporter, watch
+from normkit.monitor import DriftThresholds, JsonlExporter, PrometheusExporter, watch
 from normkit.monitor.alertmanager import (
     AlertmanagerError,
+    active_silences,
     expire_silence,
     open_silence,
     parse_duration,
@@ -363,3 +365,47 @@ def test_parse_duration():
     assert parse_duration("90s").total_seconds() == 90
     assert parse_duration("250ms").total_seconds() == 0.25
     assert parse_duration(12.5).total_seconds() == 12.5
+
+
+def _telemetry(path, steps: int, seed: int):
+    """``steps`` batches of 64 rows through a small model under watch (model "cm", version
+    "v2"), written to the JSONL ``path``; its baseline."""
+    torch.manual_seed(0)
+    model = _served().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad(), watch(model, model_name="cm", model_version="v2",
+                                exporters=[JsonlExporter(path)]) as w:
+        for _ in range(steps):
+            model(torch.randn(64, 16, generator=gen))
+    return w.baseline()
+
+
+def test_canary_keeps_a_silence_while_it_holds_and_expires_it_after(alertmanager, tmp_path,
+                                                                      capsys):
+    from normkit._cli.main import main
+
+    _telemetry(tmp_path / "base.jsonl", 30, seed=1).save(tmp_path / "baseline.json")
+    _telemetry(tmp_path / "short.jsonl", 3, seed=2)  # too little traffic: hold
+    _telemetry(tmp_path / "long.jsonl", 30, seed=3)  # healthy: promote
+    matchers = {"model": "cm", "version": "v2"}
+
+    def canary(jsonl):
+        code = main(["canary", str(tmp_path / jsonl), "--baseline", str(tmp_path / "baseline.json"),
+                     "--silence", alertmanager, "--silence-for", "10m", "--format", "json"])
+        return code, json.loads(capsys.readouterr().out)["decision"]
+
+    assert canary("short.jsonl") == (1, "hold")
+    first = active_silences(alertmanager, matchers, created_by=canary_mod.SILENCE_AUTHOR)
+    assert len(first) == 1
+    assert canary("short.jsonl") == (1, "hold")  # renewed: a new silence, the old one expired
+    second = active_silences(alertmanager, matchers, created_by=canary_mod.SILENCE_AUTHOR)
+    assert len(second) == 1 and second != first
+    assert canary("long.jsonl") == (0, "promote")
+    assert active_silences(alertmanager, matchers) == []
+    # An unreachable Alertmanager is said, and the verdict (and exit code) stands.
+    code = main(["canary", str(tmp_path / "long.jsonl"), "--baseline",
+                 str(tmp_path / "baseline.json"), "--silence",
+                 f"http://127.0.0.1:{free_port()}", "--format", "json"])
+    out = capsys.readouterr()
+    assert code == 0 and json.loads(out.out)["decision"] == "promote"
+    assert "silence not updated" in out.err and "unreachable" in out.err

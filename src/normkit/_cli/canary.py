@@ -76,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one, docs/canary.md)")
     p.add_argument("--format", choices=("table", "json", "markdown"), default="table",
                    help="output format on stdout (default: table)")
+    p.add_argument("--silence", metavar="URL",
+                   help="an Alertmanager's base URL: while the verdict is hold, silence the "
+                        "candidate version's alerts (model and version labels) for "
+                        "--silence-for from now; on promote or roll back, expire that silence")
+    p.add_argument("--silence-for", default="30m", metavar="DURATION",
+                   help="how long a hold's silence lasts unless renewed by the next run "
+                        "(default 30m; Alertmanager's units ms, s, m, h, d, w)")
     p.add_argument("--output", type=Path, metavar="FILE",
                    help="also write the verdict to FILE (JSON, or markdown for a .md path), "
                         "atomically")
@@ -127,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
             write_text_atomic(args.output, render(verdict, fmt))
         except OSError as e:
             return error(err, "canary", f"cannot write {args.output}: {e.strerror or e}")
+    if args.silence is not None:
+        _sync_silence(verdict, args.silence, args.silence_for, err)
     try:
         if args.format == "table":
             print_table(verdict, console(width=160))
@@ -136,3 +145,23 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `normkit canary ... | head`: the reader left; keep the verdict
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return verdict.exit_code
+
+
+def _sync_silence(verdict, url: str, duration: str, err) -> None:
+    """The rollout's silence in step with the verdict, said on stderr (stdout is the verdict's);
+    a failure is said too, and the verdict (and its exit code) stands."""
+    from .._console import lit
+    from ..canary import sync_silence
+    from ..monitor.alertmanager import AlertmanagerError
+
+    try:
+        done = sync_silence(verdict, url, duration)
+    except (AlertmanagerError, ValueError) as e:
+        err.print(f"normkit canary: warning: silence not updated: {lit(e)}", soft_wrap=True)
+        return
+    which = f"{lit(verdict.model)} {lit(verdict.version)}"
+    if done["id"]:
+        err.print(f"normkit canary: silence {done['id']} open for {which} ({lit(duration)})",
+                  soft_wrap=True)
+    for silence_id in done["expired"]:
+        err.print(f"normkit canary: silence {silence_id} for {which} expired", soft_wrap=True)

@@ -22,7 +22,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
-__all__ = ["AlertmanagerError", "silence", "open_silence", "expire_silence", "parse_duration"]
+__all__ = ["AlertmanagerError", "silence", "open_silence", "expire_silence", "active_silences",
+           "parse_duration"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,30 @@ def expire_silence(url: str, silence_id: str, timeout: float = 10.0) -> None:
     _request("DELETE", f"{_base(url)}/api/v2/silence/{urllib.parse.quote(silence_id)}", None,
              timeout)
     log.info("normkit: silence %s on %s expired", silence_id, url)
+
+
+def active_silences(url: str, matchers: Mapping[str, str], created_by: str | None = None,
+                    timeout: float = 10.0) -> list[str]:
+    """The ids of the silences in force (active or pending) whose matchers are exactly
+    ``matchers`` (equality, no regex) and, if given, created by ``created_by``.
+
+    Raises:
+        AlertmanagerError: Alertmanager unreachable or refused the request.
+    """
+    want = sorted(matchers.items())
+    found = _request("GET", _base(url) + "/api/v2/silences", None, timeout) or []
+    out = []
+    for s in found:
+        if s.get("status", {}).get("state") == "expired":
+            continue
+        if created_by is not None and s.get("createdBy") != created_by:
+            continue
+        ms = s.get("matchers", [])
+        if any(m.get("isRegex") or not m.get("isEqual", True) for m in ms):
+            continue
+        if sorted((m["name"], m["value"]) for m in ms) == want:
+            out.append(s["id"])
+    return out
 
 
 @contextmanager
