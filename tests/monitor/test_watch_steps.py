@@ -72,6 +72,7 @@ def test_a_step_without_a_forward_is_counted_but_has_no_record(tmp_path):
         _micro(model)
         w.step()
     assert [r["step"] for r in _steps(tmp_path / "run.jsonl")] == [1, 3]
+    assert w.steps == 3
 
 
 def test_every_counts_optimizer_steps_and_exporters_agree(tmp_path):
@@ -91,7 +92,7 @@ def test_every_counts_optimizer_steps_and_exporters_agree(tmp_path):
         seen = prom.registry.get_sample_value("normkit_steps_total", labels)
         sampled = prom.registry.get_sample_value("normkit_sampled_steps_total", labels)
     assert [r["step"] for r in _steps(tmp_path / "run.jsonl")] == [1, 3, 5]
-    assert (seen, sampled) == (5, 3)
+    assert (seen, sampled, w.steps) == (5, 3, 5)
 
 
 def test_forward_steps_are_unchanged(tmp_path):

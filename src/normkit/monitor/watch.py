@@ -387,6 +387,11 @@ class Watch(_Hunting):
         self._exports.drain()
 
     @property
+    def steps(self) -> int:
+        """Steps counted so far, sampled or not (what a step is: ``step=``)."""
+        return self._steps
+
+    @property
     def dropped_records(self) -> int:
         """Records the background exporter thread had to drop (queue full)."""
         return self._exports.dropped
