@@ -58,6 +58,11 @@ class Artifacts:
         pass
 
 
+class Refuses(Artifacts):
+    def log_artifact(self, path):
+        raise OSError("the artifact store is down")
+
+
 def _trainer(tmp_path, callbacks):
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(T.LlamaConfig(
@@ -74,7 +79,7 @@ def _trainer(tmp_path, callbacks):
 def test_the_callback_watches_optimizer_steps_and_logs_summary_and_verdict(tmp_path):
     reporter, arts = Recorder(), Artifacts()
     trainer = _trainer(tmp_path, [reporter])
-    cb = NormkitCallback(exporters=[JsonlExporter(tmp_path / "run.jsonl"), arts],
+    cb = NormkitCallback(exporters=[JsonlExporter(tmp_path / "run.jsonl"), Refuses(), arts],
                          convert=True, audit={"checks": ["inventory", "parameters", "epsilon"]})
     assert cb.install(trainer) is cb
     trainer.train()
@@ -106,6 +111,8 @@ def test_the_callback_watches_optimizer_steps_and_logs_summary_and_verdict(tmp_p
     assert [e.get("normkit/steps") for e in reporter.logs if "loss" in e] == [1.0, 2.0, 3.0]
     assert "normkit/audit_ok" in reporter.logs[-1]
     assert w.off == {} and not w._running
+    trainer.log({"eval_loss": 1.0})  # after training (an evaluate()): not the watch's log
+    assert not any(k.startswith("normkit/") for k in trainer.state.log_history[-1])
 
 
 def test_bad_arguments_are_named():

@@ -63,7 +63,8 @@ class NormkitCallback(TrainerCallback):
     ``log_artifact`` (``MlflowExporter`` uploads it to its run).  The watch stops before the
     audit (which copies the model).  ``Trainer.state.log_history`` gets the same keys.
 
-    Add it with ``install(trainer)``: the Trainer calls callbacks in list order and puts its
+    One callback watches one ``train()`` (its exporters are closed at the end).  Add it with
+    ``install(trainer)``: the Trainer calls callbacks in list order and puts its
     reporters first, so a callback added with ``callbacks=[...]`` or ``add_callback`` would
     add its keys after they have logged.
 
@@ -130,8 +131,8 @@ class NormkitCallback(TrainerCallback):
                            optimizer=_plain_optimizer(optimizer), **self.watch_kwargs)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if self.watch is None or logs is None:
-            return
+        if self.watch is None or self._ended or logs is None:
+            return  # (after training: an evaluate() log is not the watch's)
         extra = self._summary()
         if "train_runtime" in logs:  # the Trainer's last log, right before on_train_end
             extra.update(self._end(args, model))
@@ -178,7 +179,11 @@ class NormkitCallback(TrainerCallback):
         write_text_atomic(path, json.dumps(report.to_dict(), indent=2))
         for e in self.exporters:
             if callable(getattr(e, "log_artifact", None)):
-                e.log_artifact(path)
+                try:
+                    e.log_artifact(path)
+                except Exception:
+                    log.exception("%s could not take %s; the verdict is still logged",
+                                  type(e).__name__, path)
         counts = report.counts()
         log.info("normkit audit of the trained model: %s (%s)",
                  "ok" if report.ok() else "errors", os.fspath(path))
