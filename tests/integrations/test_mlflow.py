@@ -222,7 +222,10 @@ def test_bad_arguments_are_named(tmp_path):
     exp = MlflowExporter(uri)
     with pytest.raises(FileNotFoundError, match="missing.json"):
         exp.log_artifact(tmp_path / "missing.json")
-    exp.close()
+    exp.close()  # nothing was watched: no run is made
+    (tmp_path / "audit.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="no run to log"):
+        exp.log_artifact(tmp_path / "audit.json")
 
 
 def test_keys_are_valid_bounded_and_distinct(tmp_path):

@@ -250,6 +250,7 @@ class MlflowExporter:
 
         Raises:
             FileNotFoundError: no such file.
+            RuntimeError: after the end, there is no run (the server never answered).
             mlflow's own error: the upload after the end failed.
         """
         p = self._existing(path)
@@ -257,7 +258,10 @@ class MlflowExporter:
             if not self._closed:
                 self._artifacts.append(p)
                 return
-        self._client.log_artifact(self._require_run(), str(p), "normkit")
+        if self.run_id is None:
+            raise RuntimeError(f"MlflowExporter: no run to log {str(p)!r} to: "
+                               f"{self.tracking_uri} never made one")
+        self._client.log_artifact(self.run_id, str(p), "normkit")
 
     def close(self) -> None:
         """Sends what is queued, then the artifacts, and ends a run it created; waits at most
