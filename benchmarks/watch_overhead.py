@@ -16,12 +16,16 @@ with every=10 (B10), fed random token batches of the same shape.
 * every=10: blocks of 10 consecutive steps (a B10 block holds exactly one sampled step), A,
   B10, A; overhead = the B10 block's mean / the mean of the two A blocks − 1.
 
+``--mlflow URI`` adds an ``MlflowExporter`` logging to that tracking server (issue 26: every
+exporter on, MLflow included).
+
 Reported: medians with the 25–75% spread (every=1 over 10 pairs per round, every=10 over one
 block per round), plus the machine's load average before and after.  One torch thread: on a
 shared 2-core machine OpenMP threads spinning against other processes make timings
 meaningless (100x swings).
 
-    python benchmarks/watch_overhead.py [--rounds 24] [--out benchmarks/results/...json]
+    python benchmarks/watch_overhead.py [--rounds 24] [--mlflow http://127.0.0.1:5000]
+                                        [--out benchmarks/results/...json]
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=24,
                    help="rounds of 10 A/B1 step pairs and one A/B10/A block triple")
+    p.add_argument("--mlflow", metavar="TRACKING_URI", default=None,
+                   help="also export to MLflow (a tracking server or store URI)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -92,6 +98,11 @@ def main(argv=None) -> int:
     for k, every in (("B1", 1), ("B10", 10)):
         exps = [PrometheusExporter(port=0), TensorBoardExporter(tmp / f"tb{k}"),
                 JsonlExporter(tmp / f"{k}.jsonl")]
+        if args.mlflow:
+            from normkit.monitor import MlflowExporter
+
+            exps.append(MlflowExporter(args.mlflow, experiment="normkit-watch-overhead",
+                                       run_name=f"every={every}"))
         watches[k] = watch(models[k], model_name="bench", model_version=k, every=every,
                            exporters=exps)
     gen = torch.Generator().manual_seed(1)
@@ -156,7 +167,8 @@ def main(argv=None) -> int:
         "method": "every=1: single steps alternated A,B1,A,...; overhead = B1 step / mean of the "
                   "A steps before and after - 1.  every=10: blocks of 10 steps A,B10,A; "
                   "overhead = B10 block mean / mean of the two A blocks - 1",
-        "exporters": ["PrometheusExporter", "TensorBoardExporter", "JsonlExporter"],
+        "exporters": ["PrometheusExporter", "TensorBoardExporter", "JsonlExporter"]
+        + (["MlflowExporter"] if args.mlflow else []),
         "unwatched_step_ms": stats(a_ms),
         "overhead_every_1": stats(over["B1"]),
         "overhead_every_10": stats(over["B10"]),

@@ -330,7 +330,9 @@ class _Hunting:
     def _backward_end(self, cur):
         """At the end of a backward without the leaves hooked: are all parameter gradients
         finite?  One fused norm over them (``_foreach_norm``); catches a gradient going bad
-        where no norm layer sees it (below the first norm, e.g. in the embedding)."""
+        where no norm layer sees it (below the first norm, e.g. in the embedding).  Run after
+        every backward of the step (a step of several forward calls has several)."""
+        cur.bw_end_queued = False
         params = [(n, p.grad) for n, p in self._params
                   if p.grad is not None and p.grad.layout == torch.strided]
         if not params:

@@ -27,7 +27,7 @@ The file starts with one header line, then one line per sampled step::
      "model": str, "version": str,  # watch(model_name=, model_version=)
      "rank": str,                   # "0", "1", ... or "all" (reduce="all", written by rank 0)
      "world_size": int,
-     "step": int,                   # 1-based count of root forward calls (sampled or not)
+     "step": int,                   # 1-based step number (watch(step=...)), sampled or not
      "every": int | float,          # the sampling setting
      "batch_size": int | null, "seq_len": int | null,   # as seen by the first norm layer
      "nonfinite": {"forward" | "backward": {
@@ -444,6 +444,13 @@ STEP = Obj({
     "alerts": ListOf(_ALERT, "a list of alert objects"),
 }, "a step record", optional=("world_size", "every", "batch_size", "seq_len", "nonfinite",
                               "summary", "latency_seconds", "drift", "alerts"))
+
+# The per-layer scalars of a record's "summary" that the scalar exporters (TensorBoard, MLflow)
+# write for every layer.
+SUMMARY_SCALARS = ("input_mean", "input_std", "input_rms", "output_mean", "output_std",
+                   "nonfinite_rows", "grad_nonfinite_rows", "weight_norm", "bias_norm",
+                   "weight_update_norm", "bias_update_norm", "grad_input_norm",
+                   "weight_grad_norm", "bias_grad_norm")
 
 # What Baseline.from_records reads of a step record (the rest is the report's business).
 STEP_STATS = Obj({k: STEP.fields[k] for k in ("type", "model", "version", "rank", "layers")},

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .._report import Document, literal, literal_code
 from .._report.plotting import new_figure, text_label, to_png
+from ._schema import read_jsonl
 from .drift import Baseline
-from .exporters import read_jsonl
 
 __all__ = ["load_run", "build_telemetry_report"]
 

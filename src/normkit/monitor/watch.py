@@ -1,11 +1,14 @@
 """``normkit.watch``: instrument every norm layer of a model, find where NaN/Inf start.
 
-How it works, per step (one call of the root module's ``forward``):
+How it works, per step — one call of the root module's ``forward`` (``step="forward"``), or
+every forward call up to the caller's ``Watch.step()`` (``"manual"``) or to the next
+``optimizer.step()`` (``"optimizer"``, through torch's optimizer step hooks):
 
 * The root module's forward pre-hook starts a step and decides whether it is *sampled*
   (``every=k``: every k-th step; ``every=0.01``: 1% of steps, seeded).  Unsampled steps cost two
   Python hook calls and one finiteness check of the root output; a non-finite root output on an
   unsampled step forces the next step to be sampled, so a persisting NaN gets its origin found.
+  Further forward calls of a step (gradient accumulation) add to its statistics.
 * On sampled steps the watch is *armed* and hunts the **origin** of NaN/Inf: the first module,
   in execution order, whose output (in backward: input gradient) is non-finite while its inputs
   (output gradients) are finite; the modules that pass it on are *propagators*.  How it does
@@ -16,9 +19,10 @@ How it works, per step (one call of the root module's ``forward``):
   change since the previous sampled step, gradient norms of input and parameters, non-finite
   row counts, forward wall time (CPU wall time; on CUDA it is launch time — no synchronisation
   is added).
-* The step record is completed at the next step's start (backward has run by then) or at
-  ``stop()``/``flush()``, merged into the totals and a sliding window, checked against the
-  baseline and the alert rules, and handed to the exporters on a background thread.
+* The step record is completed at the next step's start (``"forward"``: backward has run by
+  then), at the step's end (``Watch.step()``, ``optimizer.step()``) or at ``stop()``/``flush()``,
+  merged into the totals and a sliding window, checked against the baseline and the alert
+  rules, and handed to the exporters on a background thread.
 
 Cost (``benchmarks/watch_overhead.py``, 6-block transformer training step on one CPU thread):
 see the latest ``benchmarks/results/watch-overhead-*.json``.
@@ -58,7 +62,10 @@ from ._stats import LayerStats, add_rows_many, pack, unpack
 from .alerts import Alert, AlertRules
 from .drift import Baseline, DriftResult, DriftThresholds, warn_unjudged
 
-__all__ = ["watch", "Watch", "find_norms", "RECORD_SCHEMA", "RECORD_SCHEMA_VERSION"]
+__all__ = ["watch", "Watch", "find_norms", "STEPS", "RECORD_SCHEMA", "RECORD_SCHEMA_VERSION"]
+
+# What a watch counts as a step (``watch(step=...)``).
+STEPS = ("forward", "manual", "optimizer")
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +177,7 @@ class Watch(_Hunting):
             "resolved"}``.
         drift_results: the latest {layer: DriftResult} against the baseline.
         layer_names: the watched norm layers, in registration order.
+        step_by: what a step is: "forward", "manual" or "optimizer" (``watch(step=...)``).
         off: what is effectively off, and why (see the property).
     """
 
@@ -178,7 +186,8 @@ class Watch(_Hunting):
                  baseline: Baseline | None = None, alerts: AlertRules | None = None,
                  reduce: str | None = None, thresholds: DriftThresholds | None = None,
                  window: int = 50, drift_every: int = 10, backward: bool = True, seed: int = 0,
-                 background_export: bool = True, backward_hunt: str = "on_detect"):
+                 background_export: bool = True, backward_hunt: str = "on_detect",
+                 step: str = "forward", optimizer: torch.optim.Optimizer | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not model_name or not model_version:
@@ -196,7 +205,13 @@ class Watch(_Hunting):
         if backward_hunt not in ("on_detect", "always"):
             raise ValueError(f"backward_hunt must be 'on_detect' or 'always', got "
                              f"{backward_hunt!r}")
+        if not isinstance(step, str) or step not in STEPS:
+            raise ValueError(f"step must be 'forward', 'manual' or 'optimizer', got {step!r}")
+        if optimizer is not None and step != "optimizer":
+            raise ValueError(f"optimizer= is for step='optimizer' (the watch counts a step per "
+                             f"optimizer.step()); got step={step!r}")
         self.backward_hunt = backward_hunt
+        self.step_by = step
         self.model = model
         self.model_name = str(model_name)
         self.model_version = str(model_version)
@@ -235,6 +250,7 @@ class Watch(_Hunting):
         self._win: deque[dict[str, LayerStats]] = deque(maxlen=window)
         self._prev_params: dict[tuple[str, str], torch.Tensor] = {}
         self._steps = 0
+        self._open = False  # a step has begun (its first forward ran) and not ended
         self._sampled_steps = 0
         self._force = False
         self._cur: _Step | None = None
@@ -256,6 +272,10 @@ class Watch(_Hunting):
         self._running = False
         self.background_export = background_export
         self._exports = _Exports(self.exporters, self._switch_off, self._switch_on)
+        self._optimizer = None
+        self._optimizer_hook = None
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
 
     # -- public --------------------------------------------------------------------------------
 
@@ -274,7 +294,60 @@ class Watch(_Hunting):
             self.model.register_forward_hook(self._root_post, always_call=True),
         ]
         self._running = True
+        self._hook_optimizer()
         return self
+
+    def step(self) -> None:
+        """Ends the current step (``step="manual"``): the forward calls since the previous
+        ``step()`` — however many, none included — are one step, whose record is completed now
+        (call it after the backward).
+
+        Raises:
+            RuntimeError: the watch counts steps otherwise, or it is stopped.
+        """
+        if self.step_by != "manual":
+            per = "root forward call" if self.step_by == "forward" else "optimizer.step()"
+            raise RuntimeError(f"w.step() is for step='manual'; this watch counts a step per "
+                               f"{per} (step={self.step_by!r})")
+        if not self._running:
+            raise RuntimeError("w.step() on a stopped watch")
+        self._end_step()
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Counts a step per ``optimizer.step()`` (``step="optimizer"``), through torch's
+        ``register_step_post_hook``; the hook is removed at ``stop()``.  Attaching the same
+        optimizer again changes nothing.
+
+        Raises:
+            ValueError: the watch counts steps otherwise, or another optimizer is attached (a
+                watch counts the steps of one optimizer; call ``w.step()`` with
+                ``step="manual"`` for several).
+            TypeError: ``optimizer`` has no ``register_step_post_hook``.
+        """
+        if self.step_by != "optimizer":
+            raise ValueError(f"attach_optimizer is for step='optimizer'; this watch has "
+                             f"step={self.step_by!r}")
+        if not callable(getattr(optimizer, "register_step_post_hook", None)):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (with "
+                            f"register_step_post_hook), got {type(optimizer).__name__}")
+        if optimizer is self._optimizer:
+            return
+        if self._optimizer is not None:
+            raise ValueError("this watch already counts the steps of one optimizer; a watch "
+                             "counts one optimizer's steps (for several, use step='manual' and "
+                             "call w.step())")
+        self._optimizer = optimizer
+        self._switch_on("steps")
+        if self._running:
+            self._hook_optimizer()
+
+    def _hook_optimizer(self) -> None:
+        if self._optimizer is not None and self._optimizer_hook is None:
+            self._optimizer_hook = self._optimizer.register_step_post_hook(self._optimizer_step)
+
+    @_safe
+    def _optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._end_step()
 
     def stop(self) -> None:
         """Completes the open step, removes every hook and closes the exporters (idempotent)."""
@@ -291,6 +364,9 @@ class Watch(_Hunting):
         for h in self._root_handles:
             h.remove()
         self._root_handles = []
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+            self._optimizer_hook = None
         self._unset_sink()
         self._running = False
         self._exports.close()
@@ -303,11 +379,17 @@ class Watch(_Hunting):
         return False
 
     def flush(self) -> None:
-        """Completes the open sampled step now (normally done at the next step's start)."""
+        """Completes the open sampled step now (normally done when the step ends); with
+        ``step="manual"``/``"optimizer"`` the rest of that step is then not recorded."""
         if self._cur is not None:
             cur, self._cur = self._cur, None
             self._finish(cur)
         self._exports.drain()
+
+    @property
+    def steps(self) -> int:
+        """Steps counted so far, sampled or not (what a step is: ``step=``)."""
+        return self._steps
 
     @property
     def dropped_records(self) -> int:
@@ -409,11 +491,22 @@ class Watch(_Hunting):
         if self._in_root:  # the root called re-entrantly: one step
             return
         self._in_root = True
-        if self._cur is not None:
+        _seen.clear()
+        if self.step_by == "forward" or not self._open:
+            self._begin_step()
+        elif self._cur is not None:  # a further forward of a sampled step (accumulation)
+            self._set_sink()
+
+    def _begin_step(self) -> None:
+        if self._cur is not None:  # step="forward": the previous step ends here
             cur, self._cur = self._cur, None
             self._finish(cur)
+        if self.step_by == "optimizer" and self._optimizer is None:
+            self._switch_off("steps", None, "step='optimizer' but no optimizer is attached "
+                                            "(pass optimizer= or call w.attach_optimizer(opt)): "
+                                            "every forward call so far is one step")
         self._steps += 1
-        _seen.clear()
+        self._open = True
         if self._sample_now():
             self._sampled_steps += 1
             hunt = self.backward_hunt == "always" or self._hunt_next
@@ -424,6 +517,15 @@ class Watch(_Hunting):
             self._set_sink()
         elif self._armed_handles:
             self._disarm()
+
+    def _end_step(self) -> None:
+        """The end of a step (``step="manual"``/``"optimizer"``): its record is completed."""
+        if not self._open:
+            self._steps += 1  # a step without a forward call: counted, nothing to record
+        self._open = False
+        if self._cur is not None:
+            cur, self._cur = self._cur, None
+            self._finish(cur)
 
     @_safe
     def _root_post(self, module, args, output):
@@ -752,14 +854,15 @@ def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
           alerts: AlertRules | None = None, reduce: str | None = None,
           thresholds: DriftThresholds | None = None, window: int = 50, drift_every: int = 10,
           backward: bool = True, seed: int = 0, background_export: bool = True,
-          backward_hunt: str = "on_detect") -> Watch:
+          backward_hunt: str = "on_detect", step: str = "forward",
+          optimizer: torch.optim.Optimizer | None = None) -> Watch:
     """Watch every norm layer of ``model``: statistics, NaN/Inf origin, drift, alerts.
 
     Use as a context manager (``with normkit.watch(model, ...) as w:``) or keep the returned,
     already started object and call ``w.stop()``.
 
     Args:
-        model: the root module; each call of its forward is one step.
+        model: the root module (its forward calls are what is watched).
         model_name, model_version: the labels every record, metric and alert carries.
         every: int k: sample every k-th step (the first step is sampled); float f in (0, 1]:
             sample a fraction f of steps (serving), drawn from a generator seeded by ``seed``.
@@ -790,6 +893,16 @@ def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
             sampled with every leaf module observed, which names the exact module if the fault
             persists.  "always": every leaf observed on every sampled step — the exact module
             at once, even for a one-step fault, for about 1% more step time.
+        step: what one step is — the unit ``every`` samples and the number every exporter
+            receives.  "forward" (default): each call of the model's forward.  "manual": the
+            forward calls up to ``Watch.step()``, however many (a ``step()`` with none between
+            counts a step with no record).  "optimizer": the forward calls up to the next
+            ``optimizer.step()`` (gradient accumulation: 4 forwards and one optimizer step are
+            one step), counted through torch's ``Optimizer.register_step_post_hook``; an
+            optimizer step skipped by a ``GradScaler`` is not counted.
+        optimizer: the optimizer whose steps count (``step="optimizer"``), or attach it later
+            with ``Watch.attach_optimizer``; until one is, the watch is listed in ``off``
+            ("steps") and all forward calls belong to one step.
 
     Returns:
         The started ``Watch``.
@@ -798,4 +911,4 @@ def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
                  exporters=exporters, baseline=baseline, alerts=alerts, reduce=reduce,
                  thresholds=thresholds, window=window, drift_every=drift_every,
                  backward=backward, seed=seed, background_export=background_export,
-                 backward_hunt=backward_hunt).start()
+                 backward_hunt=backward_hunt, step=step, optimizer=optimizer).start()

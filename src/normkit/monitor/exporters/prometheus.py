@@ -23,7 +23,7 @@ _LL = _L + ("layer",)
 # checks it); counters are declared without "_total" as prometheus_client appends it.
 METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("normkit_watch_info", "gauge", _L + ("normkit_version",), "1 per watched model version"),
-    ("normkit_steps", "counter", _L, "Steps (root forward calls) seen"),
+    ("normkit_steps", "counter", _L, "Steps seen (as watch(step=...) counts them)"),
     ("normkit_sampled_steps", "counter", _L, "Steps sampled for statistics"),
     ("normkit_nonfinite_steps", "counter", _L,
      "Sampled steps with non-finite values in forward or backward (the NaN-free-steps SLO's "

@@ -8,15 +8,10 @@ import struct
 import time
 from pathlib import Path
 
-from .._schema import EDGES
+from .._schema import EDGES, SUMMARY_SCALARS
 from ._optional import require
 
 __all__ = ["TensorBoardExporter"]
-
-_TB_SCALARS = ("input_mean", "input_std", "input_rms", "output_mean", "output_std",
-               "nonfinite_rows", "grad_nonfinite_rows", "weight_norm", "bias_norm",
-               "weight_update_norm", "bias_update_norm", "grad_input_norm", "weight_grad_norm",
-               "bias_grad_norm")
 
 
 class TensorBoardExporter:
@@ -75,7 +70,7 @@ class TensorBoardExporter:
         self._n += 1
         lat_all = record.get("latency_seconds", {})
         for layer, s in record["summary"].items():
-            for k in _TB_SCALARS:
+            for k in SUMMARY_SCALARS:
                 v = s.get(k)
                 if v is not None:
                     add(tag=self._tag(prefix, layer, k), simple_value=v)
