@@ -455,3 +455,11 @@ def test_watch_records_every_norm_of_the_lstm():
         # every time step's rows: batch 3 x 7 steps, per forward, two forwards
         assert s[name]["kind"] == "ln" and s[name]["rows"] == 2 * 3 * 7, name
         assert s[name]["input_std"] > 0 and s[name]["grad_input_norm"] > 0, name
+
+
+def test_convert_leaves_the_lstm_as_it_is():
+    """Its norms are normkit's already: convert replaces nothing, the modules stay the same."""
+    model = _Tagger()
+    before = list(model.modules())
+    assert normkit.convert(model) is model
+    assert list(model.modules()) == before
