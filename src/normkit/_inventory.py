@@ -8,6 +8,7 @@ three see the same modules.  This module sits beside ``nn`` and imports nothing 
 A module is a norm when it is, in this order:
 
 * a normkit module (``nn.LayerNorm``, ``nn.RMSNorm`` and their fused variants, ``nn.DyT``);
+  normkit's LN-LSTM (``nn.LayerNormLSTM``, ``nn.LayerNormLSTMCell``) is not, its norms are;
 * a class declared with ``normkit.register_norm`` (the declaration wins over anything below);
 * one of torch's norms (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm*d``,
   ``InstanceNorm*d``, and subclasses);
@@ -353,6 +354,8 @@ def _classify(module: torch.nn.Module) -> NormInfo | None:
                         module.casting, bool(module.zero_centered_gamma))
     if isinstance(module, nk.DyT):
         return NormInfo("dyt", None, *_affine(module), "last", _ndims(module), "normkit")
+    if isinstance(module, (nk.LayerNormLSTMCell, nk.LayerNormLSTM)):
+        return None  # named "...Norm..." with an eps, but their norms are their submodules
     reg = _registration(cls)
     if reg is not None:
         if isinstance(reg.eps, str):

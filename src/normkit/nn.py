@@ -1,4 +1,4 @@
-"""Drop-in modules: ``LayerNorm`` and ``RMSNorm`` backed by normkit's kernels.
+"""Drop-in modules: ``LayerNorm`` and ``RMSNorm`` backed by normkit's kernels, and the LN-LSTM.
 
 Each class subclasses the torch module it replaces and overrides only ``forward`` (STYLE habit 4),
 so the constructor, the parameters (``weight``, ``bias``), the state_dict keys and
@@ -22,17 +22,27 @@ are stored as plain ints and a float (numpy scalars are taken, as torch takes th
 
 ``DyT`` (Dynamic Tanh, ``weight * tanh(alpha * x) + bias``) has no statistics at all; it is here
 so that ``normkit study`` can compare it with the norms on equal footing.
+
+``LayerNormLSTMCell`` and ``LayerNormLSTM`` are the layer-normalized LSTM of Ba et al. 2016, built
+on ``LayerNorm`` modules, with ``torch.nn.LSTMCell``'s / ``torch.nn.LSTM``'s arguments and call
+(see docs/lstm.md).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 from ._options import _check_casting, _eps_of
 from ._validate import _shape_of
 from .functional import layer_norm, rms_norm
 
-__all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm", "DyT"]
+__all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm", "DyT",
+           "LayerNormLSTMCell", "LayerNormLSTM"]
 
 
 def _set_options(module, casting, zero_centered_gamma, elementwise_affine) -> None:
@@ -268,3 +278,253 @@ class DyT(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, alpha_init={self.alpha_init}, "
                 f"elementwise_affine={self.elementwise_affine}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer-normalized LSTM (Ba et al. 2016, "Layer Normalization", §3.2, eq. 20–22)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_size(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_tensor(who: str, name: str, t, like: torch.Tensor, shape: tuple | None = None):
+    """``t`` is a tensor (of ``shape``) with the dtype and device of the parameter ``like``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{who}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype or t.device != like.device:
+        raise TypeError(f"{who}: {name} must be {like.dtype} on {like.device} like the "
+                        f"parameters, got {t.dtype} on {t.device}")
+
+
+def _check_state(who: str, hx, shape: tuple, like: torch.Tensor):
+    """The initial ``(h, c)``, each of ``shape``; zeros when ``hx`` is None."""
+    if hx is None:
+        zeros = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return zeros, zeros
+    if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+        got = (f"a {type(hx).__name__} of {len(hx)}" if isinstance(hx, (tuple, list))
+               else type(hx).__name__)
+        raise TypeError(f"{who}: hx must be a tuple (h, c) of two tensors or None, got {got}")
+    for name, t in zip(("hx[0] (h)", "hx[1] (c)"), hx, strict=True):
+        _check_tensor(who, name, t, like, shape)
+    return hx[0], hx[1]
+
+
+def _check_input(who: str, x, dims: tuple[int, int], input_size: int, like: torch.Tensor):
+    """``x`` is a tensor of one of the two ranks ``dims`` (unbatched, batched) whose last dim is
+    ``input_size``; returns whether it is batched."""
+    if not isinstance(x, torch.Tensor):
+        hint = (": pad the batch instead (torch.nn.utils.rnn.pad_packed_sequence)"
+                if type(x).__name__ == "PackedSequence" else "")
+        raise TypeError(f"{who}: input must be a torch.Tensor, got {type(x).__name__}{hint}")
+    if x.dim() not in dims or x.shape[-1] != input_size:
+        raise ValueError(f"{who}: input must be {dims[0]}-D (unbatched) or {dims[1]}-D (batched) "
+                         f"with last dim input_size={input_size}, got shape {tuple(x.shape)}")
+    _check_tensor(who, "input", x, like)
+    return x.dim() == dims[1]
+
+
+class LayerNormLSTMCell(torch.nn.Module):
+    """An LSTM cell with layer normalization (Ba et al. 2016, §3.2, eq. 20–22), its norms
+    ``normkit.nn.LayerNorm`` modules (so ``normkit.watch`` sees them)::
+
+        gates = norm_ih(x @ weight_ih.T) + norm_hh(h @ weight_hh.T) + bias   # (…, 4·hidden)
+        i, f, g, o = gates.chunk(4)                                          # torch's order
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+        h' = sigmoid(o) * tanh(norm_c(c'))
+
+    The input and the recurrent projections are normalized separately, each with its own gain
+    and bias, and the cell state is normalized before the output tanh, as in the paper.
+
+    Args:
+        input_size: features of x.
+        hidden_size: features of h and c.
+        bias: False drops ``bias`` and the biases (β) of the three norms: then nothing is added.
+        eps: the norms' epsilon.
+        device, dtype: for the parameters.
+
+    Parameters: ``weight_ih`` (4·hidden, input), ``weight_hh`` (4·hidden, hidden), ``bias``
+    (4·hidden), and the norms ``norm_ih``, ``norm_hh`` (4·hidden) and ``norm_c`` (hidden).
+    Initialization: the weights uniform in ±1/√hidden (as ``torch.nn.LSTMCell``), ``bias`` zero
+    but 1 on the forget gate (so memory flows at the start), the norms' gains 1 and biases 0.
+
+    Shapes: ``forward(input, hx=None)`` takes input (batch, input_size) or (input_size,) and
+    ``hx = (h, c)``, each (batch, hidden_size) or (hidden_size,) (zeros when None), and returns
+    ``(h', c')`` of the same shapes, in the parameters' dtype (the input must have it).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, eps: float = 1e-5,
+                 device=None, dtype=None):
+        super().__init__()
+        self.input_size = _check_size("input_size", input_size)
+        self.hidden_size = hidden = _check_size("hidden_size", hidden_size)
+        self.eps = _eps_of(eps)
+        factory = {"device": device, "dtype": dtype}
+        # bias first: parameters() then runs in the order the study's private cell had, so the
+        # study's recorded gradient norms (a sum over parameters()) keep their bits
+        if _check_flag("bias", bias):
+            self.bias = torch.nn.Parameter(torch.empty(4 * hidden, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.weight_ih = torch.nn.Parameter(torch.empty(4 * hidden, self.input_size, **factory))
+        self.weight_hh = torch.nn.Parameter(torch.empty(4 * hidden, hidden, **factory))
+        self.norm_ih = LayerNorm(4 * hidden, self.eps, bias=bias, **factory)
+        self.norm_hh = LayerNorm(4 * hidden, self.eps, bias=bias, **factory)
+        self.norm_c = LayerNorm(hidden, self.eps, bias=bias, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights uniform in ±1/√hidden, ``bias`` 0 with the forget gate's 1, the norms' own."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            self.weight_ih.uniform_(-bound, bound)
+            self.weight_hh.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.zero_()
+                self.bias[self.hidden_size:2 * self.hidden_size].fill_(1.0)
+        for norm in (self.norm_ih, self.norm_hh, self.norm_c):
+            norm.reset_parameters()
+
+    def forward(self, input: torch.Tensor, hx=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step; see the class docstring for the shapes."""
+        who = "LayerNormLSTMCell"
+        batched = _check_input(who, input, (1, 2), self.input_size, self.weight_ih)
+        state = (input.shape[0], self.hidden_size) if batched else (self.hidden_size,)
+        h, c = _check_state(who, hx, state, self.weight_ih)
+        if batched:
+            return self._step(self._input_gates(input), h, c)
+        h, c = self._step(self._input_gates(input.unsqueeze(0)), h.unsqueeze(0), c.unsqueeze(0))
+        return h.squeeze(0), c.squeeze(0)
+
+    def _input_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """norm_ih(x @ weight_ih.T), for any leading dims: ``LayerNormLSTM`` projects all the
+        time steps of a layer at once (one matmul, not one per step)."""
+        return self.norm_ih(F.linear(x, self.weight_ih))
+
+    def _step(self, gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        """The cell's update from the normalized input gates ``gx`` (batch, 4·hidden)."""
+        gates = gx + self.norm_hh(F.linear(h, self.weight_hh))
+        if self.bias is not None:
+            gates = gates + self.bias
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(self.norm_c(c))
+        return h, c
+
+    _get_name = _get_name
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}"
+                + (", bias=False" if self.bias is None else "")
+                + (f", eps={self.eps}" if self.eps != 1e-5 else ""))
+
+
+class LayerNormLSTM(torch.nn.Module):
+    """A multi-layer LSTM of :class:`LayerNormLSTMCell` s, with ``torch.nn.LSTM``'s constructor
+    and call: ``forward(input, hx=None)`` returns ``(output, (h_n, c_n))``.
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout: torch's meaning
+            (``dropout`` is applied to the output of every layer but the last, in training).
+        bidirectional, proj_size: accepted for torch's signature; only the defaults (False, 0)
+            are supported — other values raise NotImplementedError.
+        eps: the norms' epsilon (keyword-only).
+        device, dtype: for the parameters.
+
+    Shapes (L = num_layers, T = time steps, B = batch, H = hidden_size):
+        input: (T, B, input_size), or (B, T, input_size) with ``batch_first``, or (T, input_size)
+            unbatched.
+        hx: ``(h_0, c_0)``, each (L, B, H), or (L, H) for unbatched input — never batch-first,
+            as in torch; zeros when None.
+        output: the last layer's h at every step: (T, B, H), (B, T, H) or (T, H).
+        h_n, c_n: every layer's final state, shaped like h_0.
+
+    Parameters: ``cells.{layer}.*`` (see :class:`LayerNormLSTMCell`); torch's flat
+    ``weight_ih_l0`` names do not apply, because each layer has norms too.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None, *,
+                 eps: float = 1e-5):
+        super().__init__()
+        if _check_flag("bidirectional", bidirectional):
+            raise NotImplementedError("LayerNormLSTM: bidirectional=True is not supported; run "
+                                      "a second LayerNormLSTM on the time-reversed input")
+        if _check_size("proj_size", proj_size, low=0):
+            raise NotImplementedError("LayerNormLSTM: proj_size > 0 is not supported")
+        if (isinstance(dropout, bool) or not isinstance(dropout, numbers.Real)
+                or not 0 <= dropout <= 1):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        self.input_size = _check_size("input_size", input_size)
+        self.hidden_size = _check_size("hidden_size", hidden_size)
+        self.num_layers = _check_size("num_layers", num_layers)
+        self.bias = _check_flag("bias", bias)
+        self.batch_first = _check_flag("batch_first", batch_first)
+        self.dropout = float(dropout)
+        self.eps = _eps_of(eps)
+        if self.dropout and self.num_layers == 1:
+            warnings.warn(f"LayerNormLSTM: dropout={self.dropout} acts between layers, and "
+                          "num_layers=1 has none", stacklevel=2)
+        self.cells = torch.nn.ModuleList(
+            LayerNormLSTMCell(input_size if k == 0 else hidden_size, hidden_size, bias, eps,
+                              device, dtype)
+            for k in range(self.num_layers))
+
+    def reset_parameters(self) -> None:
+        """Every layer's :meth:`LayerNormLSTMCell.reset_parameters`, bottom up."""
+        for cell in self.cells:
+            cell.reset_parameters()
+
+    def forward(self, input: torch.Tensor, hx=None):
+        """Runs the layers over the sequence; see the class docstring for the shapes."""
+        like = self.cells[0].weight_ih
+        batched = _check_input("LayerNormLSTM", input, (2, 3), self.input_size, like)
+        x = input if batched else input.unsqueeze(1)
+        t_dim = 1 if batched and self.batch_first else 0
+        if x.shape[t_dim] == 0:
+            raise ValueError(f"LayerNormLSTM: input has no time steps (shape "
+                             f"{tuple(input.shape)})")
+        state = (self.num_layers, *([x.shape[1 - t_dim]] if batched else []), self.hidden_size)
+        h0, c0 = _check_state("LayerNormLSTM", hx, state, like)
+        if not batched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        h_n, c_n = [], []
+        for k, cell in enumerate(self.cells):
+            if k and self.dropout:
+                x = F.dropout(x, self.dropout, self.training)
+            gx = cell._input_gates(x)
+            h, c = h0[k], c0[k]
+            out = []
+            for s in range(x.shape[t_dim]):
+                h, c = cell._step(gx.select(t_dim, s), h, c)
+                out.append(h)
+            x = torch.stack(out, dim=t_dim)
+            h_n.append(h)
+            c_n.append(c)
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if not batched:
+            x, h_n, c_n = x.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+        return x, (h_n, c_n)
+
+    _get_name = _get_name
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                              ("dropout", 0.0), ("eps", 1e-5)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s

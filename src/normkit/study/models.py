@@ -8,13 +8,11 @@ finds the norm layers by their types (:data:`NORM_TYPES`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import DyT, LayerNorm, RMSNorm
+from ..nn import DyT, LayerNorm, LayerNormLSTM, RMSNorm
 
 __all__ = [
     "PLACEMENTS",
@@ -175,41 +173,12 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class _LSTMCell(nn.Module):
-    """An LSTM cell, optionally layer-normalized as in Ba et al. 2016 (eq. 20–22):
-    ``gates = LN(W_x x) + LN(W_h h) + b``, ``c' = f·c + i·g``, ``h' = o·tanh(LN(c'))``.
-    Both variants run this same Python code, so their wall times compare like for like."""
-
-    def __init__(self, n_in: int, hidden: int, layer_norm: bool):
-        super().__init__()
-        self.hidden = hidden
-        self.wx = nn.Linear(n_in, 4 * hidden, bias=False)
-        self.wh = nn.Linear(hidden, 4 * hidden, bias=False)
-        self.bias = nn.Parameter(torch.zeros(4 * hidden))
-        kind = "layer" if layer_norm else "none"
-        self.norm_x = make_norm(kind, 4 * hidden)
-        self.norm_h = make_norm(kind, 4 * hidden)
-        self.norm_c = make_norm(kind, hidden)
-        with torch.no_grad():  # forget-gate bias 1: the usual start that lets memory flow
-            self.bias[hidden:2 * hidden].fill_(1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, n_in) -> (B, T, hidden)
-        b, t, _ = x.shape
-        gx = self.norm_x(self.wx(x))  # the input projection for all steps at once
-        h = x.new_zeros(b, self.hidden)
-        c = x.new_zeros(b, self.hidden)
-        out = []
-        for s in range(t):
-            gates = gx[:, s] + self.norm_h(self.wh(h)) + self.bias
-            i, f, g, o = gates.chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(self.norm_c(c))
-            out.append(h)
-        return torch.stack(out, dim=1)
-
-
 class CharLSTM(nn.Module):
     """A one-layer byte-level LSTM language model, with or without layer normalization.
+
+    The LSTM is ``normkit.nn.LayerNormLSTM`` (Ba et al. 2016, eq. 20–22); without layer
+    normalization its three norms are swapped for :class:`NoNorm` identities, so both variants
+    run this same Python cell and their wall times compare like for like.
 
     Shapes: ``forward(idx)`` takes int64 (B, T) and returns float32 logits (B, T, vocab).
     """
@@ -218,12 +187,14 @@ class CharLSTM(nn.Module):
         super().__init__()
         self.layer_norm = layer_norm
         self.tok = nn.Embedding(vocab, emb)
-        self.cell = _LSTMCell(emb, hidden, layer_norm)
+        self.lstm = LayerNormLSTM(emb, hidden, batch_first=True)
         self.head = nn.Linear(hidden, vocab)
-        bound = 1.0 / math.sqrt(hidden)  # torch.nn.LSTM's own init range
-        for name, p in self.cell.named_parameters():
-            if name.endswith("weight") and p.dim() == 2:
-                nn.init.uniform_(p, -bound, bound)
+        # The LSTM's weights are drawn again after the head's: the random stream, and with it
+        # every recorded study result, stays the one the study has always used.
+        self.lstm.reset_parameters()
+        if not layer_norm:
+            for cell in self.lstm.cells:
+                cell.norm_ih, cell.norm_hh, cell.norm_c = NoNorm(), NoNorm(), NoNorm()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head(self.cell(self.tok(idx)))
+        return self.head(self.lstm(self.tok(idx))[0])
