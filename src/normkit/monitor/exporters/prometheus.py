@@ -61,6 +61,8 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "1 if the last drift check could judge the layer, 0 if not (too few rows, no baseline "
      "for the layer: see the log or the JSONL record's drift reason)"),
     ("normkit_alerts", "counter", _L + ("severity", "rule"), "Alerts opened in process"),
+    ("normkit_guard_trips", "counter", ("model", "version", "layer", "check", "action"),
+     "Guarded calls on which the check tripped on the layer (normkit.guard)"),
 )
 
 LATENCY_BUCKETS = (2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
@@ -148,10 +150,15 @@ class PrometheusExporter:
         return c
 
     def export(self, record: dict) -> None:
-        if record.get("type") != "step":
-            return
-        with self._lock:
-            self._export(record)
+        kind = record.get("type")
+        if kind == "step":
+            with self._lock:
+                self._export(record)
+        elif kind == "guard":
+            with self._lock:
+                for t in record["trips"]:
+                    self._c("normkit_guard_trips", record["model"], record["version"],
+                            t["layer"], t["check"], record["action"]).inc()
 
     def _export(self, record: dict) -> None:
         base = (record["model"], record["version"], str(record["rank"]))
