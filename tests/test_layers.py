@@ -10,7 +10,7 @@ The layers, bottom up — a module may import its own layer and those below it:
     3  nn                                    the modules
     4  _inventory, convert                   which modules are norms; conversion
     5  monitor, audit                        telemetry; the release audit
-    6  bench                                 benchmarks
+    6  bench, guard                          benchmarks; the serving guard
     7  study, _demo                          the study; the demo
     8  _cli                                  the command line
 
@@ -36,7 +36,7 @@ _LAYERS = [
     (3, ("nn",)),
     (4, ("_inventory", "convert")),
     (5, ("monitor", "audit")),
-    (6, ("bench",)),
+    (6, ("bench", "guard")),
     (7, ("study", "_demo")),
     (8, ("_cli",)),
 ]

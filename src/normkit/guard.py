@@ -1,0 +1,435 @@
+"""``normkit.guard``: a runtime guard for serving, on the statistics the norm kernels produce.
+
+    guarded = normkit.guard.guard(model, baseline=Baseline.load("baseline.json"),
+                                  action="fallback", fallback=previous_model)
+    logits = guarded(tokens)   # the model's output, or previous_model's if a check tripped
+
+``Guard`` wraps a model's forward.  Per call it checks every normkit norm layer of the model
+and the model's output:
+
+* ``nonfinite``: a NaN/Inf in the layer's output (or in the model's output, layer
+  ``"<output>"``).
+* ``rstd``: a row's rstd (``rsqrt(var + eps)``, RMSNorm ``rsqrt(mean(x²) + eps)``) below the
+  lower bound — the row's std above its reciprocal: activations exploded — or above the upper
+  bound — a row with (almost) no variance left: a constant or dead input that normalization
+  then amplifies.
+* ``scale``: a row's scale (std, RMSNorm RMS) outside the range the baseline saw for the layer,
+  widened by ``scale_tolerance``.
+
+How it stays cheap (``benchmarks/guard_overhead.py``; docs/guard.md has the figure): the
+kernels already compute each row's rstd, and hand it to a statistics sink
+(``normkit._dispatch._set_stats_sink``) — the one ``normkit.watch`` reads — so the guard reads
+no activation for ``rstd`` and ``scale``.  Per norm layer call it keeps a reference to the rstd
+vector and launches one reduction (the output's float32 sum: a NaN or Inf anywhere makes it
+non-finite); at the end of the forward a few vectorised ops reduce every layer's rstd to its
+minimum and maximum, and one host transfer brings back three numbers per layer call.  The
+verdict is taken on the host from those.
+
+Bounds (see docs/guard.md for the reasoning): ``rstd_bounds=(1e-4, None)``: a row whose std
+(RMS) reaches 1e4 trips (far above healthy transformer activations, and a factor 6.5 from
+float16's largest value); ``None`` as the upper bound is the layer's own ceiling
+``1/sqrt(2·eps)``, reached when a row's variance (mean square) is at most ``eps``.
+``scale_tolerance=2.0``: twice the widest row scale the baseline saw, or half its narrowest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import _dispatch
+from .monitor import Baseline, Watch, find_norms
+from .monitor._hunt import _tensors
+from .monitor._schema import RECORD_SCHEMA, RECORD_SCHEMA_VERSION
+
+__all__ = ["Guard", "GuardTripped", "Trip", "guard", "CHECKS", "ACTIONS"]
+
+log = logging.getLogger(__name__)
+
+CHECKS = ("nonfinite", "rstd", "scale")
+ACTIONS = ("raise", "fallback", "record")
+OUTPUT = "<output>"  # the layer name of the model's own output in a nonfinite trip
+
+
+@dataclass(frozen=True)
+class Trip:
+    """One check that failed on one call.
+
+    Attributes:
+        layer: the norm layer's qualified name in the wrapped model, or ``"<output>"``.
+        check: one of ``CHECKS``.
+        value: what was seen: the output's float32 sum (nonfinite), the smallest or largest
+            rstd (rstd), the largest or smallest row scale (scale).
+        limit: the bound it crossed (None for nonfinite).
+    """
+
+    layer: str
+    check: str
+    value: float
+    limit: float | None
+
+    def describe(self) -> str:
+        if self.check == "nonfinite":
+            return (f"layer {self.layer!r}: non-finite output (its float32 sum is "
+                    f"{self.value})")
+        if self.check == "rstd":
+            if self.value < self.limit:
+                return (f"layer {self.layer!r}: rstd {self.value:.3g} below {self.limit:.3g} "
+                        f"(a row's std above {1 / self.limit:.3g}: activations exploded)")
+            return (f"layer {self.layer!r}: rstd {self.value:.3g} above {self.limit:.3g} (a row "
+                    "with almost no variance: constant or dead input)")
+        side = "above the baseline's largest" if self.value > self.limit else \
+            "below the baseline's smallest"
+        return (f"layer {self.layer!r}: row scale {self.value:.3g} {side} row scale with the "
+                f"tolerance ({self.limit:.3g})")
+
+
+class GuardTripped(RuntimeError):
+    """Raised by a ``Guard`` with ``action="raise"`` when a check trips.
+
+    Attributes:
+        layer, check, value, limit: those of the first trip (in execution order).
+        trips: every ``Trip`` of the call.
+    """
+
+    def __init__(self, trips: list[Trip]):
+        first = trips[0]
+        self.trips = trips
+        self.layer, self.check, self.value, self.limit = (first.layer, first.check, first.value,
+                                                          first.limit)
+        more = f" (and {len(trips) - 1} more: " + "; ".join(
+            f"{t.layer} {t.check}" for t in trips[1:]) + ")" if len(trips) > 1 else ""
+        super().__init__(f"normkit guard tripped: check {first.check!r} on "
+                         f"{first.describe()}{more}")
+
+
+class _Call:
+    """What one guarded forward collected, in the calling thread."""
+
+    __slots__ = ("layer", "pending", "names", "eps", "rstd", "sums", "quiet", "prev")
+
+    def __init__(self, prev):
+        self.layer: str | None = None  # the norm layer running now
+        self.pending = None  # (rstd, eps) the sink handed over during that layer
+        self.names: list[str] = []  # per norm layer call, in execution order
+        self.eps: list[float | None] = []
+        self.rstd: list[torch.Tensor | None] = []
+        self.sums: list[torch.Tensor] = []  # each call's output sum (0-d)
+        self.quiet: list[str] = []  # layers that ran without handing statistics over
+        self.prev = prev  # the thread's sink before this call (a watch's), called on
+
+
+def _float_sum(t: torch.Tensor) -> torch.Tensor:
+    # float32 accumulation: a float16 sum of 1000 values of 100 overflows; float64 stays.
+    t = t.detach()
+    return t.sum() if t.dtype in (torch.float32, torch.float64) else t.sum(dtype=torch.float32)
+
+
+def _check_bounds(rstd_bounds) -> tuple[float, float | None]:
+    try:
+        low, high = rstd_bounds
+    except (TypeError, ValueError):
+        raise TypeError(f"rstd_bounds must be a pair (low, high), got {rstd_bounds!r}") from None
+    for name, v in (("low", low), ("high", high)):
+        if v is None and name == "high":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+            raise ValueError(f"rstd_bounds {name} must be a number >= 0"
+                             f"{' or None' if name == 'high' else ''}, got {v!r}")
+    if high is not None and high <= low:
+        raise ValueError(f"rstd_bounds must have low < high, got {rstd_bounds!r}")
+    return float(low), None if high is None else float(high)
+
+
+class Guard(torch.nn.Module):
+    """Wraps ``model``'s forward with per-call checks of its norm layers (module docstring).
+
+    Args:
+        model: the model to guard; its norm layers must be normkit's (``normkit.convert``
+            turns torch and Hugging Face norms into them): the checks read the statistics
+            normkit's kernels produce.  Other norm layers are not checked (listed in ``off``).
+        baseline: a ``normkit.monitor.Baseline`` (or the path of a saved one) of this model's
+            norm layers; enables the ``scale`` check.  Layers it has no rows for, or holds
+            statistics of another kind for, are not scale-checked (listed in ``off``).
+        action: what a tripped call does: ``"raise"`` ``GuardTripped`` naming the layer, the
+            check and the value; ``"fallback"``: return ``fallback(*args, **kwargs)`` instead
+            of the model's output; ``"record"``: count it and return the model's output.
+        fallback: a callable taking the model's arguments (a safe model, the previous
+            version); required with ``action="fallback"``, refused otherwise.  It is not
+            registered as a submodule (``.to()``/``.eval()`` on the guard do not reach it).
+        rstd_bounds: (low, high): a row with rstd below ``low`` or above ``high`` trips
+            ``rstd``; ``high=None`` is each layer's own ceiling ``1/sqrt(2·eps)`` (the row's
+            variance, RMSNorm mean square, at most eps); 0 and ``math.inf`` turn a side off.
+        scale_tolerance: factor >= 1; with a baseline, a row scale above the baseline's
+            largest × it, or below its smallest / it, trips ``scale``.
+        watch: a running ``normkit.watch`` of this model: each tripped call then also becomes
+            a ``"guard"`` record handed to its exporters (JSONL; Prometheus counts it in
+            ``normkit_guard_trips_total``), labelled with the watch's model and version.
+
+    Attributes:
+        trips: ``Counter`` {(layer, check, action): tripped calls}.
+        calls: guarded calls so far.
+        off: {what: why} for what is not checked (see the arguments).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, baseline: Baseline | str | os.PathLike |
+                 None = None, action: str = "raise", fallback: Callable | None = None,
+                 rstd_bounds: tuple[float, float | None] = (1e-4, None),
+                 scale_tolerance: float = 2.0, watch: Watch | None = None):
+        super().__init__()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        if action == "fallback" and not callable(fallback):
+            raise TypeError("action='fallback' needs fallback=<a callable taking the model's "
+                            f"arguments>, got {fallback!r}")
+        if action != "fallback" and fallback is not None:
+            raise ValueError(f"fallback is only used with action='fallback' (action is "
+                             f"{action!r})")
+        self._low, self._high = _check_bounds(rstd_bounds)
+        if (isinstance(scale_tolerance, bool) or not isinstance(scale_tolerance, (int, float))
+                or not scale_tolerance >= 1 or math.isinf(scale_tolerance)):
+            raise ValueError(f"scale_tolerance must be a finite number >= 1, got "
+                             f"{scale_tolerance!r}")
+        if isinstance(baseline, (str, os.PathLike)):
+            baseline = Baseline.load(baseline)
+        if baseline is not None and not isinstance(baseline, Baseline):
+            raise TypeError(f"baseline must be a normkit.monitor.Baseline or a path, got "
+                            f"{type(baseline).__name__}")
+        if watch is not None and not isinstance(watch, Watch):
+            raise TypeError(f"watch must be what normkit.watch returns, got "
+                            f"{type(watch).__name__}")
+        self.model = model
+        self.action = action
+        self.baseline = baseline
+        self.watch = watch
+        self.scale_tolerance = float(scale_tolerance)
+        self.__dict__["fallback"] = fallback  # a callable, not a submodule (see Args)
+        self.off: dict[str, str] = {}
+        self.trips: Counter = Counter()
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._tls = threading.local()
+        self._said: set[str] = set()
+        self._handles: list = []
+        self._posts: list = []  # (module, handle) of the output hooks, kept last (forward)
+        self._scale_range: dict[str, tuple[float, float]] = {}
+        guarded = []
+        for name, m, kind, how, _nd, _info in find_norms(model):
+            if how != "sink":
+                self.off[name] = (f"a {type(m).__name__}, not a normkit norm: convert the "
+                                  "model first (normkit.convert)")
+                continue
+            guarded.append(name)
+            post = m.register_forward_hook(self._post)
+            self._posts.append((m, post))
+            self._handles += [m.register_forward_pre_hook(self._pre(name)), post]
+            if baseline is not None:
+                self._scale_from(baseline, name, kind)
+        if not guarded:
+            self.remove()
+            raise ValueError(f"model ({type(model).__name__}) has no normkit norm layer to "
+                             "guard" + (f" ({', '.join(self.off)} are not normkit's: convert "
+                                        "the model first, normkit.convert(model))"
+                                        if self.off else ""))
+        self.layers = guarded
+        if self.off:
+            log.warning("normkit guard of %s: not checked: %s", type(model).__name__,
+                        "; ".join(f"{k}: {v}" for k, v in self.off.items()))
+
+    def _scale_from(self, baseline: Baseline, name: str, kind: str) -> None:
+        s = baseline.layers.get(name)
+        if s is None or s.hist_scale.n == 0:
+            self.off[f"scale of {name}"] = "the baseline has no rows for this layer"
+        elif s.kind != kind:
+            self.off[f"scale of {name}"] = (f"the baseline holds {s.kind!r} statistics for it, "
+                                            f"the layer computes {kind!r}")
+        else:
+            h = s.hist_scale
+            self._scale_range[name] = (h.lo / self.scale_tolerance, h.hi * self.scale_tolerance)
+
+    def remove(self) -> None:
+        """Removes the guard's hooks from the model's norm layers (the guard then only passes
+        calls through unchecked; the model is as before it was wrapped)."""
+        for h in self._handles:
+            h.remove()
+        self._handles, self._posts = [], []
+
+    def _keep_last(self) -> None:
+        """Moves each output hook behind hooks registered after it (torch runs forward hooks in
+        registration order): the guard sees what the layer finally returns, also when a hook
+        added later changes it (a fault injected at run time)."""
+        for m, h in self._posts:
+            hooks = m._forward_hooks
+            if next(reversed(hooks), None) != h.id:
+                hooks.move_to_end(h.id)
+
+    # -- per layer ----------------------------------------------------------------------------
+
+    def _pre(self, name: str):
+        def hook(module, args):
+            call = getattr(self._tls, "call", None)
+            if call is not None:
+                call.layer, call.pending = name, None
+        return hook
+
+    def _post(self, module, args, output):
+        call = getattr(self._tls, "call", None)
+        if call is None or call.layer is None:
+            return
+        ys = _tensors(output)
+        if ys:
+            call.names.append(call.layer)
+            call.sums.append(_float_sum(ys[0]))
+            rstd, eps = call.pending if call.pending is not None else (None, None)
+            call.rstd.append(rstd)
+            call.eps.append(eps)
+            if call.pending is None:
+                call.quiet.append(call.layer)
+        call.layer = call.pending = None
+
+    def _sink(self, mean, rstd, eps, rms):
+        call = getattr(self._tls, "call", None)
+        if call is None:
+            return
+        if call.layer is not None:
+            call.pending = (rstd, eps)
+        if call.prev is not None:
+            call.prev(mean, rstd, eps, rms)
+
+    # -- per call -----------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        if getattr(self._tls, "call", None) is not None:  # re-entered (the model calls itself)
+            return self.model(*args, **kwargs)
+        self._keep_last()
+        call = self._tls.call = _Call(None)
+        call.prev = _dispatch._set_stats_sink(self._sink)
+        try:
+            output = self.model(*args, **kwargs)
+        finally:
+            _dispatch._set_stats_sink(call.prev)
+            self._tls.call = None
+        with self._lock:
+            self.calls += 1
+            number = self.calls
+        trips = self._verdict(call, output)
+        if not trips:
+            return output
+        self._count(trips, number)
+        if self.action == "raise":
+            raise GuardTripped(trips)
+        if self.action == "fallback":
+            return self.fallback(*args, **kwargs)
+        return output
+
+    def _verdict(self, call: _Call, output) -> list[Trip]:
+        """The call's trips, in execution order, from one host transfer."""
+        outs = [_float_sum(t) for t in _tensors(output)]
+        k = len(call.names)
+        sums = call.sums + outs
+        if not sums:
+            return []
+        rows = [r for r in call.rstd if r is not None and r.numel()]
+        parts = [torch.stack(sums).double()]
+        if rows:
+            # Each layer call's smallest and largest rstd, by segment over all of them at once.
+            sizes = [0 if r is None else r.numel() for r in call.rstd]
+            dev = rows[0].device
+            seg = torch.repeat_interleave(torch.arange(k, device=dev),
+                                          torch.tensor(sizes, device=dev))
+            flat = torch.cat(rows).double()
+            lo = torch.full((k,), math.inf, dtype=torch.float64, device=dev)
+            parts += [lo.scatter_reduce(0, seg, flat, "amin"),
+                      (-lo).scatter_reduce(0, seg, flat, "amax")]
+        values = torch.cat([p.to(parts[0].device) for p in parts]).tolist()
+        for name in call.quiet:
+            self._say(f"statistics of {name}", "it ran without handing over statistics "
+                      "(under torch.compile, or a backend that reports none): only its "
+                      "nonfinite check runs")
+        trips: dict[tuple[str, str], Trip] = {}
+
+        def trip(layer, check, value, limit):
+            trips.setdefault((layer, check), Trip(layer, check, value, limit))
+
+        for i, name in enumerate(call.names):
+            if not math.isfinite(values[i]):
+                trip(name, "nonfinite", values[i], None)
+            if not rows or call.rstd[i] is None or not call.rstd[i].numel():
+                continue
+            rmin, rmax, eps = values[k + len(outs) + i], values[2 * k + len(outs) + i], \
+                call.eps[i]
+            if math.isnan(rmin) or math.isnan(rmax):
+                continue  # a NaN row: its output is NaN, the nonfinite check has it
+            high = self._high if self._high is not None else 1 / math.sqrt(2 * eps) \
+                if eps > 0 else math.inf
+            if rmin < self._low:
+                trip(name, "rstd", rmin, self._low)
+            elif rmax > high:
+                trip(name, "rstd", rmax, high)
+            rng = self._scale_range.get(name)
+            if rng is not None:
+                # scale = sqrt(1/rstd² − eps): the largest scale has the smallest rstd.
+                smax = math.sqrt(max(1 / rmin ** 2 - eps, 0.0)) if rmin > 0 else math.inf
+                smin = math.sqrt(max(1 / rmax ** 2 - eps, 0.0)) if rmax > 0 else math.inf
+                if smax > rng[1]:
+                    trip(name, "scale", smax, rng[1])
+                elif smin < rng[0]:
+                    trip(name, "scale", smin, rng[0])
+        if any(not math.isfinite(v) for v in values[k:k + len(outs)]):
+            trip(OUTPUT, "nonfinite", next(v for v in values[k:k + len(outs)]
+                                           if not math.isfinite(v)), None)
+        return list(trips.values())
+
+    def _count(self, trips: list[Trip], number: int) -> None:
+        with self._lock:
+            for t in trips:
+                self.trips[(t.layer, t.check, self.action)] += 1
+        for t in trips:
+            key = f"{t.layer} {t.check}"
+            if key not in self._said:  # once per layer and check: a persisting fault must
+                self._said.add(key)    # not flood the log (every trip is counted)
+                log.warning("normkit guard (%s): %s", self.action, t.describe())
+        if self.watch is not None:
+            self._emit(trips, number)
+
+    def _emit(self, trips: list[Trip], number: int) -> None:
+        w = self.watch
+        record = {
+            "type": "guard",
+            "schema": RECORD_SCHEMA,
+            "schema_version": RECORD_SCHEMA_VERSION,
+            "time_unix": time.time(),
+            "model": w.model_name,
+            "version": w.model_version,
+            "rank": w.rank_label,
+            "call": number,
+            "action": self.action,
+            "trips": [{"layer": t.layer, "check": t.check, "value": t.value, "limit": t.limit}
+                      for t in trips],
+        }
+        try:
+            w.emit(record)
+        except Exception as e:  # telemetry never breaks the serving step
+            self._say("telemetry", f"the watch refused the guard's record ({e}); trips are "
+                                   "still counted in Guard.trips")
+
+    def _say(self, what: str, why: str) -> None:
+        if what not in self.off:
+            self.off[what] = why
+            log.warning("normkit guard of %s: %s: %s", type(self.model).__name__, what, why)
+
+
+def guard(model: torch.nn.Module, **kwargs) -> Guard:
+    """``Guard(model, **kwargs)``: the model's forward wrapped with the guard's checks (see
+    ``Guard`` for the arguments)."""
+    return Guard(model, **kwargs)
