@@ -95,7 +95,8 @@ def test_rules_and_dashboards_only_use_declared_metrics():
 
 def test_every_referenced_metric_is_produced_by_the_exporter():
     """A run that touches every code path (training, a baseline with drift checks, an injected
-    NaN with its alert and a guard's trip): the scrape must contain every series the rules and dashboards use."""
+    NaN with its alert and a guard's trip): the scrape must contain every series the rules and
+    dashboards use."""
     from prometheus_client.exposition import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 

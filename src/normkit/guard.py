@@ -7,8 +7,9 @@
 ``Guard`` wraps a model's forward.  Per call it checks every normkit norm layer of the model
 and the model's output:
 
-* ``nonfinite``: a NaN/Inf in the layer's output (or in the model's output, layer
-  ``"<output>"``).
+* ``nonfinite``: a NaN/Inf in the layer's output — from a non-finite input row (its rstd is
+  NaN), a non-finite γ/β, or, where the output is read, its float32 sum — or in the model's
+  output (layer ``"<output>"``).
 * ``rstd``: a row's rstd (``rsqrt(var + eps)``, RMSNorm ``rsqrt(mean(x²) + eps)``) below the
   lower bound — the row's std above its reciprocal: activations exploded — or above the upper
   bound — a row with (almost) no variance left: a constant or dead input that normalization
@@ -19,15 +20,15 @@ and the model's output:
 How it stays cheap (``benchmarks/guard_overhead.py``; docs/guard.md has the figure): the
 kernels already compute each row's rstd, and hand it to a statistics sink
 (``normkit._dispatch._set_stats_sink``) — the one ``normkit.watch`` reads — so the guard reads
-no activation for ``rstd`` and ``scale``.  Per norm layer call it keeps a reference to the rstd
-vector and launches one reduction (the output's float32 sum: a NaN or Inf anywhere makes it
-non-finite); at the end of the forward a few vectorised ops reduce every layer's rstd to its
-minimum and maximum, and one host transfer brings back three numbers per layer call.  The
-verdict is taken on the host from those.
+no activation for ``rstd`` and ``scale``, and none for ``nonfinite`` where the statistics and
+γ/β vouch for the output.  Per norm layer call it launches one reduction, the rstd vector's
+minimum and maximum, written into one small per-thread buffer; per call one pass over the
+model's output, the largest |γ| and |β| of the layers (torch's foreach norm) and one host
+transfer; the verdict is taken on the host.
 
 Bounds (see docs/guard.md for the reasoning): ``rstd_bounds=(1e-4, None)``: a row whose std
-(RMS) reaches 1e4 trips (far above healthy transformer activations, and a factor 6.5 from
-float16's largest value); ``None`` as the upper bound is the layer's own ceiling
+(RMS) reaches 1e4 trips (a 256-wide row gets there only with values past float16's largest,
+65504); ``None`` as the upper bound is the layer's own ceiling
 ``1/sqrt(2·eps)``, reached when a row's variance (mean square) is at most ``eps``.
 ``scale_tolerance=2.0``: twice the widest row scale the baseline saw, or half its narrowest.
 """
@@ -66,8 +67,9 @@ class Trip:
     Attributes:
         layer: the norm layer's qualified name in the wrapped model, or ``"<output>"``.
         check: one of ``CHECKS``.
-        value: what was seen: the output's float32 sum (nonfinite), the smallest or largest
-            rstd (rstd), the largest or smallest row scale (scale).
+        value: what was seen: nonfinite: the NaN/Inf met — the output's float32 sum, the rstd
+            of a non-finite input row, or the largest |γ| or |β|; rstd: the smallest or largest
+            rstd; scale: the largest or smallest row scale.
         limit: the bound it crossed (None for nonfinite).
     """
 
@@ -78,8 +80,7 @@ class Trip:
 
     def describe(self) -> str:
         if self.check == "nonfinite":
-            return (f"layer {self.layer!r}: non-finite output (its float32 sum is "
-                    f"{self.value})")
+            return f"layer {self.layer!r}: non-finite output ({self.value} met)"
         if self.check == "rstd":
             if self.value < self.limit:
                 return (f"layer {self.layer!r}: rstd {self.value:.3g} below {self.limit:.3g} "
@@ -112,25 +113,47 @@ class GuardTripped(RuntimeError):
 
 
 class _Call:
-    """What one guarded forward collected, in the calling thread."""
+    """What one guarded forward collects, in the calling thread.
 
-    __slots__ = ("layer", "pending", "names", "eps", "rstd", "sums", "quiet", "prev")
+    Row i of ``buf`` (float32, on the tensors' device) holds layer call i's [output sum (where
+    read), smallest rstd, largest rstd], then one row per floating tensor of the model's output
+    [sum, -, -].  The ops write into it (``out=``): no small tensor per layer call stays alive
+    among the forward's large activations, and nothing is gathered at the end.  The buffer is
+    the thread's, reused by its next call; ``tolist()`` brings it to the host in one transfer.
+    """
 
-    def __init__(self, prev):
+    __slots__ = ("layer", "n", "buf", "names", "eps", "read", "quiet", "prev")
+
+    def __init__(self, buf: torch.Tensor | None, prev):
         self.layer: str | None = None  # the norm layer running now
-        self.pending = None  # (rstd, eps) the sink handed over during that layer
+        self.n = 0  # rows of buf used
+        self.buf = buf
         self.names: list[str] = []  # per norm layer call, in execution order
-        self.eps: list[float | None] = []
-        self.rstd: list[torch.Tensor | None] = []
-        self.sums: list[torch.Tensor] = []  # each call's output sum (0-d)
+        self.eps: list[float | None] = []  # per layer call: eps, None when no statistics came
+        self.read: list[bool] = []  # per layer call: its output was summed (row's column 0)
         self.quiet: list[str] = []  # layers that ran without handing statistics over
         self.prev = prev  # the thread's sink before this call (a watch's), called on
 
+    def row(self, device: torch.device) -> torch.Tensor:
+        """Row n of the buffer, on ``device`` (grown or moved as needed)."""
+        buf = self.buf
+        if buf is None or buf.device != device or self.n == buf.shape[0]:
+            new = torch.zeros(max(16, 2 * (0 if buf is None else buf.shape[0])), 3,
+                              dtype=torch.float32, device=device)
+            if buf is not None:
+                new[:self.n].copy_(buf[:self.n])
+            self.buf = buf = new
+        return buf[self.n]
 
-def _float_sum(t: torch.Tensor) -> torch.Tensor:
-    # float32 accumulation: a float16 sum of 1000 values of 100 overflows; float64 stays.
+
+def _sum_into(out: torch.Tensor, t: torch.Tensor) -> None:
+    """The float32 sum of every value of ``t`` into the 0-d ``out`` (a float16 sum of 1000
+    values of 100 would overflow; float64 input is summed in float64, then rounded)."""
     t = t.detach()
-    return t.sum() if t.dtype in (torch.float32, torch.float64) else t.sum(dtype=torch.float32)
+    if t.dtype == torch.float64:
+        out.copy_(t.sum())
+    else:
+        torch.sum(t, dim=list(range(t.dim())), dtype=torch.float32, out=out)
 
 
 def _check_bounds(rstd_bounds) -> tuple[float, float | None]:
@@ -224,12 +247,15 @@ class Guard(torch.nn.Module):
         self._posts: list = []  # (module, handle) of the output hooks, kept last (forward)
         self._scale_range: dict[str, tuple[float, float]] = {}
         guarded = []
-        for name, m, kind, how, _nd, _info in find_norms(model):
+        self._affine: list[tuple[str, torch.Tensor]] = []  # (layer, γ or β) of guarded layers
+        for name, m, kind, how, _nd, info in find_norms(model):
             if how != "sink":
                 self.off[name] = (f"a {type(m).__name__}, not a normkit norm: convert the "
                                   "model first (normkit.convert)")
                 continue
             guarded.append(name)
+            self._affine += [(name, t) for t in (getattr(m, a) for a in (info.weight, info.bias)
+                                                 if a) if isinstance(t, torch.Tensor)]
             post = m.register_forward_hook(self._post)
             self._posts.append((m, post))
             self._handles += [m.register_forward_pre_hook(self._pre(name)), post]
@@ -279,7 +305,7 @@ class Guard(torch.nn.Module):
         def hook(module, args):
             call = getattr(self._tls, "call", None)
             if call is not None:
-                call.layer, call.pending = name, None
+                call.layer = name
         return hook
 
     def _post(self, module, args, output):
@@ -288,21 +314,41 @@ class Guard(torch.nn.Module):
             return
         ys = _tensors(output)
         if ys:
-            call.names.append(call.layer)
-            call.sums.append(_float_sum(ys[0]))
-            rstd, eps = call.pending if call.pending is not None else (None, None)
-            call.rstd.append(rstd)
-            call.eps.append(eps)
-            if call.pending is None:
+            y = ys[0]
+            row = call.row(y.device)
+            stats = len(call.eps) > len(call.names)
+            # The output is read only where its statistics and γ/β cannot vouch for it: no
+            # statistics came, float16 may overflow (65504), or another hook on the layer may
+            # have changed what it returns.  Else a NaN/Inf in it shows as a non-finite rstd
+            # (a non-finite input row) or a non-finite γ/β.  Reading costs a pass over the
+            # output: ~3% of the benchmark's serving step for its 13 layers.
+            read = not stats or y.dtype == torch.float16 or len(module._forward_hooks) > 1
+            if read:
+                _sum_into(row[0], y)
+            if not stats:
+                call.eps.append(None)
                 call.quiet.append(call.layer)
-        call.layer = call.pending = None
+            call.names.append(call.layer)
+            call.read.append(read)
+            call.n += 1
+        elif len(call.eps) > len(call.names):  # statistics but no output: forget them
+            call.eps.pop()
+        call.layer = None
 
     def _sink(self, mean, rstd, eps, rms):
         call = getattr(self._tls, "call", None)
         if call is None:
             return
-        if call.layer is not None:
-            call.pending = (rstd, eps)
+        if call.layer is not None and rstd.numel():
+            row = call.row(rstd.device)
+            if rstd.dtype == torch.float32:
+                torch.aminmax(rstd, out=(row[1], row[2]))
+            else:  # float64 statistics (float64 input)
+                row[1:].copy_(torch.stack(torch.aminmax(rstd)))
+            if len(call.eps) > len(call.names):  # a second op in the layer: the last counts
+                call.eps[-1] = eps
+            else:
+                call.eps.append(eps)
         if call.prev is not None:
             call.prev(mean, rstd, eps, rms)
 
@@ -312,17 +358,21 @@ class Guard(torch.nn.Module):
         if getattr(self._tls, "call", None) is not None:  # re-entered (the model calls itself)
             return self.model(*args, **kwargs)
         self._keep_last()
-        call = self._tls.call = _Call(None)
+        call = self._tls.call = _Call(getattr(self._tls, "buf", None), None)
         call.prev = _dispatch._set_stats_sink(self._sink)
         try:
             output = self.model(*args, **kwargs)
+            for t in _tensors(output):
+                _sum_into(call.row(t.device)[0], t)
+                call.n += 1
         finally:
             _dispatch._set_stats_sink(call.prev)
             self._tls.call = None
+            self._tls.buf = call.buf
         with self._lock:
             self.calls += 1
             number = self.calls
-        trips = self._verdict(call, output)
+        trips = self._verdict(call)
         if not trips:
             return output
         self._count(trips, number)
@@ -332,46 +382,49 @@ class Guard(torch.nn.Module):
             return self.fallback(*args, **kwargs)
         return output
 
-    def _verdict(self, call: _Call, output) -> list[Trip]:
+    def _verdict(self, call: _Call) -> list[Trip]:
         """The call's trips, in execution order, from one host transfer."""
-        outs = [_float_sum(t) for t in _tensors(output)]
-        k = len(call.names)
-        sums = call.sums + outs
-        if not sums:
+        if not call.n:
             return []
-        rows = [r for r in call.rstd if r is not None and r.numel()]
-        parts = [torch.stack(sums).double()]
-        if rows:
-            # Each layer call's smallest and largest rstd, by segment over all of them at once.
-            sizes = [0 if r is None else r.numel() for r in call.rstd]
-            dev = rows[0].device
-            seg = torch.repeat_interleave(torch.arange(k, device=dev),
-                                          torch.tensor(sizes, device=dev))
-            flat = torch.cat(rows).double()
-            lo = torch.full((k,), math.inf, dtype=torch.float64, device=dev)
-            parts += [lo.scatter_reduce(0, seg, flat, "amin"),
-                      (-lo).scatter_reduce(0, seg, flat, "amax")]
-        values = torch.cat([p.to(parts[0].device) for p in parts]).tolist()
-        for name in call.quiet:
-            self._say(f"statistics of {name}", "it ran without handing over statistics "
-                      "(under torch.compile, or a backend that reports none): only its "
-                      "nonfinite check runs")
+        flat = call.buf[:call.n].reshape(-1)
+        if self._affine:
+            with torch.no_grad():  # max |γ|, max |β|: NaN/Inf when any entry is
+                peaks = torch._foreach_norm([t for _, t in self._affine], math.inf)
+            flat = torch.cat([flat, *(t.reshape(1).to(flat.device, flat.dtype) for t in peaks)])
+        values = flat.tolist()
+        k = 3 * call.n
+        bad_affine = {}
+        for (name, _), v in zip(self._affine, values[k:], strict=True):
+            if not math.isfinite(v):
+                bad_affine.setdefault(name, v)
+        if call.quiet:
+            self._say([f"statistics of {n}" for n in call.quiet],
+                      "the layer ran without handing over statistics (under torch.compile, or "
+                      "a backend that reports none): only its nonfinite check runs")
         trips: dict[tuple[str, str], Trip] = {}
 
         def trip(layer, check, value, limit):
             trips.setdefault((layer, check), Trip(layer, check, value, limit))
 
-        for i, name in enumerate(call.names):
-            if not math.isfinite(values[i]):
-                trip(name, "nonfinite", values[i], None)
-            if not rows or call.rstd[i] is None or not call.rstd[i].numel():
+        for i, (name, eps, read) in enumerate(zip(call.names, call.eps, call.read,
+                                                  strict=True)):
+            total, rmin, rmax = values[3 * i:3 * i + 3]
+            stats = eps is not None
+            # rstd NaN: a NaN/Inf in an input row; 0: a row whose variance (mean square) is
+            # infinite, an Inf in an RMSNorm row; inf: a constant row with eps 0.  Each makes
+            # the output row non-finite.
+            finite = stats and math.isfinite(rmin) and math.isfinite(rmax) and rmin > 0
+            if read and not math.isfinite(total):
+                trip(name, "nonfinite", total, None)
+            elif stats and not finite:
+                trip(name, "nonfinite", next((v for v in (rmin, rmax) if not math.isfinite(v)),
+                                             math.inf), None)
+            elif name in bad_affine:
+                trip(name, "nonfinite", bad_affine[name], None)
+            if not finite:
                 continue
-            rmin, rmax, eps = values[k + len(outs) + i], values[2 * k + len(outs) + i], \
-                call.eps[i]
-            if math.isnan(rmin) or math.isnan(rmax):
-                continue  # a NaN row: its output is NaN, the nonfinite check has it
-            high = self._high if self._high is not None else 1 / math.sqrt(2 * eps) \
-                if eps > 0 else math.inf
+            high = self._high if self._high is not None else \
+                1 / math.sqrt(2 * eps) if eps > 0 else math.inf
             if rmin < self._low:
                 trip(name, "rstd", rmin, self._low)
             elif rmax > high:
@@ -379,15 +432,15 @@ class Guard(torch.nn.Module):
             rng = self._scale_range.get(name)
             if rng is not None:
                 # scale = sqrt(1/rstd² − eps): the largest scale has the smallest rstd.
-                smax = math.sqrt(max(1 / rmin ** 2 - eps, 0.0)) if rmin > 0 else math.inf
+                smax = math.sqrt(max(1 / rmin ** 2 - eps, 0.0))
                 smin = math.sqrt(max(1 / rmax ** 2 - eps, 0.0)) if rmax > 0 else math.inf
                 if smax > rng[1]:
                     trip(name, "scale", smax, rng[1])
                 elif smin < rng[0]:
                     trip(name, "scale", smin, rng[0])
-        if any(not math.isfinite(v) for v in values[k:k + len(outs)]):
-            trip(OUTPUT, "nonfinite", next(v for v in values[k:k + len(outs)]
-                                           if not math.isfinite(v)), None)
+        bad = [v for v in values[3 * len(call.names):k:3] if not math.isfinite(v)]
+        if bad:
+            trip(OUTPUT, "nonfinite", bad[0], None)
         return list(trips.values())
 
     def _count(self, trips: list[Trip], number: int) -> None:
@@ -420,13 +473,16 @@ class Guard(torch.nn.Module):
         try:
             w.emit(record)
         except Exception as e:  # telemetry never breaks the serving step
-            self._say("telemetry", f"the watch refused the guard's record ({e}); trips are "
-                                   "still counted in Guard.trips")
+            self._say(["telemetry"], f"the watch refused the guard's record ({e}); trips are "
+                                     "still counted in Guard.trips")
 
-    def _say(self, what: str, why: str) -> None:
-        if what not in self.off:
-            self.off[what] = why
-            log.warning("normkit guard of %s: %s: %s", type(self.model).__name__, what, why)
+    def _say(self, whats: list[str], why: str) -> None:
+        """Lists ``whats`` in ``off`` with the reason; logs those not listed yet, once."""
+        new = [w for w in whats if w not in self.off]
+        if new:
+            self.off.update(dict.fromkeys(new, why))
+            log.warning("normkit guard of %s: %s: %s", type(self.model).__name__,
+                        ", ".join(new), why)
 
 
 def guard(model: torch.nn.Module, **kwargs) -> Guard:

@@ -224,6 +224,21 @@ def test_nonfinite_on_the_demo_model(demo):
     assert all(t.layer not in ("blocks.0.norm1", "blocks.0.norm2") for t in trips)
 
 
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_nonfinite_input_row_trips_from_the_statistics(norm, value):
+    """fc2's weight corrupted: norm2's input rows hold NaN/Inf.  norm2's output is not read
+    (float32, no other hook on it): its rows' rstd tells (NaN; 0 for an RMSNorm row holding
+    Inf), with the lower rstd bound off so that only the nonfinite check can trip."""
+    model = _mlp(norm)
+    g = Guard(model, rstd_bounds=(0, None))
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = value
+    trips = _trips(g, _batches(1, seed=3)[0])
+    assert (trips[0].layer, trips[0].check) == ("norm2", "nonfinite")
+    assert not torch.isfinite(torch.tensor(trips[0].value))
+
+
 def test_precision_fault_overflows_to_nonfinite(mlp):
     """The first norm run in float16 on activations past 65504: its input overflows to Inf."""
     model, base = mlp
@@ -422,6 +437,28 @@ def test_norms_normkit_cannot_read_are_listed_and_the_rest_guarded():
     normkit.convert(model, filter=lambda m, name: name == "norm2")
     g = Guard(model)
     assert g.layers == ["norm2"] and "normkit.convert" in g.off["norm1"]
+
+
+def test_a_layer_without_statistics_keeps_its_nonfinite_check(mlp, caplog):
+    """A norm whose call hands no statistics over (as under torch.compile): said once, listed
+    in ``off``, still checked for non-finite output."""
+    model, base = mlp
+    g = Guard(model, baseline=base)
+    norm1 = model.norm1
+    norm1.forward = lambda x: nn.functional.layer_norm(x, norm1.normalized_shape, norm1.weight,
+                                                       norm1.bias, norm1.eps)
+    try:
+        with torch.no_grad(), caplog.at_level(logging.WARNING):
+            g(_batches(1, seed=3)[0])
+            g(_batches(1, seed=4)[0])
+            with _nonfinite(model, "norm1", where="weight", value=float("nan")):
+                trips = _trips(g, _batches(1, seed=3)[0])
+    finally:
+        del norm1.forward
+    assert list(g.off) == ["statistics of norm1"] and "only its nonfinite" in g.off[
+        "statistics of norm1"]
+    assert len([r for r in caplog.records if "statistics of norm1" in r.getMessage()]) == 1
+    assert (trips[0].layer, trips[0].check) == ("norm1", "nonfinite")
 
 
 def test_baseline_without_a_layer_turns_its_scale_check_off(mlp, tmp_path):
