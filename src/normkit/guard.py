@@ -198,6 +198,7 @@ class Guard(torch.nn.Module):
             ``normkit_guard_trips_total``), labelled with the watch's model and version.
 
     Attributes:
+        layers: the guarded norm layers' qualified names, in registration order.
         trips: ``Counter`` {(layer, check, action): tripped calls}.
         calls: guarded calls so far.
         off: {what: why} for what is not checked (see the arguments).
@@ -284,8 +285,8 @@ class Guard(torch.nn.Module):
             self._scale_range[name] = (h.lo / self.scale_tolerance, h.hi * self.scale_tolerance)
 
     def remove(self) -> None:
-        """Removes the guard's hooks from the model's norm layers (the guard then only passes
-        calls through unchecked; the model is as before it was wrapped)."""
+        """Removes the guard's hooks from the model's norm layers: the model is as before it
+        was wrapped, and the guard passes calls through unchecked."""
         for h in self._handles:
             h.remove()
         self._handles, self._posts = [], []
@@ -355,8 +356,8 @@ class Guard(torch.nn.Module):
     # -- per call -----------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
-        if getattr(self._tls, "call", None) is not None:  # re-entered (the model calls itself)
-            return self.model(*args, **kwargs)
+        if not self._handles or getattr(self._tls, "call", None) is not None:
+            return self.model(*args, **kwargs)  # removed, or re-entered (the model calls itself)
         self._keep_last()
         call = self._tls.call = _Call(getattr(self._tls, "buf", None), None)
         call.prev = _dispatch._set_stats_sink(self._sink)

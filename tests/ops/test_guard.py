@@ -477,6 +477,9 @@ def test_remove_detaches_the_hooks(mlp):
     g.remove()
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
                for m in model.modules()) == hooks
+    with _nonfinite(model, "norm1", where="weight", value=float("nan")), torch.no_grad():
+        assert not torch.isfinite(g(_batches(1, seed=3)[0])).all()  # passed through, unchecked
+    assert g.calls == 0 and not g.trips
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
