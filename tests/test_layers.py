@@ -10,8 +10,8 @@ The layers, bottom up — a module may import its own layer and those below it:
     3  nn                                    the modules
     4  _inventory, convert                   which modules are norms; conversion
     5  monitor, audit, faults                telemetry; the release audit; fault injection
-    6  bench, canary, integrations           benchmarks; the canary gate; the Hugging Face
-                                             Trainer callback
+    6  bench, canary, guard, integrations    benchmarks; the canary gate; the serving guard;
+                                             the Hugging Face Trainer callback
     7  study, _demo                          the study; the demo
     8  _cli                                  the command line
 
@@ -37,7 +37,7 @@ _LAYERS = [
     (3, ("nn",)),
     (4, ("_inventory", "convert")),
     (5, ("monitor", "audit", "faults")),
-    (6, ("bench", "canary", "integrations")),
+    (6, ("bench", "canary", "guard", "integrations")),
     (7, ("study", "_demo")),
     (8, ("_cli",)),
 ]

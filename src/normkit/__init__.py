@@ -41,6 +41,7 @@ _LAZY = {
     "monitor": ("monitor", None),
     "audit": ("audit", None),
     "AuditReport": ("audit", "AuditReport"),
+    "guard": ("guard", None),
     # a subpackage that ``import normkit`` used to bind as a side effect (not in __all__)
     "kernels": ("kernels", None),
 }
@@ -99,4 +100,5 @@ __all__ = [
     "monitor",
     "audit",
     "AuditReport",
+    "guard",
 ]

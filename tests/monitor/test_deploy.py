@@ -15,6 +15,7 @@ from _monitor_models import TinyTransformer, lm_batch, train_step
 
 import normkit
 from normkit.canary import divergence
+from normkit.guard import Guard
 from normkit.monitor import METRICS, AlertRules, DriftThresholds, PrometheusExporter, watch
 from normkit.monitor.exporters import exported_series_names
 
@@ -95,7 +96,8 @@ def test_rules_and_dashboards_only_use_declared_metrics():
 
 def test_every_referenced_metric_is_produced_by_the_exporter():
     """A run that touches every code path (training, a baseline with drift checks, an injected
-    NaN with its alert): the scrape must contain every series the rules and dashboards use."""
+    NaN with its alert and a guard's trip): the scrape must contain every series the rules and
+    dashboards use."""
     from prometheus_client.exposition import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -113,8 +115,8 @@ def test_every_referenced_metric_is_produced_by_the_exporter():
         for _ in range(2):
             train_step(m, opt, *lm_batch())
         m.get_submodule(m.feeder_of(3)).inject_forward = (0,)
-        with torch.no_grad():
-            m(lm_batch()[0])
+        with torch.no_grad():  # through a guard, whose trips are counted by the exporter too
+            Guard(m, action="record", watch=w)(lm_batch()[0])
         w.flush()
         # shadow traffic: the canary's output divergence of two versions on the same inputs
         exp.export(divergence(m(lm_batch()[0]), m(lm_batch()[0])).record("lm", "v1", "v0"))

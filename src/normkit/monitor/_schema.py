@@ -68,6 +68,19 @@ The file starts with one header line, then one line per sampled step::
      "alerts": [{"severity", "rule", "layer", "model", "version", "count", "first_seen",
                  "last_seen", "layers", "message", "runbook_url"}]}  # alerts opened at this step
 
+A ``normkit.guard`` given a running watch adds one line per call on which a check tripped
+(``Watch.emit``); readers that want steps only skip it, as they skip every type they do not
+know, so files with such lines stay readable by earlier normkit versions::
+
+    {"type": "guard", "schema": "normkit.monitor", "schema_version": 1,
+     "time_unix": float, "model": str, "version": str, "rank": str,   # the watch's labels
+     "call": int,                   # 1-based count of the guard's calls
+     "action": "raise" | "fallback" | "record",
+     "trips": [{"layer": str,       # norm layer, or "<output>" (the model's own output)
+                "check": "nonfinite" | "rstd" | "scale",
+                "value": float | null,   # what was seen (null: NaN/Inf, which JSON lacks)
+                "limit": float | null}]} # the bound crossed (null for nonfinite)
+
 Aggregates only: sums over rows, histograms of per-row means/scales and norms of parameters
 and gradients; no row, token or request identifier is ever written.
 
@@ -452,13 +465,31 @@ SUMMARY_SCALARS = ("input_mean", "input_std", "input_rms", "output_mean", "outpu
                    "weight_update_norm", "bias_update_norm", "grad_input_norm",
                    "weight_grad_norm", "bias_grad_norm")
 
+_TRIP = Obj({
+    "layer": STR,
+    "check": OneOf("nonfinite", "rstd", "scale"),
+    "value": OPT_NUMBER,
+    "limit": OPT_NUMBER,
+}, "a guard trip object")
+
+GUARD = Obj({
+    "type": OneOf("guard"),
+    "time_unix": NUMBER,
+    "model": STR,
+    "version": STR,
+    "rank": Value((str, int), "a string or an int"),
+    "call": COUNT,
+    "action": OneOf("raise", "fallback", "record"),
+    "trips": ListOf(_TRIP, "a list of guard trip objects"),
+}, "a guard record")
+
 # What Baseline.from_records reads of a step record (the rest is the report's business).
 STEP_STATS = Obj({k: STEP.fields[k] for k in ("type", "model", "version", "rank", "layers")},
                  "a step record")
 
 # What each record type of a normkit.monitor file must hold; a record of another type only
 # needs a type (every reader skips types it does not know, so a later normkit may add some).
-RECORDS = {"header": HEADER, "step": STEP}
+RECORDS = {"header": HEADER, "step": STEP, "guard": GUARD}
 ANY_RECORD = Obj({"type": STR}, "a record (a JSON object)")
 
 

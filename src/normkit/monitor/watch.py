@@ -386,6 +386,20 @@ class Watch(_Hunting):
             self._finish(cur)
         self._exports.drain()
 
+    def emit(self, record: dict) -> None:
+        """Hands ``record`` — one of another type than the watch's own "step" records, such as
+        ``normkit.guard``'s "guard" records (schema: ``normkit.monitor._schema``) — to this
+        watch's exporters, after the records already handed over (on the export thread when
+        ``background_export``).
+
+        Raises:
+            RuntimeError: the watch is not running (its exporters are closed).
+        """
+        if not self._running:
+            raise RuntimeError(f"the watch of {self.model_name} {self.model_version} is not "
+                               "running")
+        self._exports.submit(lambda: record, self._steps)
+
     @property
     def steps(self) -> int:
         """Steps counted so far, sampled or not (what a step is: ``step=``)."""
@@ -624,11 +638,12 @@ class Watch(_Hunting):
 
     @_safe
     def _sink(self, mean, rstd, eps, rms):
-        name = self._cur_norm
-        if name is None or self._cur is None:
-            return  # a normkit op outside a watched norm module
-        # Processed in _norm_post, after the layer's wall time is taken.
-        self._pending = (mean, rstd, eps)
+        # Ignored outside a watched norm module; processed in _norm_post, after the layer's
+        # wall time is taken.
+        if self._cur_norm is not None and self._cur is not None:
+            self._pending = (mean, rstd, eps)
+        if self._sink_prev is not None:  # the thread's observer before this one (a guard)
+            self._sink_prev(mean, rstd, eps, rms)
 
     @_safe
     def _norm_post(self, module, args, output):

@@ -66,6 +66,8 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "KL(serving || candidate) of the output distributions on the same inputs, nats per row"),
     ("normkit_canary_top1_agreement", "gauge", ("model", "version", "serving_version"),
      "Fraction of shadow-traffic rows where candidate and serving agree on the top class"),
+    ("normkit_guard_trips", "counter", ("model", "version", "layer", "check", "action"),
+     "Guarded calls on which the check tripped on the layer (normkit.guard)"),
 )
 
 LATENCY_BUCKETS = (2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
@@ -154,13 +156,17 @@ class PrometheusExporter:
 
     def export(self, record: dict) -> None:
         kind = record.get("type")
-        if kind not in ("step", "divergence"):
+        if kind not in ("step", "divergence", "guard"):
             return
         with self._lock:
             if kind == "step":
                 self._export(record)
-            else:
+            elif kind == "divergence":
                 self._export_divergence(record)
+            else:
+                for t in record["trips"]:
+                    self._c("normkit_guard_trips", record["model"], record["version"],
+                            t["layer"], t["check"], record["action"]).inc()
 
     def _export_divergence(self, record: dict) -> None:
         labels = (record["model"], record["version"], record["serving_version"])
