@@ -36,6 +36,11 @@ def test_demo_shows_each_failure_mode(demo_dir):
         verdict = json.loads((out / f"canary-{c['version']}.json").read_text())
         assert verdict["decision"] == c["decision"]
         assert f"canary {c['version']}" in stdout and c["decision"].upper() in stdout
+    # the guard passes healthy traffic, trips on the Inf and answers with the previous version
+    g = s["guard"]
+    assert g["healthy_trips"] == 0 and g["fell_back"], g
+    assert any(t["check"] == "nonfinite" and t["action"] == "fallback" for t in g["trips"]), g
+    assert "TRIPPED" in stdout
     report = (out / "report.md").read_text()
     assert "**promote**" in report and "**rollback**" in report
     assert s["audit"]["ok"], s["audit"]

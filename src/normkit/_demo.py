@@ -6,7 +6,8 @@
 3. Serve shifted traffic (base64 blobs instead of source code): the drift alert (ticket).
 4. Corrupt one weight with an Inf: the NaN alert (page), naming the layer where it started.
 5. Canary two candidate versions on live telemetry (``normkit canary``): a healthy one is
-   promoted, one whose eps was changed at run time is rolled back.
+   promoted, one whose eps was changed at run time is rolled back; then a runtime guard on the
+   serving model trips on an Inf in one γ and falls back to the previous version.
 6. Audit the trained model for release (ONNX export parity included).
 7. Benchmark the kernels (``normkit bench --quick``).
 8. Tie it together in ``<out>/report.html`` (plus the telemetry report of the serving run).
@@ -216,6 +217,11 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), console=Non
                           + (f" — {lit(verdict.reasons[0].message)}" if verdict.reasons else ""),
                           soft_wrap=True)
             progress.update(task, completed=i + 1)
+        summary["guard"] = _guard_falls_back(model, baseline, val_batches[0][0])
+        g = summary["guard"]
+        console.print(f"guard: {g['healthy_trips']} trips on healthy traffic; Inf in "
+                      f"{lit(g['fault'])}: [bold red]TRIPPED[/bold red] — {lit(g['first_trip'])}"
+                      f"; fell back to the previous version: {g['fell_back']}", soft_wrap=True)
         progress.advance(overall)
 
         # 6. Audit ----------------------------------------------------------------------------
@@ -262,6 +268,38 @@ CANDIDATES = (
     ("2", "healthy: the same weights on fresh traffic", lambda model: contextlib.nullcontext()),
     ("3", "eps changed from 1e-5 to 1e-2 at run time", _eps_changed),
 )
+
+
+def _guard_falls_back(model, baseline, x) -> dict:
+    """``normkit.guard`` on the serving model with the previous version (a copy) as fallback:
+    a healthy call passes, then an Inf in one γ trips it and the call is answered by the copy."""
+    import copy
+
+    from normkit import faults
+    from normkit.guard import Guard
+
+    previous = copy.deepcopy(model)
+    layer = "blocks.0.norm1"
+    g = Guard(model, baseline=baseline, action="fallback", fallback=previous)
+    quiet = logging.getLogger("normkit.guard")  # the demo says it in one line of its own
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            healthy = g(x)
+            healthy_trips = sum(g.trips.values())
+            with faults.nonfinite(model, layer, where="weight", value=math.inf):
+                y = g(x)
+            fell_back = bool(torch.equal(y, previous(x)) and torch.equal(healthy, y))
+    finally:
+        g.remove()
+        quiet.setLevel(level)
+    trips = list(g.trips.items())  # in the order the layers ran: the first is where it starts
+    return {"fault": f"{layer}.weight", "healthy_trips": healthy_trips,
+            "trips": [{"layer": la, "check": c, "action": a, "calls": n}
+                      for (la, c, a), n in trips],
+            "first_trip": f"{trips[0][0][1]} at {trips[0][0][0]}" if trips else "",
+            "fell_back": fell_back}
 
 
 def announcer(console):
@@ -369,6 +407,13 @@ def _write_reports(out: Path, summary: dict, audit_report, live_log: Path) -> Pa
                     f"Version {literal_code(c['version'])} ({literal(c['candidate'])}): "
                     f"**{c['decision']}**"
                     + (f" — {literal(c['reasons'][0])}" if c["reasons"] else "") + ".")
+
+    g = summary["guard"]
+    doc.callout("ok" if g["fell_back"] else "bad",
+                f"Guard: {g['healthy_trips']} trips on healthy traffic; with an Inf in "
+                f"{literal_code(g['fault'])} it tripped ({literal(g['first_trip'])}) and the "
+                "call was answered by the previous version"
+                + (", output for output." if g["fell_back"] else " — but not exactly."))
 
     doc.heading("6. Release audit")
     c = summary["audit"]["counts"]
