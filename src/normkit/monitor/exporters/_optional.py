@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib
 
-EXTRA = 'pip install "normkit[monitor]"'
 
-
-def require(module: str):
-    """``module`` imported, or an ImportError naming the ``pip install`` that provides it."""
+def require(module: str, extra: str = "monitor"):
+    """``module`` imported, or an ImportError naming the ``pip install`` (of normkit's ``extra``)
+    that provides it."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"{module} is needed for this exporter: {EXTRA}") from e
+        raise ImportError(f'{module} is needed for this exporter: pip install "normkit[{extra}]"'
+                          ) from e
