@@ -5,8 +5,8 @@
         train()
     w.nonfinite_origin, w.alerts, w.summary(), w.baseline().save("baseline.json")
 
-Importing this package imports torch and the standard library only; prometheus_client and
-tensorboard are imported when an exporter that needs them is built.
+Importing this package imports torch and the standard library only; prometheus_client,
+tensorboard and the OpenTelemetry SDK are imported when an exporter that needs them is built.
 """
 
 from .alerts import Alert, AlertRules
@@ -14,6 +14,7 @@ from .drift import Baseline, DriftResult, DriftThresholds, compute_drift
 from .exporters import (
     METRICS,
     JsonlExporter,
+    OpenTelemetryExporter,
     PrometheusExporter,
     TensorBoardExporter,
     read_jsonl,
@@ -27,6 +28,7 @@ __all__ = [
     "find_norms",
     # exporters
     "PrometheusExporter",
+    "OpenTelemetryExporter",
     "TensorBoardExporter",
     "JsonlExporter",
     "read_jsonl",
