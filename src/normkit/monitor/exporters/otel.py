@@ -89,14 +89,18 @@ class OpenTelemetryExporter:
             (``OTEL_EXPORTER_OTLP_METRICS_HEADERS`` / ``OTEL_EXPORTER_OTLP_HEADERS``).
         export_interval: seconds between exports.  Default: ``OTEL_METRIC_EXPORT_INTERVAL``
             (milliseconds) or 60 s.
-        timeout: seconds one export may take, retries included; ``close()`` waits at most this
-            long for the last one.  Default: 10 s.
+        timeout: seconds one OTLP export may take, retries included; ``close()`` waits at most
+            this long for the last export.  Default: 10 s.
         meter_provider: a ``MeterProvider`` of yours to export through instead (its readers,
             exporters and resource): your pipeline as it is.  ``close()`` flushes it and leaves
             it running.
         reader: a ``MetricReader`` of yours (e.g. the SDK's ``InMemoryMetricReader``, or a
             ``PeriodicExportingMetricReader`` around your exporter), which normkit attaches to
             a ``MeterProvider`` of its own; ``close()`` shuts both down.
+
+    Attributes:
+        endpoint: where normkit's OTLP export goes (None with your reader or provider).
+        failed_exports: how many of those exports failed so far.
 
     Raises:
         ValueError: a bad argument, or ``meter_provider``/``reader`` combined with arguments
