@@ -71,9 +71,9 @@ def test_every_metric_has_one_opentelemetry_name_unit_and_attributes():
         otel, unit = OTEL_METRICS[prom]
         assert _NAME.fullmatch(otel) and otel.startswith("normkit."), otel
         assert "total" not in otel and not otel.endswith(("_seconds", ".seconds")), otel
-        # UCUM: seconds for the latency, "{thing}" annotations for counters of things, 1 else
-        assert unit == ("s" if kind == "histogram" else unit), otel
+        # UCUM: seconds for the latency, "{thing}" annotations for counts of things, 1 else
         assert unit in ("1", "s") or re.fullmatch(r"\{[a-z]+\}", unit), (otel, unit)
+        assert (unit == "s") == (kind == "histogram"), otel
         if kind == "counter":  # counts of discrete things: a "{thing}" unit, a plural name
             assert unit.startswith("{") and otel.endswith("s"), otel
         for label in labels:
