@@ -6,7 +6,8 @@
     w.nonfinite_origin, w.alerts, w.summary(), w.baseline().save("baseline.json")
 
 Importing this package imports torch and the standard library only; prometheus_client,
-tensorboard and mlflow are imported when an exporter that needs them is built.
+tensorboard, mlflow and the OpenTelemetry SDK are imported when an exporter that needs them is
+built.
 """
 
 from .alerts import Alert, AlertRules, TrainingLimits
@@ -15,6 +16,7 @@ from .exporters import (
     METRICS,
     JsonlExporter,
     MlflowExporter,
+    OpenTelemetryExporter,
     PrometheusExporter,
     TensorBoardExporter,
     read_jsonl,
@@ -28,6 +30,7 @@ __all__ = [
     "find_norms",
     # exporters
     "PrometheusExporter",
+    "OpenTelemetryExporter",
     "TensorBoardExporter",
     "JsonlExporter",
     "MlflowExporter",

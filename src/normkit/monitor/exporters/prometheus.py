@@ -7,12 +7,13 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+from collections.abc import Iterator
 
 from ..._provenance import normkit_version
 from ._optional import require
 
 __all__ = ["PrometheusExporter", "METRICS", "LATENCY_BUCKETS", "DEFAULT_PORT",
-           "exported_series_names"]
+           "exported_series_names", "record_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,80 @@ def exported_series_names() -> set[str]:
         else:
             out.add(name)
     return out
+
+
+# (metric, summary key) of the per-layer gauges and of the drift gauges
+_LAYER_GAUGES = (("normkit_norm_input_mean", "input_mean"),
+                 ("normkit_norm_input_std", "input_std"),
+                 ("normkit_norm_input_rms", "input_rms"),
+                 ("normkit_norm_output_mean", "output_mean"),
+                 ("normkit_norm_output_std", "output_std"),
+                 ("normkit_norm_weight_norm", "weight_norm"),
+                 ("normkit_norm_bias_norm", "bias_norm"),
+                 ("normkit_norm_weight_update_norm", "weight_update_norm"),
+                 ("normkit_norm_bias_update_norm", "bias_update_norm"),
+                 ("normkit_norm_input_grad_norm", "grad_input_norm"),
+                 ("normkit_norm_weight_grad_norm", "weight_grad_norm"),
+                 ("normkit_norm_bias_grad_norm", "bias_grad_norm"))
+_DRIFT_GAUGES = (("normkit_drift_mean_shift", "mean_shift"),
+                 ("normkit_drift_variance_ratio", "variance_ratio"),
+                 ("normkit_drift_psi", "psi"), ("normkit_drift_ks", "ks"))
+
+
+def record_samples(record: dict, last_step: dict) -> Iterator[tuple[str, tuple, str, float]]:
+    """What a step record does to ``METRICS``: ``(metric, label values, op, value)``, the label
+    values in the order ``METRICS`` gives, op ``"inc"`` (counter), ``"set"`` (gauge) or
+    ``"observe"`` (histogram).  Every exporter of ``METRICS`` (Prometheus, OpenTelemetry)
+    applies these, so they agree by construction.
+
+    Args:
+        record: a step record.
+        last_step: the exporter's ``{(model, version, rank): step of its last record}``,
+            updated here (``normkit_steps`` grows by the steps since that record).
+    """
+    base = (record["model"], record["version"], str(record["rank"]))
+    if base not in last_step:
+        yield "normkit_watch_info", base + (normkit_version(),), "set", 1
+    prev = last_step.get(base, 0)
+    last_step[base] = record["step"]
+    yield "normkit_steps", base, "inc", max(record["step"] - prev, 0)
+    yield "normkit_sampled_steps", base, "inc", 1
+    bad = 0
+    for pname in ("forward", "backward"):
+        origin = record["nonfinite"][pname]["origin"]
+        if origin is not None:
+            bad = 1
+            yield "normkit_nonfinite_origin", base + (pname, origin), "inc", 1
+    # Incremented by 0 on a clean step, so the SLO's rate() exists (as 0) before an incident.
+    yield "normkit_nonfinite_steps", base, "inc", bad
+    if record.get("batch_size") is not None:
+        yield "normkit_batch_size", base, "set", record["batch_size"]
+    if record.get("seq_len") is not None:
+        yield "normkit_sequence_length", base, "set", record["seq_len"]
+    latencies = record.get("latency_seconds", {})
+    for layer, s in record["summary"].items():
+        lb = base + (layer,)
+        raw = record["layers"][layer]
+        yield "normkit_nonfinite_rows", lb + ("forward",), "inc", raw["nonfinite_rows"]
+        yield "normkit_nonfinite_rows", lb + ("backward",), "inc", raw["grad_nonfinite_rows"]
+        for metric, key in _LAYER_GAUGES:
+            if s.get(key) is not None:
+                yield metric, lb, "set", s[key]
+        rs = s.get("row_scale")
+        if rs:
+            for q, k in (("0.01", "p01"), ("0.5", "p50"), ("0.99", "p99")):
+                yield "normkit_norm_input_row_scale", lb + (q,), "set", rs[k]
+        for t in latencies.get(layer, ()):
+            yield "normkit_norm_forward_latency_seconds", lb, "observe", t
+    for layer, d in (record.get("drift") or {}).items():
+        lb = base + (layer,)
+        for metric, key in _DRIFT_GAUGES:
+            if d.get(key) is not None:
+                yield metric, lb, "set", d[key]
+        yield "normkit_drift_breached", lb, "set", 1.0 if d["crossed"] else 0.0
+        yield "normkit_drift_evaluable", lb, "set", 1.0 if d.get("evaluable", True) else 0.0
+    for a in record.get("alerts", ()):
+        yield "normkit_alerts", base + (a["severity"], a["rule"]), "inc", 1
 
 
 DEFAULT_PORT = 9464  # the port deploy/prometheus/prometheus.yml scrapes
@@ -176,64 +251,8 @@ class PrometheusExporter:
         self._c("normkit_canary_top1_agreement", *labels).set(record["top1_agreement"])
 
     def _export(self, record: dict) -> None:
-        base = (record["model"], record["version"], str(record["rank"]))
-        if base not in self._last_step:
-            self._c("normkit_watch_info", *base, normkit_version()).set(1)
-        prev = self._last_step.get(base, 0)
-        self._last_step[base] = record["step"]
-        self._c("normkit_steps", *base).inc(max(record["step"] - prev, 0))
-        self._c("normkit_sampled_steps", *base).inc()
-        # Touched every step, so the SLO's rate() exists (as 0) before the first incident.
-        steps = self._c("normkit_nonfinite_steps", *base)
-        bad = False
-        for pname in ("forward", "backward"):
-            nf = record["nonfinite"][pname]
-            if nf["origin"] is not None:
-                bad = True
-                self._c("normkit_nonfinite_origin", *base, pname, nf["origin"]).inc()
-        if bad:
-            steps.inc()
-        if record.get("batch_size") is not None:
-            self._c("normkit_batch_size", *base).set(record["batch_size"])
-        if record.get("seq_len") is not None:
-            self._c("normkit_sequence_length", *base).set(record["seq_len"])
-        for layer, s in record["summary"].items():
-            lb = base + (layer,)
-            raw = record["layers"][layer]
-            self._c("normkit_nonfinite_rows", *lb, "forward").inc(raw["nonfinite_rows"])
-            self._c("normkit_nonfinite_rows", *lb, "backward").inc(raw["grad_nonfinite_rows"])
-            for metric, key in (("normkit_norm_input_mean", "input_mean"),
-                                ("normkit_norm_input_std", "input_std"),
-                                ("normkit_norm_input_rms", "input_rms"),
-                                ("normkit_norm_output_mean", "output_mean"),
-                                ("normkit_norm_output_std", "output_std"),
-                                ("normkit_norm_weight_norm", "weight_norm"),
-                                ("normkit_norm_bias_norm", "bias_norm"),
-                                ("normkit_norm_weight_update_norm", "weight_update_norm"),
-                                ("normkit_norm_bias_update_norm", "bias_update_norm"),
-                                ("normkit_norm_input_grad_norm", "grad_input_norm"),
-                                ("normkit_norm_weight_grad_norm", "weight_grad_norm"),
-                                ("normkit_norm_bias_grad_norm", "bias_grad_norm")):
-                v = s.get(key)
-                if v is not None:
-                    self._c(metric, *lb).set(v)
-            rs = s.get("row_scale")
-            if rs:
-                for q, k in (("0.01", "p01"), ("0.5", "p50"), ("0.99", "p99")):
-                    self._c("normkit_norm_input_row_scale", *lb, q).set(rs[k])
-            for t in record.get("latency_seconds", {}).get(layer, ()):
-                self._c("normkit_norm_forward_latency_seconds", *lb).observe(t)
-        for layer, d in (record.get("drift") or {}).items():
-            lb = base + (layer,)
-            for metric, key in (("normkit_drift_mean_shift", "mean_shift"),
-                                ("normkit_drift_variance_ratio", "variance_ratio"),
-                                ("normkit_drift_psi", "psi"), ("normkit_drift_ks", "ks")):
-                if d.get(key) is not None:
-                    self._c(metric, *lb).set(d[key])
-            self._c("normkit_drift_breached", *lb).set(1.0 if d["crossed"] else 0.0)
-            self._c("normkit_drift_evaluable", *lb).set(1.0 if d.get("evaluable", True) else 0.0)
-        for a in record.get("alerts", ()):
-            self._c("normkit_alerts", *base, a["severity"], a["rule"]).inc()
+        for name, labels, op, value in record_samples(record, self._last_step):
+            getattr(self._c(name, *labels), op)(value)  # op: inc, set or observe
 
     def remove_series(self, model: str | None = None, version: str | None = None) -> int:
         """Removes the series of ``model`` and/or ``version`` (every series when both are None)
