@@ -86,7 +86,7 @@ def test_every_metric_has_one_opentelemetry_name_unit_and_attributes():
 def test_docs_table_lists_every_opentelemetry_name():
     text = (ROOT / "docs" / "integrations.md").read_text(encoding="utf-8")
     section = text[text.index("## OpenTelemetry"):]
-    rows = dict(re.findall(r"^\| `(normkit\.[a-z_.]+)` \| `([^`]+)` \|", section, re.MULTILINE))
+    rows = dict(re.findall(r"^\| `(normkit\.[a-z0-9_.]+)` \| `([^`]+)` \|", section, re.MULTILINE))
     assert rows == dict(OTEL_METRICS.values())
 
 

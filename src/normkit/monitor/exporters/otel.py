@@ -51,6 +51,9 @@ OTEL_METRICS: dict[str, tuple[str, str]] = {
     "normkit_drift_breached": ("normkit.drift.breached", "1"),
     "normkit_drift_evaluable": ("normkit.drift.evaluable", "1"),
     "normkit_alerts": ("normkit.alerts", "{alert}"),
+    "normkit_canary_output_kl": ("normkit.canary.output.kl", "1"),
+    "normkit_canary_top1_agreement": ("normkit.canary.top1_agreement", "1"),
+    "normkit_guard_trips": ("normkit.guard.trips", "{call}"),
 }
 
 # Prometheus label -> OpenTelemetry attribute (namespaced like the metrics).
@@ -65,6 +68,9 @@ OTEL_ATTRIBUTES: dict[str, str] = {
     "severity": "normkit.alert.severity",
     "rule": "normkit.alert.rule",
     "normkit_version": "normkit.version",
+    "serving_version": "normkit.model.serving_version",
+    "check": "normkit.guard.check",
+    "action": "normkit.guard.action",
 }
 
 _DEFAULT_TIMEOUT = 10.0  # seconds: the SDK's default for one OTLP export, retries included
@@ -179,7 +185,7 @@ class OpenTelemetryExporter:
                     for labels, v in self._values[name].items() if math.isfinite(v)]
 
     def export(self, record: dict) -> None:
-        if record.get("type") != "step":
+        if record.get("type") not in ("step", "divergence", "guard"):
             return
         if self._closed:
             raise ValueError("OpenTelemetryExporter is closed")

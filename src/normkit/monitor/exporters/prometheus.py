@@ -108,16 +108,33 @@ _DRIFT_GAUGES = (("normkit_drift_mean_shift", "mean_shift"),
 
 
 def record_samples(record: dict, last_step: dict) -> Iterator[tuple[str, tuple, str, float]]:
-    """What a step record does to ``METRICS``: ``(metric, label values, op, value)``, the label
+    """What a record does to ``METRICS``: ``(metric, label values, op, value)``, the label
     values in the order ``METRICS`` gives, op ``"inc"`` (counter), ``"set"`` (gauge) or
     ``"observe"`` (histogram).  Every exporter of ``METRICS`` (Prometheus, OpenTelemetry)
     applies these, so they agree by construction.
 
     Args:
-        record: a step record.
+        record: a step record, a canary's ``"divergence"`` record or a guard's ``"guard"``
+            record; other types do nothing.
         last_step: the exporter's ``{(model, version, rank): step of its last record}``,
             updated here (``normkit_steps`` grows by the steps since that record).
     """
+    kind = record.get("type")
+    if kind == "step":
+        yield from _step_samples(record, last_step)
+    elif kind == "divergence":  # shadow traffic: normkit.canary.divergence(...).record(...)
+        labels = (record["model"], record["version"], record["serving_version"])
+        # a KL of null is a non-finite one (NaN/Inf candidate logits): +Inf crosses any alert
+        kl = record.get("kl")
+        yield "normkit_canary_output_kl", labels, "set", float("inf") if kl is None else kl
+        yield "normkit_canary_top1_agreement", labels, "set", record["top1_agreement"]
+    elif kind == "guard":  # normkit.guard's tripped calls
+        for t in record["trips"]:
+            yield ("normkit_guard_trips", (record["model"], record["version"], t["layer"],
+                                           t["check"], record["action"]), "inc", 1)
+
+
+def _step_samples(record: dict, last_step: dict) -> Iterator[tuple[str, tuple, str, float]]:
     base = (record["model"], record["version"], str(record["rank"]))
     if base not in last_step:
         yield "normkit_watch_info", base + (normkit_version(),), "set", 1
@@ -230,29 +247,9 @@ class PrometheusExporter:
         return c
 
     def export(self, record: dict) -> None:
-        kind = record.get("type")
-        if kind not in ("step", "divergence", "guard"):
-            return
         with self._lock:
-            if kind == "step":
-                self._export(record)
-            elif kind == "divergence":
-                self._export_divergence(record)
-            else:
-                for t in record["trips"]:
-                    self._c("normkit_guard_trips", record["model"], record["version"],
-                            t["layer"], t["check"], record["action"]).inc()
-
-    def _export_divergence(self, record: dict) -> None:
-        labels = (record["model"], record["version"], record["serving_version"])
-        # a KL of null is a non-finite one (NaN/Inf candidate logits): +Inf crosses any alert
-        kl = record.get("kl")
-        self._c("normkit_canary_output_kl", *labels).set(float("inf") if kl is None else kl)
-        self._c("normkit_canary_top1_agreement", *labels).set(record["top1_agreement"])
-
-    def _export(self, record: dict) -> None:
-        for name, labels, op, value in record_samples(record, self._last_step):
-            getattr(self._c(name, *labels), op)(value)  # op: inc, set or observe
+            for name, labels, op, value in record_samples(record, self._last_step):
+                getattr(self._c(name, *labels), op)(value)  # op: inc, set or observe
 
     def remove_series(self, model: str | None = None, version: str | None = None) -> int:
         """Removes the series of ``model`` and/or ``version`` (every series when both are None)
