@@ -216,12 +216,12 @@ def _first_call(x):
 def _select(x, weight, bias, casting, out_dtype):
     """The kernels module (cpu or triton), or None for the reference (which also propagates
     meta tensors' shapes and dtypes, whatever the backend)."""
-    name = get_backend()
+    name = getattr(_tls, "backend", None) or _backend  # get_backend(), inline: every call
     if name == "reference" or x.is_meta:
         return None
     if name == "triton" or (name == "auto" and x.is_cuda):
         return _select_triton(name, x, weight, bias, casting, out_dtype)
-    cpu = _load_cpu()
+    cpu = _cpu_module or _load_cpu()
     ok = cpu is not None and cpu.supports(x, weight, bias, casting, out_dtype)
     if ok:
         return cpu

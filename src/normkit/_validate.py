@@ -10,8 +10,10 @@ import operator
 
 import torch
 
-from ._options import NormOptions, _check_casting, _check_out_dtype, _eps_of
+from ._options import CASTINGS, NormOptions, _check_casting, _check_out_dtype, _eps_of
 from .kernels import reference
+
+_new = tuple.__new__
 
 
 class _ArgumentError(RuntimeError, ValueError):
@@ -110,11 +112,13 @@ def _validate(x, normalized_shape, weight, bias, residual, opts: NormOptions):
                 f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}"
             )
     eps, rms, zc, casting, out_dtype = opts
+    # NormOptions built with tuple.__new__: the NamedTuple's generated __new__ costs ~0.4 µs
     if eps is None and rms:
-        opts = NormOptions(torch.finfo(x.dtype).eps, rms, zc, casting, out_dtype)
+        opts = _new(NormOptions, (torch.finfo(x.dtype).eps, rms, zc, casting, out_dtype))
     elif type(eps) is not float or not 0.0 <= eps < math.inf:
-        opts = NormOptions(_eps_of(eps), rms, zc, casting, out_dtype)  # or raises
-    _check_casting(casting)
+        opts = _new(NormOptions, (_eps_of(eps), rms, zc, casting, out_dtype))  # or raises
+    if casting not in CASTINGS:
+        _check_casting(casting)  # raises
     if out_dtype is not None:
         _check_out_dtype(out_dtype, casting)
     n = ns[0] if k == 1 else math.prod(ns)

@@ -116,7 +116,8 @@ def plan(x_dtype, w_dtype, b_dtype, casting, out_dtype):
 
 def supports(x, weight, bias, casting, out_dtype) -> bool:
     """Whether this backend computes the op for these operands (else the caller falls back)."""
-    if not x.is_cpu or any(p is not None and not p.is_cpu for p in (weight, bias)):
+    if (not x.is_cpu or (weight is not None and not weight.is_cpu)
+            or (bias is not None and not bias.is_cpu)):
         return False
     wd = None if weight is None else weight.dtype
     bd = None if bias is None else bias.dtype
