@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the shared helper model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _monitor_models import TinyTransformer  # noqa: E402
-from watch_overhead import BATCH, CFG, _machine  # noqa: E402  (the same model and batch)
+from watch_overhead import BATCH, CFG, _machine, stats  # noqa: E402  (the same model and batch)
 
 import normkit  # noqa: E402
 from normkit.guard import Guard, _sum_into  # noqa: E402
@@ -135,10 +135,6 @@ def main(argv=None) -> int:
     sum_s = sorted(sums)[5]
     fixed_s = min(fixed_b) - min(fixed_a) + sum_s
     load1 = os.getloadavg()
-
-    def stats(v):
-        q = statistics.quantiles(v, n=4)
-        return {"median": statistics.median(v), "p25": q[0], "p75": q[2], "n": len(v)}
 
     result = {
         "schema": "normkit.bench.guard_overhead",

@@ -83,6 +83,12 @@ def _machine() -> dict:
     return info
 
 
+def stats(v: list[float]) -> dict:
+    """Median with the 25-75% spread (shared with guard_overhead.py)."""
+    q = statistics.quantiles(v, n=4)
+    return {"median": statistics.median(v), "p25": q[0], "p75": q[2], "n": len(v)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=24,
@@ -157,10 +163,6 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     for w in watches.values():
         w.stop()
-
-    def stats(v):
-        q = statistics.quantiles(v, n=4)
-        return {"median": statistics.median(v), "p25": q[0], "p75": q[2], "n": len(v)}
 
     result = {
         "schema": "normkit.bench.watch_overhead",

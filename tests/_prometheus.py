@@ -42,20 +42,34 @@ def binary(name: str) -> str:
     return path
 
 
-def start_process(cmd: list[str], ready_url: str, what: str) -> subprocess.Popen:
-    """Starts a server and waits (30 s at most) until ``ready_url`` answers."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
+def start_process(cmd: list[str], ready, what: str, timeout: float = 30.0,
+                  log: Path | None = None) -> subprocess.Popen:
+    """Starts a server and waits (``timeout`` seconds at most) until it is ready: ``ready`` is
+    a URL that answers, or a callable that returns true.  Its output goes to ``log`` (stderr
+    only, kept for the error message, when None)."""
+    out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=out,
+                            stderr=subprocess.STDOUT if log is not None else subprocess.PIPE)
+    if log is not None:
+        out.close()  # the child has its own descriptor
+
+    def said() -> str:
+        return (log.read_text(errors="replace") if log is not None
+                else proc.stderr.read().decode(errors="replace"))[-3000:]
+
+    check = ready if callable(ready) else lambda: get(ready, 1) is not None
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"{what} exited: {said()}")
         try:
-            get(ready_url, 1)
-            return proc
+            if check():
+                return proc
         except OSError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     stop_process(proc)
-    raise RuntimeError(f"{what} did not become ready in 30 s")
+    raise RuntimeError(f"{what} did not become ready in {timeout:.0f} s: {said()}")
 
 
 def stop_process(proc: subprocess.Popen) -> None:

@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from _prometheus import free_port, start_process, stop_process
 
 from normkit.monitor import JsonlExporter, MlflowExporter, read_jsonl, watch
 from normkit.monitor._schema import SUMMARY_SCALARS
@@ -32,45 +31,25 @@ SERVER = Path(sys.executable).with_name("mlflow")
 STARTUP_TIMEOUT = 240  # seconds: ~50 s measured on a loaded 2-core machine, most of it imports
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The tracking server's URI."""
     if not SERVER.exists():
         pytest.skip(f"no mlflow server executable at {SERVER}")
     d = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
-    proc = subprocess.Popen(
+    proc = start_process(
         [str(SERVER), "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
          "--default-artifact-root", str(d / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        stdout=open(d / "server.log", "wb"), stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
+        f"{uri}/health", "mlflow server", timeout=STARTUP_TIMEOUT, log=d / "server.log")
+    print(f"mlflow server answered after {time.monotonic() - t0:.1f} s")
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() - t0 > STARTUP_TIMEOUT:
-                    raise RuntimeError("mlflow server did not start:\n"
-                                       + (d / "server.log").read_text()[-3000:]) from None
-                time.sleep(0.25)
-        print(f"mlflow server answered after {time.monotonic() - t0:.1f} s")
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 class Net(torch.nn.Module):
@@ -162,7 +141,7 @@ def test_a_server_that_is_down_costs_the_step_nothing_and_is_logged_once(
     # mlflow's client retries a refused connection 7 times with backoff by default (minutes);
     # the step never waits for that either way, but the test wants the failure seen quickly.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     torch.manual_seed(0)
     models = {k: Net() for k in ("with", "without")}
     exp = MlflowExporter(down, close_timeout=5)
@@ -212,7 +191,7 @@ def test_a_server_that_is_down_costs_the_step_nothing_and_is_logged_once(
 
 
 def test_bad_arguments_are_named(tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"  # the client connects only when it logs
+    uri = f"http://127.0.0.1:{free_port()}"  # the client connects only when it logs
     with pytest.raises(ValueError, match="queue_size must be an int >= 1"):
         MlflowExporter(uri, queue_size=0)
     with pytest.raises(ValueError, match="experiment must be a non-empty string"):
@@ -231,7 +210,7 @@ def test_bad_arguments_are_named(tmp_path):
 def test_keys_are_valid_bounded_and_distinct(tmp_path):
     from mlflow.utils.validation import _validate_metric_name
 
-    exp = MlflowExporter(f"http://127.0.0.1:{_free_port()}")
+    exp = MlflowExporter(f"http://127.0.0.1:{free_port()}")
     names = ["blocks.0.ln", "a:b", "a_b", "..", "", "x" * 400, "x" * 400 + "y", "ü/ñ"]
     keys = [exp.metric_key(n, "drift_variance_ratio", rank="12") for n in names]
     for k in keys:

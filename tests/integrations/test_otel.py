@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from _monitor_models import TinyTransformer, lm_batch, train_step
+from _prometheus import free_port, start_process, stop_process
 
 import normkit
 from normkit.monitor import JsonlExporter, OpenTelemetryExporter, read_jsonl, watch
@@ -47,12 +48,6 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,34 +344,22 @@ def rotel(tmp_path, receiver):
     if spec is None:
         pytest.skip("rotel (a real OpenTelemetry collector, `pip install rotel`) is not installed")
     agent = Path(spec.origin).parent / "rotel-agent"
-    port = _free_port()
-    proc = subprocess.Popen(
+    port = free_port()
+
+    def listening() -> bool:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+
+    proc = start_process(
         [str(agent), "start", "--otlp-http-endpoint", f"127.0.0.1:{port}",
-         "--otlp-grpc-endpoint", f"127.0.0.1:{_free_port()}", "--exporter", "otlp",
+         "--otlp-grpc-endpoint", f"127.0.0.1:{free_port()}", "--exporter", "otlp",
          "--otlp-exporter-protocol", "http", "--otlp-exporter-endpoint", receiver.url,
          "--batch-timeout", "50ms", "--pid-file", str(tmp_path / "rotel.pid"),
-         "--log-file", str(tmp_path / "rotel.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         "--log-file", str(tmp_path / "rotel.log")], listening, "rotel")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"rotel exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("rotel did not listen within 30 s") from None
-                time.sleep(0.1)
         yield f"http://127.0.0.1:{port}/v1/metrics"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_values_relayed_by_a_real_collector_equal_the_jsonl(tmp_path, rotel, receiver):
@@ -477,7 +460,7 @@ def _wait_for(condition, what: str, timeout: float = 10.0) -> None:
 def test_it_works_again_after_the_outage(caplog):
     """A collector that comes up late: one line when the exports fail, one when they work
     again, and the values arrive."""
-    port = _free_port()
+    port = free_port()
     exp = OpenTelemetryExporter(f"http://127.0.0.1:{port}/v1/metrics", export_interval=0.1,
                                 timeout=0.3)
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import random
 import threading
 import time
@@ -42,13 +41,11 @@ from collections.abc import Iterable
 import torch
 
 from .. import _dispatch as _F
-from .. import _inventory
 from ._export import _Exports
 from ._hunt import (
     _check_recorded_calls,
     _first_tensor,
     _Hunting,
-    _merge_ranks,
     _nonfinite,
     _remember,
     _resolve_step,
@@ -57,10 +54,12 @@ from ._hunt import (
     _tensors,
     _vnorm,
 )
+from ._judge import _Judging
+from ._norms import _affine, _row_stats, find_norms
 from ._schema import RECORD_SCHEMA, RECORD_SCHEMA_VERSION
-from ._stats import LayerStats, add_rows_many, pack, unpack
+from ._stats import LayerStats, add_rows_many
 from .alerts import Alert, AlertRules
-from .drift import Baseline, DriftResult, DriftThresholds, warn_unjudged
+from .drift import Baseline, DriftThresholds
 
 __all__ = ["watch", "Watch", "find_norms", "STEPS", "RECORD_SCHEMA", "RECORD_SCHEMA_VERSION"]
 
@@ -68,67 +67,6 @@ __all__ = ["watch", "Watch", "find_norms", "STEPS", "RECORD_SCHEMA", "RECORD_SCH
 STEPS = ("forward", "manual", "optimizer")
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------
-# Which modules are norms, and how their input statistics are read
-# ----------------------------------------------------------------------------------------------
-
-
-def find_norms(
-    model: torch.nn.Module,
-) -> list[tuple[str, torch.nn.Module, str, str, int, _inventory.NormInfo]]:
-    """The normalization layers of ``model`` in registration order — the norms of
-    ``normkit._inventory`` (the same ones convert and audit see).
-
-    Returns:
-        (qualified name, module, kind, how, ndims, info): kind "ln" (mean and variance per row)
-        or "rms" (mean square per row) — the statistics the records carry; how "sink" (normkit
-        layer: statistics from the kernel), "last" (the trailing ``ndims`` dims form a row),
-        "instance" (InstanceNorm: the ``ndims`` spatial dims of one sample and channel),
-        "group" (GroupNorm: a row per sample and group) or "channel" (BatchNorm: a row per
-        channel); info the inventory's ``NormInfo`` — its kind ("layer", "rms", "batch",
-        "group", "instance", "dyt", "custom") is each record's ``norm``, its ``weight`` and
-        ``bias`` name the γ and β that are tracked.
-    """
-    from .. import nn as nk
-
-    out = []
-    for name, m, info in _inventory.find(model):
-        kind = "rms" if info.kind == "rms" else "ln"
-        # DyT has no statistics of its own: its input rows are summarised.
-        how = "sink" if isinstance(m, (nk.LayerNorm, nk.RMSNorm)) else info.rows
-        out.append((name, m, kind, how, info.ndims, info))
-    return out
-
-
-def _affine(m: torch.nn.Module, info: _inventory.NormInfo):
-    """("weight", γ) and ("bias", β) of a norm — the record's slot names, whatever attributes the
-    module keeps them in (``normkit.register_norm(weight=..., bias=...)``); None when absent."""
-    return [(slot, getattr(m, attr) if attr else None)
-            for slot, attr in (("weight", info.weight), ("bias", info.bias))]
-
-
-def _row_stats(x: torch.Tensor, kind: str, how: str, ndims: int):
-    """(mean or None, variance or mean square) per row of a norm's input, float32/64."""
-    x = x.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    if how == "last":
-        n = math.prod(x.shape[x.dim() - ndims:]) if ndims else 1
-        rows = x.reshape(-1, n)
-    elif how == "group":
-        raise AssertionError("group rows are built by the caller")
-    else:  # channel: a row per channel over batch and spatial dims
-        rows = x.movedim(1, 0).reshape(x.shape[1], -1) if x.dim() > 1 else x.reshape(1, -1)
-    # vector_norm instead of var_mean: torch's CPU var_mean is ~15x slower on (1024, 256)
-    # float32 (3.3 ms vs 0.2 ms); two passes keep the variance free of cancellation.
-    n = rows.shape[1]
-    if kind == "rms":
-        return None, torch.linalg.vector_norm(rows, dim=1).square_().div_(n)
-    mean = rows.mean(dim=1)
-    var = torch.linalg.vector_norm(rows - mean.unsqueeze(1), dim=1).square_().div_(n)
-    return mean, var
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +102,7 @@ class _Step:
         self.param_grad_bad: str | None = None  # see Watch._backward_end
 
 
-class Watch(_Hunting):
+class Watch(_Hunting, _Judging):
     """The object ``normkit.watch`` returns; see ``watch`` for the arguments.
 
     Attributes:
@@ -474,22 +412,6 @@ class Watch(_Hunting):
             with self._off_lock:
                 self._off.pop(what, None)
 
-    def baseline(self) -> Baseline:
-        """A ``Baseline`` of everything seen so far."""
-        return Baseline(self.model_name, self.model_version,
-                        {n: s.copy() for n, s in self._totals.items()})
-
-    def window_stats(self) -> dict[str, LayerStats]:
-        """The sliding window (last ``window`` sampled steps) merged per layer."""
-        out: dict[str, LayerStats] = {}
-        for step in self._win:
-            for n, s in step.items():
-                if n in out:
-                    out[n].merge(s)
-                else:
-                    out[n] = s.copy()
-        return out
-
     # -- step lifecycle ------------------------------------------------------------------------
 
     def _sample_now(self) -> bool:
@@ -798,70 +720,6 @@ class Watch(_Hunting):
         }
         return record
 
-    def _check_baseline(self, new_alerts: list[Alert]) -> dict:
-        live = self.window_stats()
-        try:
-            return self._judge_drift(live, new_alerts)
-        except Exception as e:
-            # Whatever the baseline holds (one built in code is not schema-checked), the step
-            # keeps its record: drift is marked unavailable, and said once.
-            reason = f"drift computation failed: {type(e).__name__}: {e}"
-            if not self._drift_failure_said:
-                self._drift_failure_said = True
-                log.warning("normkit watch of %s %s: %s.  Records are still written, with drift "
-                            "evaluable=false and this reason (said once).", self.model_name,
-                            self.model_version, reason, exc_info=True)
-            self.drift_results = {
-                n: DriftResult(n, live[n].rows if n in live else 0, None, None, None, None, (),
-                               evaluable=False, reason=reason)
-                for n in self.layer_names}
-            return self.drift_results
-
-    def _judge_drift(self, live: dict[str, LayerStats], new_alerts: list[Alert]) -> dict:
-        drift = self.baseline_ref.drift(live, self.thresholds)
-        self.drift_results = drift
-        warn_unjudged(drift, self._unjudged, f"{self.model_name} {self.model_version}")
-        bad = [n for n, r in drift.items() if r.drifted]
-        for n in bad:
-            r = drift[n]
-            a = self.rules.fire("drift", self.model_name, self.model_version, n,
-                                f"layer {n} input drifted ({', '.join(r.crossed)})")
-            if a is not None:
-                new_alerts.append(a)
-        f = self.rules.latency_factor
-        for n, s in live.items():
-            base = self.baseline_ref.layers.get(n)
-            if base is None or base.hist_latency.n < 5 or s.hist_latency.n < 5:
-                continue
-            b50, l50 = base.hist_latency.quantile(0.5), s.hist_latency.quantile(0.5)
-            if b50 > 0 and l50 > f * b50:
-                a = self.rules.fire("latency_regression", self.model_name, self.model_version,
-                                    n, f"layer {n} median forward {l50 * 1e6:.0f} µs > {f:g}x "
-                                       f"baseline {b50 * 1e6:.0f} µs")
-                if a is not None:
-                    new_alerts.append(a)
-        return drift
-
-    def _reduce(self, layers: dict[str, LayerStats], fwd: dict, bwd: dict):
-        """All-reduce the step's per-layer statistics across ranks (every rank must call)."""
-        dist = torch.distributed
-        for name in self.layer_names:
-            layers.setdefault(name, self._new_stats(name))
-        ordered = [layers[n] for n in self.layer_names]
-        sums, mins, maxs = pack(ordered)
-        flag = torch.tensor([float(fwd["origin"] is not None or bwd["origin"] is not None)],
-                            dtype=torch.float64)
-        sums = torch.cat([sums, flag])
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        dist.all_reduce(mins, op=dist.ReduceOp.MIN)
-        dist.all_reduce(maxs, op=dist.ReduceOp.MAX)
-        any_bad = sums[-1].item() > 0
-        unpack(ordered, sums[:-1], mins, maxs)
-        if any_bad:
-            gathered: list = [None] * self._world
-            dist.all_gather_object(gathered, (fwd, bwd))
-            fwd, bwd = _merge_ranks(gathered)
-        return fwd, bwd
 
 
 def watch(model: torch.nn.Module, *, model_name: str, model_version: str,
