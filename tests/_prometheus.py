@@ -5,8 +5,10 @@ too)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -48,7 +50,8 @@ def start_process(cmd: list[str], ready, what: str, timeout: float = 30.0,
     a URL that answers, or a callable that returns true.  Its output goes to ``log`` (stderr
     only, kept for the error message, when None)."""
     out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=out,
+    # its own process group: stop_process ends the children it starts too (mlflow's workers)
+    proc = subprocess.Popen(cmd, stdout=out, start_new_session=True,
                             stderr=subprocess.STDOUT if log is not None else subprocess.PIPE)
     if log is not None:
         out.close()  # the child has its own descriptor
@@ -73,12 +76,19 @@ def start_process(cmd: list[str], ready, what: str, timeout: float = 30.0,
 
 
 def stop_process(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    """Ends a server started by ``start_process`` and what is left of its process group."""
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        pass
+    except ProcessLookupError:  # already gone, with its group
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children still there (mlflow's job workers)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 @pytest.fixture
