@@ -2,7 +2,8 @@
 without), γ, β and the per-row statistics — one (M, N) tensor, on every route (the eager C++
 node, the general path's ``_NormFunction``, the Triton kernels' ``_NormFunction``, the custom op
 under ``torch.compile``) — and nothing that keeps x or the residual alive.  Double backward,
-now derived from h, is checked on every route."""
+now derived from h, is checked on the eager, general and Triton routes (torch.compile's aot_autograd
+does not support double backward)."""
 
 from __future__ import annotations
 
