@@ -8,8 +8,9 @@ The three ways a gradient is computed:
 * the eager general path: ``_NormFunction`` over the backend's ``forward`` / ``backward``;
 * under ``torch.compile``: the ``normkit::norm_fwd`` op's registered backward (``_ops``).
 
-Every one differentiates the reference (``reference.norm_backward_graph``) when a graph of the
-backward itself is wanted.
+Every one records the reference's backward formulas (``reference.norm_backward_graph``) when a
+graph of the backward itself is wanted.  Each keeps for backward only the normalized input (h
+with a residual, else x), γ, β and the per-row statistics.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ class _NormFunction(torch.autograd.Function):
         if sink is not None:
             _report_stats(sink, stats, opts.eps, opts.rms)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, bias, residual, h, stats)
+        # Only what backward reads: the normalized input (h with a residual: x and the residual
+        # are not kept, one (M, N) tensor instead of three), γ, β and the per-row statistics.
+        ctx.save_for_backward(x if h is None else h, weight, bias, stats)
+        ctx.has_residual = h is not None
         ctx.opts = opts
         ctx.kern = kern  # backward runs on the backend that ran the forward
         if residual is not None:
@@ -39,16 +43,16 @@ class _NormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh=None):
-        x, weight, bias, residual, h, stats = ctx.saved_tensors
+        v, weight, bias, stats = ctx.saved_tensors
         opts = ctx.opts
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():
-            # create_graph=True: differentiate the reference instead (double backward).
-            return reference.norm_backward_graph(need, x, weight, bias, residual, dy, dh,
-                                                 *opts) + (None, None, None)
-        v = h if h is not None else x
+            # create_graph=True: the reference's formulas, recorded (double backward).
+            return reference.norm_backward_graph(need, v, weight, bias, dy, dh, opts.eps,
+                                                 opts.rms, opts.zero_centered,
+                                                 opts.casting) + (None, None, None)
         if dy is None:  # only h was used
-            dy = _zero_dy(x, weight, opts)
+            dy = _zero_dy(v, weight, opts)
         dx, dw, db = _kernel_backward(ctx.kern, v, weight, bias, stats, dy, dh, opts,
                                       need[1] or need[2])
         if dw is not None and dw.dtype != weight.dtype:
@@ -64,10 +68,10 @@ class _NormFunction(torch.autograd.Function):
         )
 
 
-def _zero_dy(x, weight, opts: NormOptions):
-    """The gradient of an unused y: zeros shaped like x in y's dtype."""
-    return torch.zeros(x.shape, device=x.device, dtype=reference.output_dtype(
-        x.dtype, None if weight is None else weight.dtype, opts.casting, opts.out_dtype))
+def _zero_dy(v, weight, opts: NormOptions):
+    """The gradient of an unused y: zeros shaped like v (x or h) in y's dtype."""
+    return torch.zeros(v.shape, device=v.device, dtype=reference.output_dtype(
+        v.dtype, None if weight is None else weight.dtype, opts.casting, opts.out_dtype))
 
 
 def _kernel_backward(kern, v, weight, bias, stats, dy, dh, opts: NormOptions, need_dw):

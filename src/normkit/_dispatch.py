@@ -193,15 +193,15 @@ def _load_cpu():
     return _cpu_module
 
 
-def _eager_double_backward(need, x, weight, bias, residual, dy, dh, eps, rms):
+def _eager_double_backward(need, v, weight, bias, dy, dh, eps, rms):
     """(dx, dγ, dβ, d-residual) of the eager path's C++ autograd node (kernels/csrc/host.cpp)
-    for ``create_graph=True``: the reference's, on rows, differentiable again.  ``_load_cpu``
-    hands it to the node: the kernels sit below this layer and do not import it."""
-    n = x.shape[-1]
-    rows = [None if t is None else t.reshape(-1, n) for t in (x, residual, dy, dh)]
-    g = reference.norm_backward_graph(need, rows[0], weight, bias, rows[1], rows[2], rows[3],
-                                      eps, rms, False, "torch", None)
-    shaped = [None if t is None else t.view(x.shape) for t in (g[0], g[3])]
+    for ``create_graph=True``: the reference's, on rows of v (x, or h with a residual: what the
+    node saved), differentiable again.  ``_load_cpu`` hands it to the node: the kernels sit
+    below this layer and do not import it."""
+    n = v.shape[-1]
+    rows = [None if t is None else t.reshape(-1, n) for t in (v, dy, dh)]
+    g = reference.norm_backward_graph(need, rows[0], weight, bias, rows[1], rows[2], eps, rms)
+    shaped = [None if t is None else t.view(v.shape) for t in (g[0], g[3])]
     return shaped[0], g[1], g[2], shaped[1]
 
 

@@ -60,11 +60,9 @@ def _(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype):
 def _norm_bwd_op(
     dy: torch.Tensor,
     dh: torch.Tensor | None,
-    x: torch.Tensor,
+    v: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    h: torch.Tensor,
     stats: torch.Tensor,
     eps: float,
     rms: bool,
@@ -72,8 +70,8 @@ def _norm_bwd_op(
     casting: str,
     out_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias); dweight/dbias empty when there is no weight/bias."""
-    v = h if residual is not None else x
+    """(dx, dweight, dbias); dweight/dbias empty when there is no weight/bias.  v: the
+    normalized input (x, or h with a residual)."""
     if stats.numel() == 0:  # forward ran on the reference (autograd cannot run in here)
         dx, dw, db = reference.norm_backward(dy, dh, v, weight, bias is not None, eps, rms,
                                              zero_centered, casting)
@@ -81,8 +79,8 @@ def _norm_bwd_op(
         opts = NormOptions(eps, rms, zero_centered, casting, out_dtype)
         dx, dw, db = _kernel_backward(_backward_kernels(stats), v, weight, bias, stats, dy, dh,
                                       opts, True)
-    dw = x.new_empty(0) if dw is None else dw.to(weight.dtype)
-    db = x.new_empty(0) if db is None else db.to(bias.dtype)
+    dw = v.new_empty(0) if dw is None else dw.to(weight.dtype)
+    db = v.new_empty(0) if db is None else db.to(bias.dtype)
     # A kernel may return dγ and dβ as rows of one buffer (the triton backend with one row
     # block); the outputs of a custom op must not alias each other.
     if dw.numel() and db.numel() and (dw.untyped_storage().data_ptr()
@@ -92,31 +90,33 @@ def _norm_bwd_op(
 
 
 @_norm_bwd_op.register_fake
-def _(dy, dh, x, weight, bias, residual, h, stats, eps, rms, zero_centered, casting, out_dtype):
-    dw = x.new_empty(0) if weight is None else torch.empty_like(weight)
-    db = x.new_empty(0) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
+def _(dy, dh, v, weight, bias, stats, eps, rms, zero_centered, casting, out_dtype):
+    dw = v.new_empty(0) if weight is None else torch.empty_like(weight)
+    db = v.new_empty(0) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(v, memory_format=torch.contiguous_format), dw, db
 
 
 def _fwd_setup_context(ctx, inputs, output):
     x, weight, bias, residual = inputs[:4]
     _, h, stats = output
-    ctx.save_for_backward(x, weight, bias, residual, h, stats)
+    # As _NormFunction: the normalized input (h with a residual), γ, β and the statistics only.
+    ctx.save_for_backward(x if residual is None else h, weight, bias, stats)
+    ctx.has_residual = residual is not None
     ctx.opts = NormOptions(*inputs[4:])
 
 
 def _fwd_backward(ctx, dy, dh, dstats):
-    x, weight, bias, residual, h, stats = ctx.saved_tensors
-    if dh is not None and residual is None:
+    v, weight, bias, stats = ctx.saved_tensors
+    if not ctx.has_residual:
         dh = None
     if dy is None:
-        dy = _zero_dy(x, weight, ctx.opts)
-    dx, dw, db = _norm_bwd_op(dy, dh, x, weight, bias, residual, h, stats, *ctx.opts)
+        dy = _zero_dy(v, weight, ctx.opts)
+    dx, dw, db = _norm_bwd_op(dy, dh, v, weight, bias, stats, *ctx.opts)
     return (
         dx,
         dw if weight is not None else None,
         db if bias is not None else None,
-        dx if residual is not None else None,
+        dx if ctx.has_residual else None,
         None, None, None, None, None,
     )
 

@@ -248,41 +248,45 @@ def norm_backward(
 
 def norm_backward_graph(
     need: tuple[bool, ...],
-    x: torch.Tensor,
+    v: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
     dy: torch.Tensor | None,
     dh: torch.Tensor | None,
     eps: float,
     rms: bool,
     zero_centered_gamma: bool = False,
     casting: str = "torch",
-    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Backward on rows by autograd through ``norm_forward``, itself differentiable
-    (``create_graph=True``): every backend's backward when a graph of it is wanted (double
-    backward).
+    """Backward on rows that is itself differentiable (``create_graph=True``): every backend's
+    backward when a graph of it is wanted (double backward).  ``norm_backward``'s formulas,
+    recorded by autograd.
+
+    It reads only what the forward saved: the normalized input ``v`` — x, or with a residual
+    h = x + residual, an output of the forward — with γ, β and the options.  The gradient
+    reaching x and the residual is the same, ∂y/∂h·dy + dh (h is their plain sum).  A saved h
+    has the forward's own node as its ``grad_fn``, so the second-order terms that reach h flow
+    on through that node to x and the residual.  (Formulas, not ``torch.autograd.grad`` of
+    ``norm_forward``: a nested grad would walk from h into that node — the one running — on its
+    way to γ, and run it again: a deadlock for the C++ node, endless recursion for
+    ``_NormFunction``.)
 
     Args:
         need: whether x, weight, bias, residual (in that order) want a gradient.
-        x, weight, bias, residual, eps, rms, zero_centered_gamma, casting, out_dtype: the
-            forward's, as in ``norm_forward``.
+        v: (M, N) x, or h with a residual.
+        weight, bias, eps, rms, zero_centered_gamma, casting: the forward's, as in
+            ``norm_forward``.
         dy: the gradient of y (None: zeros); dh: of h (None when h was not used).
 
     Returns:
-        (dx, dweight, dbias, dresidual), None where not needed.
+        (dx, dweight, dbias, dresidual), None where not needed; dweight/dbias in their
+        parameter's dtype.
     """
-    inputs = [(i, t) for i, t in enumerate((x, weight, bias, residual)) if need[i]]
-    y, h, _, _ = norm_forward(x, weight, bias, residual, eps, rms, zero_centered_gamma, casting,
-                              out_dtype)
-    outs, grads = [y], [dy if dy is not None else torch.zeros_like(y)]
-    if h is not None and dh is not None:
-        outs.append(h)
-        grads.append(dh)
-    got = torch.autograd.grad(outs, [t for _, t in inputs], grads, create_graph=True,
-                              allow_unused=True)
-    result = [None] * 4
-    for (i, _), g in zip(inputs, got, strict=True):
-        result[i] = g
-    return tuple(result)
+    dx, dw, db = norm_backward(torch.zeros_like(v) if dy is None else dy, dh, v, weight,
+                               bias is not None, eps, rms, zero_centered_gamma, casting)
+    return (
+        dx if need[0] else None,
+        dw.to(weight.dtype) if need[1] else None,
+        db.to(bias.dtype) if need[2] else None,
+        dx if need[3] else None,
+    )

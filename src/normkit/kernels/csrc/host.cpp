@@ -299,36 +299,38 @@ struct Norm : public torch::autograd::Function<Norm> {
     launch_forward(rows(x, m, n), w, b, r.defined() ? rows(r, m, n) : r,
                    h.defined() ? rows(h, m, n) : h, rows(y, m, n), stats, eps, rms, false, -1);
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({x, w, b, r, h, stats});
+    // Only what backward reads: the normalized input (h, an output, with a residual: x and r
+    // are not kept, one (M, N) tensor instead of three), γ, β and the per-row statistics.
+    ctx->save_for_backward({r.defined() ? h : x, w, b, stats});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["rms"] = rms;
+    ctx->saved_data["residual"] = r.defined();
     if (r.defined()) return {y, h};
     return {y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list s = ctx->get_saved_variables();
-    const at::Tensor &x = s[0], &w = s[1], &b = s[2], &r = s[3], &h = s[4], &stats = s[5];
-    const bool rms = ctx->saved_data["rms"].toBool();
+    const at::Tensor &v = s[0], &w = s[1], &b = s[2], &stats = s[3];
+    const bool rms = ctx->saved_data["rms"].toBool(), res = ctx->saved_data["residual"].toBool();
     at::Tensor dy = grads[0];
     at::Tensor dh = grads.size() > 1 ? grads[1] : at::Tensor();
     // needs_input_grad counts the node's inputs, which are only the tensors that were given
     size_t edge = 0;
     auto needs = [&](bool given) { return given && ctx->needs_input_grad(edge++); };
     const bool need_x = needs(true), need_w = needs(w.defined()), need_b = needs(b.defined()),
-               need_r = needs(r.defined());
+               need_r = needs(res);
     if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True: the reference's
       py::gil_scoped_acquire gil;
-      py::tuple g = (*g_double_backward)(py::make_tuple(need_x, need_w, need_b, need_r), x, w,
-                                         b, r, dy, dh, ctx->saved_data["eps"].toDouble(), rms);
+      py::tuple g = (*g_double_backward)(py::make_tuple(need_x, need_w, need_b, need_r), v, w,
+                                         b, dy, dh, ctx->saved_data["eps"].toDouble(), rms);
       auto get = [&](int i) {
         return g[i].is_none() ? at::Tensor() : THPVariable_Unpack(g[i].ptr());
       };
       return {get(0), get(1), get(2), get(3), at::Tensor(), at::Tensor()};
     }
-    const at::Tensor& v = r.defined() ? h : x;
     const int64_t n = v.size(-1), m = v.numel() / n;
-    dy = dy.defined() ? dy.contiguous() : at::zeros_like(x);  // undefined: only h was used
+    dy = dy.defined() ? dy.contiguous() : at::zeros_like(v);  // undefined: only h was used
     if (dh.defined()) dh = rows(dh.contiguous(), m, n);
     at::ScalarType pd = w.defined() ? w.scalar_type()
                                     : (b.defined() ? b.scalar_type() : compute_dtype(kind_of(v.scalar_type())));
