@@ -566,12 +566,15 @@ def test_torch_compile_fullgraph_same_results():
 
 def test_custom_ops_are_registered():
     import normkit.functional  # noqa: F401  (``import normkit`` is lazy: this registers the ops)
+    from normkit._ops import BWD, FWD
 
-    assert hasattr(torch.ops.normkit, "norm_fwd") and hasattr(torch.ops.normkit, "norm_bwd")
+    assert (FWD, BWD) == ("normkit::norm_fwd_v2", "normkit::norm_bwd_v2")
+    assert hasattr(torch.ops.normkit, "norm_fwd_v2") and hasattr(torch.ops.normkit, "norm_bwd_v2")
     x = torch.randn(3, 8)
-    y, h, stats = torch.ops.normkit.norm_fwd(x, None, None, None, 1e-5, False, False, "torch", None)
+    y, h, stats = torch.ops.normkit.norm_fwd_v2(x, None, None, None, 1e-5, False, False, "torch",
+                                                None)
     assert torch.equal(y, normkit.layer_norm(x, 8)) and h.numel() == 0 and stats.shape == (3, 3)
-    torch.library.opcheck(torch.ops.normkit.norm_fwd.default,
+    torch.library.opcheck(torch.ops.normkit.norm_fwd_v2.default,
                           (x, torch.randn(8), torch.randn(8), torch.randn(3, 8), 1e-5, False,
                            False, "torch", None))
 

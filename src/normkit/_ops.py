@@ -1,4 +1,4 @@
-"""How graphs see the op: the ``normkit::norm_fwd`` / ``normkit::norm_bwd`` custom ops
+"""How graphs see the op: the ``normkit::norm_fwd_v2`` / ``normkit::norm_bwd_v2`` custom ops
 (``torch.library``, with fake implementations and a registered backward) that ``torch.compile``
 traces through without graph breaks, and torch's own ops for tracers and exporters
 (``_traceable``).  The custom-op machinery costs several µs per call in eager mode, which is
@@ -17,8 +17,16 @@ from .kernels import reference
 
 _tracing_state = torch._C._get_tracing_state
 
+# The ops' names carry the version of their signatures and meaning: torch.compile's on-disk
+# caches (FX graph, AOTAutograd) know a graph's custom ops by name, not by code, so an op
+# changed under its old name would be served compiled code of the old one after an upgrade
+# ("norm_bwd() expected at most 11 argument(s) but received 13").  Bump it with any change.
+OPS_VERSION = 2
+FWD = f"normkit::norm_fwd_v{OPS_VERSION}"
+BWD = f"normkit::norm_bwd_v{OPS_VERSION}"
 
-@torch.library.custom_op("normkit::norm_fwd", mutates_args=())
+
+@torch.library.custom_op(FWD, mutates_args=())
 def _norm_fwd_op(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -56,7 +64,7 @@ def _(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype):
     return y, h, stats
 
 
-@torch.library.custom_op("normkit::norm_bwd", mutates_args=())
+@torch.library.custom_op(BWD, mutates_args=())
 def _norm_bwd_op(
     dy: torch.Tensor,
     dh: torch.Tensor | None,
@@ -122,7 +130,7 @@ def _fwd_backward(ctx, dy, dh, dstats):
 
 
 torch.library.register_autograd(
-    "normkit::norm_fwd", _fwd_backward, setup_context=_fwd_setup_context
+    FWD, _fwd_backward, setup_context=_fwd_setup_context
 )
 
 
