@@ -550,6 +550,22 @@ class _Block(torch.nn.Module):
 
 
 @pytest.mark.slow
+def test_torch_compile_as_the_first_call_of_a_process(tmp_path):
+    """A fresh process whose first normkit call is a compiled one: the kernels load when the
+    compiled graph runs, not inside dynamo's trace (which cannot trace their set-up)."""
+    out = run_python("""
+        import torch, normkit
+        m = normkit.nn.LayerNorm(16)
+        x = torch.randn(4, 16, requires_grad=True)
+        y = torch.compile(m, fullgraph=True)(x)
+        y.sum().backward()
+        ref = torch.nn.functional.layer_norm(x, (16,), m.weight, m.bias)
+        print(torch.allclose(y, ref, atol=1e-6), x.grad is not None)
+        """, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert out.split() == ["True", "True"]
+
+
+@pytest.mark.slow
 def test_torch_compile_fullgraph_same_results():
     torch._dynamo.reset()
     m = _Block(48)

@@ -208,7 +208,10 @@ def _eager_double_backward(need, v, weight, bias, dy, dh, eps, rms):
 def _first_call(x):
     """``_fast`` for a call made before the CPU backend was loaded: load it when x is a CPU tensor
     (CUDA-only use never loads it).  None when the fast paths are off."""
-    if _cpu_module is None and _cpu_error is None and isinstance(x, torch.Tensor) and x.is_cpu:
+    if (_cpu_module is None and _cpu_error is None and isinstance(x, torch.Tensor) and x.is_cpu
+            and not torch.compiler.is_compiling()):
+        # Under torch.compile the op is traced, not run: its kernels load when the compiled
+        # graph first runs (loading configures the extension, which dynamo cannot trace).
         _load_cpu()
     return _fast
 
