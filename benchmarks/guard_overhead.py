@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the shared helper model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _monitor_models import TinyTransformer  # noqa: E402
-from watch_overhead import BATCH, CFG, _machine, stats  # noqa: E402  (the same model and batch)
+from watch_overhead import BATCH, CFG, header, stats  # noqa: E402  (the same model and batch)
 
 import normkit  # noqa: E402
 from normkit.guard import Guard, _sum_into  # noqa: E402
@@ -137,13 +137,7 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
 
     result = {
-        "schema": "normkit.bench.guard_overhead",
-        "schema_version": 1,
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "load_average_before": load0,
-        "load_average_after": load1,
-        "wall_seconds": time.time() - t_start,
+        **header("normkit.bench.guard_overhead", load0, load1, t_start),
         "model": {**CFG, "batch": BATCH, "norm_layers": 13, "norms": "normkit.nn.LayerNorm",
                   "mode": "eval, torch.no_grad()"},
         "guard": {"action": "record", "checks": ["nonfinite", "rstd", "scale"],

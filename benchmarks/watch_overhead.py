@@ -83,6 +83,15 @@ def _machine() -> dict:
     return info
 
 
+def header(schema: str, load0, load1, t_start: float) -> dict:
+    """The fields every result file of these benchmarks starts with (shared with
+    guard_overhead.py): what it is, when, on what machine, under what load, how long."""
+    return {"schema": schema, "schema_version": 1,
+            "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": _machine(), "load_average_before": load0, "load_average_after": load1,
+            "wall_seconds": time.time() - t_start}
+
+
 def stats(v: list[float]) -> dict:
     """Median with the 25-75% spread (shared with guard_overhead.py)."""
     q = statistics.quantiles(v, n=4)
@@ -165,13 +174,7 @@ def main(argv=None) -> int:
         w.stop()
 
     result = {
-        "schema": "normkit.bench.watch_overhead",
-        "schema_version": 1,
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "load_average_before": load0,
-        "load_average_after": load1,
-        "wall_seconds": time.time() - t_start,
+        **header("normkit.bench.watch_overhead", load0, load1, t_start),
         "model": {**CFG, "batch": BATCH, "norm_layers": 13, "norms": "normkit.nn.LayerNorm",
                   "optimizer": "AdamW"},
         "method": "every=1: single steps alternated A,B1,A,...; overhead = B1 step / mean of the "
