@@ -40,7 +40,7 @@ def test_demo_shows_each_failure_mode(demo_dir):
     g = s["guard"]
     assert g["healthy_trips"] == 0 and g["fell_back"], g
     assert any(t["check"] == "nonfinite" and t["action"] == "fallback" for t in g["trips"]), g
-    assert "TRIPPED" in stdout
+    assert "TRIPPED" in stdout and "canary: version 2 promote, version 3 rollback" in stdout
     report = (out / "report.md").read_text()
     assert "**promote**" in report and "**rollback**" in report
     assert s["audit"]["ok"], s["audit"]

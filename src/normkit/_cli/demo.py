@@ -1,8 +1,10 @@
 """The whole library on one small model, in a few minutes on a laptop CPU: train a pre-LN
 transformer built from normkit norms on Python's standard library with telemetry on (JSONL and
 a Prometheus endpoint on 127.0.0.1), save a baseline, serve shifted traffic (drift alert),
-corrupt a weight (NaN alert with its origin layer), audit the model for release (ONNX parity
-included), benchmark the kernels, and write normkit-demo/report.html.
+corrupt a weight (NaN alert with its origin layer), canary two candidate versions (one promoted,
+one rolled back) and trip a serving guard that falls back to the previous version, audit the
+model for release (ONNX parity included), benchmark the kernels, and write
+normkit-demo/report.html.
 
 examples:
   normkit demo
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(con, summary: dict) -> None:
-    """The demo's closing lines on ``con``: loss, alerts, the NaN origin, audit, report path."""
+    """The demo's closing lines on ``con``: loss, alerts, the NaN origin, the canary's verdicts,
+    the guard, audit, report path."""
     from .._console import lit
 
     con.print()
@@ -52,6 +55,11 @@ def print_summary(con, summary: dict) -> None:
     con.print(f"  drift alerts (ticket): {len(summary['drift_alerts'])}")
     con.print(f"  NaN alert (page): origin [bold]{lit(summary['nan_origin'])}[/bold] "
               f"(Inf injected into {lit(summary['nan_injected_at'])})")
+    verdicts = ", ".join(f"version {c['version']} {c['decision']}" for c in summary["canary"])
+    con.print(f"  canary: {lit(verdicts)}")
+    g = summary["guard"]
+    con.print(f"  guard: tripped on {lit(g['fault'])}, fell back to the previous version: "
+              f"{g['fell_back']}")
     a = summary["audit"]
     con.print(f"  audit: {'pass' if a['ok'] else 'FAIL'} — {lit(a['counts'])}")
     con.print(f"  report: [bold]{lit(summary['report'])}[/bold]")
