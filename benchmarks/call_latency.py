@@ -80,8 +80,9 @@ def main(argv=None) -> int:
                                             "cpus": os.cpu_count(),
                                             "loadavg": os.getloadavg()},
                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
+        from normkit._io import write_json_atomic
+
+        write_json_atomic(args.out, doc)
     return 0
 
 

@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +50,7 @@ from _monitor_models import TinyTransformer  # noqa: E402
 from watch_overhead import BATCH, CFG, header, stats  # noqa: E402  (the same model and batch)
 
 import normkit  # noqa: E402
+from normkit._io import write_json_atomic  # noqa: E402
 from normkit.guard import Guard, _sum_into  # noqa: E402
 from normkit.monitor import watch  # noqa: E402
 
@@ -165,10 +164,7 @@ def main(argv=None) -> int:
     path = args.out or (ROOT / "benchmarks" / "results" /
                        f"guard-overhead-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmpname = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmpname, path)  # atomic, like every file normkit writes
+    write_json_atomic(path, result)  # atomic, like every file normkit writes
     for c in clocks:
         log.info("%s: bare step %.1f ms; guard overhead %.2f%% [%.2f, %.2f] (median [p25, p75])",
                  c, result["bare_step_ms"][c]["median"],

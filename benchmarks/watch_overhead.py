@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import logging
 import os
 import platform
@@ -54,6 +53,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the shared helper model
 from _monitor_models import TinyTransformer  # noqa: E402
 
 import normkit  # noqa: E402
+from normkit._io import write_json_atomic  # noqa: E402
 from normkit.monitor import (  # noqa: E402
     JsonlExporter,
     OpenTelemetryExporter,
@@ -192,10 +192,7 @@ def main(argv=None) -> int:
     out = args.out or (ROOT / "benchmarks" / "results" /
                        f"watch-overhead-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmpname = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmpname, out)  # atomic, like every file normkit writes
+    write_json_atomic(out, result)  # atomic, like every file normkit writes
     log.info("unwatched step %.1f ms; overhead every=1 %.2f%% [%.2f, %.2f], every=10 %.2f%% "
              "[%.2f, %.2f]; load %s -> %s; written %s",
              result["unwatched_step_ms"]["median"],
