@@ -17,18 +17,24 @@ from normkit._cli.main import COMMANDS
 SRC = Path(importlib.util.find_spec("normkit").origin).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", ["", *COMMANDS])
-def test_help_does_not_import_torch(command):
-    """The console script imports the package ``normkit``; the time of ``normkit --help`` was
-    torch's import (2.3 s of CPU).  The test checks the cause, not a wall time."""
+def _cli_then_heavy(argv: list[str]):
+    """``normkit ARGV`` run as the console script runs it, in a fresh interpreter, which then
+    prints ``HEAVY [...]``: the heavy modules (torch, numpy, rich) it imported."""
     code = ("import runpy, sys\n"
-            f"sys.argv = ['normkit', *{command.split()!r}, '--help']\n"
+            f"sys.argv = ['normkit', *{argv!r}]\n"
             "try:\n"
             "    runpy.run_module('normkit._cli.main', run_name='__main__')\n"
             "except SystemExit as e:\n"
             "    assert e.code == 0, e.code\n"
             "print('HEAVY', [m for m in ('torch', 'numpy', 'rich') if m in sys.modules])\n")
-    p = _python(code, timeout=60)
+    return _python(code, timeout=60)
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_does_not_import_torch(command):
+    """The console script imports the package ``normkit``; the time of ``normkit --help`` was
+    torch's import (2.3 s of CPU).  The test checks the cause, not a wall time."""
+    p = _cli_then_heavy([*command.split(), "--help"])
     assert p.returncode == 0, p.stderr
     assert "usage: normkit" in p.stdout
     assert p.stdout.splitlines()[-1] == "HEAVY []"
@@ -75,13 +81,6 @@ def test_version_is_the_running_codes_without_torch():
     distribution pip installed under the name, and answers without importing torch."""
     from normkit._provenance import __version__
 
-    code = ("import runpy, sys\n"
-            "sys.argv = ['normkit', '--version']\n"
-            "try:\n"
-            "    runpy.run_module('normkit._cli.main', run_name='__main__')\n"
-            "except SystemExit as e:\n"
-            "    assert e.code == 0, e.code\n"
-            "print('HEAVY', [m for m in ('torch', 'numpy', 'rich') if m in sys.modules])\n")
-    p = _python(code, timeout=60)
+    p = _cli_then_heavy(["--version"])
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == [f"normkit {__version__}", "HEAVY []"]
