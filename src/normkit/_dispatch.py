@@ -289,11 +289,6 @@ def _set_stats_sink(sink):
     return previous
 
 
-def _sink():
-    """This thread's statistics sink, or None (one global read while no thread has one)."""
-    return getattr(_tls, "sink", None) if _observers else None
-
-
 def _report_stats(sink, stats, eps, rms):
     """Hand a kernel's (M, 3) [m1, dm, rstd] statistics to the sink as (mean, rstd)."""
     _report(sink, stats[:, 0] + stats[:, 1], stats[:, 2], eps, rms)

@@ -243,6 +243,7 @@ def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return
         # or attribute reads at each use).
         eps, rms, zc, casting, out_dtype = opts
         kern = _select(x2, w, b, casting, out_dtype) if m and n else None
+        # this thread's statistics sink (one global read while no thread has one)
         sink = getattr(_dispatch._tls, "sink", None) if _dispatch._observers else None
         if kern is None:
             y, h, mean, rstd = reference.norm_forward(x2, w, b, r2, eps, rms, zc, casting,
