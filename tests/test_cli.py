@@ -255,6 +255,8 @@ def test_demo_prints_alerts_and_summary_literally(monkeypatch, capsys):
         normkit._demo.announcer(console)(alert)  # how the demo prints an alert as it opens
         return {"wall_s": 1.0, "train": {"loss_first": 2.0, "loss_last": 1.0, "steps": 3},
                 "drift_alerts": [], "nan_origin": "[bold]o[/x]", "nan_injected_at": "[bold]o[/x]",
+                "canary": [{"version": "[bold]2", "decision": "promote"}],
+                "guard": {"fault": "[/x].weight", "fell_back": True},
                 "audit": {"ok": True, "counts": {"error": 0}}, "report": f"{out_dir}/report.html"}
 
     monkeypatch.setattr(normkit._demo, "run_demo", fake_run_demo)
@@ -264,3 +266,5 @@ def test_demo_prints_alerts_and_summary_literally(monkeypatch, capsys):
     assert "PAGE nonfinite: non-finite values, origin [/x] [bold]y" in text
     assert "origin [bold]o[/x] (Inf injected into [bold]o[/x])" in text
     assert "report: /tmp/[/x]:thumbs_up:/report.html" in text
+    assert "canary: version [bold]2 promote" in text
+    assert "guard: tripped on [/x].weight, fell back to the previous version: True" in text
