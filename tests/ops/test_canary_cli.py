@@ -108,6 +108,8 @@ def test_bad_baseline_and_bad_time_exit_2(files, capsys, tmp_path):
 def test_parse_time():
     assert parse_time("15m", now=1000.0) == 100.0
     assert parse_time("1d", now=86400.0) == 0.0
+    assert parse_time("1h30m", now=6000.0) == 600.0  # --silence-for's syntax, compound too
+    assert parse_time("500ms", now=1.0) == 0.5
     assert parse_time("1234.5") == 1234.5
     assert parse_time("1970-01-01T00:01:00Z") == 60.0
     assert parse_time("1970-01-01T01:01:00+01:00") == 60.0

@@ -62,7 +62,7 @@ def _prometheus_alerts() -> dict[str, dict[str, str]]:
 
 def test_every_prometheus_alert_links_an_existing_page_that_names_it():
     alerts = _prometheus_alerts()
-    assert len(alerts) == 9
+    assert len(alerts) == 11
     for name, rule in alerts.items():
         page = _page_of(rule["runbook_url"])
         assert page.is_file(), (name, page)

@@ -9,7 +9,7 @@ examples:
       --model lm --version v8 --policy canary.yml --output verdict.md
 
 --since and --until: Unix seconds, an ISO 8601 time, or a duration before now (30s, 15m, 2h,
-1d).
+1d, 1h30m).
 
 exit codes: 0 promote, 1 hold or roll back (the reasons say which and why), 2 could not run
 (a one-line reason naming the file or argument).
@@ -19,26 +19,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 HELP = "promote, hold or roll back a candidate from its telemetry against a baseline"
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_time(text: str, now: float | None = None) -> float:
     """Unix seconds from ``text``: a number, an ISO 8601 time (UTC unless it says), or a
-    duration before ``now`` such as 15m."""
+    duration before ``now`` such as 15m or 1h30m (``--silence-for``'s syntax)."""
+    from ..monitor.alertmanager import parse_duration  # one duration syntax with --silence-for
+
     now = time.time() if now is None else now
-    m = _DURATION.match(text.strip())
-    if m:
-        return now - float(m.group(1)) * _UNIT[m.group(2)]
     try:
         return float(text)
+    except ValueError:
+        pass
+    try:
+        return now - parse_duration(text).total_seconds()
     except ValueError:
         pass
     from datetime import datetime, timezone
@@ -48,7 +48,7 @@ def parse_time(text: str, now: float | None = None) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid time {text!r}; Unix seconds, an ISO 8601 time or a duration such as "
-            "15m") from None
+            "15m or 1h30m") from None
     return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
 
 
