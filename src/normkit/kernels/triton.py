@@ -316,7 +316,7 @@ def _bwd_x_hat(x, B, cols, cmask, m1, dm, rstd, ginv, FROM_Y: tl.constexpr,
 def _bwd_dots_kernel(
     X, DY, W, S, C, N, nchunk,
     BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr, ZC: tl.constexpr,
-    B=None, FROM_Y: tl.constexpr = False, HAS_YB: tl.constexpr = False,
+    B, FROM_Y: tl.constexpr, HAS_YB: tl.constexpr,
 ):
     """Looped rows: C[i] = (mean(g·dy), mean(g·dy·x̂)) (first 0 for RMS), chunk sums in order."""
     i = tl.program_id(0).to(tl.int64)
@@ -354,7 +354,7 @@ def _bwd_kernel(
     X, DY, DH, DX, W, S, C, PW, PB, M, N, rpb,
     BLOCK: tl.constexpr, LOOP: tl.constexpr, RMS: tl.constexpr, HAS_DH: tl.constexpr,
     HAS_W: tl.constexpr, ZC: tl.constexpr, NK: tl.constexpr, WANT_W: tl.constexpr,
-    WANT_B: tl.constexpr, B=None, FROM_Y: tl.constexpr = False, HAS_YB: tl.constexpr = False,
+    WANT_B: tl.constexpr, B, FROM_Y: tl.constexpr, HAS_YB: tl.constexpr,
 ):
     """Rows [blk·rpb, (blk+1)·rpb) × one column chunk: dx, and this block's dγ/dβ partial row.
 
@@ -576,7 +576,8 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
         else None
     if from_y:
         _check_lean_gamma(w, zero_centered)
-    lean = {"B": yb, "FROM_Y": bool(from_y), "HAS_YB": yb is not None}
+    # B: β of the memory-efficient backward (x stands in for an absent one, as for W)
+    lean = {"B": x if yb is None else yb, "FROM_Y": bool(from_y), "HAS_YB": yb is not None}
     want_w = bool(need_dw) and w is not None
     want_b = bool(need_dw) and bool(has_bias)
     dy = dy.contiguous()
