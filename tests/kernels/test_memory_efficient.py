@@ -59,7 +59,8 @@ def _grads(fn, tensors, dy, dh):
     out = fn(*leaves)
     outs, gs = ((out[0], out[1]), (dy, dh)) if isinstance(out, tuple) else ((out,), (dy,))
     wrt = [t for t in leaves if t is not None]
-    return out, torch.autograd.grad(outs, wrt, [g.to(o.dtype) for o, g in zip(outs, gs)])
+    grads = [g.to(o.dtype) for o, g in zip(outs, gs, strict=True)]
+    return out, torch.autograd.grad(outs, wrt, grads)
 
 
 # (dtype, M, N, rms, residual): N=1, odd N, N not a power of two, M=1, each dtype, both norms
@@ -118,8 +119,8 @@ def test_options_without_gamma_and_zero_centered(route, rms):
     w, b = _params(n, rms, zc=True)
     for ww, zc in ((None, False), (w, True)):
         tensors = (x, ww, b, None)
-        _, lean = _grads(lambda *a: _norm(*a, rms, True, zc), tensors, dy, None)
-        _, full = _grads(lambda *a: _norm(*a, rms, False, zc), tensors, dy, None)
+        _, lean = _grads(lambda *a, zc=zc: _norm(*a, rms, True, zc), tensors, dy, None)
+        _, full = _grads(lambda *a, zc=zc: _norm(*a, rms, False, zc), tensors, dy, None)
         for a, e in zip(lean, full, strict=True):
             assert torch.allclose(a, e, rtol=1e-5, atol=1e-5), (zc, float((a - e).abs().max()))
 
@@ -261,7 +262,7 @@ def test_modules_take_the_option():
         assert lean.state_dict().keys() == plain.state_dict().keys()
         x = torch.randn(3, 16, requires_grad=True)
         args = (x, torch.randn(3, 16)) if cls.__name__.startswith("Fused") else (x,)
-        _, saved = _saved_while(lambda: lean(*args))
+        _, saved = _saved_while(lambda m=lean, a=args: m(*a))
         assert sum(t.numel() == x.numel() for t in saved) == 1
         with pytest.raises(ValueError, match="memory_efficient=True needs casting"):
             cls(16, casting="llama", memory_efficient=True)
