@@ -239,6 +239,23 @@ def test_compiled_call_saves_y():
         assert torch.equal(a, e)
 
 
+def test_compiled_call_on_the_reference_backend():
+    """Under torch.compile with the reference backend the custom op's forward runs the
+    reference, which then hands on the statistics, so that the backward from y runs on the
+    kernels (the reference's backward needs the normalized input)."""
+    n = 24
+    torch._dynamo.reset()
+    x, dy = torch.randn(5, n), torch.randn(5, n)
+    w, b = _params(n, False)
+    tensors = (x, w, b, None)
+    with normkit.use_backend("reference"):
+        compiled = torch.compile(lambda *a: _norm(*a, False, True), fullgraph=True)
+        _, got = _grads(compiled, tensors, dy, None)
+    _, want = _grads(lambda *a: _norm(*a, False, False), tensors, dy, None)
+    for a, e in zip(got, want, strict=True):
+        assert torch.allclose(a, e, rtol=1e-4, atol=1e-5), float((a - e).abs().max())
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(casting="llama"), "casting 'torch' or 'gemma', not 'llama'"),
     (dict(casting="t5"), "not 't5'"),
