@@ -118,7 +118,8 @@ def layer_norm(
             its bits are unchanged; the gradients lose what y's rounding loses (about
             ``ulp(y) / |g|`` in x̂).  Needs y in x.dtype ("torch"/"gemma" casting, no other
             ``out_dtype``); the backward raises ValueError where ``g`` is 0 (x̂ is lost
-            there) and under ``create_graph=True``.  The reference backend ignores it.
+            there) and under ``create_graph=True``.  Eager calls on the reference backend
+            ignore it.
 
     Returns:
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype).
