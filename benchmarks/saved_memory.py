@@ -6,14 +6,18 @@ statistics (it used to save x, the residual and h: three).
 
 * Per layer: one training call of the fused add+norm (LayerNorm and RMSNorm, float32 and
   bfloat16, M×N = 4096×1024) on the eager C++ node and on the general path (``_NormFunction``),
-  and torch's composition ``h = x + r; F.layer_norm(h)`` for comparison.  Reported: bytes of
-  every tensor saved, and how many of them are M×N.
+  each also with ``memory_efficient=True`` (y saved instead of h), and torch's composition
+  ``h = x + r; F.layer_norm(h)`` for comparison.  Reported: bytes of every tensor saved, and
+  how many of them are M×N.
 * Step: a 6-block pre-LN decoder (d=256, 4 heads, seq 128, batch 8, vocab 512) whose residual
   adds are fused into its 13 LayerNorms (``normkit.layer_norm(out, ..., residual=h,
   return_residual=True)``: the residual stream h comes back from the norm), against the same
-  model with torch's add then ``F.layer_norm``.  Reported: the bytes of the distinct storages
-  the graph holds for backward when the forward ends (parameters left out) — the activation
-  peak of the step, since backward only frees them — and the sum over every save.
+  model with torch's add then ``F.layer_norm``, and the fused model with
+  ``memory_efficient=True`` (each norm keeps its output y, which the next linear layer keeps
+  anyway, so the norms add no M×N tensor of their own).  Reported: the bytes of the
+  distinct storages the graph holds for backward when the forward ends (parameters left out) —
+  the activation peak of the step, since backward only frees them — and the sum over every
+  save.
 
 Byte counts are exact and deterministic (no timing, so the shared machine's load does not
 matter).  CPU peak RSS is too noisy for this and is not used.  Before/after: run it on each
@@ -66,10 +70,16 @@ def _general_path():
         _dispatch._fast, _dispatch._refresh_fast = fast, refresh
 
 
-def fused(x, w, b, r, rms):
+def fused(x, w, b, r, rms, lean=False):
     if rms:
-        return normkit.rms_norm(x, N, w, 1e-6, residual=r, return_residual=True)
-    return normkit.layer_norm(x, N, w, b, residual=r, return_residual=True)
+        return normkit.rms_norm(x, N, w, 1e-6, residual=r, return_residual=True,
+                                memory_efficient=lean)
+    return normkit.layer_norm(x, N, w, b, residual=r, return_residual=True,
+                              memory_efficient=lean)
+
+
+def fused_lean(x, w, b, r, rms):
+    return fused(x, w, b, r, rms, lean=True)
 
 
 def composed(x, w, b, r, rms):
@@ -86,6 +96,10 @@ def per_layer() -> list[dict]:
             b = None if rms else torch.randn(N, dtype=dtype, requires_grad=True)
             for route, ctx, fn in (("normkit eager (C++ node)", contextlib.nullcontext, fused),
                                    ("normkit general path", _general_path, fused),
+                                   ("normkit eager, memory_efficient", contextlib.nullcontext,
+                                    fused_lean),
+                                   ("normkit general, memory_efficient", _general_path,
+                                    fused_lean),
                                    ("torch add + norm", contextlib.nullcontext, composed)):
                 with ctx(), _counting() as saved:
                     y, _ = fn(x, w, b, r, rms)
@@ -103,9 +117,9 @@ def per_layer() -> list[dict]:
 class Block(nn.Module):
     """Pre-LN block taking (sublayer output, residual stream) and returning the same pair."""
 
-    def __init__(self, d, heads, fused):
+    def __init__(self, d, heads, fused, lean=False):
         super().__init__()
-        self.heads, self.fused = heads, fused
+        self.heads, self.fused, self.lean = heads, fused, lean
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
@@ -118,42 +132,42 @@ class Block(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
     def forward(self, out, h):
-        y, h = add_norm(self.ln1, out, h, self.fused)
+        y, h = add_norm(self.ln1, out, h, self.fused, self.lean)
         out = self.attn(y)
-        y, h = add_norm(self.ln2, out, h, self.fused)
+        y, h = add_norm(self.ln2, out, h, self.fused, self.lean)
         return self.fc2(F.gelu(self.fc1(y))), h
 
 
-def add_norm(ln, out, h, fused):
+def add_norm(ln, out, h, fused, lean=False):
     """(LayerNorm(h + out), h + out); the first call of a model has no h yet."""
     if fused:
         return normkit.layer_norm(out, ln.normalized_shape, ln.weight, ln.bias, ln.eps,
-                                  residual=h, return_residual=True)
+                                  residual=h, return_residual=True, memory_efficient=lean)
     h = out if h is None else h + out
     return F.layer_norm(h, ln.normalized_shape, ln.weight, ln.bias, ln.eps), h
 
 
 class Decoder(nn.Module):
-    def __init__(self, fused, vocab=512, d=256, heads=4, layers=6, seq=128):
+    def __init__(self, fused, vocab=512, d=256, heads=4, layers=6, seq=128, lean=False):
         super().__init__()
-        self.fused = fused
+        self.fused, self.lean = fused, lean
         self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(seq, d) * 0.02)
-        self.blocks = nn.ModuleList(Block(d, heads, fused) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, fused, lean) for _ in range(layers))
         self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
 
     def forward(self, idx):
         out, h = self.emb(idx) + self.pos[: idx.shape[1]], None
         for blk in self.blocks:
             out, h = blk(out, h)
-        y, _ = add_norm(self.ln_f, out, h, self.fused)
+        y, _ = add_norm(self.ln_f, out, h, self.fused, self.lean)
         return self.head(y)
 
 
 def step() -> list[dict]:
     rows = []
-    for fused in (True, False):
+    for fused, lean in ((True, False), (True, True), (False, False)):
         torch.manual_seed(0)
-        model = Decoder(fused)
+        model = Decoder(fused, lean=lean)
         idx = torch.randint(0, 512, (8, 128))
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         with _counting() as saved:
@@ -162,7 +176,8 @@ def step() -> list[dict]:
                     for t in saved if t.untyped_storage().data_ptr() not in params}
         loss.backward()  # the step itself still runs
         rows.append({
-            "model": "normkit fused add+LN" if fused else "torch add + F.layer_norm",
+            "model": ("torch add + F.layer_norm" if not fused else
+                      "normkit fused add+LN, memory_efficient" if lean else "normkit fused add+LN"),
             "activation_bytes_held": sum(storages.values()),
             "saved_bytes_sum_over_saves": sum(t.nbytes for t in saved),
             "saves": len(saved),
@@ -192,10 +207,10 @@ def main(argv=None) -> int:
     write_json_atomic(path, doc)
     mxn = {"float32": M * N * 4, "bfloat16": M * N * 2}
     for r in doc["per_layer"]["rows"]:
-        print(f"{r['op']:4} {r['dtype']:9} {r['route']:26} {r['saved_mxn_tensors']} M×N tensors, "
+        print(f"{r['op']:4} {r['dtype']:9} {r['route']:34} {r['saved_mxn_tensors']} M×N tensors, "
               f"{r['saved_bytes'] / mxn[r['dtype']]:.3f} × M×N bytes ({r['saved_bytes']} B)")
     for r in doc["step"]["rows"]:
-        print(f"step {r['model']:26} {r['activation_bytes_held'] / 2**20:7.2f} MiB held "
+        print(f"step {r['model']:38} {r['activation_bytes_held'] / 2**20:7.2f} MiB held "
               f"({r['saves']} saves, {r['saved_bytes_sum_over_saves'] / 2**20:.2f} MiB summed)")
     print(f"written to {path}")
     return 0

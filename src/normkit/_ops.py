@@ -37,14 +37,19 @@ def _norm_fwd_op(
     zero_centered: bool,
     casting: str,
     out_dtype: torch.dtype | None,
+    memory_efficient: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, stats) on rows; h and stats are empty when not produced."""
+    """(y, h, stats) on rows; h and stats are empty when not produced.  memory_efficient: the
+    backward recomputes x̂ from y (see _fwd_setup_context)."""
     kern = _select(x, weight, bias, casting, out_dtype) if x.numel() else None
     if kern is None:
         y, h, mean, rstd = reference.norm_forward(
             x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype
         )
         stats = x.new_empty(0, dtype=reference.compute_dtype(x.dtype))
+        if memory_efficient and x.numel():
+            # The backward from y runs on the kernels, which read rstd from [m1, dm, rstd].
+            stats = torch.stack([mean, torch.zeros_like(mean), rstd], 1)
     else:
         y, h, stats = kern.forward(
             x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, True
@@ -53,7 +58,8 @@ def _norm_fwd_op(
 
 
 @_norm_fwd_op.register_fake
-def _(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype):
+def _(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype,
+      memory_efficient=False):
     m, n = x.shape
     od = reference.output_dtype(
         x.dtype, None if weight is None else weight.dtype, casting, out_dtype
@@ -77,16 +83,17 @@ def _norm_bwd_op(
     zero_centered: bool,
     casting: str,
     out_dtype: torch.dtype | None,
+    from_y: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); dweight/dbias empty when there is no weight/bias.  v: the
-    normalized input (x, or h with a residual)."""
+    normalized input (x, or h with a residual), or with ``from_y`` the output y."""
     if stats.numel() == 0:  # forward ran on the reference (autograd cannot run in here)
         dx, dw, db = reference.norm_backward(dy, dh, v, weight, bias is not None, eps, rms,
                                              zero_centered, casting)
     else:
         opts = NormOptions(eps, rms, zero_centered, casting, out_dtype)
         dx, dw, db = _kernel_backward(_backward_kernels(stats), v, weight, bias, stats, dy, dh,
-                                      opts, True)
+                                      opts, True, from_y)
     dw = v.new_empty(0) if dw is None else dw.to(weight.dtype)
     db = v.new_empty(0) if db is None else db.to(bias.dtype)
     # A kernel may return dγ and dβ as rows of one buffer (the triton backend with one row
@@ -98,7 +105,8 @@ def _norm_bwd_op(
 
 
 @_norm_bwd_op.register_fake
-def _(dy, dh, v, weight, bias, stats, eps, rms, zero_centered, casting, out_dtype):
+def _(dy, dh, v, weight, bias, stats, eps, rms, zero_centered, casting, out_dtype,
+      from_y=False):
     dw = v.new_empty(0) if weight is None else torch.empty_like(weight)
     db = v.new_empty(0) if bias is None else torch.empty_like(bias)
     return torch.empty_like(v, memory_format=torch.contiguous_format), dw, db
@@ -106,11 +114,13 @@ def _(dy, dh, v, weight, bias, stats, eps, rms, zero_centered, casting, out_dtyp
 
 def _fwd_setup_context(ctx, inputs, output):
     x, weight, bias, residual = inputs[:4]
-    _, h, stats = output
-    # As _NormFunction: the normalized input (h with a residual), γ, β and the statistics only.
-    ctx.save_for_backward(x if residual is None else h, weight, bias, stats)
+    y, h, stats = output
+    # As _NormFunction: the normalized input (h with a residual), or y with memory_efficient,
+    # γ, β and the statistics only.
+    ctx.lean = bool(inputs[9]) if len(inputs) > 9 else False
+    ctx.save_for_backward(y if ctx.lean else (x if residual is None else h), weight, bias, stats)
     ctx.has_residual = residual is not None
-    ctx.opts = NormOptions(*inputs[4:])
+    ctx.opts = NormOptions(*inputs[4:9])
 
 
 def _fwd_backward(ctx, dy, dh, dstats):
@@ -119,13 +129,13 @@ def _fwd_backward(ctx, dy, dh, dstats):
         dh = None
     if dy is None:
         dy = _zero_dy(v, weight, ctx.opts)
-    dx, dw, db = _norm_bwd_op(dy, dh, v, weight, bias, stats, *ctx.opts)
+    dx, dw, db = _norm_bwd_op(dy, dh, v, weight, bias, stats, *ctx.opts, ctx.lean)
     return (
         dx,
         dw if weight is not None else None,
         db if bias is not None else None,
         dx if ctx.has_residual else None,
-        None, None, None, None, None,
+        None, None, None, None, None, None,
     )
 
 
@@ -134,9 +144,9 @@ torch.library.register_autograd(
 )
 
 
-def _compiled_path(x, w, b, r, opts: NormOptions):
+def _compiled_path(x, w, b, r, opts: NormOptions, lean=False):
     """(y, h or None) on rows through the custom op: what ``torch.compile`` traces."""
-    y, h, _ = _norm_fwd_op(x, w, b, r, *opts)
+    y, h, _ = _norm_fwd_op(x, w, b, r, *opts, lean)
     return y, (h if r is not None else None)
 
 

@@ -259,3 +259,22 @@ def _check_no_autograd(name, *tensors):
                              f"differentiation): call without {name}, or under "
                              f"torch.no_grad()")
 
+
+
+def _check_lean(memory_efficient, x, weight, opts: NormOptions):
+    """``memory_efficient``: a bool; when True, y must determine x̂ through γ and β alone —
+    "torch"/"gemma" casting (with "llama"/"t5" x̂ is rounded to 16 bits before γ, so y does not
+    give it back) and y in x's dtype (the backward reads y where it would read x)."""
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"memory_efficient must be a bool, got {type(memory_efficient).__name__}")
+    if memory_efficient:
+        if opts.casting not in ("torch", "gemma"):
+            raise ValueError(f"memory_efficient=True needs casting 'torch' or 'gemma', not "
+                             f"{opts.casting!r}: there x_hat is rounded before weight is "
+                             f"applied, so y does not give it back exactly")
+        od = reference.output_dtype(x.dtype, None if weight is None else weight.dtype,
+                                    opts.casting, opts.out_dtype)
+        if od != x.dtype:
+            raise ValueError(f"memory_efficient=True needs the output in x's dtype {x.dtype}, "
+                             f"got out_dtype={od}: the backward reads y where it would read x")
+    return memory_efficient

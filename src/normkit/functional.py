@@ -38,7 +38,7 @@ from ._dispatch import (
 )
 from ._ops import _compiled_path, _traceable
 from ._options import CASTINGS, NormOptions
-from ._validate import _check_out, _check_residual_out, _check_writes, _validate
+from ._validate import _check_lean, _check_out, _check_residual_out, _check_writes, _validate
 from .kernels import reference
 
 __all__ = [
@@ -73,6 +73,7 @@ def layer_norm(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    memory_efficient: bool = False,
 ):
     """LayerNorm over the last ``len(normalized_shape)`` dims, optionally fused with a residual add.
 
@@ -111,6 +112,14 @@ def layer_norm(
             in-place update of the residual stream that serving engines use — or x; other
             memory shared with an input or with ``out`` raises, as for ``out``.  No autograd
             through it, as ``out``.
+        memory_efficient: for training: backward keeps y (which the next layer keeps anyway)
+            instead of the normalized input (x, or h with a residual), and recomputes
+            ``x̂ = (y - b) / g`` from it, as Apex's ``memory_efficient``.  The forward and
+            its bits are unchanged; the gradients lose what y's rounding loses (about
+            ``ulp(y) / |g|`` in x̂).  Needs y in x.dtype ("torch"/"gemma" casting, no other
+            ``out_dtype``); the backward raises ValueError where ``g`` is 0 (x̂ is lost
+            there) and under ``create_graph=True``.  Eager calls on the reference backend
+            ignore it.
 
     Returns:
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype).
@@ -124,7 +133,8 @@ def layer_norm(
             and sparse tensors.  (Shape, device and dtype errors are also ValueError /
             TypeError, which normkit raised before.)
         ValueError: an option out of range: eps < 0, an unknown casting, out_dtype with
-            "llama"/"t5", a backend that cannot compute the call.
+            "llama"/"t5", memory_efficient with "llama"/"t5" or another output dtype, a
+            backend that cannot compute the call.
 
     Under ``torch.autocast`` the op behaves like torch's own ``layer_norm``: on CUDA (and other
     accelerators) it runs in float32 and returns float32; on the CPU autocast leaves it alone.
@@ -132,13 +142,15 @@ def layer_norm(
     fast = _dispatch._fast or _first_call(x)
     if (fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma
             and type(eps) is float and 0.0 <= eps < math.inf
+            and type(memory_efficient) is bool
             and not _is_compiling() and _tracing_state() is None):
-        res = fast(x, normalized_shape, weight, bias, eps, False, residual, out, residual_out)
+        res = fast(x, normalized_shape, weight, bias, eps, False, residual, out, residual_out,
+                   memory_efficient)
         if res is not None:
             return _finish(res, x, residual, return_residual)
     return _norm(x, normalized_shape, weight, bias, residual,
                  _new(NormOptions, (eps, False, zero_centered_gamma, casting, out_dtype)),
-                 return_residual, out, residual_out)
+                 return_residual, out, residual_out, memory_efficient)
 
 
 def rms_norm(
@@ -154,12 +166,14 @@ def rms_norm(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    memory_efficient: bool = False,
 ):
     """RMSNorm: ``y = h * rsqrt(mean(h²) + eps) * g``, optionally fused with a residual add.
 
     Args:
         x, normalized_shape, weight, residual, zero_centered_gamma, return_residual, casting,
             out_dtype, out, residual_out: as in ``layer_norm`` (no bias).
+        memory_efficient: as in ``layer_norm``; x̂ = y / g.
         eps: added to the mean square; None means ``torch.finfo(x.dtype).eps``, as in
             ``torch.nn.functional.rms_norm``.
 
@@ -171,15 +185,15 @@ def rms_norm(
     if fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma:
         if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             eps = torch.finfo(x.dtype).eps
-        if (type(eps) is float and 0.0 <= eps < math.inf and not _is_compiling()
-                and _tracing_state() is None):
+        if (type(eps) is float and 0.0 <= eps < math.inf and type(memory_efficient) is bool
+                and not _is_compiling() and _tracing_state() is None):
             res = fast(x, normalized_shape, weight, None, eps, True, residual, out,
-                       residual_out)
+                       residual_out, memory_efficient)
             if res is not None:
                 return _finish(res, x, residual, return_residual)
     return _norm(x, normalized_shape, weight, None, residual,
                  _new(NormOptions, (eps, True, zero_centered_gamma, casting, out_dtype)),
-                 return_residual, out, residual_out)
+                 return_residual, out, residual_out, memory_efficient)
 
 
 def _finish(res, x, residual, return_residual):
@@ -204,8 +218,10 @@ def _rows(t, m, n, flat):
 
 
 def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return_residual, out,
-          residual_out):
+          residual_out, lean=False):
     ns, n, opts = _validate(x, normalized_shape, weight, bias, residual, opts)
+    if lean is not False:
+        lean = _check_lean(lean, x, weight, opts)
     if out is not None:
         _check_out(out, x, weight, bias, residual, opts)
     if residual_out is not None:
@@ -237,7 +253,7 @@ def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return
     b = bias if bias is None or bias.dim() == 1 else bias.reshape(n)
 
     if torch.compiler.is_compiling():
-        y, h = _compiled_path(x2, w, b, r2, opts)
+        y, h = _compiled_path(x2, w, b, r2, opts, lean)
     else:
         # The kernels take the options one by one; unpacked once (~0.1 µs less than ``*opts``
         # or attribute reads at each use).
@@ -267,7 +283,7 @@ def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return
             if sink is not None:
                 _report_stats(sink, stats, eps, rms)
         else:
-            res = _NormFunction.apply(x2, w, b, r2, opts, kern, sink)
+            res = _NormFunction.apply(x2, w, b, r2, opts, kern, sink, lean)
             y, h = res if r2 is not None else (res, None)
     if not flat:
         y = y.view(x.shape)

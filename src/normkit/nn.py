@@ -14,6 +14,8 @@ that select model-specific numerics (``normkit.convert`` sets them from a Huggin
   16-bit, else float32.  With the default "torch" the output dtype is always x.dtype, as in torch.
 * ``zero_centered_gamma`` — multiply by ``1 + weight`` (γ stored zero-centred, as in Gemma); the
   weight then starts at zeros, so that a fresh module is the identity scale as torch's is.
+* ``memory_efficient`` — training saves the output y for backward instead of the input (see
+  ``normkit.layer_norm``); needs casting "torch" or "gemma".
 
 They are configuration, not state: shown by ``extra_repr`` when not the default, kept by
 ``copy.deepcopy`` and pickle, and absent from the state_dict, whose keys stay torch's (a
@@ -59,6 +61,17 @@ def _set_options(module, casting, zero_centered_gamma, elementwise_affine) -> No
     module.zero_centered_gamma = zero_centered_gamma
 
 
+def _set_lean(module, memory_efficient) -> None:
+    """Checks and sets ``memory_efficient`` (after _set_options: it needs the casting)."""
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"memory_efficient must be a bool, got {type(memory_efficient).__name__}")
+    if memory_efficient and module.casting not in ("torch", "gemma"):
+        raise ValueError(f"memory_efficient=True needs casting 'torch' or 'gemma', not "
+                         f"{module.casting!r}: there x_hat is rounded before weight is applied, "
+                         f"so y does not give it back exactly")
+    module.memory_efficient = memory_efficient
+
+
 def _reset_zero_centered(module) -> None:
     """After torch's reset_parameters (weight = 1): a zero-centred weight starts at 0."""
     if module.zero_centered_gamma and module.weight is not None:
@@ -81,6 +94,8 @@ def _options_repr(module) -> str:
         parts.append(f"casting={module.casting!r}")
     if module.zero_centered_gamma:
         parts.append("zero_centered_gamma=True")
+    if module.memory_efficient:
+        parts.append("memory_efficient=True")
     return "".join(", " + p for p in parts)
 
 
@@ -95,17 +110,19 @@ class LayerNorm(torch.nn.LayerNorm):
     other casting modes.
 
     Args: torch's (``normalized_shape``, ``eps=1e-5``, ``elementwise_affine``, ``bias``,
-    ``device``, ``dtype``), and keyword-only ``casting="torch"`` and
-    ``zero_centered_gamma=False`` (see the module docstring).
+    ``device``, ``dtype``), and keyword-only ``casting="torch"``,
+    ``zero_centered_gamma=False`` and ``memory_efficient=False`` (see the module docstring).
     """
 
     casting: str = "torch"  # class defaults: instances made before these were arguments
     zero_centered_gamma: bool = False
+    memory_efficient: bool = False
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, casting: str = "torch",
-                 zero_centered_gamma: bool = False):
+                 zero_centered_gamma: bool = False, memory_efficient: bool = False):
         _set_options(self, casting, zero_centered_gamma, elementwise_affine)
+        _set_lean(self, memory_efficient)
         super().__init__(_shape_of(normalized_shape), _eps_of(eps), elementwise_affine, bias,
                          device, dtype)
 
@@ -119,6 +136,7 @@ class LayerNorm(torch.nn.LayerNorm):
         return layer_norm(
             input, self.normalized_shape, self.weight, self.bias, self.eps,
             zero_centered_gamma=self.zero_centered_gamma, casting=self.casting,
+            memory_efficient=self.memory_efficient,
         )
 
     _get_name = _get_name
@@ -137,17 +155,20 @@ class RMSNorm(torch.nn.RMSNorm):
     other casting modes.
 
     Args: torch's (``normalized_shape``, ``eps=None``, ``elementwise_affine``, ``device``,
-    ``dtype``), and keyword-only ``casting="torch"`` and ``zero_centered_gamma=False`` (see
-    the module docstring).
+    ``dtype``), and keyword-only ``casting="torch"``, ``zero_centered_gamma=False`` and
+    ``memory_efficient=False`` (see the module docstring).
     """
 
     casting: str = "torch"  # class defaults: instances made before these were arguments
     zero_centered_gamma: bool = False
+    memory_efficient: bool = False
 
     def __init__(self, normalized_shape, eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,
-                 casting: str = "torch", zero_centered_gamma: bool = False):
+                 casting: str = "torch", zero_centered_gamma: bool = False,
+                 memory_efficient: bool = False):
         _set_options(self, casting, zero_centered_gamma, elementwise_affine)
+        _set_lean(self, memory_efficient)
         super().__init__(_shape_of(normalized_shape), None if eps is None else _eps_of(eps),
                          elementwise_affine, device, dtype)
 
@@ -161,6 +182,7 @@ class RMSNorm(torch.nn.RMSNorm):
         return rms_norm(
             x, self.normalized_shape, self.weight, self.eps,
             zero_centered_gamma=self.zero_centered_gamma, casting=self.casting,
+            memory_efficient=self.memory_efficient,
         )
 
     _get_name = _get_name
@@ -184,7 +206,7 @@ class FusedAddLayerNorm(LayerNorm):
         return layer_norm(
             x, self.normalized_shape, self.weight, self.bias, self.eps, residual=residual,
             zero_centered_gamma=self.zero_centered_gamma, return_residual=True,
-            casting=self.casting,
+            casting=self.casting, memory_efficient=self.memory_efficient,
         )
 
 
@@ -203,7 +225,7 @@ class FusedAddRMSNorm(RMSNorm):
         return rms_norm(
             x, self.normalized_shape, self.weight, self.eps, residual=residual,
             zero_centered_gamma=self.zero_centered_gamma, return_residual=True,
-            casting=self.casting,
+            casting=self.casting, memory_efficient=self.memory_efficient,
         )
 
 

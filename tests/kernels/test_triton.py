@@ -662,22 +662,24 @@ for n in (1, 768, 8192, 262144):
         compile_(T._fwd_kernel, sig, consts, {"X", "R", "H", "Y", "W", "B", "S", "N", "sx", "sr"},
                  warps, f"fwd n={n} rms={rms}")
 bsig = dict(X="*fp16", DY="*fp16", DH="*fp16", DX="*fp16", W="*bf16", S="*fp32", C="*fp32",
-            PW="*fp32", PB="*fp32", M="i32", N="i32", rpb="i32")
-bconst = "BLOCK LOOP RMS HAS_DH HAS_W ZC NK WANT_W WANT_B".split()
+            PW="*fp32", PB="*fp32", M="i32", N="i32", rpb="i32", B="*bf16")
+bconst = "BLOCK LOOP RMS HAS_DH HAS_W ZC NK WANT_W WANT_B FROM_Y HAS_YB".split()
 for n in (768, 8192, 262144):
     block, loop, rows, warps = T.config(n)
-    for rms in (False, True):
+    # the memory-efficient variant (x̂ from y and β) for the short and the looped rows
+    for rms, from_y in [(False, False), (True, False)] + ([(False, True)] if n != 8192 else []):
+        lean = dict(FROM_Y=from_y, HAS_YB=from_y)
         consts = dict(BLOCK=block, LOOP=loop, RMS=rms, HAS_DH=True, HAS_W=True, ZC=True,
-                      NK=2 if rms else 0, WANT_W=True, WANT_B=not rms)
+                      NK=2 if rms else 0, WANT_W=True, WANT_B=not rms, **lean)
         compile_(T._bwd_kernel, dict(bsig, **{c: "constexpr" for c in bconst}), consts,
-                 set(bsig) - {"M", "rpb"}, warps, f"bwd n={n} rms={rms}")
+                 set(bsig) - {"M", "rpb"}, warps, f"bwd n={n} rms={rms} from_y={from_y}")
         if loop:
             compile_(T._bwd_dots_kernel,
                      dict(X="*fp16", DY="*fp16", W="*bf16", S="*fp32", C="*fp32", N="i32",
                           nchunk="i32", BLOCK="constexpr", RMS="constexpr", HAS_W="constexpr",
-                          ZC="constexpr"),
-                     dict(BLOCK=block, RMS=rms, HAS_W=True, ZC=False), {"X", "DY", "N"}, warps,
-                     f"dots rms={rms}")
+                          ZC="constexpr", B="*bf16", FROM_Y="constexpr", HAS_YB="constexpr"),
+                     dict(BLOCK=block, RMS=rms, HAS_W=True, ZC=False, **lean),
+                     {"X", "DY", "N"}, warps, f"dots rms={rms} from_y={from_y}")
 compile_(T._sum_partials_kernel, dict(P="*fp32", OUT="*fp32", nrows="i32", N="i32", G="i32",
                                       BLOCK="constexpr"),
          dict(BLOCK=T._REDUCE_BLOCK), {"P", "OUT", "N"}, 2, "sum")

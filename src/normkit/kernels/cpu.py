@@ -153,7 +153,8 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
                         y, h)
 
 
-def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw):
+def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw,
+             bias=None, from_y=False):
     """Backward on rows.
 
     Args:
@@ -161,6 +162,9 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
         x: (M, N): the normalized input (h when a residual was added).
         weight: (N,) or None.  has_bias: whether dβ is wanted.  stats: forward's (M, 3).
         need_dw: whether dγ/dβ are wanted at all.
+        bias, from_y: the memory-efficient backward: x is the forward's output y (x's dtype,
+            "torch"/"gemma" casting), bias its β (or None), and x̂ = (y − β)/γ.  Raises
+            ValueError where γ (1 + γ zero-centred) is 0.
 
     Returns:
         (dx, dweight, dbias): dx in x.dtype (also the residual's gradient); dweight/dbias in the
@@ -176,6 +180,9 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
             weight = weight.to(pd)
         weight, zero_centered = effective_gamma(weight.contiguous(), zero_centered,
                                                 nd is not None)
+    if from_y and bias is not None:
+        bias = bias.to(param_dtype(x.dtype, None, bias.dtype)).contiguous()
     return _cpu.backward(dy, dh, x, weight, stats, rms, zero_centered,
                          -1 if nd is None else _KIND[nd], need_dw and weight is not None,
-                         need_dw and has_bias, stats.dtype)
+                         need_dw and has_bias, stats.dtype, bias if from_y else None,
+                         bool(from_y))

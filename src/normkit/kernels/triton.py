@@ -299,9 +299,24 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _bwd_x_hat(x, B, cols, cmask, m1, dm, rstd, ginv, FROM_Y: tl.constexpr,
+               HAS_YB: tl.constexpr):
+    """x̂ in the backward: from the normalized input and the row's statistics, or with FROM_Y
+    (memory-efficient mode: x is the forward's output y) (y − β)·(1/γ), y·(1/γ) without β."""
+    if FROM_Y:
+        if HAS_YB:
+            x = x - tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        xh = x * ginv
+    else:
+        xh = ((x - m1) - dm) * rstd
+    return tl.where(cmask, xh, 0.0)
+
+
+@triton.jit
 def _bwd_dots_kernel(
     X, DY, W, S, C, N, nchunk,
     BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr, ZC: tl.constexpr,
+    B, FROM_Y: tl.constexpr, HAS_YB: tl.constexpr,
 ):
     """Looped rows: C[i] = (mean(g·dy), mean(g·dy·x̂)) (first 0 for RMS), chunk sums in order."""
     i = tl.program_id(0).to(tl.int64)
@@ -316,12 +331,15 @@ def _bwd_dots_kernel(
         cmask = cc < N
         x = tl.load(X + i * N + cc, mask=cmask, other=0.0).to(tl.float32)
         g = tl.load(DY + i * N + cc, mask=cmask, other=0.0).to(tl.float32)
+        ginv = 1.0
         if HAS_W:
             w = tl.load(W + cc, mask=cmask, other=0.0).to(tl.float32)
             if ZC:
                 w = w + 1.0
             g = g * w
-        xh = tl.where(cmask, ((x - m1) - dm) * rstd, 0.0)
+            if FROM_Y:
+                ginv = 1.0 / tl.where(cmask, w, 1.0)
+        xh = _bwd_x_hat(x, B, cc, cmask, m1, dm, rstd, ginv, FROM_Y, HAS_YB)
         c1 += tl.sum(g, axis=0)
         c2 += tl.sum(g * xh, axis=0)
     nf = N * 1.0
@@ -336,7 +354,7 @@ def _bwd_kernel(
     X, DY, DH, DX, W, S, C, PW, PB, M, N, rpb,
     BLOCK: tl.constexpr, LOOP: tl.constexpr, RMS: tl.constexpr, HAS_DH: tl.constexpr,
     HAS_W: tl.constexpr, ZC: tl.constexpr, NK: tl.constexpr, WANT_W: tl.constexpr,
-    WANT_B: tl.constexpr,
+    WANT_B: tl.constexpr, B, FROM_Y: tl.constexpr, HAS_YB: tl.constexpr,
 ):
     """Rows [blk·rpb, (blk+1)·rpb) × one column chunk: dx, and this block's dγ/dβ partial row.
 
@@ -347,10 +365,13 @@ def _bwd_kernel(
     chunk = tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < N
+    ginv = 1.0
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
         if ZC:
             w = w + 1.0
+        if FROM_Y:
+            ginv = 1.0 / tl.where(cmask, w, 1.0)
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK], dtype=tl.float32)
     lo = blk * rpb
@@ -363,7 +384,7 @@ def _bwd_kernel(
         m1 = tl.load(S + i64 * 3)
         dm = tl.load(S + i64 * 3 + 1)
         rstd = tl.load(S + i64 * 3 + 2)
-        xh = tl.where(cmask, ((x - m1) - dm) * rstd, 0.0)
+        xh = _bwd_x_hat(x, B, cols, cmask, m1, dm, rstd, ginv, FROM_Y, HAS_YB)
         g = dy
         if HAS_W:
             g = dy * w
@@ -527,7 +548,8 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
     return y, h, stats
 
 
-def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw):
+def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw,
+             bias=None, from_y=False):
     """Backward on rows.
 
     Args:
@@ -536,6 +558,9 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
             residual was added).  weight: (N,) or None.  has_bias: whether dβ is wanted.
         stats: forward's (M, 3) [m1, dm, rstd] (from this backend or any other: same layout).
         need_dw: whether dγ/dβ are wanted at all.
+        bias, from_y: the memory-efficient backward: x is the forward's output y, bias its β
+            (or None), and x̂ = (y − β)/γ.  Raises ValueError where γ (1 + γ zero-centred) is 0
+            (a check that waits for the device).
 
     Returns:
         (dx, dweight, dbias): dx in x.dtype (also the residual's gradient); dweight/dbias
@@ -547,6 +572,12 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     pd = param_dtype(x.dtype, wd, None)
     nd = cast_dtype(x.dtype, None if wd is None else pd, casting)
     w, zero_centered = effective_gamma(_param(weight, pd), zero_centered, nd is not None)
+    yb = _param(bias, param_dtype(x.dtype, None, bias.dtype)) if from_y and bias is not None \
+        else None
+    if from_y:
+        _check_lean_gamma(w, zero_centered)
+    # B: β of the memory-efficient backward (x stands in for an absent one, as for W)
+    lean = {"B": x if yb is None else yb, "FROM_Y": bool(from_y), "HAS_YB": yb is not None}
     want_w = bool(need_dw) and w is not None
     want_b = bool(need_dw) and bool(has_bias)
     dy = dy.contiguous()
@@ -571,18 +602,34 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
         _bwd_dots_kernel[(m,)](
             x, dy, x if w is None else w, stats, dots, n, nchunk,
             BLOCK=block, RMS=bool(rms), HAS_W=w is not None,
-            ZC=bool(zero_centered) and w is not None, num_warps=warps,
+            ZC=bool(zero_centered) and w is not None, num_warps=warps, **lean,
         )
     _bwd_kernel[(nblk, nchunk)](
         x, dy, dx if dh is None else dh, dx, x if w is None else w, stats, dots, pw, pb,
         m, n, rpb,
         BLOCK=block, LOOP=loop, RMS=bool(rms), HAS_DH=dh is not None, HAS_W=w is not None,
         ZC=bool(zero_centered) and w is not None, NK=_NK[nd], WANT_W=want_w, WANT_B=want_b,
-        num_warps=warps,
+        num_warps=warps, **lean,
     )
     dw = _reduce(pw, nblk, n) if want_w else None
     db = _reduce(pb, nblk, n) if want_b else None
     return dx, dw, db
+
+
+def _check_lean_gamma(w, zero_centered):
+    """The memory-efficient backward's check (as the CPU kernels'): x̂ = (y − β)/γ is lost
+    where γ (1 + γ zero-centred) is 0."""
+    if w is None:
+        return
+    zero = (w == -1) if zero_centered else (w == 0)
+    count = int(zero.sum())
+    if count:
+        first = int(zero.nonzero()[0, 0])
+        raise ValueError(f"memory_efficient=True: the effective weight (gamma, or 1 + gamma with "
+                         f"zero_centered_gamma) is 0 at {count} of {w.numel()} entries (the first "
+                         f"at index {first}), where x_hat = (y - beta) / gamma cannot be "
+                         f"recovered from the saved output; use memory_efficient=False for this "
+                         f"layer")
 
 
 def _reduce(partial, nblk, n):

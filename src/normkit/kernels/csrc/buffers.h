@@ -29,7 +29,14 @@ void set_stream_min_bytes(int64_t bytes);
 
 // Per-thread scratch that grows on demand, valid until this thread's next call with the same
 // slot (launches use it only while they run; their worker threads read the caller's).
-enum ScratchSlot { kScratchGamma = 0, kScratchBeta, kScratchPartials, kScratchRows, kScratchSlots };
+enum ScratchSlot {
+  kScratchGamma = 0,
+  kScratchBeta,
+  kScratchPartials,
+  kScratchRows,
+  kScratchInvGamma,  // 1/γ of the memory-efficient backward
+  kScratchSlots
+};
 void* scratch(ScratchSlot slot, int64_t nbytes);
 
 // A per-thread row of n values 1 in the compute type (double when ``f64``, else float): the

@@ -141,12 +141,37 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
             [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
 }
 
+// The memory-efficient backward's 1/γ row (1/(1 + γ) zero-centred; ones without γ) from the
+// compute-type γ row g, in this thread's scratch.  A γ entry of 0 raises: x̂ = (y − β)/γ is lost
+// there (y = β whatever x̂ was), so dx and dγ of that column could not be computed.
+const void* inv_gamma_row(const void* g, bool f64, int64_t n) {
+  auto fill = [&](auto one) {
+    using C = decltype(one);
+    const C* src = static_cast<const C*>(g);
+    C* dst = static_cast<C*>(scratch(kScratchInvGamma, n * int64_t(sizeof(C))));
+    int64_t zeros = 0, first = -1;
+    for (int64_t j = 0; j < n; j++) {
+      if (src[j] == C(0) && zeros++ == 0) first = j;
+      dst[j] = one / src[j];
+    }
+    TORCH_CHECK_VALUE(zeros == 0, "memory_efficient=True: the effective weight (gamma, or 1 + "
+                      "gamma with zero_centered_gamma) is 0 at ", zeros, " of ", n,
+                      " entries (the first at index ", first, "), where x_hat = (y - beta) / "
+                      "gamma cannot be recovered from the saved output; use "
+                      "memory_efficient=False for this layer");
+    return static_cast<const void*>(dst);
+  };
+  return f64 ? fill(1.0) : fill(1.0f);
+}
+
 // Backward: dx (in v's dtype), and dγ/dβ in grad_dtype where wanted.  v: the normalized input
 // (h with a residual), contiguous; dy contiguous in any float dtype; dh like v or undefined.
+// from_y (memory-efficient mode): v is the forward's output y (in x's dtype), b its β (or
+// undefined), and x̂ is recomputed from them (rows.h: bwd_x_hat).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_backward(
     at::Tensor dy, const at::Tensor& dh, const at::Tensor& v, const at::Tensor& w,
     const at::Tensor& stats, bool rms, bool zc, int nk, bool want_w, bool want_b,
-    at::ScalarType grad_dtype) {
+    at::ScalarType grad_dtype, const at::Tensor& b = at::Tensor(), bool from_y = false) {
   const int64_t m = v.size(0), n = v.size(1);
   const int xk = kind_of(v.scalar_type());
   const bool f64 = xk == kFloat64;
@@ -179,6 +204,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_backward(
   at::Tensor dx = empty_output({m, n}, v.scalar_type());
   a.dx = dx.data_ptr();
   a.g = param_row(w, zc, f64, n, kScratchGamma, true);
+  if (from_y) {
+    TORCH_CHECK(nk < 0, "normkit cpu: the memory-efficient backward has no llama/t5 casting");
+    a.yg = inv_gamma_row(a.g, f64, n);
+    a.yb = param_row(b, false, f64, n, kScratchBeta, false);
+  }
   a.stats = stats.data_ptr();
   at::Tensor dw, db;
   if (want_w) dw = at::empty({n}, at::TensorOptions().dtype(grad_dtype));
@@ -192,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_backward(
     a.pw = buf;
     a.pb = buf + row;
   }
-  BwdFn fn = kernels()->bwd[xk][dk];
+  BwdFn fn = (from_y ? kernels()->bwd_y : kernels()->bwd)[xk][dk];
   TORCH_CHECK(fn != nullptr, "normkit cpu: no backward kernel for ", v.scalar_type());
   // each thread's part of the row scratch (2·N compute values), by its number in the region
   const int64_t part = (2 * n * (f64 ? 8 : 4) + 63) / 64 * 64;
@@ -238,13 +268,13 @@ py::tuple forward(const at::Tensor& x, const Opt& wo, const Opt& bo, const Opt& 
 
 py::tuple backward(const at::Tensor& dy, const Opt& dh, const at::Tensor& v, const Opt& w,
                    const at::Tensor& stats, bool rms, bool zc, int64_t nk, bool want_w,
-                   bool want_b, at::ScalarType grad_dtype) {
+                   bool want_b, at::ScalarType grad_dtype, const Opt& b, bool from_y) {
   at::Tensor dx, dw, db;
   {
     py::gil_scoped_release nogil;
     std::tie(dx, dw, db) = launch_backward(dy.contiguous(), dh ? dh->contiguous() : at::Tensor(),
                                            v.contiguous(), value(w), stats, rms, zc, int(nk),
-                                           want_w, want_b, grad_dtype);
+                                           want_w, want_b, grad_dtype, value(b), from_y);
   }
   return py::make_tuple(dx, dw.defined() ? py::cast(dw) : py::none(),
                         db.defined() ? py::cast(db) : py::none());
@@ -286,10 +316,17 @@ at::Tensor rows(const at::Tensor& t, int64_t m, int64_t n) {
   return t.dim() == 2 ? t : t.view({m, n});
 }
 
+// The memory-efficient mode keeps y, which fixes x only up to its scale (x̂ barely depends on
+// it: only through eps), so the second-order terms in x cannot be formed from what it saved.
+constexpr const char* kLeanNoDoubleBackward =
+    "memory_efficient=True saves y, not x: its backward cannot be differentiated again "
+    "(create_graph=True); use memory_efficient=False for double backward";
+
 struct Norm : public torch::autograd::Function<Norm> {
   // γ, β and the residual are optional: absent ones are not inputs of the node at all.
+  // lean (memory_efficient=True): y is saved instead of the normalized input.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Opt& wo,
-                               const Opt& bo, const Opt& ro, double eps, bool rms) {
+                               const Opt& bo, const Opt& ro, double eps, bool rms, bool lean) {
     at::Tensor w = value(wo), b = value(bo), r = value(ro);
     const int64_t n = x.size(-1), m = x.numel() / n;
     at::Tensor y = empty_output(x.sizes(), x.scalar_type());
@@ -301,9 +338,11 @@ struct Norm : public torch::autograd::Function<Norm> {
     ctx->set_materialize_grads(false);
     // Only what backward reads: the normalized input (h, an output, with a residual: x and r
     // are not kept, one (M, N) tensor instead of three), γ, β and the per-row statistics.
-    ctx->save_for_backward({r.defined() ? h : x, w, b, stats});
+    // lean: y instead, which the next layer keeps anyway, and x̂ is recomputed from it.
+    ctx->save_for_backward({lean ? y : (r.defined() ? h : x), w, b, stats});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["rms"] = rms;
+    ctx->saved_data["lean"] = lean;
     ctx->saved_data["residual"] = r.defined();
     if (r.defined()) return {y, h};
     return {y};
@@ -320,14 +359,16 @@ struct Norm : public torch::autograd::Function<Norm> {
     auto needs = [&](bool given) { return given && ctx->needs_input_grad(edge++); };
     const bool need_x = needs(true), need_w = needs(w.defined()), need_b = needs(b.defined()),
                need_r = needs(res);
+    const bool lean = ctx->saved_data["lean"].toBool();
     if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True: the reference's
+      TORCH_CHECK_VALUE(!lean, kLeanNoDoubleBackward);
       py::gil_scoped_acquire gil;
       py::tuple g = (*g_double_backward)(py::make_tuple(need_x, need_w, need_b, need_r), v, w,
                                          b, dy, dh, ctx->saved_data["eps"].toDouble(), rms);
       auto get = [&](int i) {
         return g[i].is_none() ? at::Tensor() : THPVariable_Unpack(g[i].ptr());
       };
-      return {get(0), get(1), get(2), get(3), at::Tensor(), at::Tensor()};
+      return {get(0), get(1), get(2), get(3), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const int64_t n = v.size(-1), m = v.numel() / n;
     dy = dy.defined() ? dy.contiguous() : at::zeros_like(v);  // undefined: only h was used
@@ -335,10 +376,11 @@ struct Norm : public torch::autograd::Function<Norm> {
     at::ScalarType pd = w.defined() ? w.scalar_type()
                                     : (b.defined() ? b.scalar_type() : compute_dtype(kind_of(v.scalar_type())));
     auto [dx, dw, db] = launch_backward(rows(dy, m, n), dh, rows(v, m, n), w, stats, rms, false,
-                                        -1, need_w && w.defined(), need_b && b.defined(), pd);
+                                        -1, need_w && w.defined(), need_b && b.defined(), pd,
+                                        b, lean);
     dx = dx.view(v.sizes());
     return {need_x ? dx : at::Tensor(), dw, db, need_r ? dx : at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -353,9 +395,10 @@ bool params_ok(int xk, int wk, int bk) {
   return wk == absent || bk == absent || wk == bk;
 }
 
-// y, (y, h), or None.  n: an int or a 1-tuple of one (nn.LayerNorm's normalized_shape).
+// y, (y, h), or None.  n: an int or a 1-tuple of one (nn.LayerNorm's normalized_shape).  lean:
+// memory_efficient=True (what a training call saves for backward; the forward is the same).
 py::object run(py::handle xo, py::handle no, py::handle wo, py::handle bo, double eps, bool rms,
-               py::handle ro, py::handle oo, py::handle hoo) {
+               py::handle ro, py::handle oo, py::handle hoo, bool lean) {
   const at::Tensor* x = plain(xo.ptr());
   if (x == nullptr || x->dim() == 0 || !x->is_contiguous()) return py::none();
   PyObject* nobj = no.ptr();
@@ -419,7 +462,7 @@ py::object run(py::handle xo, py::handle no, py::handle wo, py::handle bo, doubl
   g_calls++;
   if (train) {
     auto opt = [](const at::Tensor* t) { return t ? Opt(*t) : Opt(); };
-    variable_list res = Norm::apply(*x, opt(w), opt(b), opt(r), eps, rms);
+    variable_list res = Norm::apply(*x, opt(w), opt(b), opt(r), eps, rms, lean);
     if (r) return py::make_tuple(res[0], res[1]);
     return py::cast(res[0]);
   }

@@ -56,6 +56,9 @@ struct BwdArgs {
   void* pw;           // kDw: partial dγ rows, one per block, compute type
   void* pb;           // kB: partial dβ rows
   void* scratch;      // 2·N compute values for the calling thread (host.cpp: one part a thread)
+  // bwd_y (memory-efficient mode): x is the forward's output y, and x̂ = (y − β)·(1/γ)
+  const void* yb;     // β as the compute type, or null (x̂ = y·(1/γ))
+  const void* yg;     // 1/γ (1/(1 + γ) zero-centred; ones without γ) as the compute type
 };
 
 using FwdFn = void (*)(const FwdArgs&, int64_t lo, int64_t hi);
@@ -85,6 +88,7 @@ struct Table {
   // [x][dy]: built for dy in x's kind or in its compute type only (host.cpp widens another dy
   // first: exact)
   BwdFn bwd[kKinds][kKinds];
+  BwdFn bwd_y[kKinds][kKinds];  // the same, x̂ recomputed from y (BwdArgs::yb, yg)
   SumFn sum[2];  // [compute type: float, double]
   WidenFn widen;
   ConvertFn convert;

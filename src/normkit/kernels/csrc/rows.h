@@ -376,9 +376,24 @@ constexpr int kind_of_compute() {
   return sizeof(C) == 8 ? kF64 : kF32;
 }
 
+// x̂ of element(s) j in the backward: from the normalized input v and the row's statistics, or
+// with FY (memory-efficient mode: v is the forward's output y) (y − β)·(1/γ), y·(1/γ) without β
+// (yb null), with 1/γ computed once per launch (host.cpp).
+template <bool FY, class T, class C>
+NK_INLINE T bwd_x_hat(T v, int64_t j, C m1, C dm, C rstd, const C* yb, const C* yg) {
+  if constexpr (!FY) {
+    return x_hat(v, m1, dm, rstd);
+  } else if constexpr (std::is_same<T, C>::value) {
+    return (yb ? v - yb[j] : v) * yg[j];
+  } else {
+    constexpr int CK = kind_of_compute<C>();
+    return (yb ? v - vload<CK, C>(yb, j) : v) * vload<CK, C>(yg, j);
+  }
+}
+
 // The backward's first-pass terms: g·dy and g·dy·x̂; x̂ kept in xs with KEEP, and dy in ds
 // with KEEP_DY (both in the compute type, for the second pass).
-template <int X, int O, bool KEEP, bool KEEP_DY = false>
+template <int X, int O, bool KEEP, bool KEEP_DY = false, bool FY = false>
 struct Grads {
   using C = CT<X>;
   const void* dy;
@@ -387,10 +402,12 @@ struct Grads {
   C m1, dm, rstd;
   C* xs;
   C* ds = nullptr;
+  const C* yb = nullptr;  // FY: β and 1/γ (bwd_x_hat)
+  const C* yg = nullptr;
   NK_INLINE void vec(int64_t j, Vec<C>& a1, Vec<C>& a2) const {
     constexpr int CK = kind_of_compute<C>();
     Vec<C> d = vload<O, C>(dy, j);
-    Vec<C> xh = x_hat(vload<X, C>(x, j), m1, dm, rstd);
+    Vec<C> xh = bwd_x_hat<FY>(vload<X, C>(x, j), j, m1, dm, rstd, yb, yg);
     Vec<C> gdy = d * vload<CK, C>(g, j);
     if constexpr (KEEP) vstore<CK, C>(xs, j, xh);
     if constexpr (KEEP_DY) vstore<CK, C>(ds, j, d);
@@ -399,7 +416,7 @@ struct Grads {
   }
   NK_INLINE void one(int64_t j, C& s1, C& s2) const {
     C d = sload<O, C>(dy, j);
-    C xh = x_hat(sload<X, C>(x, j), m1, dm, rstd);
+    C xh = bwd_x_hat<FY>(sload<X, C>(x, j), j, m1, dm, rstd, yb, yg);
     C gdy = d * g[j];
     if constexpr (KEEP) xs[j] = xh;
     if constexpr (KEEP_DY) ds[j] = d;
@@ -417,7 +434,7 @@ NK_INLINE void neg_means(C c1, C c2, int64_t n, bool rms, C* q) {
 
 // The first pass of row i: q = (rstd, −c1/N, −c2/N); x̂ kept in xs when given, and dy in ds
 // (with xs) when given.
-template <int X, int O>
+template <int X, int O, bool FY>
 __attribute__((noinline)) void grad_sums(const BwdArgs& a, int64_t i, CT<X>* q, CT<X>* xs,
                                          CT<X>* ds = nullptr) {
   using C = CT<X>;
@@ -426,20 +443,25 @@ __attribute__((noinline)) void grad_sums(const BwdArgs& a, int64_t i, CT<X>* q, 
   const void* dy = at<ST<O>>(a.dy, i * n);
   const void* x = at<ST<X>>(a.x, i * n);
   const C* g = static_cast<const C*>(a.g);
+  const C* yb = static_cast<const C*>(a.yb);
+  const C* yg = static_cast<const C*>(a.yg);
   C c1, c2;
   if (ds) {
-    row_sums<C>(n, Grads<X, O, true, true>{dy, x, g, s[0], s[1], s[2], xs, ds}, c1, c2);
+    row_sums<C>(n, Grads<X, O, true, true, FY>{dy, x, g, s[0], s[1], s[2], xs, ds, yb, yg}, c1,
+                c2);
   } else if (xs) {
-    row_sums<C>(n, Grads<X, O, true>{dy, x, g, s[0], s[1], s[2], xs}, c1, c2);
+    row_sums<C>(n, Grads<X, O, true, false, FY>{dy, x, g, s[0], s[1], s[2], xs, nullptr, yb,
+                                                yg}, c1, c2);
   } else {
-    row_sums<C>(n, Grads<X, O, false>{dy, x, g, s[0], s[1], s[2], nullptr}, c1, c2);
+    row_sums<C>(n, Grads<X, O, false, false, FY>{dy, x, g, s[0], s[1], s[2], nullptr, nullptr,
+                                                 yb, yg}, c1, c2);
   }
   q[0] = s[2];
   neg_means(c1, c2, n, a.rms, q);
 }
 
 // grad_sums of rows i and i + 1 (N ≤ kBlock), x̂ kept, their instructions interleaved.
-template <int X, int O>
+template <int X, int O, bool FY>
 __attribute__((noinline)) void grad_sums_pair(const BwdArgs& a, int64_t i, CT<X>* q,
                                               CT<X>* xs) {
   using C = CT<X>;
@@ -447,10 +469,12 @@ __attribute__((noinline)) void grad_sums_pair(const BwdArgs& a, int64_t i, CT<X>
   const C* sa = at<C>(a.stats, 3 * i);
   const C* sb = sa + 3;
   const C* g = static_cast<const C*>(a.g);
-  Grads<X, O, true> ra{at<ST<O>>(a.dy, i * n), at<ST<X>>(a.x, i * n), g, sa[0], sa[1], sa[2],
-                       xs};
-  Grads<X, O, true> rb{at<ST<O>>(a.dy, (i + 1) * n), at<ST<X>>(a.x, (i + 1) * n), g, sb[0],
-                       sb[1], sb[2], xs + n};
+  const C* yb = static_cast<const C*>(a.yb);
+  const C* yg = static_cast<const C*>(a.yg);
+  Grads<X, O, true, false, FY> ra{at<ST<O>>(a.dy, i * n), at<ST<X>>(a.x, i * n), g, sa[0],
+                                  sa[1], sa[2], xs, nullptr, yb, yg};
+  Grads<X, O, true, false, FY> rb{at<ST<O>>(a.dy, (i + 1) * n), at<ST<X>>(a.x, (i + 1) * n), g,
+                                  sb[0], sb[1], sb[2], xs + n, nullptr, yb, yg};
   C c1, c2, e1, e2;
   row_sums_pair<C>(n, ra, rb, c1, c2, e1, e2);
   q[0] = sa[2];
@@ -547,7 +571,7 @@ struct Columns {
 // compute-type rows (ds, xs), else from dy and x again.  The next row's inputs (nx, ndy, ndh)
 // are fetched meanwhile.  One loop per combination of what is wanted: each test hoisted out of
 // it (a row by row pass with them inside ran at half the speed of this one).
-template <int X, int O, bool DW, bool DB, bool KEPT>
+template <int X, int O, bool DW, bool DB, bool KEPT, bool FY>
 __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<X>* q,
                                           CT<X>* dw, CT<X>* db, const CT<X>* ds,
                                           const CT<X>* xs, int64_t j0) {
@@ -573,7 +597,9 @@ __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<
     if (j == j0) j = j1;  // the vectors below
     if (j >= n) break;
     C d = KEPT ? ds[j] : sload<O, C>(dy, j);
-    C xh = KEPT ? xs[j] : x_hat(sload<X, C>(x, j), m1, dm, rstd);
+    C xh = KEPT ? xs[j]
+                : bwd_x_hat<FY>(sload<X, C>(x, j), j, m1, dm, rstd,
+                                static_cast<const C*>(a.yb), static_cast<const C*>(a.yg));
     if constexpr (DW) dw[j] = sfma(d, x_for_dw<C, C>(xh, flags, nk), dw[j]);
     if constexpr (DB) db[j] = db[j] + d;
     sstore<X, C>(dx, j, dx_of(d, xh, g[j], nc1, nc2, rstd, dh ? sload<X, C>(dh, j) : C(0)));
@@ -588,7 +614,8 @@ __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<
       xh = vload<CK, C>(xs, j);
     } else {
       d = vload<O, C>(dy, j);
-      xh = x_hat(vload<X, C>(x, j), m1, dm, rstd);
+      xh = bwd_x_hat<FY>(vload<X, C>(x, j), j, m1, dm, rstd, static_cast<const C*>(a.yb),
+                         static_cast<const C*>(a.yg));
     }
     if constexpr (DW) vstore<CK, C>(dw, j, vfma(d, x_for_dw<V, C>(xh, flags, nk),
                                                 vload<CK, C>(dw, j)));
@@ -603,17 +630,17 @@ __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<
   }
 }
 
-template <int X, int O, bool KEPT>
+template <int X, int O, bool KEPT, bool FY>
 NK_INLINE void row_second_any(const BwdArgs& a, int64_t i, const CT<X>* q, CT<X>* dw,
                               CT<X>* db, const CT<X>* ds, const CT<X>* xs, int64_t j0) {
   if (dw && db) {
-    row_second<X, O, true, true, KEPT>(a, i, q, dw, db, ds, xs, j0);
+    row_second<X, O, true, true, KEPT, FY>(a, i, q, dw, db, ds, xs, j0);
   } else if (dw) {
-    row_second<X, O, true, false, KEPT>(a, i, q, dw, db, ds, xs, j0);
+    row_second<X, O, true, false, KEPT, FY>(a, i, q, dw, db, ds, xs, j0);
   } else if (db) {
-    row_second<X, O, false, true, KEPT>(a, i, q, dw, db, ds, xs, j0);
+    row_second<X, O, false, true, KEPT, FY>(a, i, q, dw, db, ds, xs, j0);
   } else {
-    row_second<X, O, false, false, KEPT>(a, i, q, dw, db, ds, xs, j0);
+    row_second<X, O, false, false, KEPT, FY>(a, i, q, dw, db, ds, xs, j0);
   }
 }
 
@@ -641,8 +668,9 @@ __attribute__((noinline)) void columns(const Columns<X, O>& cols) {
 // and x̂ in float32 rows from the first pass (the widenings, not memory, bound those rows).
 // Longer rows in groups of four, column by column, measured slower than row by row here
 // (AVX2, 512 KiB L2: 512x8192 float32 6.3 → 4.3 ms, 4096x4096 13.0 → 10.2).  Speed only:
-// every element gets the same operations in every case.
-template <int X, int O>
+// every element gets the same operations in every case.  FY: x̂ from the output y (the
+// memory-efficient mode, bwd_x_hat).
+template <int X, int O, bool FY>
 void bwd_blocks(const BwdArgs& a, int64_t k0, int64_t k1) {
   using C = CT<X>;
   const int64_t n = a.n;
@@ -669,16 +697,16 @@ void bwd_blocks(const BwdArgs& a, int64_t k0, int64_t k1) {
     if (db) memset(db, 0, n * sizeof(C));
     if (grp == 1) {
       for (int64_t i = lo; i < hi; i++) {
-        grad_sums<X, O>(a, i, q, kept ? kept + n : nullptr, kept);
+        grad_sums<X, O, FY>(a, i, q, kept ? kept + n : nullptr, kept);
         int64_t j0 = 0;
         if (stream) {
           j0 = int64_t(-reinterpret_cast<uintptr_t>(at<ST<X>>(a.dx, i * n)) % STREAM_ALIGN) / xb;
           if (j0 > n) j0 = n;
         }
         if (kept) {
-          row_second_any<X, O, true>(a, i, q, dw, db, kept, kept + n, j0);
+          row_second_any<X, O, true, FY>(a, i, q, dw, db, kept, kept + n, j0);
         } else {
-          row_second_any<X, O, false>(a, i, q, dw, db, nullptr, nullptr, j0);
+          row_second_any<X, O, false, FY>(a, i, q, dw, db, nullptr, nullptr, j0);
         }
       }
       continue;
@@ -686,8 +714,9 @@ void bwd_blocks(const BwdArgs& a, int64_t k0, int64_t k1) {
     for (int64_t i0 = lo; i0 < hi; i0 += grp) {
       const int64_t i1 = i0 + grp < hi ? i0 + grp : hi;
       int64_t i = i0;
-      for (; i + 1 < i1; i += 2) grad_sums_pair<X, O>(a, i, q + 3 * (i - i0), xg + (i - i0) * n);
-      for (; i < i1; i++) grad_sums<X, O>(a, i, q + 3 * (i - i0), xg + (i - i0) * n);
+      for (; i + 1 < i1; i += 2)
+        grad_sums_pair<X, O, FY>(a, i, q + 3 * (i - i0), xg + (i - i0) * n);
+      for (; i < i1; i++) grad_sums<X, O, FY>(a, i, q + 3 * (i - i0), xg + (i - i0) * n);
       columns<X, O>(Columns<X, O>{i1 - i0, n, xg, at<ST<O>>(a.dy, i0 * n),
                                   a.dh ? at<ST<X>>(a.dh, i0 * a.dhrs) : nullptr, a.dhrs,
                                   at<ST<X>>(a.dx, i0 * n),
@@ -818,7 +847,8 @@ void fill_fwd_x(Table& t) {
 
 template <int X, int O>
 void fill_bwd(Table& t) {
-  t.bwd[X][O] = &bwd_blocks<X, O>;
+  t.bwd[X][O] = &bwd_blocks<X, O, false>;
+  t.bwd_y[X][O] = &bwd_blocks<X, O, true>;
 }
 
 inline Table make_table(const char* name) {
