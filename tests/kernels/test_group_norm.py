@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, DTYPES, assert_close_to_ref, bits, parallel_from
+from helpers import ATOL, DTYPES, assert_close_to_ref, bits, max_err, parallel_from
 
 import normkit
 from normkit import _dispatch
@@ -135,6 +135,19 @@ def test_robust_statistics(fmt):
             y = normkit.group_norm(t, 4)
         truth = reference.group_norm(t.double(), 4)[0]
         assert_close_to_ref(y, F.group_norm(t, 4), truth, torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e20), (torch.bfloat16, 1e25)])
+def test_groups_whose_squares_overflow(dtype, magnitude, fmt):
+    """Finite groups whose float32 sum of squares overflows: y and dx as accurate as ever (the
+    group is taken again scaled by a power of two)."""
+    x = _make((2, 8, 5, 4), torch.float32, fmt, scale=magnitude, shift=0.0).to(dtype)
+    dy = torch.randn(x.shape).to(dtype)
+    y, dx, _, _ = _run(x, 2, None, None, dy)
+    ty, tdx, _, _ = _truth(x, 2, None, None, dy)
+    assert max_err(y, ty) <= 4 * ATOL[dtype]
+    assert max_err(dx * magnitude, tdx * magnitude) <= 4 * ATOL[dtype] * 4
 
 
 @pytest.mark.parametrize("fmt", ["nchw", "cl"])

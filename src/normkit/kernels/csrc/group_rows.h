@@ -24,20 +24,26 @@
 
 NK_INLINE int64_t lesser(int64_t p, int64_t q) { return p < q ? p : q; }
 
+// Vectors of channels cl_sums keeps in registers at once: their two sums and the per-channel
+// rows they read fit the 32 registers of AVX-512 at 4, the 16 of AVX2 at 2 (at 4 they spilled
+// on every spatial row), SSE/NEON's 16 at 1.
+constexpr int kClVecs = LF == 16 ? 4 : (LF == 8 ? 2 : 1);
+
 // channels-last: Σ over spatial rows [s0, s1) of t's terms, for every channel c < nc, into o1[c]
 // and o2[c]: each channel in spatial order (lane-wise, so any vector grouping gives the same
-// bits), four vectors of channels at a time across the block (the block stays in L2).
+// bits), kClVecs vectors of channels at a time across the block (the block stays in L2).
 template <class C, class T>
 NK_INLINE void cl_sums(int64_t nc, int64_t s0, int64_t s1, const T& t, C* o1, C* o2) {
   using V = Vec<C>;
   constexpr int CK = kind_of_compute<C>();
-  const int64_t nv = nc - nc % W, n4 = nc - nc % (4 * W);
-  for (int64_t j = 0; j < n4; j += 4 * W) {
-    V a1[4], a2[4];
-    for (int k = 0; k < 4; k++) a1[k] = a2[k] = vzero<C>();
+  constexpr int K = kClVecs;
+  const int64_t nv = nc - nc % W, n4 = nc - nc % (K * W);
+  for (int64_t j = 0; j < n4; j += K * W) {
+    V a1[K], a2[K];
+    for (int k = 0; k < K; k++) a1[k] = a2[k] = vzero<C>();
     for (int64_t s = s0; s < s1; s++)
-      for (int k = 0; k < 4; k++) t.vec(s, j + k * W, a1[k], a2[k]);
-    for (int k = 0; k < 4; k++) {
+      for (int k = 0; k < K; k++) t.vec(s, j + k * W, a1[k], a2[k]);
+    for (int k = 0; k < K; k++) {
       vstore<CK, C>(o1, j + k * W, a1[k]);
       vstore<CK, C>(o2, j + k * W, a2[k]);
     }
@@ -253,11 +259,12 @@ void cl_shift(const GroupArgs& a, int64_t b) {
   }
 }
 
-// Σ (v − shift) and Σ (v − shift)² of group g of sample b, one channel after another, each in
-// spatial order: the rare second pass (dm² > var) — serial, its own order.
+// Σ (sc·v − shift) and Σ (sc·v − shift)² of group g of sample b, one channel after another,
+// each in spatial order: the rare second passes (dm² > var; sums of squares that overflow, sc
+// then a power of two as in rows.h's row_stats) — serial, their own order.
 template <int X>
-void cl_group_moments(const GroupArgs& a, int64_t b, int64_t g, CT<X> shift, CT<X>& s1,
-                      CT<X>& s2) {
+void cl_group_moments(const GroupArgs& a, int64_t b, int64_t g, CT<X> shift, CT<X> sc,
+                      CT<X>& s1, CT<X>& s2) {
   using C = CT<X>;
   const int64_t cg = a.c / a.g;
   const void* x = at<ST<X>>(a.x, b * a.s * a.c);
@@ -265,7 +272,7 @@ void cl_group_moments(const GroupArgs& a, int64_t b, int64_t g, CT<X> shift, CT<
   for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
     C t1 = C(0), t2 = C(0);
     for (int64_t s = 0; s < a.s; s++) {
-      C d = sload<X, C>(x, s * a.c + c) - shift;
+      C d = sload<X, C>(x, s * a.c + c) * sc - shift;
       t1 = t1 + d;
       t2 = sfma(d, d, t2);
     }
@@ -297,11 +304,38 @@ void cl_stats(const GroupArgs& a, int64_t b) {
     C var = s2 / nf - dm * dm;
     if (dm * dm > var) {
       sh = sh + dm;
-      cl_group_moments<X>(a, b, g, sh, s1, s2);
+      cl_group_moments<X>(a, b, g, sh, C(1), s1, s2);
       dm = s1 / nf;
       var = s2 / nf - dm * dm;
     }
-    const C rstd = group_rstd(var, e);
+    C rstd = group_rstd(var, e);
+    if (__builtin_expect(!((C(0) > var ? C(0) : var) + e <= std::numeric_limits<C>::max()), 0)) {
+      // finite values whose squares overflow: the group again, scaled by the power of two that
+      // brings its largest |v| into [1, 2) (exact), and the moments scaled back
+      C amax = C(0);
+      const void* x = at<ST<X>>(a.x, b * a.s * a.c);
+      for (int64_t s = 0; s < a.s; s++)
+        for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+          C v = sload<X, C>(x, s * a.c + c);
+          v = v < C(0) ? -v : v;
+          amax = v > amax || !(v == v) ? v : amax;
+        }
+      if (amax <= std::numeric_limits<C>::max() && amax > C(0)) {
+        const C sc = std::ldexp(C(1), -std::ilogb(amax));
+        C shs = sh * sc;
+        cl_group_moments<X>(a, b, g, shs, sc, s1, s2);
+        C dms = s1 / nf, vs = s2 / nf - dms * dms;
+        if (dms * dms > vs) {
+          shs = shs + dms;
+          cl_group_moments<X>(a, b, g, shs, sc, s1, s2);
+          dms = s1 / nf;
+          vs = s2 / nf - dms * dms;
+        }
+        sh = shs / sc;
+        dm = dms / sc;
+        rstd = rsqrt_of((C(0) > vs ? C(0) : vs) + e * sc * sc) * sc;
+      }
+    }
     C* st = at<C>(a.stats, 3 * (b * a.g + g));
     st[0] = sh;
     st[1] = dm;
