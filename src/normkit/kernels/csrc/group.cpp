@@ -21,9 +21,9 @@ namespace normkit {
 namespace cpu {
 namespace {
 
-// channels-last: spatial rows per block, so that a block holds about this many elements (it is
-// read once per four vectors of channels, from L2: 64 KiB of float32).  A function of C only,
-// so a sample's bits do not depend on the batch or the threads.
+// channels-last: spatial rows per block (the unit of parallel work, with its own partial sums),
+// so that a block holds about this many elements.  A function of C only, so a sample's bits do
+// not depend on the batch or the threads.
 constexpr int64_t kClBlockElements = int64_t(1) << 14;
 
 int64_t cl_block_rows(int64_t c) { return std::max<int64_t>(1, kClBlockElements / c); }

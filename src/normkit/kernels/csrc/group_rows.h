@@ -13,7 +13,8 @@
 //   accumulates d = v − m1 and d² (FMA) over the spatial positions of a block in order; the
 //   blocks' sums are added in block order, the group's channels in channel order; dm = Σd/L,
 //   var = Σd²/L − dm² and, where dm² > var, the moments are taken again about m1 + dm, as
-//   rows.h does.  The blocks (sb spatial rows each) depend on S and C only.
+//   rows.h does (and a group whose sums of squares overflow, again scaled by a power of two, as
+//   row_stats does).  The blocks (sb spatial rows each) depend on S and C only.
 // * backward: per channel and sample Σ dy·x̂ and Σ dy (the per-sample partials of dγ and dβ),
 //   c1 = Σ_c γ_c·Σdy, c2 = Σ_c γ_c·Σ dy·x̂ (FMA, channel order), and
 //   dx = fma(rstd, fma(x̂, −c2/L, fma(dy, γ_c, −c1/L)), 0), as rows.h's dx_of; dγ/dβ = the
@@ -24,41 +25,26 @@
 
 NK_INLINE int64_t lesser(int64_t p, int64_t q) { return p < q ? p : q; }
 
-// Vectors of channels cl_sums keeps in registers at once: their two sums and the per-channel
-// rows they read fit the 32 registers of AVX-512 at 4, the 16 of AVX2 at 2 (at 4 they spilled
-// on every spatial row), SSE/NEON's 16 at 1.
-constexpr int kClVecs = LF == 16 ? 4 : (LF == 8 ? 2 : 1);
-
 // channels-last: Σ over spatial rows [s0, s1) of t's terms, for every channel c < nc, into o1[c]
-// and o2[c]: each channel in spatial order (lane-wise, so any vector grouping gives the same
-// bits), kClVecs vectors of channels at a time across the block (the block stays in L2).
+// and o2[c]: each channel in spatial order (lane-wise, so the vector grouping sets no bit).  Row
+// by row, as x lies in memory, the sums kept in o1/o2 (2·C values, in L1): a walk down the
+// block one group of channel vectors at a time ran at half the speed of torch's channels-last
+// kernel (its strided reads are not a stream the prefetchers follow well).
 template <class C, class T>
 NK_INLINE void cl_sums(int64_t nc, int64_t s0, int64_t s1, const T& t, C* o1, C* o2) {
   using V = Vec<C>;
   constexpr int CK = kind_of_compute<C>();
-  constexpr int K = kClVecs;
-  const int64_t nv = nc - nc % W, n4 = nc - nc % (K * W);
-  for (int64_t j = 0; j < n4; j += K * W) {
-    V a1[K], a2[K];
-    for (int k = 0; k < K; k++) a1[k] = a2[k] = vzero<C>();
-    for (int64_t s = s0; s < s1; s++)
-      for (int k = 0; k < K; k++) t.vec(s, j + k * W, a1[k], a2[k]);
-    for (int k = 0; k < K; k++) {
-      vstore<CK, C>(o1, j + k * W, a1[k]);
-      vstore<CK, C>(o2, j + k * W, a2[k]);
+  const int64_t nv = nc - nc % W;
+  memset(o1, 0, nc * sizeof(C));  // +0.0: all bits zero
+  memset(o2, 0, nc * sizeof(C));
+  for (int64_t s = s0; s < s1; s++) {
+    for (int64_t j = 0; j < nv; j += W) {
+      V a1 = vload<CK, C>(o1, j), a2 = vload<CK, C>(o2, j);
+      t.vec(s, j, a1, a2);
+      vstore<CK, C>(o1, j, a1);
+      vstore<CK, C>(o2, j, a2);
     }
-  }
-  for (int64_t j = n4; j < nv; j += W) {
-    V a1 = vzero<C>(), a2 = a1;
-    for (int64_t s = s0; s < s1; s++) t.vec(s, j, a1, a2);
-    vstore<CK, C>(o1, j, a1);
-    vstore<CK, C>(o2, j, a2);
-  }
-  for (int64_t j = nv; j < nc; j++) {
-    C a1 = C(0), a2 = C(0);
-    for (int64_t s = s0; s < s1; s++) t.one(s, j, a1, a2);
-    o1[j] = a1;
-    o2[j] = a2;
+    for (int64_t j = nv; j < nc; j++) t.one(s, j, o1[j], o2[j]);
   }
 }
 
