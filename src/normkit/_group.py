@@ -183,7 +183,7 @@ class _GroupNormFunction(torch.autograd.Function):
             # create_graph=True: autograd of the reference, recorded (double backward).  xv is
             # an input of this node, so the nested grad stops there.
             x = xv.movedim(-1, 1) if cl else xv
-            wanted = [t for t, n in zip((xv, weight, bias), need) if n]
+            wanted = [t for t, n in zip((xv, weight, bias), need[:3], strict=True) if n]
             with torch.enable_grad():
                 y = reference.group_norm(x, num_groups, weight, bias, eps)[0]
                 got = iter(torch.autograd.grad(y, wanted, dy.movedim(-1, 1) if cl else dy,

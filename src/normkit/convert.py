@@ -357,12 +357,13 @@ def convert(
     """Replace the norms of ``model`` with normkit modules that compute exactly the same thing.
 
     Converted: ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and ``torch.nn.GroupNorm`` (and
-    subclasses that keep their forward), and the Hugging Face RMSNorm variants of Llama/Qwen2/Mistral, Gemma/Gemma2/Gemma3
-    and T5 (see the module docstring).  Each replacement keeps the original's eps exactly, its
-    casting order and output dtype, its plain attributes (e.g. ``variance_epsilon``), its
-    training flag and the same Parameter objects — so state_dict keys and optimizer state are
-    unchanged.  Every other norm is left alone, with the reason in the plan.  Hooks registered
-    on a replaced module are not carried over (a warning names the module's path).
+    subclasses that keep their forward), and the Hugging Face RMSNorm variants of
+    Llama/Qwen2/Mistral, Gemma/Gemma2/Gemma3 and T5 (see the module docstring).  Each
+    replacement keeps the original's eps exactly, its casting order and output dtype, its plain
+    attributes (e.g. ``variance_epsilon``), its training flag and the same Parameter objects —
+    so state_dict keys and optimizer state are unchanged.  Every other norm is left alone, with
+    the reason in the plan.  Hooks registered on a replaced module are not carried over (a
+    warning names the module's path).
 
     Each call logs one INFO line on the ``normkit.convert`` logger: ``ConvertPlan.summary()``,
     e.g. "replaced 5 of 5 norms: 5 LlamaRMSNorm → normkit.nn.RMSNorm".

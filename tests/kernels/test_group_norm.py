@@ -192,7 +192,7 @@ def test_backward_deterministic_and_threads_do_not_matter(fmt):
         single = _run(x, 8, w, b, dy)
     finally:
         torch.set_num_threads(threads)
-    for a, c, s in zip(first, again, single):
+    for a, c, s in zip(first, again, single, strict=True):
         assert torch.equal(bits(a), bits(c)) and torch.equal(bits(a), bits(s))
 
 
@@ -210,8 +210,8 @@ def test_every_isa_path_gives_the_same_bits():
         cpu.set_isa("auto")
     first = next(iter(got.values()))
     for isa, runs in got.items():
-        for r, f in zip(runs, first):
-            for a, c in zip(r, f):
+        for r, f in zip(runs, first, strict=True):
+            for a, c in zip(r, f, strict=True):
                 assert torch.equal(bits(a), bits(c)), isa
 
 

@@ -18,9 +18,9 @@ Imported only where ``_group`` chose the triton backend (triton is importable th
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-import torch
 
 from .reference import compute_dtype
 
