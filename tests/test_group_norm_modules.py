@@ -97,5 +97,7 @@ def test_watch_reads_group_statistics_from_the_kernel(fmt):
     for name in ("gn", "gn_plain", "gn_nobias"):
         assert ours[name]["rows"] == plain[name]["rows"] == 4 * model.get_submodule(name).num_groups
         assert ours[name]["norm"] == "group" and ours[name]["kind"] == "ln"
+        for key in ("batch_size", "seq_len"):  # (B, C, H, W) has no sequence dim
+            assert ours[name][key] == plain[name][key]
         for key in ("input_mean", "input_std"):
             assert ours[name][key] == pytest.approx(plain[name][key], rel=1e-4, abs=1e-5)

@@ -263,3 +263,12 @@ def test_triton_interpreted(dtype, fmt):
 def test_bad_input_names_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call(torch.randn(2, 8, 3))
+
+
+def test_torch_compile_traces_the_reference_without_graph_breaks():
+    x = torch.randn(2, 8, 4, 3)
+    w, b = torch.randn(8), torch.randn(8)
+    compiled = torch.compile(lambda x: normkit.group_norm(x, 4, w, b), backend="eager",
+                             fullgraph=True)
+    truth = reference.group_norm(x.double(), 4, w.double(), b.double())[0]
+    assert_close_to_ref(compiled(x), F.group_norm(x, 4, w, b), truth, torch.float32)
