@@ -47,7 +47,8 @@ except ImportError:
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("src", "normkit", "kernels", "csrc")
 SOURCES = ["host.cpp", "launch.cpp", "buffers.cpp", "dispatch.cpp", "isa_generic.cpp",
-           "isa_avx2.cpp", "isa_avx512.cpp", "isa_avx512bf16.cpp"]
+           "isa_avx2.cpp", "isa_avx512.cpp", "isa_avx512bf16.cpp",
+           "group.cpp"]
 
 
 def _openmp_flags() -> list[str]:

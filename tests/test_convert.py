@@ -337,7 +337,7 @@ class _Block(torch.nn.Module):
         self.ln1 = torch.nn.LayerNorm(8)
         self.ln2 = torch.nn.LayerNorm(8)
         self.rms = torch.nn.RMSNorm(8)
-        self.group = torch.nn.GroupNorm(2, 8)
+        self.inst = torch.nn.InstanceNorm1d(8)
         self.batch = torch.nn.BatchNorm1d(8)
         self.hand = ScaledRMSNorm(8)                   # hand-written: no known forward
         self.nan_eps = torch.nn.LayerNorm(8, eps=float("nan"))
@@ -355,23 +355,24 @@ def test_plan_says_what_was_replaced_and_why_the_rest_was_not(caplog):
         ("rms", "RMSNorm", "RMSNorm")]
     assert all(n.casting == "torch" and not n.zero_centered_gamma for n in plan.replaced)
     skipped = {n.name: (n.type_name, n.kind, n.reason) for n in plan.skipped}
-    assert list(skipped) == ["group", "batch", "hand", "nan_eps", "done"]
-    assert skipped["group"] == ("GroupNorm", "group", "no normkit module computes group norms")
+    assert list(skipped) == ["inst", "batch", "hand", "nan_eps", "done"]
+    assert skipped["inst"] == ("InstanceNorm1d", "instance",
+                               "no normkit module computes instance norms")
     assert skipped["batch"][1:] == ("batch", "no normkit module computes batch norms")
     assert "matches no known norm implementation" in skipped["hand"][2]
     assert skipped["nan_eps"][2] == "eps=nan"
     assert skipped["done"][2] == "already a normkit module"
     assert all(n.becomes is None for n in plan.skipped)
     assert plan.counts() == {"LayerNorm": 2, "RMSNorm": 1}
-    assert isinstance(model.ln1, LayerNorm) and model.group.__class__ is torch.nn.GroupNorm
+    assert isinstance(model.ln1, LayerNorm) and model.inst.__class__ is torch.nn.InstanceNorm1d
 
     # one INFO line per call, the plan's summary
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert infos == [plan.summary()]
     line = infos[0]
     assert line.startswith("replaced 3 of 8 norms: 2 LayerNorm → normkit.nn.LayerNorm, "
-                           "1 RMSNorm → normkit.nn.RMSNorm; left alone: 1 GroupNorm (no normkit "
-                           "module computes group norms), ")
+                           "1 RMSNorm → normkit.nn.RMSNorm; left alone: 1 InstanceNorm1d (no "
+                           "normkit module computes instance norms), ")
     assert "1 LayerNorm (eps=nan)" in line and "1 LayerNorm (already a normkit module)" in line
     assert "\n" not in line
     # str(plan): the summary, then a line per norm with its qualified name

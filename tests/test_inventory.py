@@ -331,9 +331,9 @@ def test_convert_watch_and_audit_see_the_same_norms(name, model):
     normkit.convert(converted)
     before, after = dict(model.named_modules()), dict(converted.named_modules())
     swapped = {n for n in before if type(before[n]) is not type(after[n])}
-    # convert replaces norms only — exactly those of kind layer/rms it has a casting for
+    # convert replaces norms only — exactly those of kind layer/rms/group it has a casting for
     assert swapped == {n for n, _, i in _inventory.find(model)
-                       if i.kind in ("layer", "rms") and i.casting is not None
+                       if i.kind in ("layer", "rms", "group") and i.casting is not None
                        and i.family != "normkit"}
     # ... and after converting, watch and audit still see the same modules
     assert {n for n, *_ in watch_norms(converted)} == norms

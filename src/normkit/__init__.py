@@ -24,6 +24,7 @@ _LAZY = {
     "functional": ("functional", None),
     "layer_norm": ("functional", "layer_norm"),
     "rms_norm": ("functional", "rms_norm"),
+    "group_norm": ("functional", "group_norm"),
     "use_backend": ("functional", "use_backend"),
     "get_backend": ("functional", "get_backend"),
     "available_backends": ("functional", "available_backends"),
@@ -82,6 +83,7 @@ __all__ = [
     # functional ops
     "layer_norm",
     "rms_norm",
+    "group_norm",
     # backends
     "use_backend",
     "get_backend",

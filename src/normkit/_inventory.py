@@ -352,6 +352,8 @@ def _classify(module: torch.nn.Module) -> NormInfo | None:
         kind = "rms" if isinstance(module, nk.RMSNorm) else "layer"
         return NormInfo(kind, module.eps, *_affine(module), "last", _ndims(module), "normkit",
                         module.casting, bool(module.zero_centered_gamma))
+    if isinstance(module, nk.GroupNorm):
+        return NormInfo("group", module.eps, *_affine(module), "group", 0, "normkit", "torch")
     if isinstance(module, nk.DyT):
         return NormInfo("dyt", None, *_affine(module), "last", _ndims(module), "normkit")
     if isinstance(module, (nk.LayerNormLSTMCell, nk.LayerNormLSTM)):

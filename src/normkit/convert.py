@@ -13,6 +13,7 @@ What is converted, and how each keeps its semantics:
 | ----------------------------------------------- | ---------------- | -------- | --- |
 | ``torch.nn.LayerNorm`` (BERT, GPT-2, ...)       | ``nn.LayerNorm`` | "torch"  | no  |
 | ``torch.nn.RMSNorm``                            | ``nn.RMSNorm``   | "torch"  | no  |
+| ``torch.nn.GroupNorm`` (U-Nets, vision models)  | ``nn.GroupNorm`` | "torch"  | no  |
 | Llama / Qwen2 / Mistral RMSNorm (and copies)    | ``nn.RMSNorm``   | "llama"  | no  |
 | GPT-OSS-style RMSNorm: ``(w * n).to(in_dtype)`` | ``nn.RMSNorm``   | "torch"  | no  |
 | Gemma / Gemma2 / Gemma3 RMSNorm (and copies)    | ``nn.RMSNorm``   | "gemma"  | yes |
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ._inventory import NormInfo, describe
-from .nn import LayerNorm, RMSNorm
+from .nn import GroupNorm, LayerNorm, RMSNorm
 
 __all__ = ["convert", "revert", "ConvertPlan", "PlannedNorm"]
 
@@ -69,7 +70,8 @@ class PlannedNorm:
         type_name: the class name of the module convert found there.
         kind: the inventory's kind ("layer", "rms", "batch", "group", "instance", "dyt",
             "custom").
-        becomes: "LayerNorm" or "RMSNorm" (``normkit.nn``) when replaced, None when left alone.
+        becomes: "LayerNorm", "RMSNorm" or "GroupNorm" (``normkit.nn``) when replaced, None
+            when left alone.
         casting: the replacement's casting mode (None when left alone).
         zero_centered_gamma: the replacement multiplies by 1 + γ.
         reason: why it is left alone ("" when replaced).
@@ -189,6 +191,8 @@ def _plan(module: torch.nn.Module) -> tuple[NormInfo | None, Callable[[], torch.
     if info.family is None and info.kind == "custom":
         return info, None, ("looks like a norm but normkit does not know it; declare it with "
                             "normkit.register_norm")
+    if info.kind == "group":
+        return info, *_group_builder(module, info)
     if info.kind not in ("layer", "rms"):
         return info, None, f"no normkit module computes {info.kind} norms"
     build, why = _builder(module, info)
@@ -233,6 +237,32 @@ def _builder(module: torch.nn.Module, info: NormInfo
     if not _valid_eps(info.eps):
         return None, f"{what}, but eps={info.eps!r}"
     return functools.partial(_from_info, module, info), ""
+
+
+def _group_builder(module: torch.nn.Module, info: NormInfo
+                   ) -> tuple[Callable[[], torch.nn.Module] | None, str]:
+    """(a builder of the replacement, "") for a ``torch.nn.GroupNorm`` that keeps torch's
+    forward, else (None, why not).  (InstanceNorm is left alone: see docs/group_norm.md.)"""
+    if not (isinstance(module, torch.nn.GroupNorm) and info.family == "torch"):
+        return None, "a group norm that is not torch.nn.GroupNorm"
+    if type(module).forward is not torch.nn.GroupNorm.forward:
+        return None, "it subclasses torch.nn.GroupNorm but overrides forward"
+    if why := _not_plain_leaf(module, {"weight", "bias"}):
+        return None, why
+    if not _valid_eps(module.eps):
+        return None, f"eps={module.eps!r}"
+    return functools.partial(_from_torch_group_norm, module), ""
+
+
+def _from_torch_group_norm(old: torch.nn.GroupNorm) -> GroupNorm:
+    new = GroupNorm(old.num_groups, old.num_channels, old.eps, old.affine, device="meta",
+                    bias=old.bias is not None)
+    new.weight, new.bias = old.weight, old.bias
+    return _finish(new, old)
+
+
+# what a replaced norm of each kind becomes (``normkit.nn``)
+_BECOMES = {"rms": "RMSNorm", "group": "GroupNorm"}
 
 
 def _finish(new: torch.nn.Module, old: torch.nn.Module) -> torch.nn.Module:
@@ -326,13 +356,14 @@ def convert(
 ) -> torch.nn.Module | tuple[torch.nn.Module, ConvertPlan]:
     """Replace the norms of ``model`` with normkit modules that compute exactly the same thing.
 
-    Converted: ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` (and subclasses that keep their
-    forward), and the Hugging Face RMSNorm variants of Llama/Qwen2/Mistral, Gemma/Gemma2/Gemma3
-    and T5 (see the module docstring).  Each replacement keeps the original's eps exactly, its
-    casting order and output dtype, its plain attributes (e.g. ``variance_epsilon``), its
-    training flag and the same Parameter objects — so state_dict keys and optimizer state are
-    unchanged.  Every other norm is left alone, with the reason in the plan.  Hooks registered
-    on a replaced module are not carried over (a warning names the module's path).
+    Converted: ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and ``torch.nn.GroupNorm`` (and
+    subclasses that keep their forward), and the Hugging Face RMSNorm variants of
+    Llama/Qwen2/Mistral, Gemma/Gemma2/Gemma3 and T5 (see the module docstring).  Each
+    replacement keeps the original's eps exactly, its casting order and output dtype, its plain
+    attributes (e.g. ``variance_epsilon``), its training flag and the same Parameter objects —
+    so state_dict keys and optimizer state are unchanged.  Every other norm is left alone, with
+    the reason in the plan.  Hooks registered on a replaced module are not carried over (a
+    warning names the module's path).
 
     Each call logs one INFO line on the ``normkit.convert`` logger: ``ConvertPlan.summary()``,
     e.g. "replaced 5 of 5 norms: 5 LlamaRMSNorm → normkit.nn.RMSNorm".
@@ -376,7 +407,7 @@ def convert(
             return module
         note = "its hooks are not carried over" if _has_hooks(module) else ""
         planned.append(PlannedNorm(name, type(module).__name__, info.kind,
-                                   "RMSNorm" if info.kind == "rms" else "LayerNorm",
+                                   _BECOMES.get(info.kind, "LayerNorm"),
                                    info.casting, info.zero_centered_gamma, note=note))
         if dry_run:
             return module

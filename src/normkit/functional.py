@@ -36,6 +36,7 @@ from ._dispatch import (
     get_backend,
     use_backend,
 )
+from ._group import group_norm
 from ._ops import _compiled_path, _traceable
 from ._options import CASTINGS, NormOptions
 from ._validate import _check_lean, _check_out, _check_residual_out, _check_writes, _validate
@@ -44,6 +45,7 @@ from .kernels import reference
 __all__ = [
     "layer_norm",
     "rms_norm",
+    "group_norm",
     "use_backend",
     "get_backend",
     "available_backends",

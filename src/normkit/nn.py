@@ -1,4 +1,5 @@
-"""Drop-in modules: ``LayerNorm`` and ``RMSNorm`` backed by normkit's kernels, and the LN-LSTM.
+"""Drop-in modules: ``LayerNorm``, ``RMSNorm`` and ``GroupNorm`` backed by normkit's kernels,
+and the LN-LSTM.
 
 Each class subclasses the torch module it replaces and overrides only ``forward`` (STYLE habit 4),
 so the constructor, the parameters (``weight``, ``bias``), the state_dict keys and
@@ -41,9 +42,9 @@ import torch.nn.functional as F
 
 from ._options import _check_casting, _eps_of
 from ._validate import _shape_of
-from .functional import layer_norm, rms_norm
+from .functional import group_norm, layer_norm, rms_norm
 
-__all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm", "DyT",
+__all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "DyT",
            "LayerNormLSTMCell", "LayerNormLSTM"]
 
 
@@ -227,6 +228,21 @@ class FusedAddRMSNorm(RMSNorm):
             zero_centered_gamma=self.zero_centered_gamma, return_residual=True,
             casting=self.casting, memory_efficient=self.memory_efficient,
         )
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """``torch.nn.GroupNorm`` computed by normkit (``normkit.group_norm``); same constructor
+    (``num_groups``, ``num_channels``, ``eps=1e-5``, ``affine=True``, ``device``, ``dtype``),
+    parameters, state_dict and repr (as ``normkit.nn.GroupNorm(...)``).
+
+    Input (B, C, *), output the same shape, dtype and memory format; statistics per sample and
+    group in float32 (float64 for float64 input).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    _get_name = _get_name
 
 
 class DyT(torch.nn.Module):

@@ -24,10 +24,11 @@ import os
 
 import torch
 
-from .reference import cast_dtype, effective_gamma, kernel_dtypes, param_dtype
+from .reference import cast_dtype, compute_dtype, effective_gamma, kernel_dtypes, param_dtype
 
 __all__ = ["forward", "backward", "infer", "supports", "plan", "release_buffers", "isa",
-           "available_isas", "set_isa", "configure", "status"]
+           "available_isas", "set_isa", "configure", "status", "group_forward",
+           "group_backward"]
 
 _KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -186,3 +187,27 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
                          -1 if nd is None else _KIND[nd], need_dw and weight is not None,
                          need_dw and has_bias, stats.dtype, bias if from_y else None,
                          bool(from_y))
+
+
+def group_forward(x, weight, bias, num_groups, eps, channels_last):
+    """GroupNorm forward (kernels/csrc/group_rows.h).
+
+    Args:
+        x: contiguous (B, C, S), or with ``channels_last`` (B, S, C); float32/64, bf16, fp16.
+        weight, bias: (C,) in any float dtype, or None (converted to the compute dtype here:
+            exact, C values).
+
+    Returns:
+        (y like x, stats (B·G, 3) [m1, dm, rstd] in the compute dtype).
+    """
+    cd = compute_dtype(x.dtype)
+    w, b = (None if p is None else p.to(cd).contiguous() for p in (weight, bias))
+    return _cpu.group_forward(x, w, b, num_groups, eps, channels_last)
+
+
+def group_backward(dy, x, weight, stats, num_groups, channels_last, need_w, need_b):
+    """GroupNorm backward: (dx like x, dγ, dβ) with dγ/dβ (C,) in the compute dtype (None
+    where not wanted); dy like x (its dtype and layout)."""
+    cd = compute_dtype(x.dtype)
+    w = None if weight is None else weight.to(cd).contiguous()
+    return _cpu.group_backward(dy, x, w, stats, num_groups, channels_last, need_w, need_b, cd)

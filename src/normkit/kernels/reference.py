@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["norm_forward", "norm_backward_graph", "compute_dtype", "output_dtype"]
+__all__ = ["norm_forward", "norm_backward_graph", "compute_dtype", "output_dtype", "group_norm"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -290,3 +290,32 @@ def norm_backward_graph(
         db.to(bias.dtype) if need[2] else None,
         dx if need[3] else None,
     )
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference GroupNorm (torch's ``F.group_norm`` semantics), differentiable.
+
+    The rows of the contract are the (sample, group) pairs: x (B, C, *) is viewed as
+    (B·G, C/G·prod(*)) rows, normalized by ``_normalize`` (LayerNorm's shifted moments), then
+    ``y = x̂·γ_c + β_c`` per channel c.  Call it on ``x.double()`` for the float64 truth.
+
+    Returns:
+        y like x (contiguous) in x.dtype; mean and rstd (B·G,) in the compute dtype.
+    """
+    b, c = x.shape[:2]
+    ct = compute_dtype(x.dtype)
+    rows = x.to(ct).reshape(b * num_groups, x.numel() // (b * num_groups) if b else 0)
+    xhat, mean, rstd = _normalize(rows, eps, False)
+    y = xhat.reshape(x.shape)
+    per_channel = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(ct).reshape(per_channel)
+    if bias is not None:
+        y = y + bias.to(ct).reshape(per_channel)
+    return y.to(x.dtype), mean.squeeze(-1), rstd.squeeze(-1)

@@ -34,7 +34,7 @@ def find_norms(
     for name, m, info in _inventory.find(model):
         kind = "rms" if info.kind == "rms" else "ln"
         # DyT has no statistics of its own: its input rows are summarised.
-        how = "sink" if isinstance(m, (nk.LayerNorm, nk.RMSNorm)) else info.rows
+        how = "sink" if isinstance(m, (nk.LayerNorm, nk.RMSNorm, nk.GroupNorm)) else info.rows
         out.append((name, m, kind, how, info.ndims, info))
     return out
 

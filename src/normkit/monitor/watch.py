@@ -540,7 +540,7 @@ class Watch(_Hunting, _Judging):
         s = self._layer(name)
         x = _first_tensor(args)
         if x is not None:
-            if how in ("last", "sink"):
+            if how == "last" or (how == "sink" and nd):  # normkit's GroupNorm: nd = 0
                 s.batch_size = int(x.shape[0]) if x.dim() > 1 else 1
                 s.seq_len = int(x.shape[1]) if x.dim() - nd >= 2 else None
             else:

@@ -35,6 +35,7 @@
 
 #include "buffers.h"
 #include "dispatch.h"
+#include "group.h"
 #include "kernels.h"
 #include "launch.h"
 
@@ -534,6 +535,7 @@ PYBIND11_MODULE(_cpu, mod) {
   mod.def("stream_min_bytes", &stream_min_bytes);
   mod.def("set_stream_min_bytes", &set_stream_min_bytes);
   mod.def("_convert", &convert_for_tests);
+  register_group(mod);  // GroupNorm (group.cpp)
   mod.attr("torch_version") = NK_TORCH_VERSION;
   mod.attr("build_flags") = NK_BUILD_FLAGS;
 }

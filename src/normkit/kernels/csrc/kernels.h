@@ -82,6 +82,28 @@ enum FwdVariant : int {
   kVariants = 5
 };
 
+// GroupNorm (group.h, group_rows.h): one launch phase over units [lo, hi) of a (B, C, S)
+// input (NCHW: element (b, c, s) at (b·C + c)·S + s) or a (B, S, C) one (channels-last: at
+// (b·S + s)·C + c), G groups of C / G channels.  Phases and units: group_rows.h.
+struct GroupArgs {
+  int64_t nb, c, s, g;  // batch, channels, spatial size, groups
+  int64_t sb, nsb;      // channels-last: spatial rows per block, blocks per sample
+  bool cl;              // channels-last
+  bool fma;             // forward: y = fma(x̂, γ, β) (β given), else x̂·γ
+  double eps;
+  const void* x;        // (B, C, S) or (B, S, C) contiguous
+  void* y;              // forward: like x, x's kind
+  const void* dy;       // backward: like x, x's kind
+  void* dx;             // backward: like x, x's kind
+  const void* w;        // γ (C,) in the compute type (ones without γ)
+  const void* b;        // β (C,) in the compute type, or null
+  void* stats;          // (B·G, 3) [m1, dm, rstd] in the compute type
+  void* sums;           // backward: (2, B, C) per-sample Σ dy·x̂ and Σ dy per channel
+  void* part;           // channels-last: (B·nsb, 2, C) block partial sums
+  void* coef;           // channels-last: (B, 5, C) per-channel [m1, dm, rstd, −c1/L, −c2/L]
+};
+using GroupFn = void (*)(const GroupArgs&, int phase, int64_t lo, int64_t hi);
+
 struct Table {
   const char* name;
   FwdFn fwd[kKinds][kKinds][kVariants];  // [x][y]: null where not built (kRound on float64)
@@ -92,6 +114,9 @@ struct Table {
   SumFn sum[2];  // [compute type: float, double]
   WidenFn widen;
   ConvertFn convert;
+  // GroupNorm, [x kind]: forward and backward phases (group_rows.h)
+  GroupFn group_fwd[kKinds];
+  GroupFn group_bwd[kKinds];
 };
 
 // One table per instruction-set path; null where this build has no such path.

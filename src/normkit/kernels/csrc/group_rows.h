@@ -1,0 +1,467 @@
+// GroupNorm's kernels, forward and backward, for NCHW and channels-last inputs: one source for
+// every instruction-set path, included by isa_*.cpp after rows.h (whose row sums, statistics and
+// formulas it reuses) and exported in the Table (kernels.h: group_fwd, group_bwd).
+//
+// A group of sample b is L = (C/G)·S values: the row of the LayerNorm contract.  The math
+// (reference.group_norm) and the bits, per layout:
+//
+// * NCHW: a group is one contiguous row, so its statistics are rows.h's row_stats (the same
+//   bits as layer_norm of that row, overflow rescaling included); y = fma(x̂, γ_c, β_c) (x̂·γ_c
+//   without β) with x̂ = ((v − m1) − dm)·rstd, element by element.
+// * channels-last: a group is C/G channels strided by C.  The shift m1 is the mean of the
+//   group's values at its first ⌈16/(C/G)⌉ spatial positions (in s, then c order); each channel
+//   accumulates d = v − m1 and d² (FMA) over the spatial positions of a block in order; the
+//   blocks' sums are added in block order, the group's channels in channel order; dm = Σd/L,
+//   var = Σd²/L − dm² and, where dm² > var, the moments are taken again about m1 + dm, as
+//   rows.h does (and a group whose sums of squares overflow, again scaled by a power of two, as
+//   row_stats does).  The blocks (sb spatial rows each) depend on S and C only.
+// * backward: per channel and sample Σ dy·x̂ and Σ dy (the per-sample partials of dγ and dβ),
+//   c1 = Σ_c γ_c·Σdy, c2 = Σ_c γ_c·Σ dy·x̂ (FMA, channel order), and
+//   dx = fma(rstd, fma(x̂, −c2/L, fma(dy, γ_c, −c1/L)), 0), as rows.h's dx_of; dγ/dβ = the
+//   per-sample partials added in sample order (Table::sum).
+//
+// So a sample's y and dx depend only on that sample, γ, β, ε and the shape of one sample; the
+// bits of the two layouts differ (their sums run in different orders).
+
+NK_INLINE int64_t lesser(int64_t p, int64_t q) { return p < q ? p : q; }
+
+// channels-last: Σ over spatial rows [s0, s1) of t's terms, for every channel c < nc, into o1[c]
+// and o2[c]: each channel in spatial order (lane-wise, so the vector grouping sets no bit).  Row
+// by row, as x lies in memory, the sums kept in o1/o2 (2·C values, in L1): a walk down the
+// block one group of channel vectors at a time ran at half the speed of torch's channels-last
+// kernel (its strided reads are not a stream the prefetchers follow well).
+template <class C, class T>
+NK_INLINE void cl_sums(int64_t nc, int64_t s0, int64_t s1, const T& t, C* o1, C* o2) {
+  using V = Vec<C>;
+  constexpr int CK = kind_of_compute<C>();
+  const int64_t nv = nc - nc % W;
+  memset(o1, 0, nc * sizeof(C));  // +0.0: all bits zero
+  memset(o2, 0, nc * sizeof(C));
+  for (int64_t s = s0; s < s1; s++) {
+    for (int64_t j = 0; j < nv; j += W) {
+      V a1 = vload<CK, C>(o1, j), a2 = vload<CK, C>(o2, j);
+      t.vec(s, j, a1, a2);
+      vstore<CK, C>(o1, j, a1);
+      vstore<CK, C>(o2, j, a2);
+    }
+    for (int64_t j = nv; j < nc; j++) t.one(s, j, o1[j], o2[j]);
+  }
+}
+
+// Forward moments about a per-channel shift: d = v − shift[c], terms d and d·d.  Element (s, c)
+// of a (S, C) sample at x + s·C + c.
+template <int X>
+struct ClMoments {
+  using C = CT<X>;
+  const void* x;
+  const C* shift;
+  int64_t c;
+  NK_INLINE void vec(int64_t s, int64_t j, Vec<C>& a1, Vec<C>& a2) const {
+    Vec<C> d = vload<X, C>(x, s * c + j) - vload<kind_of_compute<C>(), C>(shift, j);
+    a1 = a1 + d;
+    a2 = vfma(d, d, a2);
+  }
+  NK_INLINE void one(int64_t s, int64_t j, C& a1, C& a2) const {
+    C d = sload<X, C>(x, s * c + j) - shift[j];
+    a1 = a1 + d;
+    a2 = sfma(d, d, a2);
+  }
+};
+
+// Backward sums: terms dy and dy·x̂, x̂ from per-channel rows m1, dm, rstd.
+template <int X>
+struct ClGrads {
+  using C = CT<X>;
+  const void* x;
+  const void* dy;
+  const C* m1;
+  const C* dm;
+  const C* rstd;
+  int64_t c;
+  NK_INLINE void vec(int64_t s, int64_t j, Vec<C>& a1, Vec<C>& a2) const {
+    constexpr int CK = kind_of_compute<C>();
+    Vec<C> d = vload<X, C>(dy, s * c + j);
+    Vec<C> xh = ((vload<X, C>(x, s * c + j) - vload<CK, C>(m1, j)) - vload<CK, C>(dm, j)) *
+                vload<CK, C>(rstd, j);
+    a1 = a1 + d;
+    a2 = vfma(d, xh, a2);
+  }
+  NK_INLINE void one(int64_t s, int64_t j, C& a1, C& a2) const {
+    C d = sload<X, C>(dy, s * c + j);
+    C xh = ((sload<X, C>(x, s * c + j) - m1[j]) - dm[j]) * rstd[j];
+    a1 = a1 + d;
+    a2 = sfma(d, xh, a2);
+  }
+};
+
+// NCHW backward sums over one channel's S contiguous values: dy and dy·x̂ (rows.h's row order).
+template <int X>
+struct ChanGrads {
+  using C = CT<X>;
+  const void* x;
+  const void* dy;
+  C m1, dm, rstd;
+  NK_INLINE void vec(int64_t j, Vec<C>& a1, Vec<C>& a2) const {
+    Vec<C> d = vload<X, C>(dy, j);
+    a1 = a1 + d;
+    a2 = vfma(d, x_hat(vload<X, C>(x, j), m1, dm, rstd), a2);
+  }
+  NK_INLINE void one(int64_t j, C& a1, C& a2) const {
+    C d = sload<X, C>(dy, j);
+    a1 = a1 + d;
+    a2 = sfma(d, x_hat(sload<X, C>(x, j), m1, dm, rstd), a2);
+  }
+};
+
+template <class C>
+NK_INLINE C group_rstd(C var, C eps) {
+  return rsqrt_of((C(0) > var ? C(0) : var) + eps);  // max(var, 0), a NaN var kept
+}
+
+// ------------------------------------------------------------------------------------------
+// NCHW: one unit per (sample, group) row
+// ------------------------------------------------------------------------------------------
+
+template <int X>
+void nchw_fwd(const GroupArgs& a, int64_t lo, int64_t hi) {
+  using C = CT<X>;
+  using V = Vec<C>;
+  const int64_t cg = a.c / a.g, n = cg * a.s, s = a.s, nv = s - s % W;
+  const C* w = static_cast<const C*>(a.w);
+  const C* b = static_cast<const C*>(a.b);
+  for (int64_t r = lo; r < hi; r++) {
+    const void* src = at<ST<X>>(a.x, r * n);
+    void* y = at<ST<X>>(a.y, r * n);
+    C m1, dm, rstd;
+    row_stats<X>(src, n, false, C(a.eps), m1, dm, rstd);
+    const int64_t c0 = (r % a.g) * cg;
+    for (int64_t c = 0; c < cg; c++) {
+      const void* xc = at<ST<X>>(src, c * s);
+      void* yc = at<ST<X>>(y, c * s);
+      const C gc = w[c0 + c], bc = b ? b[c0 + c] : C(0);
+      const V gv = vsplat<C>(gc), bv = vsplat<C>(bc);
+      for (int64_t j = 0; j < nv; j += W) {
+        V t = x_hat(vload<X, C>(xc, j), m1, dm, rstd);
+        vstore<X, C>(yc, j, a.fma ? vfma(t, gv, bv) : t * gv);
+      }
+      for (int64_t j = nv; j < s; j++) {
+        C t = x_hat(sload<X, C>(xc, j), m1, dm, rstd);
+        sstore<X, C>(yc, j, a.fma ? sfma(t, gc, bc) : t * gc);
+      }
+    }
+    C* st = at<C>(a.stats, 3 * r);
+    st[0] = m1;
+    st[1] = dm;
+    st[2] = rstd;
+  }
+}
+
+template <int X>
+void nchw_bwd(const GroupArgs& a, int64_t lo, int64_t hi) {
+  using C = CT<X>;
+  using V = Vec<C>;
+  const int64_t cg = a.c / a.g, n = cg * a.s, s = a.s, nv = s - s % W;
+  const C* w = static_cast<const C*>(a.w);
+  C* sw = static_cast<C*>(a.sums);  // Σ dy·x̂, then Σ dy at + B·C
+  C* sb = sw + a.nb * a.c;
+  const C nf = C(n);
+  for (int64_t r = lo; r < hi; r++) {
+    const C* st = at<C>(a.stats, 3 * r);
+    const C m1 = st[0], dm = st[1], rstd = st[2];
+    const int64_t c0 = (r / a.g) * a.c + (r % a.g) * cg;  // sample b's channel c0 in (B, C)
+    const int64_t g0 = (r % a.g) * cg;
+    C c1 = C(0), c2 = C(0);
+    for (int64_t c = 0; c < cg; c++) {
+      C s1, s2;
+      row_sums<C>(s, ChanGrads<X>{at<ST<X>>(a.x, r * n + c * s), at<ST<X>>(a.dy, r * n + c * s),
+                                  m1, dm, rstd},
+                  s1, s2);
+      sb[c0 + c] = s1;
+      sw[c0 + c] = s2;
+      c1 = sfma(w[g0 + c], s1, c1);
+      c2 = sfma(w[g0 + c], s2, c2);
+    }
+    const C nc1 = -(c1 / nf), nc2 = -(c2 / nf);
+    for (int64_t c = 0; c < cg; c++) {
+      const void* xc = at<ST<X>>(a.x, r * n + c * s);
+      const void* dyc = at<ST<X>>(a.dy, r * n + c * s);
+      void* dxc = at<ST<X>>(a.dx, r * n + c * s);
+      const C gc = w[g0 + c];
+      const V gv = vsplat<C>(gc);
+      for (int64_t j = 0; j < nv; j += W) {
+        V xh = x_hat(vload<X, C>(xc, j), m1, dm, rstd);
+        vstore<X, C>(dxc, j, dx_of(vload<X, C>(dyc, j), xh, gv, nc1, nc2, rstd, vzero<C>()));
+      }
+      for (int64_t j = nv; j < s; j++) {
+        C xh = x_hat(sload<X, C>(xc, j), m1, dm, rstd);
+        sstore<X, C>(dxc, j, dx_of(sload<X, C>(dyc, j), xh, gc, nc1, nc2, rstd, C(0)));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// channels-last: phases over samples (units b) and spatial blocks (units b·nsb + k)
+// ------------------------------------------------------------------------------------------
+
+// coef row k (of 5) of sample b, and block k's partial sums (2 rows of C) of unit u
+template <class C>
+NK_INLINE C* coef_row(const GroupArgs& a, int64_t b, int k) {
+  return at<C>(a.coef, (b * 5 + k) * a.c);
+}
+template <class C>
+NK_INLINE C* part_row(const GroupArgs& a, int64_t u, int k) {
+  return at<C>(a.part, (u * 2 + k) * a.c);
+}
+
+// Σ_k part[b·nsb + k][row] for every channel (blocks in order), into out.
+template <class C>
+NK_INLINE void merge_blocks(const GroupArgs& a, int64_t b, int row, C* out) {
+  constexpr int CK = kind_of_compute<C>();
+  const int64_t nv = a.c - a.c % W;
+  memcpy(out, part_row<C>(a, b * a.nsb, row), a.c * sizeof(C));
+  for (int64_t k = 1; k < a.nsb; k++) {
+    const C* p = part_row<C>(a, b * a.nsb + k, row);
+    for (int64_t j = 0; j < nv; j += W)
+      vstore<CK, C>(out, j, vload<CK, C>(out, j) + vload<CK, C>(p, j));
+    for (int64_t j = nv; j < a.c; j++) out[j] = out[j] + p[j];
+  }
+}
+
+// Forward phase 0 (per sample): each channel's shift m1 of its group, in coef row 0.
+template <int X>
+void cl_shift(const GroupArgs& a, int64_t b) {
+  using C = CT<X>;
+  const int64_t cg = a.c / a.g;
+  const int64_t ns = lesser(a.s, (W + cg - 1) / cg);
+  const void* x = at<ST<X>>(a.x, b * a.s * a.c);
+  C* m1 = coef_row<C>(a, b, 0);
+  for (int64_t g = 0; g < a.g; g++) {
+    C t = C(0);
+    for (int64_t s = 0; s < ns; s++)
+      for (int64_t c = g * cg; c < (g + 1) * cg; c++) t = t + sload<X, C>(x, s * a.c + c);
+    t = t / C(ns * cg);
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) m1[c] = t;
+  }
+}
+
+// Σ (sc·v − shift) and Σ (sc·v − shift)² of group g of sample b, one channel after another,
+// each in spatial order: the rare second passes (dm² > var; sums of squares that overflow, sc
+// then a power of two as in rows.h's row_stats) — serial, their own order.
+template <int X>
+void cl_group_moments(const GroupArgs& a, int64_t b, int64_t g, CT<X> shift, CT<X> sc,
+                      CT<X>& s1, CT<X>& s2) {
+  using C = CT<X>;
+  const int64_t cg = a.c / a.g;
+  const void* x = at<ST<X>>(a.x, b * a.s * a.c);
+  s1 = s2 = C(0);
+  for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+    C t1 = C(0), t2 = C(0);
+    for (int64_t s = 0; s < a.s; s++) {
+      C d = sload<X, C>(x, s * a.c + c) * sc - shift;
+      t1 = t1 + d;
+      t2 = sfma(d, d, t2);
+    }
+    s1 = s1 + t1;
+    s2 = s2 + t2;
+  }
+}
+
+// Forward phase 2 (per sample): the blocks' sums merged into the statistics, per group into
+// stats and per channel into coef rows 0-2 (m1, dm, rstd).
+template <int X>
+void cl_stats(const GroupArgs& a, int64_t b) {
+  using C = CT<X>;
+  const int64_t cg = a.c / a.g;
+  const C nf = C(cg * a.s), e = C(a.eps);
+  C* m1 = coef_row<C>(a, b, 0);
+  C* t1 = coef_row<C>(a, b, 1);  // the merged sums, overwritten below by dm and rstd
+  C* t2 = coef_row<C>(a, b, 2);
+  merge_blocks<C>(a, b, 0, t1);
+  merge_blocks<C>(a, b, 1, t2);
+  for (int64_t g = 0; g < a.g; g++) {
+    C s1 = C(0), s2 = C(0);
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+      s1 = s1 + t1[c];
+      s2 = s2 + t2[c];
+    }
+    C sh = m1[g * cg];
+    C dm = s1 / nf;
+    C var = s2 / nf - dm * dm;
+    if (dm * dm > var) {
+      sh = sh + dm;
+      cl_group_moments<X>(a, b, g, sh, C(1), s1, s2);
+      dm = s1 / nf;
+      var = s2 / nf - dm * dm;
+    }
+    C rstd = group_rstd(var, e);
+    if (__builtin_expect(!((C(0) > var ? C(0) : var) + e <= std::numeric_limits<C>::max()), 0)) {
+      // finite values whose squares overflow: the group again, scaled by the power of two that
+      // brings its largest |v| into [1, 2) (exact), and the moments scaled back
+      C amax = C(0);
+      const void* x = at<ST<X>>(a.x, b * a.s * a.c);
+      for (int64_t s = 0; s < a.s; s++)
+        for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+          C v = sload<X, C>(x, s * a.c + c);
+          v = v < C(0) ? -v : v;
+          amax = v > amax || !(v == v) ? v : amax;
+        }
+      if (amax <= std::numeric_limits<C>::max() && amax > C(0)) {
+        const C sc = std::ldexp(C(1), -std::ilogb(amax));
+        C shs = sh * sc;
+        cl_group_moments<X>(a, b, g, shs, sc, s1, s2);
+        C dms = s1 / nf, vs = s2 / nf - dms * dms;
+        if (dms * dms > vs) {
+          shs = shs + dms;
+          cl_group_moments<X>(a, b, g, shs, sc, s1, s2);
+          dms = s1 / nf;
+          vs = s2 / nf - dms * dms;
+        }
+        sh = shs / sc;
+        dm = dms / sc;
+        rstd = rsqrt_of((C(0) > vs ? C(0) : vs) + e * sc * sc) * sc;
+      }
+    }
+    C* st = at<C>(a.stats, 3 * (b * a.g + g));
+    st[0] = sh;
+    st[1] = dm;
+    st[2] = rstd;
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+      m1[c] = sh;
+      t1[c] = dm;
+      t2[c] = rstd;
+    }
+  }
+}
+
+// Per-channel coef rows 0-2 from stats (backward phase 0).
+template <class C>
+void cl_expand(const GroupArgs& a, int64_t b) {
+  const int64_t cg = a.c / a.g;
+  for (int64_t g = 0; g < a.g; g++) {
+    const C* st = at<C>(a.stats, 3 * (b * a.g + g));
+    for (int k = 0; k < 3; k++) {
+      C* row = coef_row<C>(a, b, k);
+      for (int64_t c = g * cg; c < (g + 1) * cg; c++) row[c] = st[k];
+    }
+  }
+}
+
+// Backward phase 2 (per sample): Σ dy·x̂ and Σ dy per channel into sums; −c1/L and −c2/L per
+// channel into coef rows 3 and 4.
+template <class C>
+void cl_coefs(const GroupArgs& a, int64_t b) {
+  const int64_t cg = a.c / a.g;
+  const C nf = C(cg * a.s);
+  C* sw = at<C>(a.sums, b * a.c);
+  C* sb = at<C>(a.sums, (a.nb + b) * a.c);
+  merge_blocks<C>(a, b, 0, sb);
+  merge_blocks<C>(a, b, 1, sw);
+  const C* w = static_cast<const C*>(a.w);
+  C* q1 = coef_row<C>(a, b, 3);
+  C* q2 = coef_row<C>(a, b, 4);
+  for (int64_t g = 0; g < a.g; g++) {
+    C c1 = C(0), c2 = C(0);
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+      c1 = sfma(w[c], sb[c], c1);
+      c2 = sfma(w[c], sw[c], c2);
+    }
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+      q1[c] = -(c1 / nf);
+      q2[c] = -(c2 / nf);
+    }
+  }
+}
+
+// Phase 3: y (forward) or dx (backward) of the spatial rows of one block.
+template <int X, bool BWD>
+void cl_out(const GroupArgs& a, int64_t u) {
+  using C = CT<X>;
+  using V = Vec<C>;
+  constexpr int CK = kind_of_compute<C>();
+  const int64_t b = u / a.nsb, k = u % a.nsb, nc = a.c, nv = nc - nc % W;
+  const int64_t s0 = k * a.sb, s1 = lesser(a.s, s0 + a.sb);
+  const int64_t base = b * a.s * nc;
+  const C* m1 = coef_row<C>(a, b, 0);
+  const C* dm = coef_row<C>(a, b, 1);
+  const C* rs = coef_row<C>(a, b, 2);
+  const C* q1 = coef_row<C>(a, b, 3);
+  const C* q2 = coef_row<C>(a, b, 4);
+  const C* w = static_cast<const C*>(a.w);
+  const C* bb = static_cast<const C*>(a.b);
+  for (int64_t s = s0; s < s1; s++) {
+    const int64_t o = base + s * nc;
+    for (int64_t j = 0; j < nv; j += W) {
+      V xh = ((vload<X, C>(a.x, o + j) - vload<CK, C>(m1, j)) - vload<CK, C>(dm, j)) *
+             vload<CK, C>(rs, j);
+      V g = vload<CK, C>(w, j);
+      if constexpr (BWD) {
+        V d = vload<X, C>(a.dy, o + j);
+        vstore<X, C>(a.dx, o + j,
+                     vfma(vload<CK, C>(rs, j),
+                          vfma(xh, vload<CK, C>(q2, j), vfma(d, g, vload<CK, C>(q1, j))),
+                          vzero<C>()));
+      } else {
+        vstore<X, C>(a.y, o + j, a.fma ? vfma(xh, g, vload<CK, C>(bb, j)) : xh * g);
+      }
+    }
+    for (int64_t j = nv; j < nc; j++) {
+      C xh = ((sload<X, C>(a.x, o + j) - m1[j]) - dm[j]) * rs[j];
+      if constexpr (BWD) {
+        sstore<X, C>(a.dx, o + j, dx_of(sload<X, C>(a.dy, o + j), xh, w[j], q1[j], q2[j], rs[j],
+                                        C(0)));
+      } else {
+        sstore<X, C>(a.y, o + j, a.fma ? sfma(xh, w[j], bb[j]) : xh * w[j]);
+      }
+    }
+  }
+}
+
+// The phases (host: group.cpp).  NCHW: phase 0 only, units B·G.  Channels-last: 0 (units B),
+// 1 (B·nsb: the blocks' sums), 2 (B), 3 (B·nsb: y or dx).
+template <int X>
+void group_fwd(const GroupArgs& a, int phase, int64_t lo, int64_t hi) {
+  using C = CT<X>;
+  if (!a.cl) return nchw_fwd<X>(a, lo, hi);
+  for (int64_t u = lo; u < hi; u++) {
+    if (phase == 0) cl_shift<X>(a, u);
+    if (phase == 1) {
+      const int64_t b = u / a.nsb, s0 = (u % a.nsb) * a.sb;
+      cl_sums<C>(a.c, s0, lesser(a.s, s0 + a.sb),
+                 ClMoments<X>{at<ST<X>>(a.x, b * a.s * a.c), coef_row<C>(a, b, 0), a.c},
+                 part_row<C>(a, u, 0), part_row<C>(a, u, 1));
+    }
+    if (phase == 2) cl_stats<X>(a, u);
+    if (phase == 3) cl_out<X, false>(a, u);
+  }
+}
+
+template <int X>
+void group_bwd(const GroupArgs& a, int phase, int64_t lo, int64_t hi) {
+  using C = CT<X>;
+  if (!a.cl) return nchw_bwd<X>(a, lo, hi);
+  for (int64_t u = lo; u < hi; u++) {
+    if (phase == 0) cl_expand<C>(a, u);
+    if (phase == 1) {
+      const int64_t b = u / a.nsb, s0 = (u % a.nsb) * a.sb, o = b * a.s * a.c;
+      cl_sums<C>(a.c, s0, lesser(a.s, s0 + a.sb),
+                 ClGrads<X>{at<ST<X>>(a.x, o), at<ST<X>>(a.dy, o), coef_row<C>(a, b, 0),
+                            coef_row<C>(a, b, 1), coef_row<C>(a, b, 2), a.c},
+                 part_row<C>(a, u, 0), part_row<C>(a, u, 1));
+    }
+    if (phase == 2) cl_coefs<C>(a, u);
+    if (phase == 3) cl_out<X, true>(a, u);
+  }
+}
+
+inline Table with_group(Table t) {
+  t.group_fwd[kFloat32] = &group_fwd<kF32>;
+  t.group_fwd[kFloat64] = &group_fwd<kF64>;
+  t.group_fwd[kBFloat16] = &group_fwd<kBF16>;
+  t.group_fwd[kFloat16] = &group_fwd<kF16>;
+  t.group_bwd[kFloat32] = &group_bwd<kF32>;
+  t.group_bwd[kFloat64] = &group_bwd<kF64>;
+  t.group_bwd[kBFloat16] = &group_bwd<kBF16>;
+  t.group_bwd[kFloat16] = &group_bwd<kF16>;
+  return t;
+}
