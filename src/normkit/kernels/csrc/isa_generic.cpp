@@ -15,10 +15,11 @@ namespace generic {
 #define NK_ISA_GENERIC 1
 #include "simd.h"
 #include "rows.h"
+#include "quant.h"
 }  // namespace generic
 
 const Table* table_generic() {
-  static const Table t = generic::make_table("generic");
+  static const Table t = generic::with_quant(generic::make_table("generic"));
   return &t;
 }
 
