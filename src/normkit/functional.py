@@ -330,9 +330,9 @@ def _norm_quant(x, normalized_shape, weight, bias, residual, opts: NormOptions, 
                 residual_out, out, scale):
     """(q, scale) or (q, scale, h): y of "torch"/"gemma" casting in float32, quantized per row
     (``layer_norm``'s docstring), forward only."""
-    q_dtype = opts.out_dtype
+    eps, rms, zc, casting, q_dtype = opts
     ns, n, opts = _validate(x, normalized_shape, weight, bias, residual,
-                            opts._replace(out_dtype=None))
+                            _new(NormOptions, (eps, rms, zc, casting, None)))
     static = _check_quant(q_dtype, opts.casting, scale, out, x, weight, bias, residual)
     if residual_out is not None:
         _check_residual_out(residual_out, x, weight, bias, residual)
@@ -355,7 +355,7 @@ def _norm_quant(x, normalized_shape, weight, bias, residual, opts: NormOptions, 
         y, h, mean, rstd = reference.norm_forward(x2, w, b, r2, eps, rms, zc, casting,
                                                   reference.compute_dtype(x.dtype))
         q, s = reference.quantize(y, q_dtype, static)
-        s = s.float()
+        s = s.float().view(m)  # (M,) as the kernels give it
         if sink is not None:
             _report(sink, mean, rstd, eps, rms)
     else:
@@ -364,8 +364,11 @@ def _norm_quant(x, normalized_shape, weight, bias, residual, opts: NormOptions, 
                                             sink is not None, h=hr)
         if sink is not None:
             _report_stats(sink, stats, eps, rms)
-    q = q.view(x.shape)
-    s = s.reshape(x.shape[:x.dim() - len(ns)] + (1,) * len(ns))
+    if flat:
+        s = s.unsqueeze(1)
+    else:
+        q = q.view(x.shape)
+        s = s.view(x.shape[:x.dim() - len(ns)] + (1,) * len(ns))
     if residual_out is not None:
         if h.data_ptr() != residual_out.data_ptr():  # the reference wrote h elsewhere
             residual_out.copy_(h.view(x.shape))
