@@ -7,7 +7,7 @@
 //   static:   s as given
 //   q_j = sat(rne(y_j · r)),  r = 1/s rounded to float32 once per row
 //
-// e4m3: y·r saturated to ±448, then torch's float32 → float8_e4m3fn conversion (e4m3_of: round to
+// e4m3: y·r saturated to ±448, then torch's float32 → float8_e4m3fn conversion (e4m3_abs: round to
 // nearest even, NaN kept with its sign); int8: a NaN becomes 0, then saturated to [−128, 127] and
 // rounded to nearest even.  One spelling for every path and for the scalar tail (a row's last
 // n % W elements go through the vector code in a zero-padded lane array), so the bits are the
@@ -28,34 +28,33 @@ constexpr float kInt8Floor = 1.0f / 8388608.0f;
 
 typedef uint8_t NB __attribute__((vector_size(LF)));  // LF bytes: one native vector's q
 
-// torch's float32 → float8_e4m3fn (c10 fp8e4m3fn_from_fp32_value) on the bits u of LF lanes:
-// |v| ≥ 480 saturates to 448 (0x7E), a NaN is 0x7F; below 2^-6 the value is rounded by one
-// float addition of 2^14 (the subnormals' grid), above it by adding 2^19 − 1 plus the lowest
-// kept bit; the sign is put back last.  Tested against torch on every rounding case.  a has
-// no sign bit, so signed compares order it as unsigned ones would (one instruction on AVX2).
-NK_INLINE NU e4m3_of(NU u) {
+// torch's float32 → float8_e4m3fn (c10 fp8e4m3fn_from_fp32_value) on the bits a of LF lanes
+// of |t| ≤ 448 (or NaN, which gives 0x7F): below 2^-6 the value is rounded by one float
+// addition of 2^14 (the subnormals' grid), above it by adding 2^19 − 1 plus the lowest kept
+// bit (448 and what rounds to it give 0x7E: no carry into the NaN pattern).  a has no sign
+// bit, so signed compares order it as unsigned ones would (one instruction on AVX2).
+NK_INLINE NU e4m3_abs(NU a) {
   const NU z = NU{};
-  const NU sign = u & 0x80000000u;
-  const NU a = u ^ sign;
   const NI ai = (NI)a, zi = NI{};
   const uint32_t denorm = 141u << 23;
   NU sub = (NU)((NF)a + bits_f32(denorm)) - denorm;
   NU nrm = (a + (uint32_t(7 - 127) << 23) + 0x7FFFFu + ((a >> 20) & 1u)) >> 20;
-  nrm = nrm == (z + 0x7Fu) ? z + 0x7Eu : nrm;  // a carry into the NaN pattern saturates
   NU r = ai < (zi + int32_t(121u << 23)) ? sub : nrm;
-  NU big = ai > (zi + 0x7F800000) ? z + 0x7Fu : z + 0x7Eu;
-  r = ai >= (zi + int32_t(1087u << 20)) ? big : r;
-  return r | (sign >> 24);
+  return ai > (zi + 0x7F800000) ? z + 0x7Fu : r;
 }
 
 // The q byte of each of LF values t = y·r, in the low byte of its lane (the rest zero).
+// e4m3: |t| saturated to 448 (torch's .to() saturates the same way from 448 on), converted,
+// the sign put back — torch's bits for every float32, a NaN's sign included.
 template <int Q>
 NK_INLINE NU q_lanes(NF t) {
   const NF z = NF{};
   if constexpr (Q == kFp8E4M3) {
-    t = t < z - kE4m3Max ? z - kE4m3Max : t;  // a NaN compares false: kept
-    t = t > z + kE4m3Max ? z + kE4m3Max : t;
-    return e4m3_of((NU)t);
+    const NU u = (NU)t;
+    const NU sign = u & 0x80000000u;
+    NF m = (NF)(u ^ sign);
+    m = m > z + kE4m3Max ? z + kE4m3Max : m;  // a NaN compares false: kept
+    return e4m3_abs((NU)m) | (sign >> 24);
   } else {
     t = t != t ? z : t;
     t = t < z - 128.0f ? z - 128.0f : t;
