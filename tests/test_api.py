@@ -60,7 +60,7 @@ from normkit.kernels import reference
          "casting must be one of"),
         (lambda: normkit.rms_norm(torch.ones(2, 3), 3, casting="llama",
                                   out_dtype=torch.float16), ValueError, "out_dtype"),
-        (lambda: normkit.rms_norm(torch.ones(2, 3), 3, out_dtype=torch.int8), TypeError,
+        (lambda: normkit.rms_norm(torch.ones(2, 3), 3, out_dtype=torch.int32), TypeError,
          "out_dtype"),
         (lambda: normkit.use_backend("gpu"), ValueError, "backend must be one of"),
     ],

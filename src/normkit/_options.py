@@ -56,4 +56,5 @@ def _check_out_dtype(out_dtype, casting):
     if casting not in ("torch", "gemma"):
         raise ValueError(f"out_dtype is only for casting 'torch'/'gemma', not {casting!r}")
     if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+        raise TypeError(f"out_dtype must be a floating torch.dtype (or torch.float8_e4m3fn / "
+                        f"torch.int8 for a quantized output), got {out_dtype!r}")

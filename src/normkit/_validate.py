@@ -6,6 +6,7 @@ actual value, in torch's words where torch has them.  The options are ``_options
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -278,3 +279,50 @@ def _check_lean(memory_efficient, x, weight, opts: NormOptions):
             raise ValueError(f"memory_efficient=True needs the output in x's dtype {x.dtype}, "
                              f"got out_dtype={od}: the backward reads y where it would read x")
     return memory_efficient
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized outputs: out_dtype=torch.float8_e4m3fn / torch.int8, scale=
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_quant(q_dtype, casting, scale, out, x, weight, bias, residual):
+    """The arguments of a call with a quantized output (x, γ, β and the residual already
+    checked); returns the static scale as a 0-d float32 tensor on x's device, or None."""
+    if q_dtype not in reference.QUANT_DTYPES:
+        raise ValueError(f"scale= is for a quantized out_dtype (torch.float8_e4m3fn or "
+                         f"torch.int8), got out_dtype={q_dtype}")
+    if casting not in ("torch", "gemma"):
+        raise ValueError(f"out_dtype={q_dtype} quantizes y as casting 'torch'/'gemma' computes it "
+                         f"in float32; casting {casting!r} rounds y to a 16-bit dtype first: use "
+                         f"casting='torch'")
+    if out is not None:
+        raise ValueError(f"out= is not supported with out_dtype={q_dtype}: q and its scales are "
+                         f"returned")
+    if torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad
+            for t in (x, weight, bias, residual, scale)):
+        raise _ArgumentError(f"out_dtype={q_dtype} is forward-only (quantized outputs are for "
+                             f"serving): call under torch.no_grad() or torch.inference_mode(), "
+                             f"or detach the inputs")
+    return None if scale is None else _static_scale(scale, x)
+
+
+def _static_scale(scale, x):
+    """scale= as a 0-d float32 tensor on x's device: a real number (used as float32) or a
+    1-element float32 tensor, finite and > 0 (a tensor on an accelerator is not read back: that
+    would wait for the device)."""
+    if isinstance(scale, torch.Tensor):
+        _check_dense("scale", scale)
+        if scale.numel() != 1 or scale.dtype != torch.float32:
+            raise _ArgumentError(f"scale must be a float or a 1-element float32 tensor, got a "
+                                 f"{scale.dtype} tensor of shape {tuple(scale.shape)}")
+        t = scale.detach().reshape(())
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        t = torch.tensor(float(scale), dtype=torch.float32)
+    else:
+        raise TypeError(f"scale must be a float or a 1-element float32 tensor, got "
+                        f"{type(scale).__name__}")
+    if t.is_cpu and not 0.0 < float(t) < math.inf:  # also false for NaN
+        raise ValueError(f"scale must be finite and > 0 (as float32), got {float(t)}")
+    return t.to(x.device)

@@ -39,7 +39,14 @@ from ._dispatch import (
 from ._group import group_norm
 from ._ops import _compiled_path, _traceable
 from ._options import CASTINGS, NormOptions
-from ._validate import _check_lean, _check_out, _check_residual_out, _check_writes, _validate
+from ._validate import (
+    _check_lean,
+    _check_out,
+    _check_quant,
+    _check_residual_out,
+    _check_writes,
+    _validate,
+)
 from .kernels import reference
 
 __all__ = [
@@ -76,6 +83,7 @@ def layer_norm(
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
     memory_efficient: bool = False,
+    scale: float | torch.Tensor | None = None,
 ):
     """LayerNorm over the last ``len(normalized_shape)`` dims, optionally fused with a residual add.
 
@@ -101,7 +109,8 @@ def layer_norm(
             apply γ/β with torch's type promotion; output ``promote_types(x.dtype, weight.dtype)``.
             "t5": normalize in float32, cast to weight.dtype only when that is 16-bit, then
             multiply; output weight.dtype (16-bit weight) or float32.
-        out_dtype: output dtype for "torch"/"gemma" casting.
+        out_dtype: output dtype for "torch"/"gemma" casting; ``torch.float8_e4m3fn`` or
+            ``torch.int8``: the quantized output described below.
         out: a tensor to write y into (shape of x, the output dtype, contiguous, same device);
             it is returned as y.  It may be x itself (each row is read before it is written);
             any other memory it shares with x, residual, weight, bias or residual_out raises
@@ -122,9 +131,24 @@ def layer_norm(
             ``out_dtype``); the backward raises ValueError where ``g`` is 0 (x̂ is lost
             there) and under ``create_graph=True``.  Eager calls on the reference backend
             ignore it.
+        scale: with a quantized ``out_dtype``, a static scale (a real number, used as float32,
+            or a 1-element float32 tensor), finite and > 0, instead of each row's own.
+
+    Quantized outputs (for serving): ``out_dtype=torch.float8_e4m3fn`` or ``torch.int8`` returns
+    ``(q, scale)`` — ``(q, scale, h)`` with ``return_residual=True`` — where y is the float32
+    value of "torch"/"gemma" casting (never rounded to x.dtype first), ``scale`` is float32 of
+    x's shape with the normalized dims 1 (one per row: ``q.float() * scale`` is y again, within
+    a quantization step), by default ``max(amax(|y_row|) / qmax, floor)`` (qmax 448 for e4m3,
+    127 for int8; floor 1/(448·512) for e4m3, 2^-23 for int8, so that a zero row is zeros), and
+    ``q = sat(rne(y · (1/scale)))`` with 1/scale rounded to float32 once per row: e4m3
+    saturates to ±448, int8 to [-128, 127].  A NaN in a row makes its dynamic scale NaN, its
+    e4m3 q all NaN and its int8 q all 0 (int8 holds no NaN: the scale carries it); with a static
+    scale a NaN y gives a NaN e4m3 and a 0 int8 element.  Forward only (with a gradient wanted
+    this raises); no ``out=``; casting "torch"/"gemma" only.  See docs/kernels.md.
 
     Returns:
-        ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype).
+        ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype);
+        quantized: ``(q, scale)`` or ``(q, scale, h)``.
 
     Raises:
         TypeError: an argument of the wrong kind (x not a tensor, a float in normalized_shape,
@@ -136,20 +160,25 @@ def layer_norm(
             TypeError, which normkit raised before.)
         ValueError: an option out of range: eps < 0, an unknown casting, out_dtype with
             "llama"/"t5", memory_efficient with "llama"/"t5" or another output dtype, a
-            backend that cannot compute the call.
+            backend that cannot compute the call, a scale <= 0 or with a float
+            out_dtype, out= with a quantized out_dtype.
 
     Under ``torch.autocast`` the op behaves like torch's own ``layer_norm``: on CUDA (and other
     accelerators) it runs in float32 and returns float32; on the CPU autocast leaves it alone.
     """
     fast = _dispatch._fast or _first_call(x)
     if (fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma
-            and type(eps) is float and 0.0 <= eps < math.inf
+            and scale is None and type(eps) is float and 0.0 <= eps < math.inf
             and type(memory_efficient) is bool
             and not _is_compiling() and _tracing_state() is None):
         res = fast(x, normalized_shape, weight, bias, eps, False, residual, out, residual_out,
                    memory_efficient)
         if res is not None:
             return _finish(res, x, residual, return_residual)
+    if scale is not None or out_dtype in _QUANT:
+        return _norm_quant(x, normalized_shape, weight, bias, residual,
+                           _new(NormOptions, (eps, False, zero_centered_gamma, casting, out_dtype)),
+                           return_residual, residual_out, out, scale)
     return _norm(x, normalized_shape, weight, bias, residual,
                  _new(NormOptions, (eps, False, zero_centered_gamma, casting, out_dtype)),
                  return_residual, out, residual_out, memory_efficient)
@@ -169,22 +198,24 @@ def rms_norm(
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
     memory_efficient: bool = False,
+    scale: float | torch.Tensor | None = None,
 ):
     """RMSNorm: ``y = h * rsqrt(mean(h²) + eps) * g``, optionally fused with a residual add.
 
     Args:
         x, normalized_shape, weight, residual, zero_centered_gamma, return_residual, casting,
-            out_dtype, out, residual_out: as in ``layer_norm`` (no bias).
+            out_dtype, out, residual_out, scale: as in ``layer_norm`` (no bias).
         memory_efficient: as in ``layer_norm``; x̂ = y / g.
         eps: added to the mean square; None means ``torch.finfo(x.dtype).eps``, as in
             ``torch.nn.functional.rms_norm``.
 
     Returns:
-        ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True``.  Output dtype: see
-        ``layer_norm``.
+        ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True``.  Output dtype and the
+        quantized outputs (``(q, scale)``, ``(q, scale, h)``): see ``layer_norm``.
     """
     fast = _dispatch._fast or _first_call(x)
-    if fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma:
+    if (fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma
+            and scale is None):
         if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             eps = torch.finfo(x.dtype).eps
         if (type(eps) is float and 0.0 <= eps < math.inf and type(memory_efficient) is bool
@@ -193,6 +224,10 @@ def rms_norm(
                        residual_out, memory_efficient)
             if res is not None:
                 return _finish(res, x, residual, return_residual)
+    if scale is not None or out_dtype in _QUANT:
+        return _norm_quant(x, normalized_shape, weight, None, residual,
+                           _new(NormOptions, (eps, True, zero_centered_gamma, casting, out_dtype)),
+                           return_residual, residual_out, out, scale)
     return _norm(x, normalized_shape, weight, None, residual,
                  _new(NormOptions, (eps, True, zero_centered_gamma, casting, out_dtype)),
                  return_residual, out, residual_out, memory_efficient)
@@ -301,3 +336,64 @@ def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return
     if return_residual:
         return y, (x if h is None else h)  # no residual: h is x itself
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized outputs (serving): out_dtype=torch.float8_e4m3fn / torch.int8
+# ----------------------------------------------------------------------------------------------
+
+_QUANT = reference.QUANT_DTYPES
+
+
+def _norm_quant(x, normalized_shape, weight, bias, residual, opts: NormOptions, return_residual,
+                residual_out, out, scale):
+    """(q, scale) or (q, scale, h): y of "torch"/"gemma" casting in float32, quantized per row
+    (``layer_norm``'s docstring), forward only."""
+    eps, rms, zc, casting, q_dtype = opts
+    ns, n, opts = _validate(x, normalized_shape, weight, bias, residual,
+                            _new(NormOptions, (eps, rms, zc, casting, None)))
+    static = _check_quant(q_dtype, opts.casting, scale, out, x, weight, bias, residual)
+    if residual_out is not None:
+        _check_residual_out(residual_out, x, weight, bias, residual)
+        _check_writes(x, weight, bias, residual, None, residual_out)
+    eps, rms, zc, casting, _ = opts
+    flat = x.dim() == 2 and len(ns) == 1
+    m = x.shape[0] if flat else (x.numel() // n if n else 0)
+    x2 = _rows(x, m, n, flat)
+    r2 = None if residual is None else _rows(residual, m, n, flat)
+    w = weight if weight is None or weight.dim() == 1 else weight.reshape(n)
+    b = bias if bias is None or bias.dim() == 1 else bias.reshape(n)
+    kern = _select(x2, w, b, casting, None) if m and n else None
+    if kern is not None and not kern.supports_quant(x2):
+        if get_backend() != "auto":
+            raise ValueError(f"backend {get_backend()!r} cannot compute this call ({x.dtype} x "
+                             f"with out_dtype={q_dtype}); use 'auto'")
+        kern = None
+    sink = getattr(_dispatch._tls, "sink", None) if _dispatch._observers else None
+    if kern is None:
+        y, h, mean, rstd = reference.norm_forward(x2, w, b, r2, eps, rms, zc, casting,
+                                                  reference.compute_dtype(x.dtype))
+        q, s = reference.quantize(y, q_dtype, static)
+        s = s.float().view(m)  # (M,) as the kernels give it
+        if sink is not None:
+            _report(sink, mean, rstd, eps, rms)
+    else:
+        hr = None if residual_out is None else _rows(residual_out, m, n, flat)
+        q, s, h, stats = kern.forward_quant(x2, w, b, r2, eps, rms, zc, q_dtype, static,
+                                            sink is not None, h=hr)
+        if sink is not None:
+            _report_stats(sink, stats, eps, rms)
+    if flat:
+        s = s.unsqueeze(1)
+    else:
+        q = q.view(x.shape)
+        s = s.view(x.shape[:x.dim() - len(ns)] + (1,) * len(ns))
+    if residual_out is not None:
+        if h.data_ptr() != residual_out.data_ptr():  # the reference wrote h elsewhere
+            residual_out.copy_(h.view(x.shape))
+        h = residual_out
+    elif h is not None:
+        h = h.view(x.shape)
+    if not return_residual:
+        return q, s
+    return q, s, (x if h is None else h)  # no residual: h is x itself

@@ -648,19 +648,26 @@ def compile_(fn, sig, consts, aligned, warps, name):
         failures.append(f"{name}: {type(e).__name__}: {str(e)[:300]}")
 
 fsig = dict(X="*bf16", R="*bf16", H="*bf16", Y="*fp32", W="*fp32", B="*fp32", S="*fp32",
-            M="i32", N="i32", sx="i32", sr="i32", eps="fp32", nchunk="i32")
-fconst = "ROWS BLOCK LOOP RMS HAS_RES HAS_W HAS_B ZC NK STATS".split()
+            M="i32", N="i32", sx="i32", sr="i32", eps="fp32", nchunk="i32", QS="*fp32",
+            SC="*fp32")
+fconst = "ROWS BLOCK LOOP RMS HAS_RES HAS_W HAS_B ZC NK STATS QK STATIC".split()
 for n in (1, 768, 8192, 262144):
     block, loop, rows, warps = T.config(n)
-    for rms in (False, True):
+    # (rms, QK, STATIC): the float outputs, and the quantized ones (QK 1: e4m3, 2: int8)
+    for rms, qk, static in ((False, 0, False), (True, 0, False), (False, 1, False),
+                            (True, 2, True)):
         sig = dict(fsig, **{c: "constexpr" for c in fconst})
         consts = dict(ROWS=rows, BLOCK=block, LOOP=loop, RMS=rms, HAS_RES=True, HAS_W=True,
-                      HAS_B=not rms, ZC=rms, NK=1 if rms else 0, STATS=True)
+                      HAS_B=not rms, ZC=rms, NK=1 if rms and not qk else 0, STATS=True, QK=qk,
+                      STATIC=static)
+        if qk:
+            sig.update(Y="*u8")
         if n == 1:  # Triton passes an int argument equal to 1 as a constant
             sig.update(N="constexpr", nchunk="constexpr")
             consts.update(N=1, nchunk=1)
-        compile_(T._fwd_kernel, sig, consts, {"X", "R", "H", "Y", "W", "B", "S", "N", "sx", "sr"},
-                 warps, f"fwd n={n} rms={rms}")
+        compile_(T._fwd_kernel, sig, consts,
+                 {"X", "R", "H", "Y", "W", "B", "S", "N", "sx", "sr", "QS", "SC"},
+                 warps, f"fwd n={n} rms={rms} qk={qk}")
 bsig = dict(X="*fp16", DY="*fp16", DH="*fp16", DX="*fp16", W="*bf16", S="*fp32", C="*fp32",
             PW="*fp32", PB="*fp32", M="i32", N="i32", rpb="i32", B="*bf16")
 bconst = "BLOCK LOOP RMS HAS_DH HAS_W ZC NK WANT_W WANT_B FROM_Y HAS_YB".split()

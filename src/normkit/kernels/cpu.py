@@ -10,7 +10,8 @@ nothing is cached at run time.  Its layers, arrows pointing down:
   streamed-store threshold, scratch), ``dispatch.cpp`` (which instruction-set path runs);
 * ``rows.h`` on ``simd.h``: the row kernels, one source compiled per instruction set
   (``isa_*.cpp``: AVX-512 with and without AVX512_BF16, AVX2, and a portable path), which give
-  the same bits on every path.
+  the same bits on every path; ``quant.h`` beside them: norm + quantize (float8_e4m3fn / int8
+  outputs), in the same per-path tables.
 
 This module only maps dtypes and casting options to what the kernels take (``plan``), and says
 where the extension is missing or was built for another torch: then ``import normkit`` still
@@ -28,7 +29,7 @@ from .reference import cast_dtype, compute_dtype, effective_gamma, kernel_dtypes
 
 __all__ = ["forward", "backward", "infer", "supports", "plan", "release_buffers", "isa",
            "available_isas", "set_isa", "configure", "status", "group_forward",
-           "group_backward"]
+           "group_backward", "supports_quant", "forward_quant"]
 
 _KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -211,3 +212,40 @@ def group_backward(dy, x, weight, stats, num_groups, channels_last, need_w, need
     cd = compute_dtype(x.dtype)
     w = None if weight is None else weight.to(cd).contiguous()
     return _cpu.group_backward(dy, x, w, stats, num_groups, channels_last, need_w, need_b, cd)
+
+
+# Norm + quantize (kernels/csrc/quant.h): float32, bfloat16 and float16 x; float64 x is left to
+# the reference.
+_QUANT_X = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports_quant(x) -> bool:
+    """Whether ``forward_quant`` computes x's rows (the float part as ``supports`` says)."""
+    return x.dtype in _QUANT_X
+
+
+def forward_quant(x, weight, bias, residual, eps, rms, zero_centered, q_dtype, scale, need_stats,
+                  h=None):
+    """Forward on rows with a quantized output (see ``normkit.layer_norm``'s ``out_dtype``).
+
+    Args:
+        x, weight, bias, residual, eps, rms, zero_centered: as in ``forward`` ("torch" casting).
+        q_dtype: torch.float8_e4m3fn or torch.int8.
+        scale: the static scale, a 1-element float32 tensor, or None for each row's own.
+        need_stats: also return the (M, 3) statistics.  h: as in ``forward``.
+
+    Returns:
+        (q, scale, h, stats): q (M, N) in q_dtype; scale (M,) float32; h or None; stats or None.
+    """
+    pd = plan(x.dtype, None if weight is None else weight.dtype,
+              None if bias is None else bias.dtype, "torch", None)[0]
+    if weight is None:
+        zero_centered = False
+    elif weight.dtype != pd:
+        weight = weight.to(pd)
+    if weight is not None:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = (bias if bias.dtype == pd else bias.to(pd)).contiguous()
+    return _cpu.forward_quant(x, weight, bias, residual, eps, rms, zero_centered, q_dtype,
+                              0.0 if scale is None else float(scale), need_stats, h)

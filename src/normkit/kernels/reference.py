@@ -319,3 +319,39 @@ def group_norm(
     if bias is not None:
         y = y + bias.to(ct).reshape(per_channel)
     return y.to(x.dtype), mean.squeeze(-1), rstd.squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized outputs (serving): y quantized per row to float8_e4m3fn or int8
+# ----------------------------------------------------------------------------------------------
+
+QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
+# q's largest magnitude; a dynamic scale maps a row's largest |y| to it
+QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+# The smallest dynamic scale, so that an all-zero row quantizes to zeros (0·(1/s), not 0·∞):
+# e4m3 1/(448·512), as vLLM's per-token fp8 quantization; int8 2^-23 (float32's eps).
+QFLOOR = {torch.float8_e4m3fn: 1.0 / (448.0 * 512.0), torch.int8: 2.0**-23}
+
+
+def quantize(y: torch.Tensor, q_dtype: torch.dtype, scale: torch.Tensor | None = None):
+    """Rows y (M, N) quantized: (q (M, N) in q_dtype, scale (M, 1) in y's dtype).
+
+    ``s = max(amax(|y_row|) / qmax, floor)`` per row (a NaN in the row: s is NaN), or the static
+    ``scale`` (a 1-element tensor); ``q = sat(rne(y · (1/s)))``: float8_e4m3fn saturates to ±448
+    (a NaN stays NaN), int8 to [-128, 127] with a NaN as 0.  Computed in y's dtype (the float64
+    ground truth in the tests, float32 in the reference backend, as the kernels).
+    """
+    m = y.shape[0]
+    if scale is None:
+        amax = (y.abs().amax(-1, keepdim=True) if y.shape[-1]
+                else y.new_zeros((m, 1)))  # torch's amax keeps a NaN
+        s = amax / QMAX[q_dtype]
+        s = torch.where(s < QFLOOR[q_dtype], QFLOOR[q_dtype], s)  # a NaN compares false: kept
+    else:
+        s = scale.to(y.dtype).reshape(1, 1).expand(m, 1)
+    t = y * (1 / s)
+    if q_dtype == torch.int8:
+        q = torch.nan_to_num(t, nan=0.0).clamp(-128, 127).round().to(torch.int8)
+    else:
+        q = t.clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, s

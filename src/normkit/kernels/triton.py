@@ -59,7 +59,8 @@ import torch
 
 from .reference import cast_dtype, effective_gamma, kernel_dtypes, param_dtype
 
-__all__ = ["forward", "backward", "supports", "plan", "config", "INTERPRET"]
+__all__ = ["forward", "backward", "supports", "plan", "config", "INTERPRET", "supports_quant",
+           "forward_quant"]
 
 # True when the kernels below were created by the interpreter (TRITON_INTERPRET=1 at import):
 # then they run on CPU tensors (slowly, for tests) and not on CUDA ones.
@@ -230,6 +231,103 @@ def _moments(X, R, H, v, rows, rmask, cols, N, sx, sr, nchunk, sc, BLOCK: tl.con
     return m1, s1, ss
 
 
+# Quantized outputs (``_store_q``): q's largest magnitude and the smallest dynamic scale, as
+# reference.QMAX / QFLOOR (QK 1: float8_e4m3fn, 2: int8).
+_E4M3_MAX = tl.constexpr(448.0)
+_E4M3_FLOOR = tl.constexpr(1.0 / (448.0 * 512.0))
+_INT8_FLOOR = tl.constexpr(2.0**-23)
+
+
+@triton.jit
+def _y_f32(W, B, v, m1, dm, rstd, cols, N, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+           ZC: tl.constexpr):
+    """y = x̂·g + b in float32 ("torch"/"gemma" casting, before any rounding): what the
+    quantized outputs quantize."""
+    cmask = cols < N
+    t = ((v - m1[:, None]) - dm[:, None]) * rstd[:, None]
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        if ZC:
+            w = w + 1.0
+        t = t * w[None, :]
+    if HAS_B:
+        t = t + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return t
+
+
+@triton.jit
+def _q_bytes(t, QK: tl.constexpr):
+    """The q bytes (uint8) of t = y·(1/s), as kernels/csrc/quant.h: float8_e4m3fn saturated to
+    ±448, then torch's float32 → e4m3 conversion on the bits (the interpreter's own cast neither
+    rounds to nearest even nor saturates; one spelling gives the same bits on every device);
+    int8: NaN → 0, saturated to [-128, 127], rounded to nearest even."""
+    if QK == 1:
+        t = tl.where(t < -_E4M3_MAX, -_E4M3_MAX, t)  # a NaN compares false: kept
+        t = tl.where(t > _E4M3_MAX, _E4M3_MAX, t)
+        u = t.to(tl.uint32, bitcast=True)
+        sign = u & 0x80000000
+        a = u ^ sign
+        # below 2^-6: rounded onto the subnormals' grid by adding 2^14
+        sub = (a.to(tl.float32, bitcast=True) + 16384.0).to(tl.uint32, bitcast=True) - (141 << 23)
+        # above: the exponent rebiased (-120 << 23), rounded by 2^19 - 1 plus the lowest kept bit
+        nrm = (a - (120 << 23) + 0x7FFFF + ((a >> 20) & 1)) >> 20
+        nrm = tl.where(nrm == 0x7F, 0x7E, nrm)
+        r = tl.where(a < (121 << 23), sub, nrm)
+        r = tl.where(a >= (1087 << 20), tl.where(a > 0x7F800000, 0x7F, 0x7E), r)
+        b = r | (sign >> 24)
+    else:
+        t = tl.where(t != t, 0.0, t)
+        t = tl.minimum(tl.maximum(t, -128.0), 127.0)
+        t = (t + 12582912.0) - 12582912.0  # to nearest even: |t| <= 128 < 2^22
+        b = t.to(tl.int32) & 0xFF
+    return b.to(tl.uint8)
+
+
+@triton.jit
+def _store_q(X, H, Q, W, B, QS, SC, v, m1, dm, rstd, rows, rmask, cols, mask, N, sx, nchunk,
+             BLOCK: tl.constexpr, LOOP: tl.constexpr, HAS_RES: tl.constexpr,
+             HAS_W: tl.constexpr, HAS_B: tl.constexpr, ZC: tl.constexpr, QK: tl.constexpr,
+             STATIC: tl.constexpr):
+    """q = sat(rne(y·r)), r = 1/s rounded once per row; s = SC (STATIC) or max(amax|y|/qmax,
+    floor), NaN when the row holds one (tl.max drops NaN on GPUs: counted apart)."""
+    if STATIC:
+        s = tl.load(SC) + tl.zeros_like(rstd)
+    else:
+        if HAS_RES and LOOP:
+            tl.debug_barrier()  # h written above by this program is read back below
+        y = _y_f32(W, B, v, m1, dm, rstd, cols, N, HAS_W, HAS_B, ZC)
+        amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
+        nan = tl.max((mask & (y != y)).to(tl.int32), axis=1)
+        if LOOP:
+            for c in range(1, nchunk):
+                cc = c * BLOCK + cols
+                vc, mc = _reload_rows(X, H, rows, rmask, cc, N, sx, HAS_RES)
+                yc = _y_f32(W, B, vc, m1, dm, rstd, cc, N, HAS_W, HAS_B, ZC)
+                amax = tl.maximum(amax, tl.max(tl.where(mc, tl.abs(yc), 0.0), axis=1))
+                nan = tl.maximum(nan, tl.max((mc & (yc != yc)).to(tl.int32), axis=1))
+        if QK == 1:
+            s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+            s = tl.where(s < _E4M3_FLOOR, _E4M3_FLOOR, s)
+        else:
+            s = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+            s = tl.where(s < _INT8_FLOOR, _INT8_FLOOR, s)
+        s = tl.where(nan > 0, float("nan"), s)
+    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)  # GPU `/` is not correctly rounded
+    tl.store(QS + rows, s, mask=rmask)
+    if LOOP:
+        if HAS_RES and STATIC:
+            tl.debug_barrier()  # h written above by this program is read back below
+        for c in range(0, nchunk):
+            cc = c * BLOCK + cols
+            vc, cmask = _reload_rows(X, H, rows, rmask, cc, N, sx, HAS_RES)
+            yc = _y_f32(W, B, vc, m1, dm, rstd, cc, N, HAS_W, HAS_B, ZC)
+            tl.store(Q + rows[:, None] * N + cc[None, :], _q_bytes(yc * r[:, None], QK),
+                     mask=cmask)
+    else:
+        y = _y_f32(W, B, v, m1, dm, rstd, cols, N, HAS_W, HAS_B, ZC)
+        tl.store(Q + rows[:, None] * N + cols[None, :], _q_bytes(y * r[:, None], QK), mask=mask)
+
+
 # M (and the backward's rows per block) are never specialized: Triton would compile M = 1 as a
 # constant into its own kernel, and a row's bits must not depend on which kernel ran it.
 @triton.jit(do_not_specialize=["M"])
@@ -238,8 +336,10 @@ def _fwd_kernel(
     ROWS: tl.constexpr, BLOCK: tl.constexpr, LOOP: tl.constexpr, RMS: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ZC: tl.constexpr,
     NK: tl.constexpr, STATS: tl.constexpr,
+    QS=None, SC=None, QK: tl.constexpr = 0, STATIC: tl.constexpr = False,
 ):
-    """ROWS rows per program: optional h = x + r, statistics, y.
+    """ROWS rows per program: optional h = x + r, statistics, y (QK > 0: y quantized, see
+    ``_store_q``; Y then holds q's bytes, QS the rows' scales, SC a static scale).
 
     LN:  m1 = mean(first chunk); d = v - m1; dm = Σd/N; var = M2/N with M2 the Chan merge of the
          chunks' centred sums of squares; rstd = 1/sqrt(var + eps).
@@ -287,7 +387,10 @@ def _fwd_kernel(
         tl.store(S + rows * 3, m1, mask=rmask)
         tl.store(S + rows * 3 + 1, dm, mask=rmask)
         tl.store(S + rows * 3 + 2, rstd, mask=rmask)
-    if LOOP:
+    if QK != 0:
+        _store_q(X, H, Y, W, B, QS, SC, v, m1, dm, rstd, rows, rmask, cols, mask, N, sx, nchunk,
+                 BLOCK, LOOP, HAS_RES, HAS_W, HAS_B, ZC, QK, STATIC)
+    elif LOOP:
         if HAS_RES:
             tl.debug_barrier()  # h written above by this program is read back below
         for c in range(0, nchunk):
@@ -642,3 +745,50 @@ def _reduce(partial, nblk, n):
         )
         partial, nblk = out, groups
     return partial[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized outputs: _fwd_kernel with QK > 0
+# ----------------------------------------------------------------------------------------------
+
+_QK = {torch.float8_e4m3fn: 1, torch.int8: 2}
+
+
+def supports_quant(x) -> bool:
+    """Whether ``forward_quant`` computes x's rows: every x ``supports`` takes."""
+    return x.dtype in _DTYPES
+
+
+def forward_quant(x, weight, bias, residual, eps, rms, zero_centered, q_dtype, scale, need_stats,
+                  h=None):
+    """Forward on rows with a quantized output, as ``kernels.cpu.forward_quant``.
+
+    Returns:
+        (q, scale, h, stats): q (M, N) in q_dtype; scale (M,) float32; h or None; stats or None.
+    """
+    m, n = x.shape
+    if n > 1 and x.stride(1) != 1:
+        raise ValueError(f"x must have a contiguous last dim, got strides {tuple(x.stride())}")
+    pd = plan(x.dtype, None if weight is None else weight.dtype,
+              None if bias is None else bias.dtype, "torch", None)[0]
+    w, b = _param(weight, pd), _param(bias, pd)
+    dev = x.device
+    q = torch.empty((m, n), dtype=q_dtype, device=dev)
+    s = torch.empty(m, dtype=torch.float32, device=dev)
+    stats = torch.empty((m, 3), dtype=torch.float32, device=dev) if need_stats else None
+    r = x
+    if residual is not None:
+        r = residual if n == 1 or residual.stride(1) == 1 else residual.contiguous()
+        if h is None:
+            h = torch.empty((m, n), dtype=x.dtype, device=dev)
+    block, loop, rows, warps = config(n)
+    _fwd_kernel[(triton.cdiv(m, rows),)](
+        x, r, x if h is None else h, q.view(torch.uint8), x if w is None else w,
+        x if b is None else b, s if stats is None else stats,
+        m, n, x.stride(0), r.stride(0), float(eps), triton.cdiv(n, block),
+        ROWS=rows, BLOCK=block, LOOP=loop, RMS=bool(rms), HAS_RES=residual is not None,
+        HAS_W=w is not None, HAS_B=b is not None, ZC=bool(zero_centered) and w is not None,
+        NK=0, STATS=stats is not None, QS=s, SC=s if scale is None else scale,
+        QK=_QK[q_dtype], STATIC=scale is not None, num_warps=warps,
+    )
+    return q, s, (h if residual is not None else None), stats

@@ -504,6 +504,72 @@ void convert_for_tests(const at::Tensor& src, const at::Tensor& dst, int64_t rou
   kernels()->convert(src.data_ptr(), sk, dst.data_ptr(), dk, src.numel(), int(mode));
 }
 
+// ------------------------------------------------------------------------------------------
+// Norm + quantize (quant.h): the general path's forward with a float8_e4m3fn or int8 output
+// ------------------------------------------------------------------------------------------
+
+// (q, scales (M,) float32, h or None, stats or None) of the (M, N) rows of x (unit stride within
+// a row; float32, bfloat16 or float16).  w/b: as forward's.  scale > 0: the static scale; 0:
+// each row's own.  ho: where h goes (like x, contiguous), or None to allocate it.
+py::tuple forward_quant(const at::Tensor& x, const Opt& wo, const Opt& bo, const Opt& ro,
+                        double eps, bool rms, bool zc, at::ScalarType q_dtype, double scale,
+                        bool need_stats, const Opt& ho) {
+  const int xk = kind_of(x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && xk >= 0 && xk != kFloat64,
+              "normkit cpu: forward_quant takes (M, N) float32/bfloat16/float16 rows of unit "
+              "stride");
+  TORCH_CHECK(q_dtype == at::kFloat8_e4m3fn || q_dtype == at::kChar,
+              "normkit cpu: forward_quant writes float8_e4m3fn or int8, not ", q_dtype);
+  const int64_t m = x.size(0), n = x.size(1);
+  at::Tensor w = value(wo), b = value(bo), r = value(ro), h = value(ho);
+  at::Tensor q = empty_output({m, n}, q_dtype);
+  at::Tensor scales = at::empty({m}, at::TensorOptions().dtype(at::kFloat));
+  if (r.defined() && !h.defined()) h = empty_output({m, n}, x.scalar_type());
+  at::Tensor stats;
+  if (need_stats) stats = at::empty({m, 3}, at::TensorOptions().dtype(at::kFloat));
+  {
+    py::gil_scoped_release nogil;
+    QuantArgs qa{};
+    FwdArgs& a = qa.f;
+    a.n = n;
+    a.rms = rms;
+    a.eps = eps;
+    a.nk = -1;
+    a.flags = (w.defined() ? kW : 0) | (b.defined() ? kB : 0) | (need_stats ? kStats : 0);
+    a.x = x.data_ptr();
+    a.xrs = x.stride(0);
+    if (r.defined()) {
+      a.flags |= kRes;
+      a.r = r.data_ptr();
+      a.rrs = r.stride(0);
+      a.h = h.data_ptr();
+    }
+    a.y = q.data_ptr();
+    a.g = param_row(w, zc, false, n, kScratchGamma, true);
+    a.b = param_row(b, false, false, n, kScratchBeta, false);
+    a.stats = ptr(stats);
+    qa.scales = scales.data_ptr<float>();
+    qa.scale = float(scale);
+    const int variant = rms ? kRmsMul : (b.defined() ? kLnFma : kLnMul);
+    QuantFn fn = kernels()->quant[xk][q_dtype == at::kChar ? kInt8 : kFp8E4M3][variant];
+    run_units(m, m * n >= parallel_min_elements(),
+              [&](int64_t lo, int64_t hi) { fn(qa, lo, hi); });
+  }
+  return py::make_tuple(q, scales, r.defined() ? py::cast(h) : py::none(),
+                        need_stats ? py::cast(stats) : py::none());
+}
+
+// The quantizing conversion alone (tests): float32 src (numel a multiple of 16) to dst's bytes
+// (float8_e4m3fn or int8), no scale.
+void quant_convert_for_tests(const at::Tensor& src, const at::Tensor& dst) {
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel() &&
+              src.scalar_type() == at::kFloat && src.numel() % 16 == 0 &&
+              (dst.scalar_type() == at::kFloat8_e4m3fn || dst.scalar_type() == at::kChar));
+  kernels()->quant_convert(src.data_ptr<float>(),
+                           dst.scalar_type() == at::kChar ? kInt8 : kFp8E4M3,
+                           static_cast<uint8_t*>(dst.data_ptr()), src.numel());
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace normkit
@@ -536,6 +602,8 @@ PYBIND11_MODULE(_cpu, mod) {
   mod.def("set_stream_min_bytes", &set_stream_min_bytes);
   mod.def("_convert", &convert_for_tests);
   register_group(mod);  // GroupNorm (group.cpp)
+  mod.def("forward_quant", &forward_quant);
+  mod.def("_quant_convert", &quant_convert_for_tests);
   mod.attr("torch_version") = NK_TORCH_VERSION;
   mod.attr("build_flags") = NK_BUILD_FLAGS;
 }

@@ -16,10 +16,11 @@ namespace generic {
 #include "simd.h"
 #include "rows.h"
 #include "group_rows.h"
+#include "quant.h"
 }  // namespace generic
 
 const Table* table_generic() {
-  static const Table t = generic::with_group(generic::make_table("generic"));
+  static const Table t = generic::with_quant(generic::with_group(generic::make_table("generic")));
   return &t;
 }
 

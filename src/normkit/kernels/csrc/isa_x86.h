@@ -38,6 +38,7 @@ namespace NK_NS {
 #include "simd.h"
 #include "rows.h"
 #include "group_rows.h"
+#include "quant.h"
 }  // namespace NK_NS
 }  // namespace cpu
 }  // namespace normkit
@@ -53,7 +54,8 @@ namespace cpu {
 const Table* NK_CAT(table_, NK_NS)() {
   // built on first use, by code compiled for this path: dispatch.cpp asks only on a machine
   // that runs it
-  static const Table t = NK_NS::with_group(NK_NS::make_table(NK_STRING(NK_NS)));
+  static const Table t =
+      NK_NS::with_quant(NK_NS::with_group(NK_NS::make_table(NK_STRING(NK_NS))));
   return &t;
 }
 }  // namespace cpu

@@ -103,6 +103,17 @@ struct GroupArgs {
   void* coef;           // channels-last: (B, 5, C) per-channel [m1, dm, rstd, −c1/L, −c2/L]
 };
 using GroupFn = void (*)(const GroupArgs&, int phase, int64_t lo, int64_t hi);
+// Norm + quantize (quant.h): y of the "torch" casting in float32, quantized per row with a float32
+// scale.  f.y is the (M, N) output, one byte per element; f.flags never has kRound or kStream.
+enum QuantKind : int { kFp8E4M3 = 0, kInt8 = 1, kQuantKinds = 2 };
+struct QuantArgs {
+  FwdArgs f;
+  float* scales;  // (M,): each row's scale
+  float scale;    // the static scale, or 0: each row's own (dynamic)
+};
+using QuantFn = void (*)(const QuantArgs&, int64_t lo, int64_t hi);
+// The conversion alone, for the tests: n float32 values (n a multiple of 16) to q bytes.
+using QConvertFn = void (*)(const float* src, int q_kind, uint8_t* dst, int64_t n);
 
 struct Table {
   const char* name;
@@ -117,6 +128,9 @@ struct Table {
   // GroupNorm, [x kind]: forward and backward phases (group_rows.h)
   GroupFn group_fwd[kKinds];
   GroupFn group_bwd[kKinds];
+  // Norm + quantize (quant.h): [x kind][QuantKind][kLnMul, kLnFma or kRmsMul]; null for float64 x.
+  QuantFn quant[kKinds][kQuantKinds][kRmsMul + 1];
+  QConvertFn quant_convert;
 };
 
 // One table per instruction-set path; null where this build has no such path.
