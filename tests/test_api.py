@@ -584,15 +584,28 @@ def test_custom_ops_are_registered():
     import normkit.functional  # noqa: F401  (``import normkit`` is lazy: this registers the ops)
     from normkit._ops import BWD, FWD
 
-    assert (FWD, BWD) == ("normkit::norm_fwd_v2", "normkit::norm_bwd_v2")
-    assert hasattr(torch.ops.normkit, "norm_fwd_v2") and hasattr(torch.ops.normkit, "norm_bwd_v2")
+    assert (FWD, BWD) == ("normkit::norm_fwd_v3", "normkit::norm_bwd_v3")
+    assert hasattr(torch.ops.normkit, "norm_fwd_v3") and hasattr(torch.ops.normkit, "norm_bwd_v3")
     x = torch.randn(3, 8)
-    y, h, stats = torch.ops.normkit.norm_fwd_v2(x, None, None, None, 1e-5, False, False, "torch",
+    y, h, stats = torch.ops.normkit.norm_fwd_v3(x, None, None, None, 1e-5, False, False, "torch",
                                                 None)
     assert torch.equal(y, normkit.layer_norm(x, 8)) and h.numel() == 0 and stats.shape == (3, 3)
-    torch.library.opcheck(torch.ops.normkit.norm_fwd_v2.default,
+    torch.library.opcheck(torch.ops.normkit.norm_fwd_v3.default,
                           (x, torch.randn(8), torch.randn(8), torch.randn(3, 8), 1e-5, False,
                            False, "torch", None))
+
+
+def test_custom_op_on_the_reference_backend_matches_its_fake():
+    """The op's forward on the reference backend writes the (M, 3) statistics its fake says
+    (compiled code asserts the shapes: a training call under torch.compile failed with
+    "wrong number of dimensions1" when it returned none), and its backward is the reference's."""
+    x = torch.randn(3, 8)
+    args = (x, torch.randn(8), torch.randn(8), torch.randn(3, 8), 1e-5, False, False, "torch",
+            None)
+    with normkit.use_backend("reference"):
+        torch.library.opcheck(torch.ops.normkit.norm_fwd_v3.default, args)
+        _, _, stats = torch.ops.normkit.norm_fwd_v3(*args)
+    assert stats.shape == (3, 3) and torch.isfinite(stats).all()
 
 
 # ------------------------------------------------------------------------------------------

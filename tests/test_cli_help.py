@@ -67,7 +67,7 @@ def test_import_after_torch_registers_the_custom_ops():
     program that calls them resolves without any other normkit call first."""
     code = ("import sys, torch, normkit\n"
             "assert 'normkit.functional' in sys.modules\n"
-            "op = torch.ops.normkit.norm_fwd_v2\n"
+            "op = torch.ops.normkit.norm_fwd_v3\n"
             "x = torch.randn(2, 8)\n"
             "y = op(x, None, None, None, 1e-5, False, False, 'torch', None)[0]\n"
             "torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,)))\n"

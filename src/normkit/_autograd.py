@@ -6,7 +6,7 @@ The three ways a gradient is computed:
 * the eager fast path: a C++ autograd node (kernels/csrc/host.cpp), whose ``create_graph=True``
   backward is the reference's (``_dispatch._eager_double_backward``);
 * the eager general path: ``_NormFunction`` over the backend's ``forward`` / ``backward``;
-* under ``torch.compile``: the ``normkit::norm_fwd_v2`` op's registered backward (``_ops``).
+* under ``torch.compile``: the ``normkit::norm_fwd_v3`` op's registered backward (``_ops``).
 
 Every one records the reference's backward formulas (``reference.norm_backward_graph``) when a
 graph of the backward itself is wanted.  Each keeps for backward only the normalized input (h

@@ -1,4 +1,4 @@
-"""How graphs see the op: the ``normkit::norm_fwd_v2`` / ``normkit::norm_bwd_v2`` custom ops
+"""How graphs see the op: the ``normkit::norm_fwd_v3`` / ``normkit::norm_bwd_v3`` custom ops
 (``torch.library``, with fake implementations and a registered backward) that ``torch.compile``
 traces through without graph breaks, and torch's own ops for tracers and exporters
 (``_traceable``).  The custom-op machinery costs several µs per call in eager mode, which is
@@ -21,7 +21,7 @@ _tracing_state = torch._C._get_tracing_state
 # caches (FX graph, AOTAutograd) know a graph's custom ops by name, not by code, so an op
 # changed under its old name would be served compiled code of the old one after an upgrade
 # ("norm_bwd() expected at most 11 argument(s) but received 13").  Bump it with any change.
-OPS_VERSION = 2
+OPS_VERSION = 3
 FWD = f"normkit::norm_fwd_v{OPS_VERSION}"
 BWD = f"normkit::norm_bwd_v{OPS_VERSION}"
 
@@ -46,10 +46,11 @@ def _norm_fwd_op(
         y, h, mean, rstd = reference.norm_forward(
             x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype
         )
-        stats = x.new_empty(0, dtype=reference.compute_dtype(x.dtype))
-        if memory_efficient and x.numel():
-            # The backward from y runs on the kernels, which read rstd from [m1, dm, rstd].
-            stats = torch.stack([mean, torch.zeros_like(mean), rstd], 1)
+        # [m1, dm, rstd] as the kernels write them: the fake's (M, 3) (compiled code checks
+        # the shape), and the backward from y (memory_efficient) runs on the kernels.
+        stats = torch.stack([mean.reshape(-1), torch.zeros_like(mean.reshape(-1)),
+                             rstd.reshape(-1)], 1) if x.numel() else x.new_empty(
+            (x.shape[0], 3), dtype=reference.compute_dtype(x.dtype))
     else:
         y, h, stats = kern.forward(
             x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, True
@@ -87,7 +88,8 @@ def _norm_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); dweight/dbias empty when there is no weight/bias.  v: the
     normalized input (x, or h with a residual), or with ``from_y`` the output y."""
-    if stats.numel() == 0:  # forward ran on the reference (autograd cannot run in here)
+    if not from_y and (v.numel() == 0 or _select(v, weight, bias, casting, out_dtype) is None):
+        # the forward ran on the reference (autograd cannot run in here)
         dx, dw, db = reference.norm_backward(dy, dh, v, weight, bias is not None, eps, rms,
                                              zero_centered, casting)
     else:

@@ -9,7 +9,7 @@ Three ways in, one set of kernels:
 * eager, everything else (``_norm``): validate (``_validate``, the options as one
   ``NormOptions``), flatten to rows, call the backend ``_dispatch`` chooses, through
   ``_autograd._NormFunction`` when a gradient is wanted.
-* under ``torch.compile``: the ``normkit::norm_fwd_v2`` / ``normkit::norm_bwd_v2`` custom ops
+* under ``torch.compile``: the ``normkit::norm_fwd_v3`` / ``normkit::norm_bwd_v3`` custom ops
   (``_ops``), with fake implementations, so graphs trace through without breaks; under tracers
   and exporters, torch's own ops.
 
