@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, _dropout
 from ._autograd import _NormFunction
 from ._dispatch import (
     BACKENDS,
@@ -73,6 +73,9 @@ def layer_norm(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    return_dropout_mask: bool = False,
 ):
     """LayerNorm over the last ``len(normalized_shape)`` dims, optionally fused with a residual add.
 
@@ -111,9 +114,23 @@ def layer_norm(
             in-place update of the residual stream that serving engines use — or x; other
             memory shared with an input or with ``out`` raises, as for ``out``.  No autograd
             through it, as ``out``.
+        dropout_p: dropout before the residual add: ``h = dropout(x) + residual`` (``h =
+            dropout(x)`` without one), kept elements scaled by ``1/(1-p)`` as torch's dropout,
+            fused into the norm's pass.  A float in [0, 1]; 1 drops everything (h = 0·x +
+            residual: a NaN or Inf of x still gives NaN, as with torch's dropout).  0: no
+            dropout, the plain op bit for bit.  Not with ``out=`` / ``residual_out=``.
+        seed: the mask's seed, an int in [0, 2**63).  None: drawn from torch's default CPU
+            generator (``torch.manual_seed`` makes it reproducible).  Element k = i·N + j of the
+            (M, N) rows (the flattened leading dims, N the normalized size) is kept iff
+            Triton's ``tl.rand(seed, k) > float32(p)`` (Philox4x32-10): the mask depends on the
+            seed and k only, never on the backend, the thread count or the instruction set.
+            So the first rows of a batch get the same mask as those rows alone; a row at
+            another position gets another mask.  Backward regenerates it.
+        return_dropout_mask: also return the (…, N) bool keep-mask, last (for debugging).
 
     Returns:
-        ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype).
+        ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype), with
+        the mask last when ``return_dropout_mask=True``.
 
     Raises:
         TypeError: an argument of the wrong kind (x not a tensor, a float in normalized_shape,
@@ -129,6 +146,11 @@ def layer_norm(
     Under ``torch.autocast`` the op behaves like torch's own ``layer_norm``: on CUDA (and other
     accelerators) it runs in float32 and returns float32; on the CPU autocast leaves it alone.
     """
+    if dropout_p != 0.0 or seed is not None or return_dropout_mask:
+        return _dropout_norm(x, normalized_shape, weight, bias, residual,
+                             NormOptions(eps, False, zero_centered_gamma, casting, out_dtype),
+                             return_residual, out, residual_out, dropout_p, seed,
+                             return_dropout_mask)
     fast = _dispatch._fast or _first_call(x)
     if (fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma
             and type(eps) is float and 0.0 <= eps < math.inf
@@ -154,12 +176,16 @@ def rms_norm(
     out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    return_dropout_mask: bool = False,
 ):
     """RMSNorm: ``y = h * rsqrt(mean(h²) + eps) * g``, optionally fused with a residual add.
 
     Args:
         x, normalized_shape, weight, residual, zero_centered_gamma, return_residual, casting,
-            out_dtype, out, residual_out: as in ``layer_norm`` (no bias).
+            out_dtype, out, residual_out, dropout_p, seed, return_dropout_mask: as in
+            ``layer_norm`` (no bias).
         eps: added to the mean square; None means ``torch.finfo(x.dtype).eps``, as in
             ``torch.nn.functional.rms_norm``.
 
@@ -167,6 +193,11 @@ def rms_norm(
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True``.  Output dtype: see
         ``layer_norm``.
     """
+    if dropout_p != 0.0 or seed is not None or return_dropout_mask:
+        return _dropout_norm(x, normalized_shape, weight, None, residual,
+                             NormOptions(eps, True, zero_centered_gamma, casting, out_dtype),
+                             return_residual, out, residual_out, dropout_p, seed,
+                             return_dropout_mask)
     fast = _dispatch._fast or _first_call(x)
     if fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma:
         if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point():
@@ -283,3 +314,59 @@ def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return
     if return_residual:
         return y, (x if h is None else h)  # no residual: h is x itself
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout before the residual add (dropout_p=, seed=; _dropout has the mask and the autograd)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dropout_norm(x, normalized_shape, weight, bias, residual, opts: NormOptions,
+                  return_residual, out, residual_out, p, seed, return_mask):
+    p, seed = _dropout._check(p, seed)
+    if p == 0.0:  # no dropout: the plain op, and a mask of ones
+        res = _norm(x, normalized_shape, weight, bias, residual, opts, return_residual, out,
+                    residual_out)
+        if not return_mask:
+            return res
+        return (*res, torch.ones_like(x, dtype=torch.bool)) if return_residual else (
+            res, torch.ones_like(x, dtype=torch.bool))
+    if out is not None or residual_out is not None:
+        raise ValueError("out= and residual_out= are not supported with dropout_p > 0")
+    if seed is None:
+        seed = _dropout._draw_seed()
+    ns, n, opts = _validate(x, normalized_shape, weight, bias, residual, opts)
+    flat = x.dim() == 2 and len(ns) == 1
+    m = x.shape[0] if flat else (x.numel() // n if n else 0)
+    x2 = _rows(x, m, n, flat)
+    r2 = None if residual is None else _rows(residual, m, n, flat)
+    w = weight if weight is None or weight.dim() == 1 else weight.reshape(n)
+    b = bias if bias is None or bias.dim() == 1 else bias.reshape(n)
+    spec = _dropout._spec(p, seed)
+    eps, rms, zc, casting, out_dtype = opts
+    kern = None
+    if m and n and not torch.compiler.is_compiling() and _tracing_state() is None:
+        kern = _select(x2, w, b, casting, out_dtype)
+    if kern is None:
+        # The reference (also what torch.compile and tracers see): h in plain torch ops,
+        # differentiable, then the norm of h.
+        keep = reference.dropout_mask(seed, p, m, n, x.device)
+        h = reference.dropout_add(x2, r2, keep, p).view(x.shape)
+        y = _norm(h, ns, weight, bias, None, opts, False, None, None)
+    else:
+        sink = getattr(_dispatch._tls, "sink", None) if _dispatch._observers else None
+        if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x2, w, b, r2)):
+            y, h = _dropout._DropoutNormFunction.apply(x2, w, b, r2, opts, kern, sink, spec, p)
+        else:
+            y, h, stats = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype,
+                                       sink is not None, dropout=spec)
+            if sink is not None:
+                _report_stats(sink, stats, eps, rms)
+        y, h = y.view(x.shape), h.view(x.shape)
+        if return_mask:
+            keep = _dropout._keep_mask(kern, spec, p, m, n, x.device)
+    res = (y, h) if return_residual else (y,)
+    if return_mask:
+        res = (*res, keep.view(x.shape))
+    return res if len(res) > 1 else res[0]

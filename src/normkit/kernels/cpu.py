@@ -27,7 +27,7 @@ import torch
 from .reference import cast_dtype, effective_gamma, kernel_dtypes, param_dtype
 
 __all__ = ["forward", "backward", "infer", "supports", "plan", "release_buffers", "isa",
-           "available_isas", "set_isa", "configure", "status"]
+           "available_isas", "set_isa", "configure", "status", "dropout_apply"]
 
 _KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -125,7 +125,7 @@ def supports(x, weight, bias, casting, out_dtype) -> bool:
 
 
 def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats,
-            y=None, h=None):
+            y=None, h=None, dropout=None):
     """Forward on rows.
 
     Args:
@@ -135,6 +135,8 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
         y: a contiguous (M, N) output buffer of the output dtype (checked by the caller), or
             None to allocate one.  It may be x: every row is read before it is written.
         h: likewise for h (x's dtype), with a residual; it may be x or the residual.
+        dropout: None, or (seed, keep_above, scale) (``reference.keep_above``): h = dropout(x)
+            (+ residual) is written and normalized, in one pass (kernels/csrc/dropout.h).
 
     Returns:
         (y, h, stats): y (M, N) contiguous; h (M, N) in x.dtype or None; stats or None.
@@ -150,7 +152,7 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
     if bias is not None:
         bias = (bias if bias.dtype == pd else bias.to(pd)).contiguous()
     return _cpu.forward(x, weight, bias, residual, eps, rms, zero_centered, nk, od, need_stats,
-                        y, h)
+                        y, h, dropout)
 
 
 def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw):
@@ -179,3 +181,12 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     return _cpu.backward(dy, dh, x, weight, stats, rms, zero_centered,
                          -1 if nd is None else _KIND[nd], need_dw and weight is not None,
                          need_dw and has_bias, stats.dtype)
+
+
+def dropout_apply(src, dropout):
+    """src·m for (M, N) rows of the dropout's rows, m = scale where kept and 0 elsewhere, rounded
+    to src's dtype (the backward's dx = m·dh); a new contiguous tensor."""
+    src = src.contiguous()
+    dst = torch.empty_like(src)
+    _cpu.dropout_apply(src, dst, 0, dropout)
+    return dst
