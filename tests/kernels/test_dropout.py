@@ -292,3 +292,19 @@ def test_bad_arguments_are_named(kw, exc, match):
     for fn in (normkit.layer_norm, normkit.rms_norm):
         with pytest.raises(exc, match=match):
             fn(x, 8, **kw)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    # Under torch.compile h comes from the reference's torch ops (the same bits) and the norm
+    # from the custom op; dynamo alone (backend="eager"): inductor's compile of the Philox
+    # graph takes minutes on a CI machine.
+    x, w, _, r = _inputs(4, 32, torch.float32, True)
+
+    def f(x, r):
+        return normkit.layer_norm(x, 32, w, residual=r, dropout_p=0.3, seed=4,
+                                  return_residual=True)
+
+    got = torch.compile(f, fullgraph=True, backend="eager")(x, r)
+    want = f(x, r)
+    assert torch.equal(bits(got[1]), bits(want[1]))
+    assert_close_to_ref(got[0], want[0], ref64(want[1], w), torch.float32)

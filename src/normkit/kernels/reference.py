@@ -24,6 +24,8 @@ Statistics are computed in float32 for 16/32-bit inputs and in float64 for float
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 __all__ = ["norm_forward", "norm_backward_graph", "compute_dtype", "output_dtype"]
@@ -346,15 +348,23 @@ def _uniform(v31):
     return t * torch.tensor(_RAND_SCALE, dtype=torch.float32)
 
 
+def _f32(v: float) -> float:
+    """v rounded to float32 (nearest, ties to even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def keep_above(p: float) -> int:
     """The 31-bit threshold of the mask: element kept iff its 31-bit value > keep_above(p), which
     is ``tl.rand > float32(p)`` (rand is monotone in the value: a binary search for the largest
-    value whose float is <= float32(p)).  2^31 - 1 (nothing kept) for p = 1."""
-    p32 = torch.tensor(p, dtype=torch.float32)
-    lo, hi = 0, 2**31 - 1  # _uniform(0) = 0 <= p32
+    value whose float is <= float32(p)).  2^31 - 1 (nothing kept) for p = 1.  Plain Python
+    floats (no tensor, no cache), so that torch.compile traces through it: float32(v)·scale is
+    the float32 rounding of an exact double product (24-bit factors).  ~30 µs; the kernels'
+    callers cache it (``_dropout._spec``)."""
+    p32, scale = _f32(p), _f32(_RAND_SCALE)
+    lo, hi = 0, 2**31 - 1  # uniform(0) = 0 <= p32
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if bool(_uniform(mid) <= p32):
+        if _f32(_f32(float(mid)) * scale) <= p32:
             lo = mid
         else:
             hi = mid - 1
