@@ -342,7 +342,6 @@ def _dropout_norm(x, normalized_shape, weight, bias, residual, opts: NormOptions
     r2 = None if residual is None else _rows(residual, m, n, flat)
     w = weight if weight is None or weight.dim() == 1 else weight.reshape(n)
     b = bias if bias is None or bias.dim() == 1 else bias.reshape(n)
-    spec = _dropout._spec(p, seed)
     eps, rms, zc, casting, out_dtype = opts
     kern = None
     if m and n and not torch.compiler.is_compiling() and _tracing_state() is None:
@@ -354,6 +353,7 @@ def _dropout_norm(x, normalized_shape, weight, bias, residual, opts: NormOptions
         h = reference.dropout_add(x2, r2, keep, p).view(x.shape)
         y = _norm(h, ns, weight, bias, None, opts, False, None, None)
     else:
+        spec = _dropout._spec(p, seed)
         sink = getattr(_dispatch._tls, "sink", None) if _dispatch._observers else None
         if torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x2, w, b, r2)):
