@@ -96,6 +96,8 @@ class _DropoutNormFunction(torch.autograd.Function):
                 dw = dw.to(weight.dtype)
             if db is not None and db.dtype != bias.dtype:
                 db = db.to(bias.dtype)
-            dx = ctx.kern.dropout_apply(dht, ctx.spec) if need[0] else None
+            # in place when the residual wants no gradient (dht is then this op's own buffer)
+            dx = (ctx.kern.dropout_apply(dht, ctx.spec, None if need[3] else dht)
+                  if need[0] else None)
         return (dx, dw if need[1] else None, db if need[2] else None,
                 dht if need[3] else None, None, None, None, None, None)

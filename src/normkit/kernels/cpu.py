@@ -183,10 +183,8 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
                          need_dw and has_bias, stats.dtype)
 
 
-def dropout_apply(src, dropout):
+def dropout_apply(src, dropout, out=None):
     """src·m for (M, N) rows of the dropout's rows, m = scale where kept and 0 elsewhere, rounded
-    to src's dtype (the backward's dx = m·dh); a new contiguous tensor."""
-    src = src.contiguous()
-    dst = torch.empty_like(src)
-    _cpu.dropout_apply(src, dst, 0, dropout)
-    return dst
+    to src's dtype (the backward's dx = m·dh): into ``out`` (contiguous, src's dtype; it may
+    be src itself), or a new contiguous tensor."""
+    return _cpu.dropout_apply(src.contiguous(), out, 0, dropout)

@@ -655,6 +655,7 @@ def dropout_add(x, residual, dropout):
     return _dropout_launch(x, residual, h, 0, dropout)
 
 
-def dropout_apply(src, dropout):
-    """src·m for (M, N) contiguous rows of the dropout's rows (backward: dx = m·dh)."""
-    return _dropout_launch(src, None, torch.empty_like(src), 0, dropout)
+def dropout_apply(src, dropout, out=None):
+    """src·m for (M, N) contiguous rows of the dropout's rows (backward: dx = m·dh), into
+    ``out`` (it may be src) or a new tensor."""
+    return _dropout_launch(src, None, torch.empty_like(src) if out is None else out, 0, dropout)
