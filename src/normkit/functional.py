@@ -234,6 +234,14 @@ def _rows(t, m, n, flat):
     return t2
 
 
+def _autocast(x, weight, bias, residual):
+    """The tensors as the op computes them: torch's autocast runs layer_norm / rms_norm in
+    float32 on accelerators (CPU: no policy)."""
+    if not x.is_cpu and not x.is_meta and torch.is_autocast_enabled(x.device.type):
+        return tuple(None if t is None else t.float() for t in (x, weight, bias, residual))
+    return x, weight, bias, residual
+
+
 def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return_residual, out,
           residual_out):
     ns, n, opts = _validate(x, normalized_shape, weight, bias, residual, opts)
@@ -243,11 +251,7 @@ def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return
         _check_residual_out(residual_out, x, weight, bias, residual)
     if (out is not None or residual_out is not None) and not torch.compiler.is_compiling():
         _check_writes(x, weight, bias, residual, out, residual_out)
-    if not x.is_cpu and not x.is_meta and torch.is_autocast_enabled(x.device.type):
-        # torch's autocast runs layer_norm / rms_norm in float32 on accelerators (CPU: no policy).
-        x, weight, bias, residual = (
-            None if t is None else t.float() for t in (x, weight, bias, residual)
-        )
+    x, weight, bias, residual = _autocast(x, weight, bias, residual)
     if _tracing_state() is not None or (
             torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()):
         # Tracing (torch.jit.trace, both ONNX exporters): a compiled call is opaque to tracers and
@@ -336,6 +340,7 @@ def _dropout_norm(x, normalized_shape, weight, bias, residual, opts: NormOptions
     if seed is None:
         seed = _dropout._draw_seed()
     ns, n, opts = _validate(x, normalized_shape, weight, bias, residual, opts)
+    x, weight, bias, residual = _autocast(x, weight, bias, residual)
     flat = x.dim() == 2 and len(ns) == 1
     m = x.shape[0] if flat else (x.numel() // n if n else 0)
     x2 = _rows(x, m, n, flat)
