@@ -18,7 +18,7 @@ constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
 
 // (hi, lo) words of the 32×32-bit products a·c, lane-wise.  x86: even and odd lanes by the
 // widening multiply (vpmuludq), the halves blended back — 2 multiplies per LF lanes; spelled
-// with 64-bit vector lanes instead, GCC 12 emitted full 64×64 multiplies, 7x slower.
+// with 64-bit vector lanes instead, GCC 12 emitted full 64×64 multiplies, 4x slower.
 NK_INLINE void mulhilo(uint32_t a, NU c, NU& hi, NU& lo) {
 #if defined(NK_ISA_AVX512)
   const __m512i av = _mm512_set1_epi64(a), cv = (__m512i)c;
@@ -40,9 +40,8 @@ NK_INLINE void mulhilo(uint32_t a, NU c, NU& hi, NU& lo) {
 }
 
 // keep[l] = all ones where element k + l (l < B·W) is kept, else 0.  The B·W counters run as
-// B·KF independent vectors, round by round: one vector's rounds are a chain of dependent
-// multiplies (~10 cycles each), and several in flight keep the multiplier busy (AVX2, B = 2:
-// 2.2x faster than one vector at a time).
+// B·KF independent vectors, round by round, the loops unrolled so that GCC keeps the Philox
+// state in registers (rolled, it went through memory: 2x slower on AVX2).
 template <int B>
 NK_INLINE void keep_mask(const Dropout& d, uint64_t k, NI* keep) {
   constexpr int G = B * KF;
