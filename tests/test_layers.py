@@ -33,7 +33,8 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "normkit"
 _LAYERS = [
     (0, ("_provenance", "_io", "_report", "_console")),
     (1, ("kernels",)),
-    (2, ("functional", "_dispatch", "_autograd", "_ops", "_validate", "_options", "_group")),
+    (2, ("functional", "_dispatch", "_autograd", "_ops", "_validate", "_options", "_group",
+         "_dropout")),
     (3, ("nn",)),
     (4, ("_inventory", "convert")),
     (5, ("monitor", "audit", "faults")),

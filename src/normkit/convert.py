@@ -20,6 +20,13 @@ What is converted, and how each keeps its semantics:
 | T5 LayerNorm (RMS, no mean; and copies)         | ``nn.RMSNorm``   | "t5"     | no  |
 | a class registered with ``casting=``            | per ``kind``     | as given | as given |
 
+A Hugging Face BERT-style output block (``BertSelfOutput``, ``BertOutput`` and copies: dense →
+dropout → ``LayerNorm(h + input_tensor)``, recognised by its forward's source) whose LayerNorm is
+converted and whose dropout is a plain ``torch.nn.Dropout`` is also fused: its LayerNorm becomes a
+``normkit.nn.FusedDropoutAddLayerNorm`` (same γ/β, the dropout's p), which does dropout,
+residual add and norm in one pass.  In eval mode the block's output is bit for bit the unfused
+conversion's; in training mode the dropout mask is drawn by normkit's generator, not torch's.
+
 Which modules are norms, and of which kind, is ``normkit._inventory``'s answer (the same one
 watch and audit use).  Hugging Face classes are recognised there by behaviour, not by name alone
 (the source of their forward).  Convert additionally needs the module to hold exactly one 1-D
@@ -30,19 +37,23 @@ converted with the wrong cast order would silently change a model's outputs.
 
 from __future__ import annotations
 
+import ast
 import copy
+import dataclasses
 import functools
+import inspect
 import logging
 import math
 import numbers
+import types
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ._inventory import NormInfo, describe
-from .nn import GroupNorm, LayerNorm, RMSNorm
+from ._inventory import NormInfo, _method_ast, _normalized, describe
+from .nn import FusedDropoutAddLayerNorm, GroupNorm, LayerNorm, RMSNorm
 
 __all__ = ["convert", "revert", "ConvertPlan", "PlannedNorm"]
 
@@ -314,6 +325,65 @@ def _from_info(old: torch.nn.Module, info: NormInfo) -> LayerNorm | RMSNorm:
 
 
 # ----------------------------------------------------------------------------------------------
+# BERT-style output blocks: dense → dropout → LayerNorm(h + input_tensor), fused
+# ----------------------------------------------------------------------------------------------
+
+# The forward of Hugging Face's BertSelfOutput and BertOutput (and their copies in RoBERTa,
+# ELECTRA, ...), source for source (checked against transformers 5.25).
+_OUTPUT_BLOCK_FORWARD = """
+def forward(self, hidden_states, input_tensor):
+    hidden_states = self.dense(hidden_states)
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.LayerNorm(hidden_states + input_tensor)
+    return hidden_states
+"""
+
+
+@functools.cache
+def _output_block_ast() -> str:
+    return _normalized(ast.parse(_OUTPUT_BLOCK_FORWARD).body[0])
+
+
+def _fused_forward(self, hidden_states, input_tensor):
+    """A converted output block's forward: dense, then dropout + residual add + LayerNorm in one
+    op (``FusedDropoutAddLayerNorm``, holding the block's γ/β and its dropout's p)."""
+    return self.LayerNorm(self.dense(hidden_states), input_tensor)[0]
+
+
+def _fuse_output_block(module, name, planned, dry_run) -> None:
+    """Fuse a BERT-style output block whose LayerNorm this conversion replaces (post-order: it
+    is planned already) with torch's semantics ("torch" casting, plain γ), whose dropout is a
+    plain ``torch.nn.Dropout`` without hooks, and whose forward is the pattern above.
+
+    Exact: in eval mode the block computes LayerNorm(dense(x) + input) as the unfused converted
+    block does, bit for bit; in training mode the dropout mask comes from normkit's generator
+    instead of torch's (a different draw of the same distribution).  The block keeps its
+    children, parameters and state_dict keys; its forward becomes an instance attribute, which
+    ``revert`` removes."""
+    fwd = getattr(type(module), "forward", None)
+    if "forward" in vars(module) or not inspect.isfunction(fwd) or \
+            _method_ast(fwd) != _output_block_ast():
+        return
+    drop, ln = module._modules.get("dropout"), module._modules.get("LayerNorm")
+    key = f"{name}.LayerNorm" if name else "LayerNorm"
+    i = next((i for i, p in enumerate(planned) if p.name == key), None)
+    if (type(drop) is not torch.nn.Dropout or _has_hooks(drop) or i is None
+            or planned[i].becomes != "LayerNorm" or planned[i].casting != "torch"
+            or planned[i].zero_centered_gamma):
+        return
+    planned[i] = dataclasses.replace(planned[i], note="; ".join(filter(None, (
+        planned[i].note, f"fused with the dropout (p={drop.p}) and residual add of "
+        f"{type(module).__name__} (normkit.nn.FusedDropoutAddLayerNorm)"))))
+    if dry_run:
+        return
+    fused = FusedDropoutAddLayerNorm(ln.normalized_shape, ln.eps, ln.elementwise_affine,
+                                     bias=ln.bias is not None, device="meta", p=drop.p)
+    fused.weight, fused.bias = ln.weight, ln.bias
+    module.LayerNorm = _finish(fused, vars(ln).get(_ORIGINAL, ln))
+    module.forward = types.MethodType(_fused_forward, module)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 
@@ -358,12 +428,13 @@ def convert(
 
     Converted: ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and ``torch.nn.GroupNorm`` (and
     subclasses that keep their forward), and the Hugging Face RMSNorm variants of
-    Llama/Qwen2/Mistral, Gemma/Gemma2/Gemma3 and T5 (see the module docstring).  Each
-    replacement keeps the original's eps exactly, its casting order and output dtype, its plain
-    attributes (e.g. ``variance_epsilon``), its training flag and the same Parameter objects —
-    so state_dict keys and optimizer state are unchanged.  Every other norm is left alone, with
-    the reason in the plan.  Hooks registered on a replaced module are not carried over (a
-    warning names the module's path).
+    Llama/Qwen2/Mistral, Gemma/Gemma2/Gemma3 and T5, and fuses BERT-style output blocks'
+    dropout + add + LayerNorm (see the module docstring).  Each replacement keeps the
+    original's eps exactly, its casting order and output dtype, its plain attributes (e.g.
+    ``variance_epsilon``), its training flag and the same Parameter objects — so state_dict
+    keys and optimizer state are unchanged.  Every other norm is left alone, with the reason in
+    the plan.  Hooks registered on a replaced module are not carried over (a warning names the
+    module's path).
 
     Each call logs one INFO line on the ``normkit.convert`` logger: ``ConvertPlan.summary()``,
     e.g. "replaced 5 of 5 norms: 5 LlamaRMSNorm → normkit.nn.RMSNorm".
@@ -396,6 +467,7 @@ def convert(
     def fn(module: torch.nn.Module, name: str) -> torch.nn.Module:
         info, build, why = _plan(module)
         if info is None:
+            _fuse_output_block(module, name, planned, dry_run)
             return module
         if build is not None and filter is not None and not filter(module, name):
             build, why = None, "the filter returned False"
@@ -438,6 +510,8 @@ def revert(model: torch.nn.Module) -> torch.nn.Module:
     _check_model(model)
 
     def fn(module: torch.nn.Module, name: str) -> torch.nn.Module:
+        if getattr(vars(module).get("forward"), "__func__", None) is _fused_forward:
+            del module.forward  # a fused output block: its class's forward again
         original = vars(module).get(_ORIGINAL)
         if original is None:
             return module

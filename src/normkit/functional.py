@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, _dropout
 from ._autograd import _NormFunction
 from ._dispatch import (
     BACKENDS,
@@ -84,6 +84,9 @@ def layer_norm(
     residual_out: torch.Tensor | None = None,
     memory_efficient: bool = False,
     scale: float | torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    return_dropout_mask: bool = False,
 ):
     """LayerNorm over the last ``len(normalized_shape)`` dims, optionally fused with a residual add.
 
@@ -133,6 +136,20 @@ def layer_norm(
             ignore it.
         scale: with a quantized ``out_dtype``, a static scale (a real number, used as float32,
             or a 1-element float32 tensor), finite and > 0, instead of each row's own.
+        dropout_p: dropout before the residual add: ``h = dropout(x) + residual`` (``h =
+            dropout(x)`` without one), kept elements scaled by ``1/(1-p)`` as torch's dropout,
+            fused into the norm's pass.  A float in [0, 1]; 1 drops everything (h = 0·x +
+            residual: a NaN or Inf of x still gives NaN, as with torch's dropout).  0: no
+            dropout, the plain op bit for bit.  Not with ``out=`` / ``residual_out=``.
+        seed: the mask's seed, an int in [0, 2**63).  None: drawn from torch's default CPU
+            generator (``torch.manual_seed`` makes it reproducible).  Element k = i·N + j of the
+            (M, N) rows (the flattened leading dims, N the normalized size) is kept iff
+            Triton's ``tl.rand(seed, k) > float32(p)`` (Philox4x32-10): the mask depends on the
+            seed and k only, never on the backend, the thread count or the instruction set.
+            So the first rows of a batch get the same mask as those rows alone; a row at
+            another position gets another mask.  Backward regenerates it.  Not with
+            ``memory_efficient=True`` or a quantized ``out_dtype`` (ValueError).
+        return_dropout_mask: also return the (…, N) bool keep-mask, last (for debugging).
 
     Quantized outputs (for serving): ``out_dtype=torch.float8_e4m3fn`` or ``torch.int8`` returns
     ``(q, scale)`` — ``(q, scale, h)`` with ``return_residual=True`` — where y is the float32
@@ -147,8 +164,9 @@ def layer_norm(
     this raises); no ``out=``; casting "torch"/"gemma" only.  See docs/kernels.md.
 
     Returns:
-        ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype);
-        quantized: ``(q, scale)`` or ``(q, scale, h)``.
+        ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True`` (h in x.dtype),
+        with the mask last when ``return_dropout_mask=True``; quantized: ``(q, scale)`` or
+        ``(q, scale, h)``.
 
     Raises:
         TypeError: an argument of the wrong kind (x not a tensor, a float in normalized_shape,
@@ -166,6 +184,12 @@ def layer_norm(
     Under ``torch.autocast`` the op behaves like torch's own ``layer_norm``: on CUDA (and other
     accelerators) it runs in float32 and returns float32; on the CPU autocast leaves it alone.
     """
+    if dropout_p != 0.0 or seed is not None or return_dropout_mask:
+        _dropout_alone(memory_efficient, out_dtype, scale)
+        return _dropout_norm(x, normalized_shape, weight, bias, residual,
+                             NormOptions(eps, False, zero_centered_gamma, casting, out_dtype),
+                             return_residual, out, residual_out, dropout_p, seed,
+                             return_dropout_mask)
     fast = _dispatch._fast or _first_call(x)
     if (fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma
             and scale is None and type(eps) is float and 0.0 <= eps < math.inf
@@ -199,12 +223,16 @@ def rms_norm(
     residual_out: torch.Tensor | None = None,
     memory_efficient: bool = False,
     scale: float | torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+    return_dropout_mask: bool = False,
 ):
     """RMSNorm: ``y = h * rsqrt(mean(h²) + eps) * g``, optionally fused with a residual add.
 
     Args:
         x, normalized_shape, weight, residual, zero_centered_gamma, return_residual, casting,
-            out_dtype, out, residual_out, scale: as in ``layer_norm`` (no bias).
+            out_dtype, out, residual_out, scale, dropout_p, seed, return_dropout_mask: as
+            in ``layer_norm`` (no bias).
         memory_efficient: as in ``layer_norm``; x̂ = y / g.
         eps: added to the mean square; None means ``torch.finfo(x.dtype).eps``, as in
             ``torch.nn.functional.rms_norm``.
@@ -213,6 +241,12 @@ def rms_norm(
         ``y`` shaped like x, or ``(y, h)`` with ``return_residual=True``.  Output dtype and the
         quantized outputs (``(q, scale)``, ``(q, scale, h)``): see ``layer_norm``.
     """
+    if dropout_p != 0.0 or seed is not None or return_dropout_mask:
+        _dropout_alone(memory_efficient, out_dtype, scale)
+        return _dropout_norm(x, normalized_shape, weight, None, residual,
+                             NormOptions(eps, True, zero_centered_gamma, casting, out_dtype),
+                             return_residual, out, residual_out, dropout_p, seed,
+                             return_dropout_mask)
     fast = _dispatch._fast or _first_call(x)
     if (fast is not None and casting == "torch" and out_dtype is None and not zero_centered_gamma
             and scale is None):
@@ -254,6 +288,14 @@ def _rows(t, m, n, flat):
     return t2
 
 
+def _autocast(x, weight, bias, residual):
+    """The tensors as the op computes them: torch's autocast runs layer_norm / rms_norm in
+    float32 on accelerators (CPU: no policy)."""
+    if not x.is_cpu and not x.is_meta and torch.is_autocast_enabled(x.device.type):
+        return tuple(None if t is None else t.float() for t in (x, weight, bias, residual))
+    return x, weight, bias, residual
+
+
 def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return_residual, out,
           residual_out, lean=False):
     ns, n, opts = _validate(x, normalized_shape, weight, bias, residual, opts)
@@ -265,11 +307,7 @@ def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return
         _check_residual_out(residual_out, x, weight, bias, residual)
     if (out is not None or residual_out is not None) and not torch.compiler.is_compiling():
         _check_writes(x, weight, bias, residual, out, residual_out)
-    if not x.is_cpu and not x.is_meta and torch.is_autocast_enabled(x.device.type):
-        # torch's autocast runs layer_norm / rms_norm in float32 on accelerators (CPU: no policy).
-        x, weight, bias, residual = (
-            None if t is None else t.float() for t in (x, weight, bias, residual)
-        )
+    x, weight, bias, residual = _autocast(x, weight, bias, residual)
     if _tracing_state() is not None or (
             torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export()):
         # Tracing (torch.jit.trace, both ONNX exporters): a compiled call is opaque to tracers and
@@ -397,3 +435,72 @@ def _norm_quant(x, normalized_shape, weight, bias, residual, opts: NormOptions, 
     if not return_residual:
         return q, s
     return q, s, (x if h is None else h)  # no residual: h is x itself
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout before the residual add (dropout_p=, seed=; _dropout has the mask and the autograd)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dropout_alone(memory_efficient, out_dtype, scale):
+    """Dropout is fused with the plain training op only: not (yet) with the backward from y, and
+    never with a quantized output (serving, where dropout is off)."""
+    if memory_efficient is not False:
+        raise ValueError("dropout_p/seed/return_dropout_mask cannot be combined with "
+                         "memory_efficient=True: the backward from y does not regenerate the mask")
+    if scale is not None or out_dtype in _QUANT:
+        raise ValueError(f"dropout_p/seed/return_dropout_mask cannot be combined with a quantized "
+                         f"out_dtype ({out_dtype}) or scale=: quantized outputs are for serving, "
+                         f"where dropout is off")
+
+
+def _dropout_norm(x, normalized_shape, weight, bias, residual, opts: NormOptions,
+                  return_residual, out, residual_out, p, seed, return_mask):
+    p, seed = _dropout._check(p, seed)
+    if p == 0.0:  # no dropout: the plain op, and a mask of ones
+        res = _norm(x, normalized_shape, weight, bias, residual, opts, return_residual, out,
+                    residual_out)
+        if not return_mask:
+            return res
+        return (*res, torch.ones_like(x, dtype=torch.bool)) if return_residual else (
+            res, torch.ones_like(x, dtype=torch.bool))
+    if out is not None or residual_out is not None:
+        raise ValueError("out= and residual_out= are not supported with dropout_p > 0")
+    if seed is None:
+        seed = _dropout._draw_seed()
+    ns, n, opts = _validate(x, normalized_shape, weight, bias, residual, opts)
+    x, weight, bias, residual = _autocast(x, weight, bias, residual)
+    flat = x.dim() == 2 and len(ns) == 1
+    m = x.shape[0] if flat else (x.numel() // n if n else 0)
+    x2 = _rows(x, m, n, flat)
+    r2 = None if residual is None else _rows(residual, m, n, flat)
+    w = weight if weight is None or weight.dim() == 1 else weight.reshape(n)
+    b = bias if bias is None or bias.dim() == 1 else bias.reshape(n)
+    eps, rms, zc, casting, out_dtype = opts
+    kern = None
+    if m and n and not torch.compiler.is_compiling() and _tracing_state() is None:
+        kern = _select(x2, w, b, casting, out_dtype)
+    if kern is None:
+        # The reference (also what torch.compile and tracers see): h in plain torch ops,
+        # differentiable, then the norm of h.
+        keep = reference.dropout_mask(seed, p, m, n, x.device)
+        h = reference.dropout_add(x2, r2, keep, p).view(x.shape)
+        y = _norm(h, ns, weight, bias, None, opts, False, None, None)
+    else:
+        spec = _dropout._spec(p, seed)
+        sink = getattr(_dispatch._tls, "sink", None) if _dispatch._observers else None
+        if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x2, w, b, r2)):
+            y, h = _dropout._DropoutNormFunction.apply(x2, w, b, r2, opts, kern, sink, spec, p)
+        else:
+            y, h, stats = kern.forward(x2, w, b, r2, eps, rms, zc, casting, out_dtype,
+                                       sink is not None, dropout=spec)
+            if sink is not None:
+                _report_stats(sink, stats, eps, rms)
+        y, h = y.view(x.shape), h.view(x.shape)
+        if return_mask:
+            keep = _dropout._keep_mask(kern, spec, p, m, n, x.device)
+    res = (y, h) if return_residual else (y,)
+    if return_mask:
+        res = (*res, keep.view(x.shape))
+    return res if len(res) > 1 else res[0]

@@ -40,12 +40,14 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ._dropout import _check as _check_dropout
 from ._options import _check_casting, _eps_of
 from ._validate import _shape_of
 from .functional import group_norm, layer_norm, rms_norm
 
 __all__ = ["LayerNorm", "RMSNorm", "FusedAddLayerNorm", "FusedAddRMSNorm", "GroupNorm", "DyT",
-           "LayerNormLSTMCell", "LayerNormLSTM"]
+           "LayerNormLSTMCell", "LayerNormLSTM", "FusedDropoutAddLayerNorm",
+           "FusedDropoutAddRMSNorm"]
 
 
 def _set_options(module, casting, zero_centered_gamma, elementwise_affine) -> None:
@@ -566,3 +568,78 @@ class LayerNormLSTM(torch.nn.Module):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
         return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout, residual add and norm in one pass (the post-attention step of BERT-style models)
+# ----------------------------------------------------------------------------------------------
+
+
+class _FusedDropout:
+    """``p`` (as ``torch.nn.Dropout``'s, checked: a float in [0, 1]) and the forward of the
+    fused dropout modules: dropout while training, none in eval mode."""
+
+    def _set_p(self, p) -> None:
+        self.p = _check_dropout(p, None)[0]
+
+    def _dropout_args(self, seed) -> dict:
+        if not self.training or self.p == 0.0:
+            return {}  # the plain fused add + norm
+        return {"dropout_p": self.p, "seed": seed}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", p={self.p}"
+
+
+class FusedDropoutAddLayerNorm(_FusedDropout, LayerNorm):
+    """``LayerNorm(dropout(x) + residual)`` in one pass; parameters and state_dict are
+    ``LayerNorm``'s.
+
+    ``forward(x, residual=None, *, seed=None)`` returns ``(y, h)``: ``h = dropout(x) +
+    residual`` (``dropout(x)`` without a residual), rounded to x.dtype, and ``y =
+    LayerNorm(h)``.  In training mode elements of x are dropped with probability ``p`` and the
+    kept ones scaled by 1/(1-p), as ``torch.nn.Dropout``; in eval mode there is no dropout.  The
+    mask's seed is drawn from torch's default generator at each call unless given (see
+    ``normkit.layer_norm``: ``seed``, ``dropout_p``).
+
+    Args: ``LayerNorm``'s, and keyword-only ``p=0.5`` (as ``torch.nn.Dropout``).
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None, *, p: float = 0.5,
+                 casting: str = "torch", zero_centered_gamma: bool = False):
+        self._set_p(p)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype,
+                         casting=casting, zero_centered_gamma=zero_centered_gamma)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, *, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: x, residual (None or like x), seed (None: drawn).  Returns: (y, h)."""
+        return layer_norm(
+            x, self.normalized_shape, self.weight, self.bias, self.eps, residual=residual,
+            zero_centered_gamma=self.zero_centered_gamma, return_residual=True,
+            casting=self.casting, **self._dropout_args(seed),
+        )
+
+
+class FusedDropoutAddRMSNorm(_FusedDropout, RMSNorm):
+    """``RMSNorm(dropout(x) + residual)`` in one pass: as ``FusedDropoutAddLayerNorm``, with
+    ``RMSNorm``'s arguments, parameters and state_dict."""
+
+    def __init__(self, normalized_shape, eps: float | None = None,
+                 elementwise_affine: bool = True, device=None, dtype=None, *, p: float = 0.5,
+                 casting: str = "torch", zero_centered_gamma: bool = False):
+        self._set_p(p)
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype,
+                         casting=casting, zero_centered_gamma=zero_centered_gamma)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, *, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: x, residual (None or like x), seed (None: drawn).  Returns: (y, h)."""
+        return rms_norm(
+            x, self.normalized_shape, self.weight, self.eps, residual=residual,
+            zero_centered_gamma=self.zero_centered_gamma, return_residual=True,
+            casting=self.casting, **self._dropout_args(seed),
+        )

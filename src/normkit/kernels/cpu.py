@@ -29,7 +29,7 @@ from .reference import cast_dtype, compute_dtype, effective_gamma, kernel_dtypes
 
 __all__ = ["forward", "backward", "infer", "supports", "plan", "release_buffers", "isa",
            "available_isas", "set_isa", "configure", "status", "group_forward",
-           "group_backward", "supports_quant", "forward_quant"]
+           "group_backward", "supports_quant", "forward_quant", "dropout_apply"]
 
 _KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -127,7 +127,7 @@ def supports(x, weight, bias, casting, out_dtype) -> bool:
 
 
 def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats,
-            y=None, h=None):
+            y=None, h=None, dropout=None):
     """Forward on rows.
 
     Args:
@@ -137,6 +137,8 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
         y: a contiguous (M, N) output buffer of the output dtype (checked by the caller), or
             None to allocate one.  It may be x: every row is read before it is written.
         h: likewise for h (x's dtype), with a residual; it may be x or the residual.
+        dropout: None, or (seed, keep_above, scale) (``reference.keep_above``): h = dropout(x)
+            (+ residual) is written and normalized, in one pass (kernels/csrc/dropout.h).
 
     Returns:
         (y, h, stats): y (M, N) contiguous; h (M, N) in x.dtype or None; stats or None.
@@ -152,7 +154,7 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
     if bias is not None:
         bias = (bias if bias.dtype == pd else bias.to(pd)).contiguous()
     return _cpu.forward(x, weight, bias, residual, eps, rms, zero_centered, nk, od, need_stats,
-                        y, h)
+                        y, h, dropout)
 
 
 def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw,
@@ -249,3 +251,10 @@ def forward_quant(x, weight, bias, residual, eps, rms, zero_centered, q_dtype, s
         bias = (bias if bias.dtype == pd else bias.to(pd)).contiguous()
     return _cpu.forward_quant(x, weight, bias, residual, eps, rms, zero_centered, q_dtype,
                               0.0 if scale is None else float(scale), need_stats, h)
+
+
+def dropout_apply(src, dropout, out=None):
+    """src·m for (M, N) rows of the dropout's rows, m = scale where kept and 0 elsewhere, rounded
+    to src's dtype (the backward's dx = m·dh): into ``out`` (contiguous, src's dtype; it may
+    be src itself), or a new contiguous tensor."""
+    return _cpu.dropout_apply(src.contiguous(), out, 0, dropout)

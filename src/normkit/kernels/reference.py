@@ -24,6 +24,8 @@ Statistics are computed in float32 for 16/32-bit inputs and in float64 for float
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 __all__ = ["norm_forward", "norm_backward_graph", "compute_dtype", "output_dtype", "group_norm"]
@@ -355,3 +357,106 @@ def quantize(y: torch.Tensor, q_dtype: torch.dtype, scale: torch.Tensor | None =
     else:
         q = t.clamp(-448, 448).to(torch.float8_e4m3fn)
     return q, s
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout before the residual add (``dropout_p=``): the mask every backend draws
+# ----------------------------------------------------------------------------------------------
+#
+# Element k of the (M, N) rows (flat index k = i·N + j) is kept iff
+#     tl.rand(seed, k) > float32(p)
+# i.e. u = Philox4x32-10 with key (seed mod 2^32, seed >> 32) and counter (k mod 2^32, k >> 32,
+# 0, 0), first output word — Triton's ``tl.randint(seed, k)`` for an int64 k — turned into a
+# float32 in [0, 1) as ``tl.rand`` does: u as int32, negatives to -u-1, times 4.6566127342e-10.
+# That float is monotone in the 31-bit value, so the test is one integer comparison against
+# ``keep_above(p)``.  Kept elements are scaled by 1/(1-p) (the compute type), as torch's dropout.
+
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+_RAND_SCALE = 4.6566127342e-10  # tl.rand's: the largest with (2^31 - 1)·scale < 1 in float32
+
+
+def _mulhilo(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit words of a·b for a constant a < 2^32 and b int64 holding uint32 values,
+    in int64 arithmetic (a·b itself would overflow it): a = ah·2^16 + al."""
+    ah, al = a >> 16, a & 0xFFFF
+    p_hi, p_lo = ah * b, al * b  # < 2^48 each
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _U32
+    return hi, lo
+
+
+def philox(seed: int, offset: torch.Tensor) -> torch.Tensor:
+    """Triton's ``tl.randint(seed, offset)`` for an int64 ``offset`` tensor (the same bits): the
+    first word of Philox4x32-10 with key (seed lo, seed hi) and counter (offset lo, offset hi, 0,
+    0), as int64 tensors holding uint32 values."""
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    c0, c1 = offset & _U32, (offset >> 32) & _U32
+    c2 = c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(_PHILOX_ROUND[1], c2)
+        hi_a, lo_a = _mulhilo(_PHILOX_ROUND[0], c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _U32, (k1 + _PHILOX_KEY[1]) & _U32
+    return c0
+
+
+def _rand31(u: torch.Tensor) -> torch.Tensor:
+    """The 31-bit value ``tl.rand`` scales: u as int32, a negative one mapped to -u-1."""
+    return torch.where(u >= 2**31, u ^ _U32, u)
+
+
+def _uniform(v31):
+    """``tl.rand``'s float32 of 31-bit values (int64 tensor or int): float32(v)·scale."""
+    t = torch.as_tensor(v31, dtype=torch.int64).to(torch.float32)
+    return t * torch.tensor(_RAND_SCALE, dtype=torch.float32)
+
+
+def _f32(v: float) -> float:
+    """v rounded to float32 (nearest, ties to even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def keep_above(p: float) -> int:
+    """The 31-bit threshold of the mask: element kept iff its 31-bit value > keep_above(p), which
+    is ``tl.rand > float32(p)`` (rand is monotone in the value: a binary search for the largest
+    value whose float is <= float32(p)).  2^31 - 1 (nothing kept) for p = 1.  Plain Python
+    floats (no tensor, no cache), so that torch.compile traces through it: float32(v)·scale is
+    the float32 rounding of an exact double product (24-bit factors).  ~30 µs; the kernels'
+    callers cache it (``_dropout._spec``)."""
+    p32, scale = _f32(p), _f32(_RAND_SCALE)
+    lo, hi = 0, 2**31 - 1  # uniform(0) = 0 <= p32
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _f32(_f32(float(mid)) * scale) <= p32:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def dropout_mask(seed: int, p: float, m: int, n: int, device=None) -> torch.Tensor:
+    """The (M, N) bool keep-mask of ``dropout_p=p``, ``seed=seed`` (see above)."""
+    k = torch.arange(m * n, dtype=torch.int64, device=device).reshape(m, n)
+    return _rand31(philox(seed, k)) > keep_above(p)
+
+
+def dropout_scale(p: float, dtype: torch.dtype) -> torch.Tensor:
+    """1/(1-p) in the compute type of ``dtype`` (inf for p = 1: it then scales nothing)."""
+    ct = compute_dtype(dtype)
+    return torch.tensor(float("inf") if p == 1 else 1.0 / (1.0 - p), dtype=ct)
+
+
+def dropout_add(x, residual, keep, p):
+    """h = x·m (+ residual), m = 1/(1-p) where kept and 0 elsewhere, in the compute type
+    (product and sum each rounded there, never fused), rounded once to x.dtype.  A multiply,
+    not a select: a dropped NaN or Inf gives NaN, as with torch's dropout, and stays in its row.
+    Differentiable (the reference's backward: dx = m·dh, d-residual = dh)."""
+    ct = compute_dtype(x.dtype)
+    s = dropout_scale(p, x.dtype).to(x.device)
+    mult = torch.where(keep, s, torch.zeros((), dtype=ct, device=x.device))
+    h = x.to(ct) * mult
+    if residual is not None:
+        h = h + residual.to(ct)
+    return h.to(x.dtype)

@@ -60,7 +60,7 @@ import torch
 from .reference import cast_dtype, effective_gamma, kernel_dtypes, param_dtype
 
 __all__ = ["forward", "backward", "supports", "plan", "config", "INTERPRET", "supports_quant",
-           "forward_quant"]
+           "forward_quant", "dropout_add", "dropout_apply"]
 
 # True when the kernels below were created by the interpreter (TRITON_INTERPRET=1 at import):
 # then they run on CPU tensors (slowly, for tests) and not on CUDA ones.
@@ -606,7 +606,8 @@ def _param(p, pd):
     return p.contiguous()
 
 
-def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats):
+def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dtype, need_stats,
+            dropout=None):
     """Forward on rows.
 
     Args:
@@ -614,10 +615,17 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
         residual: like x (its own row stride) or None.  weight, bias: (N,) or None.
         Other args as in ``reference.norm_forward``.
         need_stats: also return the (M, 3) float32 statistics [m1, dm, rstd].
+        dropout: None, or (seed, keep_above, scale): h = dropout(x) (+ residual) is written
+            (``dropout_add``) and normalized — two kernels, the second one the plain norm of h.
 
     Returns:
         (y, h, stats): y (M, N) contiguous; h (M, N) in x.dtype or None; stats or None.
     """
+    if dropout is not None:
+        h = dropout_add(x, residual, dropout)
+        y, _, stats = forward(h, weight, bias, None, eps, rms, zero_centered, casting, out_dtype,
+                              need_stats)
+        return y, h, stats
     m, n = x.shape
     pd, od, nd = plan(x.dtype, None if weight is None else weight.dtype,
                       None if bias is None else bias.dtype, casting, out_dtype)
@@ -792,3 +800,58 @@ def forward_quant(x, weight, bias, residual, eps, rms, zero_centered, q_dtype, s
         QK=_QK[q_dtype], STATIC=scale is not None, num_warps=warps,
     )
     return q, s, (h if residual is not None else None), stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout before the residual add (``dropout_p=``; the mask is reference.py's)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed", "k0", "keep_above"])
+def _dropout_kernel(X, R, H, N, sx, sr, k0, seed, keep_above, scale,
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    """h = x·m (+ r) on a [1, BLOCK] tile: m = scale where the 31-bit value of
+    tl.randint(seed, k) is > keep_above (tl.rand > float32(p)), else 0; k = k0 + i·N + j.
+    Product and sum each rounded in fp32, then h rounded once to H's dtype."""
+    i = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    u = tl.randint(seed, k0 + i * N + cols).to(tl.int32, bitcast=True)
+    keep = (u ^ (u >> 31)) > keep_above  # tl.rand's value: a negative u becomes -u-1 = ~u
+    v = tl.load(X + i * sx + cols, mask=mask, other=0.0).to(tl.float32)
+    v = v * tl.where(keep, scale, 0.0)
+    if HAS_RES:
+        v = v + tl.load(R + i * sr + cols, mask=mask, other=0.0).to(tl.float32)
+    if _EMULATE_BF16 and H.dtype.element_ty == tl.bfloat16:
+        v = _bf16_rne(v)
+    tl.store(H + i * N + cols, v.to(H.dtype.element_ty), mask=mask)
+
+
+def _dropout_launch(x, residual, out, k0, dropout):
+    m, n = x.shape
+    if m == 0 or n == 0:
+        return out
+    seed, keep_above, scale = dropout
+    block = min(triton.next_power_of_2(n), 1024)
+    r = x if residual is None else residual
+    # No fused multiply-add on the GPU either: h = round(round(x·m) + r), as the CPU and the
+    # reference compute it (the interpreter never fuses).
+    launch = {} if INTERPRET else {"enable_fp_fusion": False}
+    _dropout_kernel[(m, triton.cdiv(n, block))](
+        x, r, out, n, x.stride(0), r.stride(0), k0, seed, keep_above, float(scale),
+        HAS_RES=residual is not None, BLOCK=block, **launch)
+    return out
+
+
+def dropout_add(x, residual, dropout):
+    """h = dropout(x) (+ residual), (M, N) in x.dtype.  x and residual: rows of unit stride."""
+    if residual is not None and x.shape[1] > 1 and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _dropout_launch(x, residual, h, 0, dropout)
+
+
+def dropout_apply(src, dropout, out=None):
+    """src·m for (M, N) contiguous rows of the dropout's rows (backward: dx = m·dh), into
+    ``out`` (it may be src) or a new tensor."""
+    return _dropout_launch(src, None, torch.empty_like(src) if out is None else out, 0, dropout)

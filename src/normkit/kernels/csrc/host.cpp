@@ -109,7 +109,8 @@ int64_t stream_flag(int64_t elements, at::ScalarType dtype) {
 // rounded to ("llama"/"t5"), or -1.
 void launch_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                     const at::Tensor& r, const at::Tensor& h, const at::Tensor& y,
-                    const at::Tensor& stats, double eps, bool rms, bool zc, int nk) {
+                    const at::Tensor& stats, double eps, bool rms, bool zc, int nk,
+                    const Dropout* drop = nullptr) {
   const int64_t m = x.size(0), n = x.size(1);
   const int xk = kind_of(x.scalar_type()), yk = kind_of(y.scalar_type());
   const bool f64 = xk == kFloat64;
@@ -127,6 +128,11 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
     a.flags |= kRes;
     a.r = r.data_ptr();
     a.rrs = r.stride(0);
+    a.h = h.data_ptr();
+  }
+  if (drop != nullptr) {  // h = dropout(x) (+ r): written with or without a residual
+    a.flags |= kDrop;
+    a.drop = *drop;
     a.h = h.data_ptr();
   }
   a.y = y.data_ptr();
@@ -248,22 +254,30 @@ at::Tensor value(const Opt& t) { return t.has_value() ? *t : at::Tensor(); }
 // The backend functions (functional.py's general path; cpu.py checks and converts first)
 // ------------------------------------------------------------------------------------------
 
+using DropSpec = std::optional<std::tuple<uint64_t, int64_t, double>>;  // seed, keep_above, scale
+
+Dropout dropout_of(const std::tuple<uint64_t, int64_t, double>& d) {
+  return Dropout{std::get<0>(d), int32_t(std::get<1>(d)), std::get<2>(d)};
+}
+
 py::tuple forward(const at::Tensor& x, const Opt& wo, const Opt& bo, const Opt& ro, double eps,
                   bool rms, bool zc, int64_t nk, at::ScalarType out_dtype, bool need_stats,
-                  const Opt& yo, const Opt& ho) {
+                  const Opt& yo, const Opt& ho, const DropSpec& dropo) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && kind_of(x.scalar_type()) >= 0,
               "normkit cpu: forward takes (M, N) rows of unit stride");
   const int64_t m = x.size(0), n = x.size(1);
   at::Tensor w = value(wo), b = value(bo), r = value(ro), y = value(yo), h = value(ho);
   if (!y.defined()) y = empty_output({m, n}, out_dtype);
-  if (r.defined() && !h.defined()) h = empty_output({m, n}, x.scalar_type());
+  if ((r.defined() || dropo) && !h.defined()) h = empty_output({m, n}, x.scalar_type());
+  std::optional<Dropout> drop;
+  if (dropo) drop = dropout_of(*dropo);
   at::Tensor stats;
   if (need_stats) stats = at::empty({m, 3}, at::TensorOptions().dtype(compute_dtype(kind_of(x.scalar_type()))));
   {
     py::gil_scoped_release nogil;
-    launch_forward(x, w, b, r, h, y, stats, eps, rms, zc, int(nk));
+    launch_forward(x, w, b, r, h, y, stats, eps, rms, zc, int(nk), drop ? &*drop : nullptr);
   }
-  return py::make_tuple(y, r.defined() ? py::cast(h) : py::none(),
+  return py::make_tuple(y, h.defined() ? py::cast(h) : py::none(),
                         need_stats ? py::cast(stats) : py::none());
 }
 
@@ -279,6 +293,32 @@ py::tuple backward(const at::Tensor& dy, const Opt& dh, const at::Tensor& v, con
   }
   return py::make_tuple(dx, dw.defined() ? py::cast(dw) : py::none(),
                         db.defined() ? py::cast(db) : py::none());
+}
+
+// dst = src·mask of the dropout (contiguous, one dtype; dst may be src; none: a new tensor from
+// the output pool, whose page faults cost more than the pass itself: 46 ms of 80 at 4096x4096
+// float32), element j of src being element k0 + j of the rows: the backward's dx = mask·dh, and
+// the mask itself (from ones).  Returns dst.
+at::Tensor dropout_apply(const at::Tensor& src, const Opt& dsto, uint64_t k0,
+                         const std::tuple<uint64_t, int64_t, double>& d) {
+  const at::Tensor dst = dsto ? *dsto : empty_output(src.sizes(), src.scalar_type());
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel() &&
+                  src.scalar_type() == dst.scalar_type() && kind_of(src.scalar_type()) >= 0,
+              "normkit cpu: dropout_apply takes two contiguous tensors of one float dtype");
+  const Dropout drop = dropout_of(d);
+  DropFn fn = kernels()->drop[kind_of(src.scalar_type())];
+  const int64_t numel = src.numel();
+  const int64_t unit = 4096;  // elements per unit of parallel work (a multiple of 16)
+  const char* ps = static_cast<const char*>(src.data_ptr());
+  char* pd = static_cast<char*>(dst.data_ptr());
+  const int64_t eb = int64_t(src.element_size());
+  py::gil_scoped_release nogil;
+  run_units((numel + unit - 1) / unit, numel >= parallel_min_elements(),
+            [&](int64_t lo, int64_t hi) {
+              const int64_t j0 = lo * unit, j1 = std::min(hi * unit, numel);
+              fn(ps + j0 * eb, pd + j0 * eb, j1 - j0, drop, k0 + uint64_t(j0));
+            });
+  return dst;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -579,6 +619,7 @@ PYBIND11_MODULE(_cpu, mod) {
   mod.doc() = "normkit's compiled CPU kernels (see normkit/kernels/cpu.py)";
   mod.def("forward", &forward);
   mod.def("backward", &backward);
+  mod.def("dropout_apply", &dropout_apply);
   mod.def("run", &run);
   mod.def("configure", &configure);
   mod.def("calls", [] { return g_calls.load(); });

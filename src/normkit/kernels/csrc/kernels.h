@@ -19,7 +19,16 @@ enum Flag : int {
   kRound = 16,   // "llama"/"t5" casting: x̂ rounded to FwdArgs::nk before γ
   kStats = 32,   // forward: the (M, 3) statistics [m1, dm, rstd] are written
   kDw = 128,     // backward: dγ wanted
-  kStream = 256  // outputs (y, dx) written with non-temporal stores
+  kStream = 256,  // outputs (y, dx) written with non-temporal stores
+  kDrop = 4096     // forward: h = dropout(x) (+ residual) is written, then normalized (dropout.h)
+};
+
+// Dropout before the residual add (dropout.h): element k of the rows is kept iff the 31-bit
+// Philox value of (seed, k) is > keep_above, and then multiplied by scale (else by 0).
+struct Dropout {
+  uint64_t seed;
+  int32_t keep_above;
+  double scale;  // 1/(1-p), converted to the compute type
 };
 
 // One forward launch: rows [lo, hi) of an (M, N) input.  Element strides; y and h contiguous.
@@ -38,6 +47,7 @@ struct FwdArgs {
   const void* g;   // γ as the compute type: γ, 1 + γ (zero-centred), or ones without γ
   const void* b;   // β as the compute type, or null
   void* stats;     // kStats: (M, 3) in the compute type
+  Dropout drop;    // kDrop: h = x·mask (+ r with kRes), row i's first element is k = i·N
 };
 
 // One backward launch: row blocks [k0, k1) of a partition of the M rows into blocks of rpb.
@@ -71,6 +81,9 @@ using WidenFn = void (*)(const void* src, int kind, void* dst, bool to_double, i
 // The conversions alone, for the tests (rows.h: convert_as).
 using ConvertFn = void (*)(const void* src, int src_kind, void* dst, int dst_kind, int64_t n,
                            int mode);
+
+// dst[j] = src[j]·m(k + j), j < n, in one storage kind (dropout.h: drop_apply).
+using DropFn = void (*)(const void* src, void* dst, int64_t n, const Dropout& d, uint64_t k);
 
 // Forward variants: what the output loop computes (rows.h).
 enum FwdVariant : int {
@@ -131,6 +144,7 @@ struct Table {
   // Norm + quantize (quant.h): [x kind][QuantKind][kLnMul, kLnFma or kRmsMul]; null for float64 x.
   QuantFn quant[kKinds][kQuantKinds][kRmsMul + 1];
   QConvertFn quant_convert;
+  DropFn drop[kKinds];  // [x]
 };
 
 // One table per instruction-set path; null where this build has no such path.

@@ -287,6 +287,8 @@ __attribute__((noinline)) void add_row(const void* x, const void* r, void* h, in
   for (int64_t j = nv; j < n; j++) sstore<X, C>(h, j, sload<X, C>(x, j) + sload<X, C>(r, j));
 }
 
+#include "dropout.h"  // drop_row: h = x·mask (+ r), for kDrop
+
 // y of one row: single elements in its head (up to a STREAM_ALIGN boundary, when streamed)
 // and tail, vectors in between; the next row's inputs (px, pr) are fetched meanwhile.
 template <int X, int O, int VAR>
@@ -336,7 +338,12 @@ void fwd_rows(const FwdArgs& a, int64_t lo, int64_t hi) {
   constexpr bool rms = VAR == kRmsMul || VAR == kRmsRound;
   for (int64_t i = lo; i < hi; i++) {
     const void* src = at<ST<X>>(a.x, i * a.xrs);
-    if (a.flags & kRes) {
+    if (a.flags & kDrop) {
+      void* h = at<ST<X>>(a.h, i * n);
+      drop_row<X>(src, (a.flags & kRes) ? at<ST<X>>(a.r, i * a.rrs) : nullptr, h, n, a.drop,
+                  uint64_t(i * n));
+      src = h;
+    } else if (a.flags & kRes) {
       void* h = at<ST<X>>(a.h, i * n);
       add_row<X>(src, at<ST<X>>(a.r, i * a.rrs), h, n);
       src = h;
@@ -868,5 +875,9 @@ inline Table make_table(const char* name) {
   t.sum[1] = &sum_blocks<double>;
   t.widen = &widen;
   t.convert = &convert;
+  t.drop[kF32] = &drop_apply<kF32>;
+  t.drop[kF64] = &drop_apply<kF64>;
+  t.drop[kBF16] = &drop_apply<kBF16>;
+  t.drop[kF16] = &drop_apply<kF16>;
   return t;
 }
