@@ -12,6 +12,7 @@
 #include "buffers.h"
 #include "dispatch.h"
 #include "kernels.h"
+#include "kinds.h"
 #include "launch.h"
 
 namespace py = pybind11;
@@ -27,16 +28,6 @@ namespace {
 constexpr int64_t kClBlockElements = int64_t(1) << 14;
 
 int64_t cl_block_rows(int64_t c) { return std::max<int64_t>(1, kClBlockElements / c); }
-
-int kind_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kFloat32;
-    case at::kDouble: return kFloat64;
-    case at::kBFloat16: return kBFloat16;
-    case at::kHalf: return kFloat16;
-    default: return -1;
-  }
-}
 
 // The arguments common to forward and backward: x (B, C, S) or, channels-last, (B, S, C).
 GroupArgs args_of(const at::Tensor& x, const Opt& w, int64_t groups, bool cl) {

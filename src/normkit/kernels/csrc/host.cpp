@@ -37,6 +37,7 @@
 #include "dispatch.h"
 #include "group.h"
 #include "kernels.h"
+#include "kinds.h"
 #include "launch.h"
 
 #ifndef NK_TORCH_VERSION
@@ -54,16 +55,6 @@ using Opt = std::optional<at::Tensor>;
 namespace normkit {
 namespace cpu {
 namespace {
-
-int kind_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kFloat32;
-    case at::kDouble: return kFloat64;
-    case at::kBFloat16: return kBFloat16;
-    case at::kHalf: return kFloat16;
-    default: return -1;
-  }
-}
 
 at::ScalarType compute_dtype(int x_kind) { return x_kind == kFloat64 ? at::kDouble : at::kFloat; }
 
