@@ -810,13 +810,17 @@ def forward_quant(x, weight, bias, residual, eps, rms, zero_centered, q_dtype, s
 @triton.jit(do_not_specialize=["seed", "k0", "keep_above"])
 def _dropout_kernel(X, R, H, N, sx, sr, k0, seed, keep_above, scale,
                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    """h = x·m (+ r) on a [1, BLOCK] tile: m = scale where the 31-bit value of
-    tl.randint(seed, k) is > keep_above (tl.rand > float32(p)), else 0; k = k0 + i·N + j.
+    """h = x·m (+ r) on a [1, BLOCK] tile: m = scale where the 31-bit value of word k % 4 of
+    tl.randint4x(seed, k // 4) is > keep_above (tl.rand > float32(p)), else 0; k = k0 + i·N + j.
     Product and sum each rounded in fp32, then h rounded once to H's dtype."""
     i = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    u = tl.randint(seed, k0 + i * N + cols).to(tl.int32, bitcast=True)
+    k = k0 + i * N + cols
+    u0, u1, u2, u3 = tl.randint4x(seed, k >> 2)
+    w = k & 3
+    u = tl.where(w == 0, u0, tl.where(w == 1, u1, tl.where(w == 2, u2, u3)))
+    u = u.to(tl.int32, bitcast=True)
     keep = (u ^ (u >> 31)) > keep_above  # tl.rand's value: a negative u becomes -u-1 = ~u
     v = tl.load(X + i * sx + cols, mask=mask, other=0.0).to(tl.float32)
     v = v * tl.where(keep, scale, 0.0)

@@ -39,19 +39,34 @@ NK_INLINE void mulhilo(uint32_t a, NU c, NU& hi, NU& lo) {
 #endif
 }
 
-// keep[l] = all ones where element k + l (l < B·W) is kept, else 0.  The B·W counters run as
-// B·KF independent vectors, round by round, the loops unrolled so that GCC keeps the Philox
+// Philox4x32-10 of kDropGroups consecutive counters g, g+1, ... (counter (g lo, g hi, 0, 0)),
+// its 4 words the keep flags of elements 4g .. 4g+3 (tl.randint4x(seed, g)'s order): out[4q + w]
+// = all ones where word w of counter g + q gives a 31-bit value > Dropout::keep_above, else 0.
+// The G counter vectors run round by round, the loops unrolled so that GCC keeps the Philox
 // state in registers (rolled, it went through memory: 2x slower on AVX2).
-template <int B>
-NK_INLINE void keep_mask(const Dropout& d, uint64_t k, NI* keep) {
-  constexpr int G = B * KF;
+constexpr int kDropGroups = 2 * W;            // counters per call: 2·KF vectors of LF, as before
+constexpr int kDropChunk = 4 * kDropGroups;  // elements per call
+
+// The lanes of a and b interleaved, from lane L0 on: a[L0], b[L0], a[L0 + 1], b[L0 + 1], ...
+// (Lanes<LF> derives from Lanes<0, 0, 1, ..., LF - 1>: the shuffle's constant indices.)
+template <int N, int... L>
+struct Lanes : Lanes<N - 1, N - 1, L...> {};
+template <int... L>
+struct Lanes<0, L...> {};
+template <int L0, int... L>
+NK_INLINE NI zip(NI a, NI b, Lanes<0, L...>) {
+  return __builtin_shufflevector(a, b, (L % 2 ? LF : 0) + L0 + L / 2 ...);
+}
+
+NK_INLINE void keep_flags(const Dropout& d, uint64_t g, int32_t* out) {
+  constexpr int G = kDropGroups / LF;
   NU lane;
   for (int l = 0; l < LF; l++) lane[l] = uint32_t(l);
   const NU zero = lane ^ lane;
   NU c0[G], c1[G], c2[G], c3[G];
   for (int q = 0; q < G; q++) {
-    c0[q] = (zero + uint32_t(k)) + (lane + uint32_t(q * LF));
-    c1[q] = (zero + uint32_t(k >> 32)) - (NU)(c0[q] < uint32_t(k));  // + the carry of k lo + l
+    c0[q] = (zero + uint32_t(g)) + (lane + uint32_t(q * LF));
+    c1[q] = (zero + uint32_t(g >> 32)) - (NU)(c0[q] < uint32_t(g));  // + the carry of g lo + l
     c2[q] = zero;
     c3[q] = zero;
   }
@@ -71,16 +86,27 @@ NK_INLINE void keep_mask(const Dropout& d, uint64_t k, NI* keep) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
+  auto keep = [&](NU u) {
+    NI v = (NI)u;
+    return (NI)(((v ^ (v >> 31)) > d.keep_above));  // tl.rand: a negative int32 u becomes ~u
+  };
+  const Lanes<LF> lo;
   for (int q = 0; q < G; q++) {
-    NI v = (NI)c0[q];
-    v = v ^ (v >> 31);  // tl.rand: a negative int32 u becomes -u-1 = ~u
-    keep[q] = v > d.keep_above;
+    // words 0 and 2, 1 and 3 interleaved, then those two: 4 flags per counter, in word order
+    const NI w0 = keep(c0[q]), w1 = keep(c1[q]), w2 = keep(c2[q]), w3 = keep(c3[q]);
+    const NI a0 = zip<0>(w0, w2, lo), a1 = zip<LF / 2>(w0, w2, lo);
+    const NI b0 = zip<0>(w1, w3, lo), b1 = zip<LF / 2>(w1, w3, lo);
+    const NI o[4] = {zip<0>(a0, b0, lo), zip<LF / 2>(a0, b0, lo), zip<0>(a1, b1, lo),
+                     zip<LF / 2>(a1, b1, lo)};
+    std::memcpy(out + 4 * q * LF, o, sizeof o);
   }
 }
 
-// The multipliers of W elements from keep (KF vectors of keep_mask): scale where kept, else 0.
+// The multipliers of W elements from their keep flags (W int32): scale where kept, else 0.
 template <class C>
-NK_INLINE Vec<C> drop_multipliers(const Dropout& d, const NI* keep) {
+NK_INLINE Vec<C> drop_multipliers(const Dropout& d, const int32_t* flags) {
+  NI keep[KF];
+  std::memcpy(keep, flags, sizeof keep);
   if constexpr (std::is_same<C, float>::value) {
     const int32_t sb = int32_t(f32_bits(float(d.scale)));
     VF r;
@@ -96,34 +122,35 @@ NK_INLINE Vec<C> drop_multipliers(const Dropout& d, const NI* keep) {
 }
 
 // h = x·m (+ r) of one row whose first element is element k of the rows; r may be null; h may be
-// x or r (each vector is read before it is written).
+// x or r (each vector is read before it is written).  The flags come kDropChunk at a time from
+// a counter boundary (k / 4, k / 4 + kDropChunk / 4, ...): a row starting mid-counter (k % 4 =
+// s > 0) takes the last s flags of each chunk's elements from the next chunk's counters.
 template <int X>
 __attribute__((noinline)) void drop_row(const void* x, const void* r, void* h, int64_t n,
                                         const Dropout& d, uint64_t k) {
   using C = CT<X>;
-  NI keep[2 * KF];
-  auto one = [&](int64_t j, const NI* kp) {
-    Vec<C> v = vload<X, C>(x, j) * drop_multipliers<C>(d, kp);
-    if (r != nullptr) v = v + vload<X, C>(r, j);
-    vstore<X, C>(h, j, v);
-  };
-  const int64_t nv = n - n % W, n2 = n - n % (2 * W);
-  for (int64_t j = 0; j < n2; j += 2 * W) {
-    keep_mask<2>(d, k + uint64_t(j), keep);
-    one(j, keep);
-    one(j + W, keep + KF);
-  }
-  if (n2 == n) return;
-  keep_mask<2>(d, k + uint64_t(n2), keep);
-  if (nv > n2) one(n2, keep);
-  if (nv == n) return;
-  alignas(64) C mult[W];
-  vstore<(sizeof(C) == 8 ? kF64 : kF32), C>(mult, 0,
-                                             drop_multipliers<C>(d, keep + (nv > n2 ? KF : 0)));
-  for (int64_t j = nv; j < n; j++) {
-    C v = sload<X, C>(x, j) * mult[j - nv];
-    if (r != nullptr) v = v + sload<X, C>(r, j);
-    sstore<X, C>(h, j, v);
+  alignas(64) int32_t flags[2 * kDropChunk];  // this chunk's counters, then the next one's
+  const int s = int(k % 4);
+  keep_flags(d, k / 4, flags);
+  for (int64_t j0 = 0;; j0 += kDropChunk) {
+    const int64_t m = n - j0 < kDropChunk ? n - j0 : kDropChunk;
+    if (n - j0 > kDropChunk - s)  // elements of the next chunk's counters are used or follow
+      keep_flags(d, k / 4 + uint64_t(j0 + kDropChunk) / 4, flags + kDropChunk);
+    const int32_t* f = flags + s;
+    const int64_t mv = m - m % W;
+    for (int64_t j = 0; j < mv; j += W) {
+      Vec<C> v = vload<X, C>(x, j0 + j) * drop_multipliers<C>(d, f + j);
+      if (r != nullptr) v = v + vload<X, C>(r, j0 + j);
+      vstore<X, C>(h, j0 + j, v);
+    }
+    const C sc = C(d.scale), z = C(0);
+    for (int64_t j = mv; j < m; j++) {
+      C v = sload<X, C>(x, j0 + j) * (f[j] ? sc : z);
+      if (r != nullptr) v = v + sload<X, C>(r, j0 + j);
+      sstore<X, C>(h, j0 + j, v);
+    }
+    if (j0 + kDropChunk >= n) return;
+    std::memcpy(flags, flags + kDropChunk, sizeof flags / 2);
   }
 }
 
