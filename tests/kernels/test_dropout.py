@@ -134,6 +134,16 @@ def test_cpu_mask_is_the_reference_on_every_isa():
         cpu.set_isa("auto" if isa == cpu.available_isas()[0] else isa)
 
 
+def test_triton_mask_on_rows_of_several_blocks():
+    # N = 1029 > the 1024-element block, rows starting at k % 4 = 0, 1, 2, 3: the tiles of
+    # whole Philox counters, shifted by k % 4, cover each row and no more.
+    m, n, p, seed = 4, 1029, 0.5, 31
+    x, r = torch.ones(m, n), torch.randn(m, n)
+    _, h = _call("triton", False, x, None, None, r, p, seed, return_residual=True)
+    assert torch.equal(bits(h), bits(reference.dropout_add(x, r, reference.dropout_mask(
+        seed, p, m, n), p)))
+
+
 def _inputs(m, n, dtype, residual, affine=True):
     x = torch.randn(m, n).to(dtype)
     r = torch.randn(m, n).to(dtype) if residual else None
