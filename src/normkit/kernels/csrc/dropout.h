@@ -3,9 +3,10 @@
 // after simd.h), so it is compiled once per path like the row kernels.
 //
 // Element k of the (M, N) rows (k = i·N + j, the flat index) is kept iff the 31-bit value of
-// u = Philox4x32-10(key = (seed lo, seed hi), counter = (k lo, k hi, 0, 0)), first word — what
-// Triton's tl.randint(seed, k) gives for an int64 k — is > Dropout::keep_above (u as int32,
-// a negative one mapped to -u-1, as tl.rand does before scaling; reference.py: keep_above).  So
+// u = word k % 4 of Philox4x32-10(key = (seed lo, seed hi), counter = (c lo, c hi, 0, 0)),
+// c = k / 4 — what Triton's tl.randint4x(seed, c) gives for an int64 c: one Philox call per 4
+// elements — is > Dropout::keep_above (u as int32, a negative one mapped to -u-1, as tl.rand
+// does before scaling; reference.py: keep_above).  So
 // the mask depends on the seed and k only: not on the thread count, the instruction set, or
 // which rows a launch takes.  The 32-bit products are the only arithmetic: exact on every path.
 //
