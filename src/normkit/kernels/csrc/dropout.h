@@ -45,7 +45,7 @@ NK_INLINE void mulhilo(uint32_t a, NU c, NU& hi, NU& lo) {
 // = all ones where word w of counter g + q gives a 31-bit value > Dropout::keep_above, else 0.
 // The G counter vectors run round by round, the loops unrolled so that GCC keeps the Philox
 // state in registers (rolled, it went through memory: 2x slower on AVX2).
-constexpr int kDropGroups = 2 * W;            // counters per call: 2·KF vectors of LF, as before
+constexpr int kDropGroups = 2 * W;  // counters per call, 2·KF vectors (W or 4·W: 5-10% slower)
 constexpr int kDropChunk = 4 * kDropGroups;  // elements per call
 
 // The lanes of a and b interleaved, from lane L0 on: a[L0], b[L0], a[L0 + 1], b[L0 + 1], ...
@@ -103,11 +103,15 @@ NK_INLINE void keep_flags(const Dropout& d, uint64_t g, int32_t* out) {
   }
 }
 
-// The multipliers of W elements from their keep flags (W int32): scale where kept, else 0.
+typedef int32_t NIu __attribute__((vector_size(4 * LF), aligned(4)));  // flags at any offset
+
+// The multipliers of W elements from their keep flags (W int32): scale where kept, else 0.  The
+// flags are read as vectors in place (through memcpy into NI, GCC stored them to the stack in
+// 16-byte halves and reloaded 32: a stalled store forward per vector).
 template <class C>
 NK_INLINE Vec<C> drop_multipliers(const Dropout& d, const int32_t* flags) {
   NI keep[KF];
-  std::memcpy(keep, flags, sizeof keep);
+  for (int q = 0; q < KF; q++) keep[q] = *reinterpret_cast<const NIu*>(flags + q * LF);
   if constexpr (std::is_same<C, float>::value) {
     const int32_t sb = int32_t(f32_bits(float(d.scale)));
     VF r;
@@ -123,35 +127,32 @@ NK_INLINE Vec<C> drop_multipliers(const Dropout& d, const int32_t* flags) {
 }
 
 // h = x·m (+ r) of one row whose first element is element k of the rows; r may be null; h may be
-// x or r (each vector is read before it is written).  The flags come kDropChunk at a time from
-// a counter boundary (k / 4, k / 4 + kDropChunk / 4, ...): a row starting mid-counter (k % 4 =
-// s > 0) takes the last s flags of each chunk's elements from the next chunk's counters.
+// x or r (each vector is read before it is written).  The flags come kDropChunk at a time, from
+// the counter k / 4 on: the first chunk starts k % 4 elements before the row, and the next ones
+// at counter boundaries.
 template <int X>
 __attribute__((noinline)) void drop_row(const void* x, const void* r, void* h, int64_t n,
                                         const Dropout& d, uint64_t k) {
   using C = CT<X>;
-  alignas(64) int32_t flags[2 * kDropChunk];  // this chunk's counters, then the next one's
-  const int s = int(k % 4);
-  keep_flags(d, k / 4, flags);
-  for (int64_t j0 = 0;; j0 += kDropChunk) {
-    const int64_t m = n - j0 < kDropChunk ? n - j0 : kDropChunk;
-    if (n - j0 > kDropChunk - s)  // elements of the next chunk's counters are used or follow
-      keep_flags(d, k / 4 + uint64_t(j0 + kDropChunk) / 4, flags + kDropChunk);
-    const int32_t* f = flags + s;
-    const int64_t mv = m - m % W;
-    for (int64_t j = 0; j < mv; j += W) {
-      Vec<C> v = vload<X, C>(x, j0 + j) * drop_multipliers<C>(d, f + j);
-      if (r != nullptr) v = v + vload<X, C>(r, j0 + j);
-      vstore<X, C>(h, j0 + j, v);
+  alignas(64) int32_t flags[kDropChunk];
+  const C sc = C(d.scale), z = C(0);
+  int off = int(k % 4);  // of the row's first element in the chunk
+  for (int64_t j0 = 0, g = int64_t(k / 4); j0 < n; g += kDropGroups, off = 0) {
+    keep_flags(d, uint64_t(g), flags);
+    const int32_t* f = flags + off;  // f[j - j0]: element j's flag
+    const int64_t j1 = n - j0 < kDropChunk - off ? n : j0 + kDropChunk - off;
+    const int64_t jv = j1 - (j1 - j0) % W;
+    for (int64_t j = j0; j < jv; j += W) {
+      Vec<C> v = vload<X, C>(x, j) * drop_multipliers<C>(d, f + (j - j0));
+      if (r != nullptr) v = v + vload<X, C>(r, j);
+      vstore<X, C>(h, j, v);
     }
-    const C sc = C(d.scale), z = C(0);
-    for (int64_t j = mv; j < m; j++) {
-      C v = sload<X, C>(x, j0 + j) * (f[j] ? sc : z);
-      if (r != nullptr) v = v + sload<X, C>(r, j0 + j);
-      sstore<X, C>(h, j0 + j, v);
+    for (int64_t j = jv; j < j1; j++) {
+      C v = sload<X, C>(x, j) * (f[j - j0] ? sc : z);
+      if (r != nullptr) v = v + sload<X, C>(r, j);
+      sstore<X, C>(h, j, v);
     }
-    if (j0 + kDropChunk >= n) return;
-    std::memcpy(flags, flags + kDropChunk, sizeof flags / 2);
+    j0 = j1;
   }
 }
 
