@@ -5,8 +5,9 @@ given, the autograd of the fused op, and the keep-mask for ``return_dropout_mask
     h = dropout(x) + residual   (h = dropout(x) without a residual),   y = norm(h)
 
 The mask is ``reference.dropout_mask``: element k of the (M, N) rows (k = i·N + j) is kept iff
-Triton's ``tl.rand(seed, k) > float32(p)`` — a function of the seed and k alone, the same on
-every backend, thread count and instruction set.  Backward regenerates it (nothing M×N is
+word k % 4 of Triton's ``tl.randint4x(seed, k // 4)``, as ``tl.rand`` maps it to [0, 1), is >
+float32(p) — a function of the seed and k alone, the same on every backend, thread count and
+instruction set.  Backward regenerates it (nothing M×N is
 kept for it): dx = m·dh_total, d-residual = dh_total, with m = 1/(1-p) where kept, else 0.
 """
 

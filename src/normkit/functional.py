@@ -143,8 +143,9 @@ def layer_norm(
             dropout, the plain op bit for bit.  Not with ``out=`` / ``residual_out=``.
         seed: the mask's seed, an int in [0, 2**63).  None: drawn from torch's default CPU
             generator (``torch.manual_seed`` makes it reproducible).  Element k = i·N + j of the
-            (M, N) rows (the flattened leading dims, N the normalized size) is kept iff
-            Triton's ``tl.rand(seed, k) > float32(p)`` (Philox4x32-10): the mask depends on the
+            (M, N) rows (the flattened leading dims, N the normalized size) is kept iff word
+            k % 4 of Triton's ``tl.randint4x(seed, k // 4)`` (Philox4x32-10, one call per 4
+            elements), as ``tl.rand`` maps it to [0, 1), is > float32(p): the mask depends on the
             seed and k only, never on the backend, the thread count or the instruction set.
             So the first rows of a batch get the same mask as those rows alone; a row at
             another position gets another mask.  Backward regenerates it.  Not with

@@ -3,9 +3,10 @@ statistics, forward and backward on every backend against the float64 reference 
 mask, reproducibility across threads and instruction sets, batch invariance, NaN rows, p = 0 and
 p = 1, and the argument checks.
 
-The mask is Triton's ``tl.rand(seed, k) > float32(p)`` for the flat index k: the pure-torch
-Philox of the reference is checked against ``tl.randint`` / ``tl.rand`` themselves (in the
-interpreter on CPU), and the cpu and triton backends against the reference bit for bit.
+The mask takes, for the flat index k, word k % 4 of Triton's ``tl.randint4x(seed, k // 4)`` and
+``tl.rand``'s threshold > float32(p): the pure-torch Philox of the reference is checked against
+``tl.randint4x`` / ``tl.rand`` themselves (in the interpreter on CPU), and the cpu and triton
+backends against the reference bit for bit.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _call(backend, rms, x, w, b, r, p, seed, **kw):
                      dropout_p=p, seed=seed, **kw)
 
 
-def test_reference_philox_is_tl_randint_and_tl_rand():
+def test_reference_philox_is_tl_randint4x_and_tl_rand():
     import triton
     import triton.language as tl
 
@@ -43,21 +44,35 @@ def test_reference_philox_is_tl_randint_and_tl_rand():
     def draw(U, F32, seed, n, BLOCK: tl.constexpr):
         k = tl.arange(0, BLOCK).to(tl.int64) * 1000003 + 4294967000  # crosses 2^32
         m = tl.arange(0, BLOCK) < n
-        tl.store(U + tl.arange(0, BLOCK), tl.randint(seed, k).to(tl.int64), mask=m)
+        u0, u1, u2, u3 = tl.randint4x(seed, k)
+        tl.store(U + tl.arange(0, BLOCK), u0.to(tl.int64), mask=m)
+        tl.store(U + BLOCK + tl.arange(0, BLOCK), u1.to(tl.int64), mask=m)
+        tl.store(U + 2 * BLOCK + tl.arange(0, BLOCK), u2.to(tl.int64), mask=m)
+        tl.store(U + 3 * BLOCK + tl.arange(0, BLOCK), u3.to(tl.int64), mask=m)
         tl.store(F32 + tl.arange(0, BLOCK), tl.rand(seed, k), mask=m)
 
     k = torch.arange(300, dtype=torch.int64) * 1000003 + 4294967000
     for seed in (0, 12345, 2**40 + 7, 2**63 - 1):
-        u, f = torch.empty(300, dtype=torch.int64), torch.empty(300)
+        u, f = torch.zeros(4, 512, dtype=torch.int64), torch.empty(300)
         draw[(1,)](u, f, seed, 300, BLOCK=512)
         ref = reference.philox(seed, k)
-        assert torch.equal(u & 0xFFFFFFFF, ref)
-        v31 = reference._rand31(ref)
-        assert torch.equal(reference._uniform(v31), f)
+        for w in range(4):
+            assert torch.equal(u[w, :300] & 0xFFFFFFFF, ref[w])
+        v31 = reference._rand31(ref[0])
+        assert torch.equal(reference._uniform(v31), f)  # tl.rand: word 0's value, scaled
         # the integer threshold is tl.rand > float32(p)
         for p in (1e-9, 0.1, 0.5, 0.9, 1 - 1e-8, float(f[7]), 1.0):
             assert torch.equal(v31 > reference.keep_above(p),
                                f > torch.tensor(p, dtype=torch.float32))
+
+
+def test_mask_takes_word_k_mod_4_of_counter_k_div_4():
+    # Spelled out for 4 elements straddling two rows of N = 3 (k = 2..5 → counters 0 and 1).
+    seed, p = 77, 0.5
+    words = [reference.philox(seed, torch.tensor([c]))[w].item() for c in (0, 1) for w in range(4)]
+    v31 = reference._rand31(torch.tensor(words[2:6]))
+    assert torch.equal(reference.dropout_mask(seed, p, 2, 3).flatten()[2:6],
+                       v31 > reference.keep_above(p))
 
 
 def test_keep_above_is_the_exact_boundary():
@@ -92,12 +107,41 @@ def test_cpu_mask_past_two_to_the_32(dtype):
     # word, as tl.randint's int64 offsets do: the kernel from an offset just below 2^32.
     from normkit.kernels import cpu
 
-    k0, n, p, seed = 2**32 - 21, 77, 0.5, 9
+    k0, n, p, seed = 2**32 - 21, 301, 0.5, 9  # k0 % 4 = 3: the row starts mid-counter
     spec = (seed, reference.keep_above(p), 2.0)
     out = cpu._cpu.dropout_apply(torch.ones(n, dtype=dtype), None, k0, spec)
     k = torch.arange(k0, k0 + n, dtype=torch.int64)
-    assert torch.equal(out != 0, reference._rand31(reference.philox(seed, k))
+    assert torch.equal(out != 0, reference._rand31(reference.dropout_words(seed, k))
                        > reference.keep_above(p))
+
+
+def test_cpu_mask_is_the_reference_on_every_isa():
+    # Rows of N = 299 start at every k % 4 and span several of the kernel's 128-element chunks
+    # of Philox counters; each instruction set draws the reference's mask.
+    from normkit.kernels import cpu
+
+    m, n, p, seed = 5, 299, 0.3, 2**40 + 3
+    want = reference.dropout_mask(seed, p, m, n)
+    isa = cpu.isa()
+    try:
+        for isa_name in cpu.available_isas():
+            cpu.set_isa(isa_name)
+            # h = 1·m, drawn row by row in the forward; the mask, by one flat pass
+            _, h, keep = _call("cpu", True, torch.ones(m, n, dtype=torch.bfloat16), None, None,
+                               None, p, seed, return_residual=True, return_dropout_mask=True)
+            assert torch.equal(h != 0, want) and torch.equal(keep, want), isa_name
+    finally:
+        cpu.set_isa("auto" if isa == cpu.available_isas()[0] else isa)
+
+
+def test_triton_mask_on_rows_of_several_blocks():
+    # N = 1029 > the 1024-element block, rows starting at k % 4 = 0, 1, 2, 3: the tiles of
+    # whole Philox counters, shifted by k % 4, cover each row and no more.
+    m, n, p, seed = 4, 1029, 0.5, 31
+    x, r = torch.ones(m, n), torch.randn(m, n)
+    _, h = _call("triton", False, x, None, None, r, p, seed, return_residual=True)
+    assert torch.equal(bits(h), bits(reference.dropout_add(x, r, reference.dropout_mask(
+        seed, p, m, n), p)))
 
 
 def _inputs(m, n, dtype, residual, affine=True):

@@ -363,13 +363,14 @@ def quantize(y: torch.Tensor, q_dtype: torch.dtype, scale: torch.Tensor | None =
 # Dropout before the residual add (``dropout_p=``): the mask every backend draws
 # ----------------------------------------------------------------------------------------------
 #
-# Element k of the (M, N) rows (flat index k = i·N + j) is kept iff
-#     tl.rand(seed, k) > float32(p)
-# i.e. u = Philox4x32-10 with key (seed mod 2^32, seed >> 32) and counter (k mod 2^32, k >> 32,
-# 0, 0), first output word — Triton's ``tl.randint(seed, k)`` for an int64 k — turned into a
-# float32 in [0, 1) as ``tl.rand`` does: u as int32, negatives to -u-1, times 4.6566127342e-10.
-# That float is monotone in the 31-bit value, so the test is one integer comparison against
-# ``keep_above(p)``.  Kept elements are scaled by 1/(1-p) (the compute type), as torch's dropout.
+# Element k of the (M, N) rows (flat index k = i·N + j) is kept iff tl.rand's float32 of u is
+# > float32(p), u being word k mod 4 of Triton's ``tl.randint4x(seed, k // 4)``: Philox4x32-10
+# with key (seed mod 2^32, seed >> 32) and counter (c mod 2^32, c >> 32, 0, 0), c = k >> 2 — one
+# Philox call for 4 consecutive elements (a group may straddle two rows: k is the flat index).
+# tl.rand takes u as int32, maps a negative one to -u-1 and scales that 31-bit value by
+# 4.6566127342e-10; the float is monotone in the value, so the test is one integer comparison
+# against ``keep_above(p)``.  Kept elements are scaled by 1/(1-p) (the compute type), as torch's
+# dropout.
 
 _PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
@@ -387,10 +388,10 @@ def _mulhilo(a: int, b: torch.Tensor):
     return hi, lo
 
 
-def philox(seed: int, offset: torch.Tensor) -> torch.Tensor:
-    """Triton's ``tl.randint(seed, offset)`` for an int64 ``offset`` tensor (the same bits): the
-    first word of Philox4x32-10 with key (seed lo, seed hi) and counter (offset lo, offset hi, 0,
-    0), as int64 tensors holding uint32 values."""
+def philox(seed: int, offset: torch.Tensor):
+    """Triton's ``tl.randint4x(seed, offset)`` for an int64 ``offset`` tensor (the same bits, in
+    its order): the 4 words of Philox4x32-10 with key (seed lo, seed hi) and counter (offset lo,
+    offset hi, 0, 0), as int64 tensors holding uint32 values."""
     k0, k1 = seed & _U32, (seed >> 32) & _U32
     c0, c1 = offset & _U32, (offset >> 32) & _U32
     c2 = c3 = torch.zeros_like(c0)
@@ -399,7 +400,14 @@ def philox(seed: int, offset: torch.Tensor) -> torch.Tensor:
         hi_a, lo_a = _mulhilo(_PHILOX_ROUND[0], c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY[0]) & _U32, (k1 + _PHILOX_KEY[1]) & _U32
-    return c0
+    return c0, c1, c2, c3
+
+
+def dropout_words(seed: int, k: torch.Tensor) -> torch.Tensor:
+    """The 32-bit word of each flat index k (int64 tensor): word k mod 4 of
+    ``philox(seed, k >> 2)``."""
+    words = torch.stack(philox(seed, k >> 2), dim=-1)
+    return words.gather(-1, (k & 3).unsqueeze(-1)).squeeze(-1)
 
 
 def _rand31(u: torch.Tensor) -> torch.Tensor:
@@ -439,7 +447,7 @@ def keep_above(p: float) -> int:
 def dropout_mask(seed: int, p: float, m: int, n: int, device=None) -> torch.Tensor:
     """The (M, N) bool keep-mask of ``dropout_p=p``, ``seed=seed`` (see above)."""
     k = torch.arange(m * n, dtype=torch.int64, device=device).reshape(m, n)
-    return _rand31(philox(seed, k)) > keep_above(p)
+    return _rand31(dropout_words(seed, k)) > keep_above(p)
 
 
 def dropout_scale(p: float, dtype: torch.dtype) -> torch.Tensor:

@@ -810,13 +810,19 @@ def forward_quant(x, weight, bias, residual, eps, rms, zero_centered, q_dtype, s
 @triton.jit(do_not_specialize=["seed", "k0", "keep_above"])
 def _dropout_kernel(X, R, H, N, sx, sr, k0, seed, keep_above, scale,
                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    """h = x·m (+ r) on a [1, BLOCK] tile: m = scale where the 31-bit value of
-    tl.randint(seed, k) is > keep_above (tl.rand > float32(p)), else 0; k = k0 + i·N + j.
+    """h = x·m (+ r) on a [1, BLOCK] tile: m = scale where the 31-bit value of word k % 4 of
+    tl.randint4x(seed, k // 4) is > keep_above (tl.rand > float32(p)), else 0; k = k0 + i·N + j.
+    The tile is BLOCK // 4 whole counters, from the one holding the row's first element on (so
+    it starts k % 4 columns before the row): each counter's 4 words are its 4 elements.
     Product and sum each rounded in fp32, then h rounded once to H's dtype."""
     i = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    u = tl.randint(seed, k0 + i * N + cols).to(tl.int32, bitcast=True)
+    base = k0 + i * N  # the row's first element
+    g = (base >> 2) + tl.program_id(1).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    u0, u1, u2, u3 = tl.randint4x(seed, g)
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])  # u0 u1 u2 u3 per counter
+    u = u.to(tl.int32, bitcast=True)
+    cols = 4 * (base >> 2) + tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK) - base
+    mask = (cols >= 0) & (cols < N)
     keep = (u ^ (u >> 31)) > keep_above  # tl.rand's value: a negative u becomes -u-1 = ~u
     v = tl.load(X + i * sx + cols, mask=mask, other=0.0).to(tl.float32)
     v = v * tl.where(keep, scale, 0.0)
@@ -832,12 +838,12 @@ def _dropout_launch(x, residual, out, k0, dropout):
     if m == 0 or n == 0:
         return out
     seed, keep_above, scale = dropout
-    block = min(triton.next_power_of_2(n), 1024)
+    block = min(max(triton.next_power_of_2(n), 4), 1024)  # whole counters: 4 elements each
     r = x if residual is None else residual
     # No fused multiply-add on the GPU either: h = round(round(x·m) + r), as the CPU and the
     # reference compute it (the interpreter never fuses).
     launch = {} if INTERPRET else {"enable_fp_fusion": False}
-    _dropout_kernel[(m, triton.cdiv(n, block))](
+    _dropout_kernel[(m, triton.cdiv(n + 3, block))](  # + 3: a row may start mid-counter
         x, r, out, n, x.stride(0), r.stride(0), k0, seed, keep_above, float(scale),
         HAS_RES=residual is not None, BLOCK=block, **launch)
     return out

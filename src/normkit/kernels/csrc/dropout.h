@@ -3,9 +3,10 @@
 // after simd.h), so it is compiled once per path like the row kernels.
 //
 // Element k of the (M, N) rows (k = i·N + j, the flat index) is kept iff the 31-bit value of
-// u = Philox4x32-10(key = (seed lo, seed hi), counter = (k lo, k hi, 0, 0)), first word — what
-// Triton's tl.randint(seed, k) gives for an int64 k — is > Dropout::keep_above (u as int32,
-// a negative one mapped to -u-1, as tl.rand does before scaling; reference.py: keep_above).  So
+// u = word k % 4 of Philox4x32-10(key = (seed lo, seed hi), counter = (c lo, c hi, 0, 0)),
+// c = k / 4 — what Triton's tl.randint4x(seed, c) gives for an int64 c: one Philox call per 4
+// elements — is > Dropout::keep_above (u as int32, a negative one mapped to -u-1, as tl.rand
+// does before scaling; reference.py: keep_above).  So
 // the mask depends on the seed and k only: not on the thread count, the instruction set, or
 // which rows a launch takes.  The 32-bit products are the only arithmetic: exact on every path.
 //
@@ -39,19 +40,34 @@ NK_INLINE void mulhilo(uint32_t a, NU c, NU& hi, NU& lo) {
 #endif
 }
 
-// keep[l] = all ones where element k + l (l < B·W) is kept, else 0.  The B·W counters run as
-// B·KF independent vectors, round by round, the loops unrolled so that GCC keeps the Philox
+// Philox4x32-10 of kDropGroups consecutive counters g, g+1, ... (counter (g lo, g hi, 0, 0)),
+// its 4 words the keep flags of elements 4g .. 4g+3 (tl.randint4x(seed, g)'s order): out[4q + w]
+// = all ones where word w of counter g + q gives a 31-bit value > Dropout::keep_above, else 0.
+// The G counter vectors run round by round, the loops unrolled so that GCC keeps the Philox
 // state in registers (rolled, it went through memory: 2x slower on AVX2).
-template <int B>
-NK_INLINE void keep_mask(const Dropout& d, uint64_t k, NI* keep) {
-  constexpr int G = B * KF;
+constexpr int kDropGroups = 2 * W;  // counters per call, 2·KF vectors (W or 4·W: 5-10% slower)
+constexpr int kDropChunk = 4 * kDropGroups;  // elements per call
+
+// The lanes of a and b interleaved, from lane L0 on: a[L0], b[L0], a[L0 + 1], b[L0 + 1], ...
+// (Lanes<LF> derives from Lanes<0, 0, 1, ..., LF - 1>: the shuffle's constant indices.)
+template <int N, int... L>
+struct Lanes : Lanes<N - 1, N - 1, L...> {};
+template <int... L>
+struct Lanes<0, L...> {};
+template <int L0, int... L>
+NK_INLINE NI zip(NI a, NI b, Lanes<0, L...>) {
+  return __builtin_shufflevector(a, b, (L % 2 ? LF : 0) + L0 + L / 2 ...);
+}
+
+NK_INLINE void keep_flags(const Dropout& d, uint64_t g, int32_t* out) {
+  constexpr int G = kDropGroups / LF;
   NU lane;
   for (int l = 0; l < LF; l++) lane[l] = uint32_t(l);
   const NU zero = lane ^ lane;
   NU c0[G], c1[G], c2[G], c3[G];
   for (int q = 0; q < G; q++) {
-    c0[q] = (zero + uint32_t(k)) + (lane + uint32_t(q * LF));
-    c1[q] = (zero + uint32_t(k >> 32)) - (NU)(c0[q] < uint32_t(k));  // + the carry of k lo + l
+    c0[q] = (zero + uint32_t(g)) + (lane + uint32_t(q * LF));
+    c1[q] = (zero + uint32_t(g >> 32)) - (NU)(c0[q] < uint32_t(g));  // + the carry of g lo + l
     c2[q] = zero;
     c3[q] = zero;
   }
@@ -71,16 +87,31 @@ NK_INLINE void keep_mask(const Dropout& d, uint64_t k, NI* keep) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
+  auto keep = [&](NU u) {
+    NI v = (NI)u;
+    return (NI)(((v ^ (v >> 31)) > d.keep_above));  // tl.rand: a negative int32 u becomes ~u
+  };
+  const Lanes<LF> lo;
   for (int q = 0; q < G; q++) {
-    NI v = (NI)c0[q];
-    v = v ^ (v >> 31);  // tl.rand: a negative int32 u becomes -u-1 = ~u
-    keep[q] = v > d.keep_above;
+    // words 0 and 2, 1 and 3 interleaved, then those two: 4 flags per counter, in word order
+    const NI w0 = keep(c0[q]), w1 = keep(c1[q]), w2 = keep(c2[q]), w3 = keep(c3[q]);
+    const NI a0 = zip<0>(w0, w2, lo), a1 = zip<LF / 2>(w0, w2, lo);
+    const NI b0 = zip<0>(w1, w3, lo), b1 = zip<LF / 2>(w1, w3, lo);
+    const NI o[4] = {zip<0>(a0, b0, lo), zip<LF / 2>(a0, b0, lo), zip<0>(a1, b1, lo),
+                     zip<LF / 2>(a1, b1, lo)};
+    std::memcpy(out + 4 * q * LF, o, sizeof o);
   }
 }
 
-// The multipliers of W elements from keep (KF vectors of keep_mask): scale where kept, else 0.
+typedef int32_t NIu __attribute__((vector_size(4 * LF), aligned(4)));  // flags at any offset
+
+// The multipliers of W elements from their keep flags (W int32): scale where kept, else 0.  The
+// flags are read as vectors in place (through memcpy into NI, GCC stored them to the stack in
+// 16-byte halves and reloaded 32: a stalled store forward per vector).
 template <class C>
-NK_INLINE Vec<C> drop_multipliers(const Dropout& d, const NI* keep) {
+NK_INLINE Vec<C> drop_multipliers(const Dropout& d, const int32_t* flags) {
+  NI keep[KF];
+  for (int q = 0; q < KF; q++) keep[q] = *reinterpret_cast<const NIu*>(flags + q * LF);
   if constexpr (std::is_same<C, float>::value) {
     const int32_t sb = int32_t(f32_bits(float(d.scale)));
     VF r;
@@ -96,34 +127,32 @@ NK_INLINE Vec<C> drop_multipliers(const Dropout& d, const NI* keep) {
 }
 
 // h = x·m (+ r) of one row whose first element is element k of the rows; r may be null; h may be
-// x or r (each vector is read before it is written).
+// x or r (each vector is read before it is written).  The flags come kDropChunk at a time, from
+// the counter k / 4 on: the first chunk starts k % 4 elements before the row, and the next ones
+// at counter boundaries.
 template <int X>
 __attribute__((noinline)) void drop_row(const void* x, const void* r, void* h, int64_t n,
                                         const Dropout& d, uint64_t k) {
   using C = CT<X>;
-  NI keep[2 * KF];
-  auto one = [&](int64_t j, const NI* kp) {
-    Vec<C> v = vload<X, C>(x, j) * drop_multipliers<C>(d, kp);
-    if (r != nullptr) v = v + vload<X, C>(r, j);
-    vstore<X, C>(h, j, v);
-  };
-  const int64_t nv = n - n % W, n2 = n - n % (2 * W);
-  for (int64_t j = 0; j < n2; j += 2 * W) {
-    keep_mask<2>(d, k + uint64_t(j), keep);
-    one(j, keep);
-    one(j + W, keep + KF);
-  }
-  if (n2 == n) return;
-  keep_mask<2>(d, k + uint64_t(n2), keep);
-  if (nv > n2) one(n2, keep);
-  if (nv == n) return;
-  alignas(64) C mult[W];
-  vstore<(sizeof(C) == 8 ? kF64 : kF32), C>(mult, 0,
-                                             drop_multipliers<C>(d, keep + (nv > n2 ? KF : 0)));
-  for (int64_t j = nv; j < n; j++) {
-    C v = sload<X, C>(x, j) * mult[j - nv];
-    if (r != nullptr) v = v + sload<X, C>(r, j);
-    sstore<X, C>(h, j, v);
+  alignas(64) int32_t flags[kDropChunk];
+  const C sc = C(d.scale), z = C(0);
+  int off = int(k % 4);  // of the row's first element in the chunk
+  for (int64_t j0 = 0, g = int64_t(k / 4); j0 < n; g += kDropGroups, off = 0) {
+    keep_flags(d, uint64_t(g), flags);
+    const int32_t* f = flags + off;  // f[j - j0]: element j's flag
+    const int64_t j1 = n - j0 < kDropChunk - off ? n : j0 + kDropChunk - off;
+    const int64_t jv = j1 - (j1 - j0) % W;
+    for (int64_t j = j0; j < jv; j += W) {
+      Vec<C> v = vload<X, C>(x, j) * drop_multipliers<C>(d, f + (j - j0));
+      if (r != nullptr) v = v + vload<X, C>(r, j);
+      vstore<X, C>(h, j, v);
+    }
+    for (int64_t j = jv; j < j1; j++) {
+      C v = sload<X, C>(x, j) * (f[j - j0] ? sc : z);
+      if (r != nullptr) v = v + sload<X, C>(r, j);
+      sstore<X, C>(h, j, v);
+    }
+    j0 = j1;
   }
 }
 
