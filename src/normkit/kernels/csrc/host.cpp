@@ -95,6 +95,36 @@ int64_t stream_flag(int64_t elements, at::ScalarType dtype) {
   return elements * int64_t(c10::elementSize(dtype)) >= stream_min_bytes() ? kStream : 0;
 }
 
+// The fields of a forward launch that every output kind shares: x's rows, the residual and h,
+// the output rows y (a float kind, or quantized bytes), γ and β as compute-type rows, the
+// statistics.  The caller adds what is its own (streamed stores, dropout, a quantized scale).
+FwdArgs fwd_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                 const at::Tensor& r, const at::Tensor& h, void* y, const at::Tensor& stats,
+                 double eps, bool rms, bool zc, int nk) {
+  const int64_t n = x.size(1);
+  const bool f64 = kind_of(x.scalar_type()) == kFloat64;
+  FwdArgs a{};
+  a.n = n;
+  a.rms = rms;
+  a.eps = eps;
+  a.nk = nk;
+  a.flags = (w.defined() ? kW : 0) | (b.defined() ? kB : 0) | (nk >= 0 ? kRound : 0) |
+            (stats.defined() ? kStats : 0);
+  a.x = x.data_ptr();
+  a.xrs = x.stride(0);
+  if (r.defined()) {
+    a.flags |= kRes;
+    a.r = r.data_ptr();
+    a.rrs = r.stride(0);
+    a.h = h.data_ptr();
+  }
+  a.y = y;
+  a.g = param_row(w, zc, f64, n, kScratchGamma, true);
+  a.b = param_row(b, false, f64, n, kScratchBeta, false);
+  a.stats = ptr(stats);
+  return a;
+}
+
 // Forward of the (M, N) rows of x (unit stride within a row) into y (and h): see FwdArgs.
 // w/b: in a dtype the kernels widen exactly (or the compute type).  nk: the storage kind x̂ is
 // rounded to ("llama"/"t5"), or -1.
@@ -104,32 +134,13 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                     const Dropout* drop = nullptr) {
   const int64_t m = x.size(0), n = x.size(1);
   const int xk = kind_of(x.scalar_type()), yk = kind_of(y.scalar_type());
-  const bool f64 = xk == kFloat64;
-  FwdArgs a{};
-  a.n = n;
-  a.rms = rms;
-  a.eps = eps;
-  a.nk = nk;
-  a.flags = (w.defined() ? kW : 0) | (b.defined() ? kB : 0) | (nk >= 0 ? kRound : 0) |
-            (stats.defined() ? kStats : 0);
+  FwdArgs a = fwd_args(x, w, b, r, h, y.data_ptr(), stats, eps, rms, zc, nk);
   if (y.data_ptr() != x.data_ptr()) a.flags |= stream_flag(m * n, y.scalar_type());
-  a.x = x.data_ptr();
-  a.xrs = x.stride(0);
-  if (r.defined()) {
-    a.flags |= kRes;
-    a.r = r.data_ptr();
-    a.rrs = r.stride(0);
-    a.h = h.data_ptr();
-  }
   if (drop != nullptr) {  // h = dropout(x) (+ r): written with or without a residual
     a.flags |= kDrop;
     a.drop = *drop;
     a.h = h.data_ptr();
   }
-  a.y = y.data_ptr();
-  a.g = param_row(w, zc, f64, n, kScratchGamma, true);
-  a.b = param_row(b, false, f64, n, kScratchBeta, false);
-  a.stats = ptr(stats);
   int variant = nk >= 0 ? (rms ? kRmsRound : kLnRound)
                         : (rms ? kRmsMul : (b.defined() ? kLnFma : kLnMul));
   FwdFn fn = kernels()->fwd[xk][yk][variant];
@@ -561,24 +572,7 @@ py::tuple forward_quant(const at::Tensor& x, const Opt& wo, const Opt& bo, const
   {
     py::gil_scoped_release nogil;
     QuantArgs qa{};
-    FwdArgs& a = qa.f;
-    a.n = n;
-    a.rms = rms;
-    a.eps = eps;
-    a.nk = -1;
-    a.flags = (w.defined() ? kW : 0) | (b.defined() ? kB : 0) | (need_stats ? kStats : 0);
-    a.x = x.data_ptr();
-    a.xrs = x.stride(0);
-    if (r.defined()) {
-      a.flags |= kRes;
-      a.r = r.data_ptr();
-      a.rrs = r.stride(0);
-      a.h = h.data_ptr();
-    }
-    a.y = q.data_ptr();
-    a.g = param_row(w, zc, false, n, kScratchGamma, true);
-    a.b = param_row(b, false, false, n, kScratchBeta, false);
-    a.stats = ptr(stats);
+    qa.f = fwd_args(x, w, b, r, h, q.data_ptr(), stats, eps, rms, zc, -1);
     qa.scales = scales.data_ptr<float>();
     qa.scale = float(scale);
     const int variant = rms ? kRmsMul : (b.defined() ? kLnFma : kLnMul);
