@@ -289,6 +289,17 @@ def _rows(t, m, n, flat):
     return t2
 
 
+def _flatten(x, weight, bias, residual, ns, n):
+    """(flat, M, x rows, residual rows, γ, β as 1-D): the (M, N) views every path hands the
+    kernels (flat: x was already (M, N), so the outputs need no reshape back)."""
+    flat = x.dim() == 2 and len(ns) == 1
+    m = x.shape[0] if flat else (x.numel() // n if n else 0)
+    return (flat, m, _rows(x, m, n, flat),
+            None if residual is None else _rows(residual, m, n, flat),
+            weight if weight is None or weight.dim() == 1 else weight.reshape(n),
+            bias if bias is None or bias.dim() == 1 else bias.reshape(n))
+
+
 def _autocast(x, weight, bias, residual):
     """The tensors as the op computes them: torch's autocast runs layer_norm / rms_norm in
     float32 on accelerators (CPU: no policy)."""
@@ -321,12 +332,7 @@ def _norm(x, normalized_shape, weight, bias, residual, opts: NormOptions, return
             h = residual_out.copy_(h)
         return (y, x if h is None else h) if return_residual else y
     # Flatten to rows here, never inside the autograd.Function (STYLE habit 2).
-    flat = x.dim() == 2 and len(ns) == 1
-    m = x.shape[0] if flat else (x.numel() // n if n else 0)
-    x2 = _rows(x, m, n, flat)
-    r2 = None if residual is None else _rows(residual, m, n, flat)
-    w = weight if weight is None or weight.dim() == 1 else weight.reshape(n)
-    b = bias if bias is None or bias.dim() == 1 else bias.reshape(n)
+    flat, m, x2, r2, w, b = _flatten(x, weight, bias, residual, ns, n)
 
     if torch.compiler.is_compiling():
         y, h = _compiled_path(x2, w, b, r2, opts, lean)
@@ -396,12 +402,7 @@ def _norm_quant(x, normalized_shape, weight, bias, residual, opts: NormOptions, 
         _check_residual_out(residual_out, x, weight, bias, residual)
         _check_writes(x, weight, bias, residual, None, residual_out)
     eps, rms, zc, casting, _ = opts
-    flat = x.dim() == 2 and len(ns) == 1
-    m = x.shape[0] if flat else (x.numel() // n if n else 0)
-    x2 = _rows(x, m, n, flat)
-    r2 = None if residual is None else _rows(residual, m, n, flat)
-    w = weight if weight is None or weight.dim() == 1 else weight.reshape(n)
-    b = bias if bias is None or bias.dim() == 1 else bias.reshape(n)
+    flat, m, x2, r2, w, b = _flatten(x, weight, bias, residual, ns, n)
     kern = _select(x2, w, b, casting, None) if m and n else None
     if kern is not None and not kern.supports_quant(x2):
         if get_backend() != "auto":
@@ -471,12 +472,7 @@ def _dropout_norm(x, normalized_shape, weight, bias, residual, opts: NormOptions
         seed = _dropout._draw_seed()
     ns, n, opts = _validate(x, normalized_shape, weight, bias, residual, opts)
     x, weight, bias, residual = _autocast(x, weight, bias, residual)
-    flat = x.dim() == 2 and len(ns) == 1
-    m = x.shape[0] if flat else (x.numel() // n if n else 0)
-    x2 = _rows(x, m, n, flat)
-    r2 = None if residual is None else _rows(residual, m, n, flat)
-    w = weight if weight is None or weight.dim() == 1 else weight.reshape(n)
-    b = bias if bias is None or bias.dim() == 1 else bias.reshape(n)
+    flat, m, x2, r2, w, b = _flatten(x, weight, bias, residual, ns, n)
     eps, rms, zc, casting, out_dtype = opts
     kern = None
     if m and n and not torch.compiler.is_compiling() and _tracing_state() is None:
