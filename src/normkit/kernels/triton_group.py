@@ -39,6 +39,18 @@ def _tile(X, base, c0, s0, CG, S, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.con
 
 
 @triton.jit
+def _channels(W, row, c0, G, CG, HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channels c0 .. c0 + BLOCK_C of the row's group: their indices, which of them exist, and
+    their γ (1 without γ; 0 past the group's end, where nothing is stored)."""
+    ch = (row % G) * CG + c0 + tl.arange(0, BLOCK_C)
+    cm = c0 + tl.arange(0, BLOCK_C) < CG
+    w = tl.where(cm, 1.0, 0.0)
+    if HAS_W:
+        w = tl.load(W + ch, mask=cm, other=0.0)
+    return ch, cm, w
+
+
+@triton.jit
 def _gn_fwd_kernel(X, Y, W, B, STATS, S, G, CG, eps, sb, sc, ss,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -73,12 +85,8 @@ def _gn_fwd_kernel(X, Y, W, B, STATS, S, G, CG, eps, sb, sc, ss,
     tl.store(STATS + row * 3 + 1, mean)
     tl.store(STATS + row * 3 + 2, rstd)
     for c0 in range(0, CG, BLOCK_C):
-        ch = (row % G) * CG + c0 + tl.arange(0, BLOCK_C)
-        cm = c0 + tl.arange(0, BLOCK_C) < CG
-        w = tl.full((BLOCK_C,), 1.0, tl.float32)
+        ch, cm, w = _channels(W, row, c0, G, CG, HAS_W, BLOCK_C)
         bb = tl.zeros((BLOCK_C,), tl.float32)
-        if HAS_W:
-            w = tl.load(W + ch, mask=cm, other=1.0)
         if HAS_B:
             bb = tl.load(B + ch, mask=cm, other=0.0)
         for s0 in range(0, S, BLOCK_S):
@@ -101,11 +109,7 @@ def _gn_bwd_kernel(X, DY, DX, W, STATS, SUMS, C, S, G, CG, sb, sc, ss, NB,
     c1 = m1 * 0.0
     c2 = m1 * 0.0
     for c0 in range(0, CG, BLOCK_C):
-        ch = (row % G) * CG + c0 + tl.arange(0, BLOCK_C)
-        cm = c0 + tl.arange(0, BLOCK_C) < CG
-        w = tl.where(cm, 1.0, 0.0)
-        if HAS_W:
-            w = tl.load(W + ch, mask=cm, other=0.0)
+        ch, cm, w = _channels(W, row, c0, G, CG, HAS_W, BLOCK_C)
         sdy = tl.zeros((BLOCK_C,), tl.float32)
         sdx = tl.zeros((BLOCK_C,), tl.float32)
         for s0 in range(0, S, BLOCK_S):
@@ -123,11 +127,7 @@ def _gn_bwd_kernel(X, DY, DX, W, STATS, SUMS, C, S, G, CG, sb, sc, ss, NB,
     nc1 = -(c1 / nf)
     nc2 = -(c2 / nf)
     for c0 in range(0, CG, BLOCK_C):
-        ch = (row % G) * CG + c0 + tl.arange(0, BLOCK_C)
-        cm = c0 + tl.arange(0, BLOCK_C) < CG
-        w = tl.where(cm, 1.0, 0.0)
-        if HAS_W:
-            w = tl.load(W + ch, mask=cm, other=0.0)
+        ch, cm, w = _channels(W, row, c0, G, CG, HAS_W, BLOCK_C)
         for s0 in range(0, S, BLOCK_S):
             offs, mask, cs = _tile(X, base, c0, s0, CG, S, sc, ss, BLOCK_C, BLOCK_S)
             v = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
