@@ -87,11 +87,12 @@ def _zero_dy(v, weight, opts: NormOptions):
 
 
 def _kernel_backward(kern, v, weight, bias, stats, dy, dh, opts: NormOptions, need_dw,
-                     lean=False):
-    """v: the normalized input, or with ``lean`` the output y (x̂ recomputed from y and β)."""
+                     lean=False, dropout=None):
+    """v: the normalized input, or with ``lean`` the output y (x̂ recomputed from y and β).
+    dropout: a fused dropout's spec; then a fourth result, m·dx (the backends' ``backward``)."""
     dy = dy.contiguous()
     if dh is not None:
         dh = dh.contiguous()
     return kern.backward(dy, dh, v.contiguous(), weight, bias is not None, stats, opts.rms,
                          opts.zero_centered, opts.casting, need_dw,
-                         bias if lean else None, lean)
+                         bias if lean else None, lean, dropout)

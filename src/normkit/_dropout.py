@@ -91,14 +91,14 @@ class _DropoutNormFunction(torch.autograd.Function):
         else:
             if dy is None:  # only h was used
                 dy = _zero_dy(h, weight, opts)
-            dht, dw, db = _kernel_backward(ctx.kern, h, weight, bias, stats, dy, dh, opts,
-                                           need[1] or need[2])
+            # dx = m·dht comes from the same pass over the rows as dht
+            grads = _kernel_backward(ctx.kern, h, weight, bias, stats, dy, dh, opts,
+                                     need[1] or need[2], False, ctx.spec if need[0] else None)
+            dht, dw, db = grads[:3]
+            dx = grads[3] if need[0] else None
             if dw is not None and dw.dtype != weight.dtype:
                 dw = dw.to(weight.dtype)
             if db is not None and db.dtype != bias.dtype:
                 db = db.to(bias.dtype)
-            # in place when the residual wants no gradient (dht is then this op's own buffer)
-            dx = (ctx.kern.dropout_apply(dht, ctx.spec, None if need[3] else dht)
-                  if need[0] else None)
         return (dx, dw if need[1] else None, db if need[2] else None,
                 dht if need[3] else None, None, None, None, None, None)

@@ -222,6 +222,72 @@ def test_dx_is_mask_times_dresidual():
     assert torch.equal(x.grad, torch.where(keep, r.grad * s, torch.zeros(())))
 
 
+# (dtype, M, N): the backward's paths — short rows in groups (f32 N ≤ 512; 16-bit N ≤ 256 on
+# AVX2), rows one by one (16-bit: dy and x̂ kept), a tail of N % 16 elements, N = 1, M = 1
+_BWD_PATHS = [(torch.float32, 40, 24), (torch.float32, 7, 1), (torch.float32, 3, 1001),
+              (torch.bfloat16, 40, 24), (torch.bfloat16, 5, 777), (torch.float16, 1, 300),
+              (torch.float64, 6, 45)]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("dtype,m,n", _BWD_PATHS)
+def test_fused_backward_dx_is_the_mask_applied_to_the_residual_gradient(dtype, m, n, streamed):
+    """The cpu backward writes dx = m·dh_total in the pass that writes dh_total (the residual's
+    gradient): bit for bit what ``dropout_apply`` gives from the stored dh_total, on every
+    instruction set and thread count, with and without dγ/dβ and streamed stores."""
+    from helpers import stream_from
+
+    from normkit.kernels import cpu
+
+    torch.manual_seed(7)
+    x, w, b, r = _inputs(m, n, dtype, True)
+    dy = torch.randn(m, n).to(dtype)
+    spec = normkit._dropout._spec(0.3, 12)
+    threads, isa = torch.get_num_threads(), cpu.isa()
+    try:
+        with parallel_from(64), stream_from(0 if streamed else 1 << 62):
+            for isa_name in cpu.available_isas():
+                cpu.set_isa(isa_name)
+                for t, want_w in ((1, True), (2, False)):
+                    torch.set_num_threads(t)
+                    xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
+                    wg = w.clone().requires_grad_(want_w)
+                    y = _call("cpu", False, xg, wg, b, rg, 0.3, 12)
+                    y.backward(dy)
+                    assert torch.equal(bits(xg.grad), bits(cpu.dropout_apply(rg.grad, spec))), \
+                        (isa_name, t)
+                    assert (xg.grad == 0).any() and (xg.grad != 0).any()
+    finally:
+        torch.set_num_threads(threads)
+        cpu.set_isa("auto" if isa == cpu.available_isas()[0] else isa)
+
+
+@pytest.mark.parametrize("looped", [False, True])
+@pytest.mark.parametrize("dtype,m,n", [(torch.float32, 3, 37), (torch.bfloat16, 4, 70),
+                                       (torch.float16, 1, 9)])
+def test_triton_fused_backward_dx_is_the_mask_applied_to_the_residual_gradient(
+        dtype, m, n, looped, monkeypatch):
+    """Triton's backward stores m·dx in dx's pass (rows in registers, and rows in chunks): the
+    bits of the cpu backend's dx, and of dropout_apply from the stored residual gradient."""
+    from normkit.kernels import triton as tk
+
+    if looped:
+        monkeypatch.setattr(tk, "_MAX_BLOCK", 16)
+        monkeypatch.setattr(tk, "_CHUNK", 16)
+    x, w, b, r = _inputs(m, n, dtype, True)
+    dy = torch.randn(m, n).to(dtype)
+    spec = normkit._dropout._spec(0.3, 2**40 + 9)
+    grads = {}
+    for backend in BACKENDS:
+        xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
+        _call(backend, False, xg, w, b, rg, 0.3, 2**40 + 9).backward(dy)
+        grads[backend] = xg.grad, rg.grad
+    dx, dr = grads["triton"]
+    assert torch.equal(bits(dx), bits(tk.dropout_apply(dr, spec)))
+    assert torch.equal(bits(dx), bits(normkit.kernels.cpu.dropout_apply(dr, spec)))
+    assert torch.equal(dx == 0, grads["cpu"][0] == 0) and (dx == 0).any()
+
+
 def test_same_bits_on_every_thread_count_and_isa():
     from normkit.kernels import cpu
 

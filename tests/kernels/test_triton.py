@@ -669,17 +669,22 @@ for n in (1, 768, 8192, 262144):
                  {"X", "R", "H", "Y", "W", "B", "S", "N", "sx", "sr", "QS", "SC"},
                  warps, f"fwd n={n} rms={rms} qk={qk}")
 bsig = dict(X="*fp16", DY="*fp16", DH="*fp16", DX="*fp16", W="*bf16", S="*fp32", C="*fp32",
-            PW="*fp32", PB="*fp32", M="i32", N="i32", rpb="i32", B="*bf16")
-bconst = "BLOCK LOOP RMS HAS_DH HAS_W ZC NK WANT_W WANT_B FROM_Y HAS_YB".split()
+            PW="*fp32", PB="*fp32", M="i32", N="i32", rpb="i32", B="*bf16", DXD="*fp16",
+            seed="i64", keep_above="i32", scale="fp32")
+bconst = "BLOCK LOOP RMS HAS_DH HAS_W ZC NK WANT_W WANT_B FROM_Y HAS_YB DROP".split()
 for n in (768, 8192, 262144):
     block, loop, rows, warps = T.config(n)
-    # the memory-efficient variant (x̂ from y and β) for the short and the looped rows
-    for rms, from_y in [(False, False), (True, False)] + ([(False, True)] if n != 8192 else []):
+    # the memory-efficient variant (x̂ from y and β) for the short and the looped rows, and the
+    # dropout's m·dx
+    for rms, from_y, drop in ([(False, False, False), (True, False, False)]
+                              + ([(False, True, False), (False, False, True)] if n != 8192
+                                 else [])):
         lean = dict(FROM_Y=from_y, HAS_YB=from_y)
         consts = dict(BLOCK=block, LOOP=loop, RMS=rms, HAS_DH=True, HAS_W=True, ZC=True,
-                      NK=2 if rms else 0, WANT_W=True, WANT_B=not rms, **lean)
+                      NK=2 if rms else 0, WANT_W=True, WANT_B=not rms, DROP=drop, **lean)
         compile_(T._bwd_kernel, dict(bsig, **{c: "constexpr" for c in bconst}), consts,
-                 set(bsig) - {"M", "rpb"}, warps, f"bwd n={n} rms={rms} from_y={from_y}")
+                 set(bsig) - {"M", "rpb", "seed", "keep_above", "scale"}, warps,
+                 f"bwd n={n} rms={rms} from_y={from_y} dropout={drop}")
         if loop:
             compile_(T._bwd_dots_kernel,
                      dict(X="*fp16", DY="*fp16", W="*bf16", S="*fp32", C="*fp32", N="i32",
@@ -690,6 +695,31 @@ for n in (768, 8192, 262144):
 compile_(T._sum_partials_kernel, dict(P="*fp32", OUT="*fp32", nrows="i32", N="i32", G="i32",
                                       BLOCK="constexpr"),
          dict(BLOCK=T._REDUCE_BLOCK), {"P", "OUT", "N"}, 2, "sum")
+for res in (False, True):
+    compile_(T._dropout_kernel,
+             dict(X="*bf16", R="*bf16", H="*bf16", N="i32", sx="i32", sr="i32", k0="i64",
+                  seed="i64", keep_above="i32", scale="fp32", HAS_RES="constexpr",
+                  BLOCK="constexpr"),
+             dict(HAS_RES=res, BLOCK=1024), {"X", "R", "H", "N", "sx", "sr"}, 4,
+             f"dropout residual={res}")
+# GroupNorm: a unit stride (channels in NCHW, spatial positions in channels-last) is an int
+# equal to 1, which Triton passes as a constant
+from normkit.kernels import triton_group as TG
+gsig = dict(X="*bf16", Y="*bf16", W="*fp32", B="*fp32", STATS="*fp32", S="i32", G="i32",
+            CG="i32", eps="fp32", sb="i32", sc="i32", ss="i32", HAS_W="constexpr",
+            HAS_B="constexpr", BLOCK_C="constexpr", BLOCK_S="constexpr")
+gbsig = dict(X="*bf16", DY="*bf16", DX="*bf16", W="*fp32", STATS="*fp32", SUMS="*fp32", C="i32",
+             S="i32", G="i32", CG="i32", sb="i32", sc="i32", ss="i32", NB="i32",
+             HAS_W="constexpr", BLOCK_C="constexpr", BLOCK_S="constexpr")
+for cg, sp, unit in ((10, 4096, "ss"), (40, 256, "sc")):
+    bc, bs = TG._tiles(cg, sp)
+    one = {unit: "constexpr"}
+    compile_(TG._gn_fwd_kernel, dict(gsig, **one),
+             dict(HAS_W=True, HAS_B=True, BLOCK_C=bc, BLOCK_S=bs, **{unit: 1}),
+             {"X", "Y", "W", "B", "STATS"}, 4, f"group fwd cg={cg} {unit}=1")
+    compile_(TG._gn_bwd_kernel, dict(gbsig, **one),
+             dict(HAS_W=True, BLOCK_C=bc, BLOCK_S=bs, **{unit: 1}),
+             {"X", "DY", "DX", "W", "STATS", "SUMS"}, 4, f"group bwd cg={cg} {unit}=1")
 print("\n".join(failures) if failures else "ALL-COMPILED")
 sys.exit(1 if failures else 0)
 """

@@ -158,7 +158,7 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
 
 
 def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw,
-             bias=None, from_y=False):
+             bias=None, from_y=False, dropout=None):
     """Backward on rows.
 
     Args:
@@ -169,10 +169,14 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
         bias, from_y: the memory-efficient backward: x is the forward's output y (x's dtype,
             "torch"/"gemma" casting), bias its β (or None), and x̂ = (y − β)/γ.  Raises
             ValueError where γ (1 + γ zero-centred) is 0.
+        dropout: the spec (seed, keep_above, scale) of a dropout before the fused residual add
+            (``_dropout``), or None.
 
     Returns:
         (dx, dweight, dbias): dx in x.dtype (also the residual's gradient); dweight/dbias in the
-        statistics dtype (float32, float64 for float64 input) or None.
+        statistics dtype (float32, float64 for float64 input) or None.  With ``dropout``, a
+        fourth: m·dx, the dropout input's gradient (``dropout_apply(dx, dropout)``'s bits),
+        written in the same pass as dx.
     """
     wd = None if weight is None else weight.dtype
     nd = cast_dtype(x.dtype, wd, casting)
@@ -189,7 +193,7 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     return _cpu.backward(dy, dh, x, weight, stats, rms, zero_centered,
                          -1 if nd is None else _KIND[nd], need_dw and weight is not None,
                          need_dw and has_bias, stats.dtype, bias if from_y else None,
-                         bool(from_y))
+                         bool(from_y), dropout)
 
 
 def group_forward(x, weight, bias, num_groups, eps, channels_last):

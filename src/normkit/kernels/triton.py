@@ -452,17 +452,20 @@ def _bwd_dots_kernel(
     tl.store(C + i * 2 + 1, c2 / nf)
 
 
-@triton.jit(do_not_specialize=["M", "rpb"])
+@triton.jit(do_not_specialize=["M", "rpb", "seed", "keep_above"])
 def _bwd_kernel(
     X, DY, DH, DX, W, S, C, PW, PB, M, N, rpb,
     BLOCK: tl.constexpr, LOOP: tl.constexpr, RMS: tl.constexpr, HAS_DH: tl.constexpr,
     HAS_W: tl.constexpr, ZC: tl.constexpr, NK: tl.constexpr, WANT_W: tl.constexpr,
     WANT_B: tl.constexpr, B, FROM_Y: tl.constexpr, HAS_YB: tl.constexpr,
+    DXD, seed, keep_above, scale, DROP: tl.constexpr,
 ):
     """Rows [blk·rpb, (blk+1)·rpb) × one column chunk: dx, and this block's dγ/dβ partial row.
 
     dx = rstd·(g·dy − c1 − x̂·c2) + dh with c1 = mean(g·dy) (0 for RMS), c2 = mean(g·dy·x̂);
-    dγ += dy·x̂ (x̂ rounded as the forward rounds it), dβ += dy, rows in order.
+    dγ += dy·x̂ (x̂ rounded as the forward rounds it), dβ += dy, rows in order.  DROP: also
+    dxd = m·dx (dx as stored), the mask of element k = i·N + j from word k % 4 of
+    tl.randint4x(seed, k // 4), as _dropout_kernel's.
     """
     blk = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -506,6 +509,17 @@ def _bwd_kernel(
         if _EMULATE_BF16 and DX.dtype.element_ty == tl.bfloat16:
             dx = _bf16_rne(dx)
         tl.store(DX + i64 * N + cols, dx.to(DX.dtype.element_ty), mask=cmask)
+        if DROP:
+            k = i64 * N + cols
+            u0, u1, u2, u3 = tl.randint4x(seed, k >> 2)
+            w4 = k & 3
+            u = tl.where(w4 == 0, u0, tl.where(w4 == 1, u1, tl.where(w4 == 2, u2, u3)))
+            u = u.to(tl.int32, bitcast=True)
+            keep = (u ^ (u >> 31)) > keep_above
+            v = dx.to(DX.dtype.element_ty).to(tl.float32) * tl.where(keep, scale, 0.0)
+            if _EMULATE_BF16 and DX.dtype.element_ty == tl.bfloat16:
+                v = _bf16_rne(v)
+            tl.store(DXD + i64 * N + cols, v.to(DX.dtype.element_ty), mask=cmask)
         if WANT_W:
             if NK != 0:
                 acc_w += dy * _round(xh, NK)
@@ -660,7 +674,7 @@ def forward(x, weight, bias, residual, eps, rms, zero_centered, casting, out_dty
 
 
 def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, need_dw,
-             bias=None, from_y=False):
+             bias=None, from_y=False, dropout=None):
     """Backward on rows.
 
     Args:
@@ -672,10 +686,12 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
         bias, from_y: the memory-efficient backward: x is the forward's output y, bias its β
             (or None), and x̂ = (y − β)/γ.  Raises ValueError where γ (1 + γ zero-centred) is 0
             (a check that waits for the device).
+        dropout: the spec of a dropout before the fused residual add, or None.
 
     Returns:
         (dx, dweight, dbias): dx in x.dtype (also the residual's gradient); dweight/dbias
-        float32 (N,) or None.
+        float32 (N,) or None.  With ``dropout``, a fourth: m·dx, the dropout input's gradient
+        (``dropout_apply(dx, dropout)``'s bits), stored by the pass that stores dx.
     """
     m, n = x.shape
     dev = x.device
@@ -696,9 +712,11 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
     dh = None if dh is None else dh.contiguous()
     stats = stats.float().contiguous()
     dx = torch.empty((m, n), dtype=x.dtype, device=dev)
+    dxd = None if dropout is None else torch.empty_like(dx)
     if m == 0 or n == 0:
         z = torch.zeros(n, dtype=torch.float32, device=dev)
-        return dx, z if want_w else None, z.clone() if want_b else None
+        return (dx, z if want_w else None, z.clone() if want_b else None,
+                *(() if dxd is None else (dxd,)))
     block, loop, _, warps = config(n)
     nchunk = triton.cdiv(n, block) if loop else 1
     nblk = bwd_blocks(m, n)
@@ -715,16 +733,18 @@ def backward(dy, dh, x, weight, has_bias, stats, rms, zero_centered, casting, ne
             BLOCK=block, RMS=bool(rms), HAS_W=w is not None,
             ZC=bool(zero_centered) and w is not None, num_warps=warps, **lean,
         )
+    seed, keep_above, scale = (0, 0, 1.0) if dropout is None else dropout
     _bwd_kernel[(nblk, nchunk)](
         x, dy, dx if dh is None else dh, dx, x if w is None else w, stats, dots, pw, pb,
         m, n, rpb,
         BLOCK=block, LOOP=loop, RMS=bool(rms), HAS_DH=dh is not None, HAS_W=w is not None,
         ZC=bool(zero_centered) and w is not None, NK=_NK[nd], WANT_W=want_w, WANT_B=want_b,
-        num_warps=warps, **lean,
+        num_warps=warps, **lean, DXD=dx if dxd is None else dxd, seed=seed,
+        keep_above=keep_above, scale=float(scale), DROP=dropout is not None,
     )
     dw = _reduce(pw, nblk, n) if want_w else None
     db = _reduce(pb, nblk, n) if want_b else None
-    return dx, dw, db
+    return (dx, dw, db, *(() if dxd is None else (dxd,)))
 
 
 def _check_lean_gamma(w, zero_centered):

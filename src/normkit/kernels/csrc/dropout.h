@@ -162,3 +162,25 @@ template <int X>
 void drop_apply(const void* src, void* dst, int64_t n, const Dropout& d, uint64_t k) {
   drop_row<X>(src, nullptr, dst, n, d, k);
 }
+
+// The backward: the keep flags of elements k .. k + n − 1 of the rows, into buf (n +
+// kDropFlagsPad int32: the chunks start at k's counter, up to 3 elements before k, and the last
+// ends past k + n).  Returns where element k's flag is.
+NK_INLINE const int32_t* fill_flags(const Dropout& d, uint64_t k, int64_t n, int32_t* buf) {
+  static_assert(kDropChunk + 3 <= kDropFlagsPad, "kernels.h: kDropFlagsPad");
+  const int64_t off = int64_t(k % 4);
+  for (int64_t c = 0; c * kDropChunk < off + n; c++)
+    keep_flags(d, k / 4 + uint64_t(c) * kDropGroups, buf + c * kDropChunk);
+  return buf + off;
+}
+
+// The backward's dxd = m·dx of computed dx value(s) v, with their keep flag(s) f: v rounded to
+// X first, so that the bits are drop_apply's of the stored dx.
+template <int X, class C>
+NK_INLINE Vec<C> dropped(const Dropout& d, Vec<C> v, const int32_t* f) {
+  return vround<X, C>(v) * drop_multipliers<C>(d, f);
+}
+template <int X, class C>
+NK_INLINE C dropped(const Dropout& d, C v, int32_t f) {
+  return sround<X, C>(v) * (f ? C(d.scale) : C(0));
+}

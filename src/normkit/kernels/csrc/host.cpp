@@ -176,11 +176,13 @@ const void* inv_gamma_row(const void* g, bool f64, int64_t n) {
 // Backward: dx (in v's dtype), and dγ/dβ in grad_dtype where wanted.  v: the normalized input
 // (h with a residual), contiguous; dy contiguous in any float dtype; dh like v or undefined.
 // from_y (memory-efficient mode): v is the forward's output y (in x's dtype), b its β (or
-// undefined), and x̂ is recomputed from them (rows.h: bwd_x_hat).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_backward(
+// undefined), and x̂ is recomputed from them (rows.h: bwd_x_hat).  drop: the dropout before the
+// fused residual add; then also m·dx (rows.h: row_second), else the fourth tensor is undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_backward(
     at::Tensor dy, const at::Tensor& dh, const at::Tensor& v, const at::Tensor& w,
     const at::Tensor& stats, bool rms, bool zc, int nk, bool want_w, bool want_b,
-    at::ScalarType grad_dtype, const at::Tensor& b = at::Tensor(), bool from_y = false) {
+    at::ScalarType grad_dtype, const at::Tensor& b = at::Tensor(), bool from_y = false,
+    const Dropout* drop = nullptr) {
   const int64_t m = v.size(0), n = v.size(1);
   const int xk = kind_of(v.scalar_type());
   const bool f64 = xk == kFloat64;
@@ -212,6 +214,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_backward(
   }
   at::Tensor dx = empty_output({m, n}, v.scalar_type());
   a.dx = dx.data_ptr();
+  at::Tensor dxd;
+  if (drop != nullptr) {  // and the dropout's input's gradient, m·dx, in the same pass
+    dxd = empty_output({m, n}, v.scalar_type());
+    a.dxd = dxd.data_ptr();
+    a.drop = *drop;
+    a.flags |= kDrop;
+  }
   a.g = param_row(w, zc, f64, n, kScratchGamma, true);
   if (from_y) {
     TORCH_CHECK(nk < 0, "normkit cpu: the memory-efficient backward has no llama/t5 casting");
@@ -233,8 +242,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_backward(
   }
   BwdFn fn = (from_y ? kernels()->bwd_y : kernels()->bwd)[xk][dk];
   TORCH_CHECK(fn != nullptr, "normkit cpu: no backward kernel for ", v.scalar_type());
-  // each thread's part of the row scratch (2·N compute values), by its number in the region
-  const int64_t part = (2 * n * (f64 ? 8 : 4) + 63) / 64 * 64;
+  // each thread's part of the row scratch (2·N compute values, then a dropout's N +
+  // kDropFlagsPad keep flags), by its number in the region
+  const int64_t part =
+      (2 * n * (f64 ? 8 : 4) + (drop ? (n + kDropFlagsPad) * 4 : 0) + 63) / 64 * 64;
   char* rows_scratch = static_cast<char*>(scratch(kScratchRows, part * at::get_num_threads()));
   run_units(nblk, nblk > 1 && m * n >= parallel_min_elements(), [&](int64_t k0, int64_t k1) {
     BwdArgs mine = a;
@@ -247,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_backward(
     if (want_w) sum(nblk, n, a.pw, dw.data_ptr(), gk);
     if (want_b) sum(nblk, n, a.pb, db.data_ptr(), gk);
   }
-  return {dx, dw, db};
+  return {dx, dw, db, dxd};
 }
 
 at::Tensor value(const Opt& t) { return t.has_value() ? *t : at::Tensor(); }
@@ -283,18 +294,24 @@ py::tuple forward(const at::Tensor& x, const Opt& wo, const Opt& bo, const Opt& 
                         need_stats ? py::cast(stats) : py::none());
 }
 
+// (dx, dγ, dβ), and with a dropout a fourth: m·dx, the dropout's input's gradient.
 py::tuple backward(const at::Tensor& dy, const Opt& dh, const at::Tensor& v, const Opt& w,
                    const at::Tensor& stats, bool rms, bool zc, int64_t nk, bool want_w,
-                   bool want_b, at::ScalarType grad_dtype, const Opt& b, bool from_y) {
-  at::Tensor dx, dw, db;
+                   bool want_b, at::ScalarType grad_dtype, const Opt& b, bool from_y,
+                   const DropSpec& dropo) {
+  at::Tensor dx, dw, db, dxd;
+  std::optional<Dropout> drop;
+  if (dropo) drop = dropout_of(*dropo);
   {
     py::gil_scoped_release nogil;
-    std::tie(dx, dw, db) = launch_backward(dy.contiguous(), dh ? dh->contiguous() : at::Tensor(),
-                                           v.contiguous(), value(w), stats, rms, zc, int(nk),
-                                           want_w, want_b, grad_dtype, value(b), from_y);
+    std::tie(dx, dw, db, dxd) = launch_backward(
+        dy.contiguous(), dh ? dh->contiguous() : at::Tensor(), v.contiguous(), value(w), stats,
+        rms, zc, int(nk), want_w, want_b, grad_dtype, value(b), from_y, drop ? &*drop : nullptr);
   }
-  return py::make_tuple(dx, dw.defined() ? py::cast(dw) : py::none(),
-                        db.defined() ? py::cast(db) : py::none());
+  py::object pw = dw.defined() ? py::cast(dw) : py::none();
+  py::object pb = db.defined() ? py::cast(db) : py::none();
+  if (dxd.defined()) return py::make_tuple(dx, pw, pb, dxd);
+  return py::make_tuple(dx, pw, pb);
 }
 
 // dst = src·mask of the dropout (contiguous, one dtype; dst may be src; none: a new tensor from
@@ -418,7 +435,7 @@ struct Norm : public torch::autograd::Function<Norm> {
     if (dh.defined()) dh = rows(dh.contiguous(), m, n);
     at::ScalarType pd = w.defined() ? w.scalar_type()
                                     : (b.defined() ? b.scalar_type() : compute_dtype(kind_of(v.scalar_type())));
-    auto [dx, dw, db] = launch_backward(rows(dy, m, n), dh, rows(v, m, n), w, stats, rms, false,
+    auto [dx, dw, db, unused] = launch_backward(rows(dy, m, n), dh, rows(v, m, n), w, stats, rms, false,
                                         -1, need_w && w.defined(), need_b && b.defined(), pd,
                                         b, lean);
     dx = dx.view(v.sizes());

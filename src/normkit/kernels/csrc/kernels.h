@@ -20,7 +20,8 @@ enum Flag : int {
   kStats = 32,   // forward: the (M, 3) statistics [m1, dm, rstd] are written
   kDw = 128,     // backward: dγ wanted
   kStream = 256,  // outputs (y, dx) written with non-temporal stores
-  kDrop = 4096     // forward: h = dropout(x) (+ residual) is written, then normalized (dropout.h)
+  kDrop = 4096     // forward: h = dropout(x) (+ residual) is written, then normalized (dropout.h);
+                   // backward: dxd = mask·dx is written too
 };
 
 // Dropout before the residual add (dropout.h): element k of the rows is kept iff the 31-bit
@@ -30,6 +31,9 @@ struct Dropout {
   int32_t keep_above;
   double scale;  // 1/(1-p), converted to the compute type
 };
+// int32 beyond N that a row's keep flags take in a backward thread's scratch (dropout.h:
+// fill_flags; a chunk of flags starts up to 3 elements before the row and ends past it).
+constexpr int64_t kDropFlagsPad = 256;
 
 // One forward launch: rows [lo, hi) of an (M, N) input.  Element strides; y and h contiguous.
 struct FwdArgs {
@@ -69,6 +73,11 @@ struct BwdArgs {
   // bwd_y (memory-efficient mode): x is the forward's output y, and x̂ = (y − β)·(1/γ)
   const void* yb;     // β as the compute type, or null (x̂ = y·(1/γ))
   const void* yg;     // 1/γ (1/(1 + γ) zero-centred; ones without γ) as the compute type
+  // kDrop: the dropout before the fused residual add; dxd = mask·dx (dx rounded to x's kind
+  // first, as if read back), the gradient of the dropout's input; scratch then holds
+  // N + kDropFlagsPad int32 more (each row's keep flags)
+  void* dxd;
+  Dropout drop;
 };
 
 using FwdFn = void (*)(const FwdArgs&, int64_t lo, int64_t hi);

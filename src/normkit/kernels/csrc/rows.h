@@ -528,6 +528,9 @@ struct Columns {
   C* dw;  // null: not wanted
   C* db;
   int flags, nk;
+  const int32_t* fl = nullptr;  // kDrop: the group's keep flags (stride n), and dxd = m·dx
+  void* dxd = nullptr;
+  const Dropout* drop = nullptr;
 
   NK_INLINE void one(int64_t j) const {  // column j, a single element
     C gv = g[j];
@@ -536,8 +539,9 @@ struct Columns {
       const C* qi = q + 3 * i;
       C d = sload<O, C>(dy, i * n + j);
       C xh = xs[i * n + j];
-      sstore<X, C>(dx, i * n + j,
-                   dx_of(d, xh, gv, qi[1], qi[2], qi[0], dh ? sload<X, C>(dh, i * dhrs + j) : C(0)));
+      const C v = dx_of(d, xh, gv, qi[1], qi[2], qi[0], dh ? sload<X, C>(dh, i * dhrs + j) : C(0));
+      sstore<X, C>(dx, i * n + j, v);
+      if (fl) sstore<X, C>(dxd, i * n + j, dropped<X, C>(*drop, v, fl[i * n + j]));
       wv = sfma(d, x_for_dw<C, C>(xh, flags, nk), wv);
       bv = bv + d;
     }
@@ -559,9 +563,10 @@ struct Columns {
         const int64_t jc = j + c * W;
         V d = vload<O, C>(dy, i * n + jc);
         V xh = vload<CK, C>(xs, i * n + jc);
-        vstore<X, C>(dx, i * n + jc,
-                     dx_of(d, xh, gv[c], qi[1], qi[2], qi[0],
-                           dh ? vload<X, C>(dh, i * dhrs + jc) : vzero<C>()));
+        const V v = dx_of(d, xh, gv[c], qi[1], qi[2], qi[0],
+                          dh ? vload<X, C>(dh, i * dhrs + jc) : vzero<C>());
+        vstore<X, C>(dx, i * n + jc, v);
+        if (fl) vstore<X, C>(dxd, i * n + jc, dropped<X, C>(*drop, v, fl + i * n + jc));
         if (dw) wv[c] = vfma(d, x_for_dw<V, C>(xh, flags, nk), wv[c]);
         if (db) bv[c] = bv[c] + d;
       }
@@ -577,11 +582,12 @@ struct Columns {
 // it), dγ/dβ added into the block's partial rows.  KEPT: dy and x̂ come from the first pass's
 // compute-type rows (ds, xs), else from dy and x again.  The next row's inputs (nx, ndy, ndh)
 // are fetched meanwhile.  One loop per combination of what is wanted: each test hoisted out of
-// it (a row by row pass with them inside ran at half the speed of this one).
+// it (a row by row pass with them inside ran at half the speed of this one).  fl: the row's
+// keep flags (kDrop), and dxd = m·dx is stored too (streamed where its vectors align as dx's).
 template <int X, int O, bool DW, bool DB, bool KEPT, bool FY>
 __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<X>* q,
                                           CT<X>* dw, CT<X>* db, const CT<X>* ds,
-                                          const CT<X>* xs, int64_t j0) {
+                                          const CT<X>* xs, int64_t j0, const int32_t* fl) {
   using C = CT<X>;
   using V = Vec<C>;
   constexpr int CK = kind_of_compute<C>();
@@ -591,6 +597,7 @@ __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<
   const void* dy = at<ST<O>>(a.dy, i * n);
   const void* dh = a.dh ? at<ST<X>>(a.dh, i * a.dhrs) : nullptr;
   void* dx = at<ST<X>>(a.dx, i * n);
+  void* dxd = fl ? at<ST<X>>(a.dxd, i * n) : nullptr;
   const C* g = static_cast<const C*>(a.g);
   const C* st = at<C>(a.stats, 3 * i);
   const C m1 = st[0], dm = st[1], rstd = q[0], nc1 = q[1], nc2 = q[2];
@@ -598,6 +605,8 @@ __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<
   const void* ndy = ahead(dy, n * ob);
   const void* ndh = dh ? ahead(dh, a.dhrs * xb) : nullptr;
   const bool stream = a.flags & kStream;
+  const bool stream_d =
+      stream && (reinterpret_cast<uintptr_t>(dxd) - reinterpret_cast<uintptr_t>(dx)) % STREAM_ALIGN == 0;
   const int flags = a.flags, nk = a.nk;
   const int64_t j1 = j0 + (n - j0) - (n - j0) % W;
   for (int64_t j = 0; j < n; j++) {
@@ -609,7 +618,9 @@ __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<
                                 static_cast<const C*>(a.yb), static_cast<const C*>(a.yg));
     if constexpr (DW) dw[j] = sfma(d, x_for_dw<C, C>(xh, flags, nk), dw[j]);
     if constexpr (DB) db[j] = db[j] + d;
-    sstore<X, C>(dx, j, dx_of(d, xh, g[j], nc1, nc2, rstd, dh ? sload<X, C>(dh, j) : C(0)));
+    const C v = dx_of(d, xh, g[j], nc1, nc2, rstd, dh ? sload<X, C>(dh, j) : C(0));
+    sstore<X, C>(dx, j, v);
+    if (fl) sstore<X, C>(dxd, j, dropped<X, C>(a.drop, v, fl[j]));
   }
   for (int64_t j = j0; j < j1; j += W) {
     prefetch_l2(ahead(nx, j * xb));
@@ -634,20 +645,29 @@ __attribute__((noinline)) void row_second(const BwdArgs& a, int64_t i, const CT<
     } else {
       vstore<X, C, false>(dx, j, v);
     }
+    if (fl) {
+      const V vd = dropped<X, C>(a.drop, v, fl + j);
+      if (stream_d) {
+        vstore<X, C, true>(dxd, j, vd);
+      } else {
+        vstore<X, C, false>(dxd, j, vd);
+      }
+    }
   }
 }
 
 template <int X, int O, bool KEPT, bool FY>
 NK_INLINE void row_second_any(const BwdArgs& a, int64_t i, const CT<X>* q, CT<X>* dw,
-                              CT<X>* db, const CT<X>* ds, const CT<X>* xs, int64_t j0) {
+                              CT<X>* db, const CT<X>* ds, const CT<X>* xs, int64_t j0,
+                              const int32_t* fl) {
   if (dw && db) {
-    row_second<X, O, true, true, KEPT, FY>(a, i, q, dw, db, ds, xs, j0);
+    row_second<X, O, true, true, KEPT, FY>(a, i, q, dw, db, ds, xs, j0, fl);
   } else if (dw) {
-    row_second<X, O, true, false, KEPT, FY>(a, i, q, dw, db, ds, xs, j0);
+    row_second<X, O, true, false, KEPT, FY>(a, i, q, dw, db, ds, xs, j0, fl);
   } else if (db) {
-    row_second<X, O, false, true, KEPT, FY>(a, i, q, dw, db, ds, xs, j0);
+    row_second<X, O, false, true, KEPT, FY>(a, i, q, dw, db, ds, xs, j0, fl);
   } else {
-    row_second<X, O, false, false, KEPT, FY>(a, i, q, dw, db, ds, xs, j0);
+    row_second<X, O, false, false, KEPT, FY>(a, i, q, dw, db, ds, xs, j0, fl);
   }
 }
 
@@ -695,6 +715,10 @@ void bwd_blocks(const BwdArgs& a, int64_t k0, int64_t k1) {
   // rows one by one, 16-bit without AVX-512: dy and x̂ kept from the first pass, in this
   // thread's part of the caller's scratch (2 · N compute values)
   C* kept = grp == 1 && slow16 ? static_cast<C*>(a.scratch) : nullptr;
+  // kDrop: a row's keep flags after those 2·N values (rows one by one), or the group's here
+  const bool drop = a.flags & kDrop;
+  int32_t* rfl = drop ? reinterpret_cast<int32_t*>(static_cast<C*>(a.scratch) + 2 * n) : nullptr;
+  alignas(64) int32_t gfl[kGroupElements + kDropFlagsPad];
   for (int64_t k = k0; k < k1; k++) {
     const int64_t lo = k * a.rpb;
     const int64_t hi = lo + a.rpb < a.m ? lo + a.rpb : a.m;
@@ -710,10 +734,11 @@ void bwd_blocks(const BwdArgs& a, int64_t k0, int64_t k1) {
           j0 = int64_t(-reinterpret_cast<uintptr_t>(at<ST<X>>(a.dx, i * n)) % STREAM_ALIGN) / xb;
           if (j0 > n) j0 = n;
         }
+        const int32_t* fl = drop ? fill_flags(a.drop, uint64_t(i * n), n, rfl) : nullptr;
         if (kept) {
-          row_second_any<X, O, true, FY>(a, i, q, dw, db, kept, kept + n, j0);
+          row_second_any<X, O, true, FY>(a, i, q, dw, db, kept, kept + n, j0, fl);
         } else {
-          row_second_any<X, O, false, FY>(a, i, q, dw, db, nullptr, nullptr, j0);
+          row_second_any<X, O, false, FY>(a, i, q, dw, db, nullptr, nullptr, j0, fl);
         }
       }
       continue;
@@ -724,10 +749,13 @@ void bwd_blocks(const BwdArgs& a, int64_t k0, int64_t k1) {
       for (; i + 1 < i1; i += 2)
         grad_sums_pair<X, O, FY>(a, i, q + 3 * (i - i0), xg + (i - i0) * n);
       for (; i < i1; i++) grad_sums<X, O, FY>(a, i, q + 3 * (i - i0), xg + (i - i0) * n);
+      const int32_t* fl =
+          drop ? fill_flags(a.drop, uint64_t(i0 * n), (i1 - i0) * n, gfl) : nullptr;
       columns<X, O>(Columns<X, O>{i1 - i0, n, xg, at<ST<O>>(a.dy, i0 * n),
                                   a.dh ? at<ST<X>>(a.dh, i0 * a.dhrs) : nullptr, a.dhrs,
                                   at<ST<X>>(a.dx, i0 * n),
-                                  q, static_cast<const C*>(a.g), dw, db, a.flags, a.nk});
+                                  q, static_cast<const C*>(a.g), dw, db, a.flags, a.nk, fl,
+                                  drop ? at<ST<X>>(a.dxd, i0 * n) : nullptr, &a.drop});
     }
   }
   if (stream) store_fence();
