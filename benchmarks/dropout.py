@@ -8,7 +8,9 @@ For each shape (M, N) and dtype, side by side in one process, interleaved round 
   return_residual=True)`` against torch's ``h = F.dropout(x, p) + r; F.layer_norm(h, ...)``;
 * backward alone, as ``normkit bench`` times it: one forward with x, r, γ, β requiring grad,
   then ``torch.autograd.grad(y, (x, r, γ, β), dy, retain_graph=True)`` per call (so no .grad
-  accumulates into the leaves);
+  accumulates into the leaves); normkit's also with the mask applied in dx's pass
+  (``normkit_bwd_fused``) and in a pass of its own (``normkit_bwd_two_pass``), whichever the
+  default (``normkit_bwd``) does not pick for the dtype (the kernels' ``fuse_dropout`` setting);
 * forward + backward (the same leaves; ``torch.autograd.grad`` after a fresh forward) for both;
 * ``copy``: ``dst.copy_(src)`` of 2·M·N elements — the bytes of the op's ideal traffic, x and r
   read, h and y written (4·M·N elements), which is also the backward's (dy and h read, dx and
@@ -36,6 +38,7 @@ import normkit
 from normkit._io import write_json_atomic
 from normkit.bench import machine_info
 from normkit.bench._timing import TimingPolicy, timer_for
+from normkit.kernels.cpu import _cpu
 
 P = 0.1  # BERT's hidden_dropout_prob
 SHAPES = [(4096, 4096), (16384, 1024), (512, 8192)]
@@ -67,8 +70,19 @@ def _cases(m, n, dtype):
         return F.layer_norm(F.dropout(g[0], P) + g[1], (n,), g[2], g[3])
 
     y_nk, y_torch = nk_graph(), torch_graph()
+
+    def nk_bwd_with(mode):
+        def run():
+            _cpu.set_fuse_dropout(mode)
+            try:
+                return torch.autograd.grad(y_nk, g, dy, retain_graph=True)
+            finally:
+                _cpu.set_fuse_dropout(-1)
+        return run
+
     return {"copy": lambda: dst.copy_(src), "normkit_fwd": nk_fwd, "torch_fwd": torch_fwd,
             "normkit_bwd": lambda: torch.autograd.grad(y_nk, g, dy, retain_graph=True),
+            "normkit_bwd_fused": nk_bwd_with(1), "normkit_bwd_two_pass": nk_bwd_with(0),
             "torch_bwd": lambda: torch.autograd.grad(y_torch, g, dy, retain_graph=True),
             "normkit_fwd_bwd": lambda: torch.autograd.grad(nk_graph(), g, dy),
             "torch_fwd_bwd": lambda: torch.autograd.grad(torch_graph(), g, dy)}
@@ -98,7 +112,9 @@ def run(shapes, dtypes, policy):
             print(f"{point['dtype']:>8} {m:>6}x{n:<6} copy {t['copy'] * 1e3:6.2f} ms  fwd "
                   f"{t['normkit_fwd'] * 1e3:6.2f} (torch {t['torch_fwd'] * 1e3:7.2f}; "
                   f"{point['fwd_vs_copy']:.2f} of copy)  bwd {t['normkit_bwd'] * 1e3:6.2f} "
-                  f"(torch {t['torch_bwd'] * 1e3:7.2f}; {point['bwd_vs_copy']:.2f} of copy)  "
+                  f"(torch {t['torch_bwd'] * 1e3:7.2f}; {point['bwd_vs_copy']:.2f} of copy; fused "
+                  f"{t['normkit_bwd_fused'] * 1e3:6.2f}, two passes "
+                  f"{t['normkit_bwd_two_pass'] * 1e3:6.2f})  "
                   f"fwd+bwd {t['normkit_fwd_bwd'] * 1e3:6.2f} (torch "
                   f"{t['torch_fwd_bwd'] * 1e3:7.2f})", flush=True)
     return points

@@ -137,6 +137,12 @@ def parallel_from(elements: int):
     return _setting("parallel_min_elements", elements)
 
 
+def fuse_dropout(mode: int):
+    """Where the cpu backward applies a dropout's mask inside the block: 1 in dx's pass, 0 in a
+    pass of its own, -1 as measured fastest (the default)."""
+    return _setting("fuse_dropout", mode)
+
+
 def stream_from(nbytes: int):
     """Outputs of ``nbytes`` or more are written with streamed stores inside the block."""
     return _setting("stream_min_bytes", nbytes)

@@ -229,13 +229,15 @@ _BWD_PATHS = [(torch.float32, 40, 24), (torch.float32, 7, 1), (torch.float32, 3,
               (torch.float64, 6, 45)]
 
 
-@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("fuse,streamed", [(1, False), (1, True), (0, True)])
 @pytest.mark.parametrize("dtype,m,n", _BWD_PATHS)
-def test_fused_backward_dx_is_the_mask_applied_to_the_residual_gradient(dtype, m, n, streamed):
+def test_fused_backward_dx_is_the_mask_applied_to_the_residual_gradient(dtype, m, n, fuse,
+                                                                         streamed):
     """The cpu backward writes dx = m·dh_total in the pass that writes dh_total (the residual's
-    gradient): bit for bit what ``dropout_apply`` gives from the stored dh_total, on every
-    instruction set and thread count, with and without dγ/dβ and streamed stores."""
-    from helpers import stream_from
+    gradient; ``fuse`` 1) or in a pass of its own (0: 16-bit rows without AVX-512 by default):
+    bit for bit what ``dropout_apply`` gives from the stored dh_total, on every instruction set
+    and thread count, with and without dγ/dβ and streamed stores."""
+    from helpers import fuse_dropout, stream_from
 
     from normkit.kernels import cpu
 
@@ -245,7 +247,7 @@ def test_fused_backward_dx_is_the_mask_applied_to_the_residual_gradient(dtype, m
     spec = normkit._dropout._spec(0.3, 12)
     threads, isa = torch.get_num_threads(), cpu.isa()
     try:
-        with parallel_from(64), stream_from(0 if streamed else 1 << 62):
+        with parallel_from(64), stream_from(0 if streamed else 1 << 62), fuse_dropout(fuse):
             for isa_name in cpu.available_isas():
                 cpu.set_isa(isa_name)
                 for t, want_w in ((1, True), (2, False)):

@@ -173,6 +173,33 @@ const void* inv_gamma_row(const void* g, bool f64, int64_t n) {
   return f64 ? fill(1.0) : fill(1.0f);
 }
 
+// Where the backward applies a dropout's mask: -1 (the default) in dx's pass except for 16-bit
+// rows that widen slowly (AVX2), which take a pass of its own — in dx's pass they took 1.3-1.6x
+// the time of the two passes (4096x4096 bfloat16, 2 cores, a busy machine); 1: always in dx's
+// pass; 0: always in a pass of its own (tests and benchmarks compare the two).
+std::atomic<int> g_fuse_dropout{-1};
+int fuse_dropout() { return g_fuse_dropout.load(); }
+void set_fuse_dropout(int v) {
+  TORCH_CHECK_VALUE(v >= -1 && v <= 1, "normkit cpu: fuse_dropout is -1 (auto), 0 or 1, got ", v);
+  g_fuse_dropout.store(v);
+}
+
+// dst[j] = src[j]·m(k0 + j) for the numel elements of two contiguous tensors of one dtype
+// (dst may be src), on torch's threads.
+void apply_dropout(const at::Tensor& src, const at::Tensor& dst, uint64_t k0, const Dropout& drop) {
+  DropFn fn = kernels()->drop[kind_of(src.scalar_type())];
+  const int64_t numel = src.numel();
+  const int64_t unit = 4096;  // elements per unit of parallel work (a multiple of 16)
+  const char* ps = static_cast<const char*>(src.data_ptr());
+  char* pd = static_cast<char*>(dst.data_ptr());
+  const int64_t eb = int64_t(src.element_size());
+  run_units((numel + unit - 1) / unit, numel >= parallel_min_elements(),
+            [&](int64_t lo, int64_t hi) {
+              const int64_t j0 = lo * unit, j1 = std::min(hi * unit, numel);
+              fn(ps + j0 * eb, pd + j0 * eb, j1 - j0, drop, k0 + uint64_t(j0));
+            });
+}
+
 // Backward: dx (in v's dtype), and dγ/dβ in grad_dtype where wanted.  v: the normalized input
 // (h with a residual), contiguous; dy contiguous in any float dtype; dh like v or undefined.
 // from_y (memory-efficient mode): v is the forward's output y (in x's dtype), b its β (or
@@ -215,11 +242,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_backward(
   at::Tensor dx = empty_output({m, n}, v.scalar_type());
   a.dx = dx.data_ptr();
   at::Tensor dxd;
-  if (drop != nullptr) {  // and the dropout's input's gradient, m·dx, in the same pass
+  const int f = g_fuse_dropout.load();
+  const bool fuse = f >= 0 ? f == 1 : xk == kFloat32 || xk == kFloat64 || kernels()->fast_widening;
+  if (drop != nullptr) {  // and the dropout's input's gradient, m·dx
     dxd = empty_output({m, n}, v.scalar_type());
     a.dxd = dxd.data_ptr();
     a.drop = *drop;
-    a.flags |= kDrop;
+    if (fuse) a.flags |= kDrop;  // in dx's pass
   }
   a.g = param_row(w, zc, f64, n, kScratchGamma, true);
   if (from_y) {
@@ -245,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_backward(
   // each thread's part of the row scratch (2·N compute values, then a dropout's N +
   // kDropFlagsPad keep flags), by its number in the region
   const int64_t part =
-      (2 * n * (f64 ? 8 : 4) + (drop ? (n + kDropFlagsPad) * 4 : 0) + 63) / 64 * 64;
+      (2 * n * (f64 ? 8 : 4) + ((a.flags & kDrop) ? (n + kDropFlagsPad) * 4 : 0) + 63) / 64 * 64;
   char* rows_scratch = static_cast<char*>(scratch(kScratchRows, part * at::get_num_threads()));
   run_units(nblk, nblk > 1 && m * n >= parallel_min_elements(), [&](int64_t k0, int64_t k1) {
     BwdArgs mine = a;
@@ -258,6 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_backward(
     if (want_w) sum(nblk, n, a.pw, dw.data_ptr(), gk);
     if (want_b) sum(nblk, n, a.pb, db.data_ptr(), gk);
   }
+  if (drop != nullptr && !fuse) apply_dropout(dx, dxd, 0, *drop);
   return {dx, dw, db, dxd};
 }
 
@@ -325,18 +355,8 @@ at::Tensor dropout_apply(const at::Tensor& src, const Opt& dsto, uint64_t k0,
                   src.scalar_type() == dst.scalar_type() && kind_of(src.scalar_type()) >= 0,
               "normkit cpu: dropout_apply takes two contiguous tensors of one float dtype");
   const Dropout drop = dropout_of(d);
-  DropFn fn = kernels()->drop[kind_of(src.scalar_type())];
-  const int64_t numel = src.numel();
-  const int64_t unit = 4096;  // elements per unit of parallel work (a multiple of 16)
-  const char* ps = static_cast<const char*>(src.data_ptr());
-  char* pd = static_cast<char*>(dst.data_ptr());
-  const int64_t eb = int64_t(src.element_size());
   py::gil_scoped_release nogil;
-  run_units((numel + unit - 1) / unit, numel >= parallel_min_elements(),
-            [&](int64_t lo, int64_t hi) {
-              const int64_t j0 = lo * unit, j1 = std::min(hi * unit, numel);
-              fn(ps + j0 * eb, pd + j0 * eb, j1 - j0, drop, k0 + uint64_t(j0));
-            });
+  apply_dropout(src, dst, k0, drop);
   return dst;
 }
 
@@ -642,6 +662,8 @@ PYBIND11_MODULE(_cpu, mod) {
   mod.def("pool_max_bytes", &pool_max_bytes);
   mod.def("set_pool_max_bytes", &set_pool_max_bytes);
   mod.def("stream_min_bytes", &stream_min_bytes);
+  mod.def("fuse_dropout", &fuse_dropout);
+  mod.def("set_fuse_dropout", &set_fuse_dropout);
   mod.def("set_stream_min_bytes", &set_stream_min_bytes);
   mod.def("_convert", &convert_for_tests);
   register_group(mod);  // GroupNorm (group.cpp)
