@@ -25,6 +25,28 @@
 
 NK_INLINE int64_t lesser(int64_t p, int64_t q) { return p < q ? p : q; }
 
+// One run of n output elements at y (a channel's S values, NCHW; a spatial row's C values,
+// channels-last): vec(j, stream) computes and stores the W elements from j, one(j) element j.
+// Streamed (GroupArgs::stream, outputs larger than the caches: non-temporal stores, which skip
+// the read of each line a plain store costs, a third of a copy's traffic): single elements up
+// to the first STREAM_ALIGN boundary, so that every vector store is aligned.  Both compute each
+// element with the same operations, so the split sets no bit.
+template <int X, class Vf, class Sf>
+NK_INLINE void out_run(const void* y, int64_t n, bool stream, const Vf& vec, const Sf& one) {
+  int64_t j0 = 0;
+  if (stream)
+    j0 = lesser(n, int64_t(-reinterpret_cast<uintptr_t>(y) % STREAM_ALIGN) /
+                       int64_t(sizeof(ST<X>)));
+  const int64_t j1 = j0 + (n - j0) - (n - j0) % W;
+  for (int64_t j = 0; j < j0; j++) one(j);
+  if (stream) {
+    for (int64_t j = j0; j < j1; j += W) vec(j, std::true_type{});
+  } else {
+    for (int64_t j = j0; j < j1; j += W) vec(j, std::false_type{});
+  }
+  for (int64_t j = j1; j < n; j++) one(j);
+}
+
 // channels-last: Σ over spatial rows [s0, s1) of t's terms, for every channel c < nc, into o1[c]
 // and o2[c]: each channel in spatial order (lane-wise, so the vector grouping sets no bit).  Row
 // by row, as x lies in memory, the sums kept in o1/o2 (2·C values, in L1): a walk down the
@@ -126,7 +148,7 @@ template <int X>
 void nchw_fwd(const GroupArgs& a, int64_t lo, int64_t hi) {
   using C = CT<X>;
   using V = Vec<C>;
-  const int64_t cg = a.c / a.g, n = cg * a.s, s = a.s, nv = s - s % W;
+  const int64_t cg = a.c / a.g, n = cg * a.s, s = a.s;
   const C* w = static_cast<const C*>(a.w);
   const C* b = static_cast<const C*>(a.b);
   for (int64_t r = lo; r < hi; r++) {
@@ -140,27 +162,30 @@ void nchw_fwd(const GroupArgs& a, int64_t lo, int64_t hi) {
       void* yc = at<ST<X>>(y, c * s);
       const C gc = w[c0 + c], bc = b ? b[c0 + c] : C(0);
       const V gv = vsplat<C>(gc), bv = vsplat<C>(bc);
-      for (int64_t j = 0; j < nv; j += W) {
-        V t = x_hat(vload<X, C>(xc, j), m1, dm, rstd);
-        vstore<X, C>(yc, j, a.fma ? vfma(t, gv, bv) : t * gv);
-      }
-      for (int64_t j = nv; j < s; j++) {
-        C t = x_hat(sload<X, C>(xc, j), m1, dm, rstd);
-        sstore<X, C>(yc, j, a.fma ? sfma(t, gc, bc) : t * gc);
-      }
+      out_run<X>(
+          yc, s, a.stream,
+          [&](int64_t j, auto stream) {
+            V t = x_hat(vload<X, C>(xc, j), m1, dm, rstd);
+            vstore<X, C, decltype(stream)::value>(yc, j, a.fma ? vfma(t, gv, bv) : t * gv);
+          },
+          [&](int64_t j) {
+            C t = x_hat(sload<X, C>(xc, j), m1, dm, rstd);
+            sstore<X, C>(yc, j, a.fma ? sfma(t, gc, bc) : t * gc);
+          });
     }
     C* st = at<C>(a.stats, 3 * r);
     st[0] = m1;
     st[1] = dm;
     st[2] = rstd;
   }
+  if (a.stream) store_fence();
 }
 
 template <int X>
 void nchw_bwd(const GroupArgs& a, int64_t lo, int64_t hi) {
   using C = CT<X>;
   using V = Vec<C>;
-  const int64_t cg = a.c / a.g, n = cg * a.s, s = a.s, nv = s - s % W;
+  const int64_t cg = a.c / a.g, n = cg * a.s, s = a.s;
   const C* w = static_cast<const C*>(a.w);
   C* sw = static_cast<C*>(a.sums);  // Σ dy·x̂, then Σ dy at + B·C
   C* sb = sw + a.nb * a.c;
@@ -188,16 +213,20 @@ void nchw_bwd(const GroupArgs& a, int64_t lo, int64_t hi) {
       void* dxc = at<ST<X>>(a.dx, r * n + c * s);
       const C gc = w[g0 + c];
       const V gv = vsplat<C>(gc);
-      for (int64_t j = 0; j < nv; j += W) {
-        V xh = x_hat(vload<X, C>(xc, j), m1, dm, rstd);
-        vstore<X, C>(dxc, j, dx_of(vload<X, C>(dyc, j), xh, gv, nc1, nc2, rstd, vzero<C>()));
-      }
-      for (int64_t j = nv; j < s; j++) {
-        C xh = x_hat(sload<X, C>(xc, j), m1, dm, rstd);
-        sstore<X, C>(dxc, j, dx_of(sload<X, C>(dyc, j), xh, gc, nc1, nc2, rstd, C(0)));
-      }
+      out_run<X>(
+          dxc, s, a.stream,
+          [&](int64_t j, auto stream) {
+            V xh = x_hat(vload<X, C>(xc, j), m1, dm, rstd);
+            vstore<X, C, decltype(stream)::value>(
+                dxc, j, dx_of(vload<X, C>(dyc, j), xh, gv, nc1, nc2, rstd, vzero<C>()));
+          },
+          [&](int64_t j) {
+            C xh = x_hat(sload<X, C>(xc, j), m1, dm, rstd);
+            sstore<X, C>(dxc, j, dx_of(sload<X, C>(dyc, j), xh, gc, nc1, nc2, rstd, C(0)));
+          });
     }
   }
+  if (a.stream) store_fence();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -214,18 +243,25 @@ NK_INLINE C* part_row(const GroupArgs& a, int64_t u, int k) {
   return at<C>(a.part, (u * 2 + k) * a.c);
 }
 
+// out = p (k = 0) or out + p (k > 0), for every channel: block k's partial sums added to the
+// sample's running sums, the blocks in order.
+template <class C>
+NK_INLINE void add_block(int64_t nc, int64_t k, const C* p, C* out) {
+  constexpr int CK = kind_of_compute<C>();
+  const int64_t nv = nc - nc % W;
+  if (k == 0) {
+    memcpy(out, p, nc * sizeof(C));
+    return;
+  }
+  for (int64_t j = 0; j < nv; j += W)
+    vstore<CK, C>(out, j, vload<CK, C>(out, j) + vload<CK, C>(p, j));
+  for (int64_t j = nv; j < nc; j++) out[j] = out[j] + p[j];
+}
+
 // Σ_k part[b·nsb + k][row] for every channel (blocks in order), into out.
 template <class C>
 NK_INLINE void merge_blocks(const GroupArgs& a, int64_t b, int row, C* out) {
-  constexpr int CK = kind_of_compute<C>();
-  const int64_t nv = a.c - a.c % W;
-  memcpy(out, part_row<C>(a, b * a.nsb, row), a.c * sizeof(C));
-  for (int64_t k = 1; k < a.nsb; k++) {
-    const C* p = part_row<C>(a, b * a.nsb + k, row);
-    for (int64_t j = 0; j < nv; j += W)
-      vstore<CK, C>(out, j, vload<CK, C>(out, j) + vload<CK, C>(p, j));
-    for (int64_t j = nv; j < a.c; j++) out[j] = out[j] + p[j];
-  }
+  for (int64_t k = 0; k < a.nsb; k++) add_block<C>(a.c, k, part_row<C>(a, b * a.nsb + k, row), out);
 }
 
 // Forward phase 0 (per sample): each channel's shift m1 of its group, in coef row 0.
@@ -267,8 +303,8 @@ void cl_group_moments(const GroupArgs& a, int64_t b, int64_t g, CT<X> shift, CT<
   }
 }
 
-// Forward phase 2 (per sample): the blocks' sums merged into the statistics, per group into
-// stats and per channel into coef rows 0-2 (m1, dm, rstd).
+// Forward phase 2 (per sample), after the blocks' sums are merged into coef rows 1 and 2: the
+// statistics, per group into stats and per channel into coef rows 0-2 (m1, dm, rstd).
 template <int X>
 void cl_stats(const GroupArgs& a, int64_t b) {
   using C = CT<X>;
@@ -277,8 +313,6 @@ void cl_stats(const GroupArgs& a, int64_t b) {
   C* m1 = coef_row<C>(a, b, 0);
   C* t1 = coef_row<C>(a, b, 1);  // the merged sums, overwritten below by dm and rstd
   C* t2 = coef_row<C>(a, b, 2);
-  merge_blocks<C>(a, b, 0, t1);
-  merge_blocks<C>(a, b, 1, t2);
   for (int64_t g = 0; g < a.g; g++) {
     C s1 = C(0), s2 = C(0);
     for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
@@ -347,16 +381,14 @@ void cl_expand(const GroupArgs& a, int64_t b) {
   }
 }
 
-// Backward phase 2 (per sample): Σ dy·x̂ and Σ dy per channel into sums; −c1/L and −c2/L per
-// channel into coef rows 3 and 4.
+// Backward phase 2 (per sample), after the blocks' Σ dy and Σ dy·x̂ per channel are merged into
+// sums: −c1/L and −c2/L per channel into coef rows 3 and 4.
 template <class C>
 void cl_coefs(const GroupArgs& a, int64_t b) {
   const int64_t cg = a.c / a.g;
   const C nf = C(cg * a.s);
-  C* sw = at<C>(a.sums, b * a.c);
-  C* sb = at<C>(a.sums, (a.nb + b) * a.c);
-  merge_blocks<C>(a, b, 0, sb);
-  merge_blocks<C>(a, b, 1, sw);
+  const C* sw = at<C>(a.sums, b * a.c);
+  const C* sb = at<C>(a.sums, (a.nb + b) * a.c);
   const C* w = static_cast<const C*>(a.w);
   C* q1 = coef_row<C>(a, b, 3);
   C* q2 = coef_row<C>(a, b, 4);
@@ -379,9 +411,8 @@ void cl_out(const GroupArgs& a, int64_t u) {
   using C = CT<X>;
   using V = Vec<C>;
   constexpr int CK = kind_of_compute<C>();
-  const int64_t b = u / a.nsb, k = u % a.nsb, nc = a.c, nv = nc - nc % W;
+  const int64_t b = u / a.nsb, k = u % a.nsb, nc = a.c;
   const int64_t s0 = k * a.sb, s1 = lesser(a.s, s0 + a.sb);
-  const int64_t base = b * a.s * nc;
   const C* m1 = coef_row<C>(a, b, 0);
   const C* dm = coef_row<C>(a, b, 1);
   const C* rs = coef_row<C>(a, b, 2);
@@ -390,68 +421,117 @@ void cl_out(const GroupArgs& a, int64_t u) {
   const C* w = static_cast<const C*>(a.w);
   const C* bb = static_cast<const C*>(a.b);
   for (int64_t s = s0; s < s1; s++) {
-    const int64_t o = base + s * nc;
-    for (int64_t j = 0; j < nv; j += W) {
-      V xh = ((vload<X, C>(a.x, o + j) - vload<CK, C>(m1, j)) - vload<CK, C>(dm, j)) *
-             vload<CK, C>(rs, j);
-      V g = vload<CK, C>(w, j);
-      if constexpr (BWD) {
-        V d = vload<X, C>(a.dy, o + j);
-        vstore<X, C>(a.dx, o + j,
-                     vfma(vload<CK, C>(rs, j),
-                          vfma(xh, vload<CK, C>(q2, j), vfma(d, g, vload<CK, C>(q1, j))),
-                          vzero<C>()));
-      } else {
-        vstore<X, C>(a.y, o + j, a.fma ? vfma(xh, g, vload<CK, C>(bb, j)) : xh * g);
-      }
-    }
-    for (int64_t j = nv; j < nc; j++) {
-      C xh = ((sload<X, C>(a.x, o + j) - m1[j]) - dm[j]) * rs[j];
-      if constexpr (BWD) {
-        sstore<X, C>(a.dx, o + j, dx_of(sload<X, C>(a.dy, o + j), xh, w[j], q1[j], q2[j], rs[j],
-                                        C(0)));
-      } else {
-        sstore<X, C>(a.y, o + j, a.fma ? sfma(xh, w[j], bb[j]) : xh * w[j]);
-      }
-    }
+    const int64_t o = (b * a.s + s) * nc;
+    const void* x = at<ST<X>>(a.x, o);
+    const void* dy = BWD ? at<ST<X>>(a.dy, o) : nullptr;
+    void* out = at<ST<X>>(BWD ? a.dx : a.y, o);
+    out_run<X>(
+        out, nc, a.stream,
+        [&](int64_t j, auto stream) {
+          constexpr bool ST_ = decltype(stream)::value;
+          V xh = ((vload<X, C>(x, j) - vload<CK, C>(m1, j)) - vload<CK, C>(dm, j)) *
+                 vload<CK, C>(rs, j);
+          V g = vload<CK, C>(w, j);
+          if constexpr (BWD) {
+            V d = vload<X, C>(dy, j);
+            vstore<X, C, ST_>(out, j,
+                              vfma(vload<CK, C>(rs, j),
+                                   vfma(xh, vload<CK, C>(q2, j), vfma(d, g, vload<CK, C>(q1, j))),
+                                   vzero<C>()));
+          } else {
+            vstore<X, C, ST_>(out, j, a.fma ? vfma(xh, g, vload<CK, C>(bb, j)) : xh * g);
+          }
+        },
+        [&](int64_t j) {
+          C xh = ((sload<X, C>(x, j) - m1[j]) - dm[j]) * rs[j];
+          if constexpr (BWD) {
+            sstore<X, C>(out, j, dx_of(sload<X, C>(dy, j), xh, w[j], q1[j], q2[j], rs[j], C(0)));
+          } else {
+            sstore<X, C>(out, j, a.fma ? sfma(xh, w[j], bb[j]) : xh * w[j]);
+          }
+        });
   }
 }
 
-// The phases (host: group.cpp).  NCHW: phase 0 only, units B·G.  Channels-last: 0 (units B),
-// 1 (B·nsb: the blocks' sums), 2 (B), 3 (B·nsb: y or dx).
+// The rows the merged sums of sample b go to: Σ t1 and Σ t2 (forward: coef rows 1 and 2;
+// backward: Σ dy and Σ dy·x̂ in sums).
+template <class C, bool BWD>
+NK_INLINE C* merged_row(const GroupArgs& a, int64_t b, int k) {
+  if constexpr (BWD) return at<C>(a.sums, ((k == 0 ? a.nb : 0) + b) * a.c);
+  return coef_row<C>(a, b, 1 + k);
+}
+
+// Block u's sums (phase 1) into part row ``into`` (u, or the sample's first block when the
+// sample runs whole and merges as it goes).
+template <int X, bool BWD>
+NK_INLINE void cl_block_sums(const GroupArgs& a, int64_t u, int64_t into) {
+  using C = CT<X>;
+  const int64_t b = u / a.nsb, s0 = (u % a.nsb) * a.sb, s1 = lesser(a.s, s0 + a.sb);
+  const int64_t o = b * a.s * a.c;
+  C* p1 = part_row<C>(a, into, 0);
+  C* p2 = part_row<C>(a, into, 1);
+  if constexpr (BWD) {
+    cl_sums<C>(a.c, s0, s1,
+               ClGrads<X>{at<ST<X>>(a.x, o), at<ST<X>>(a.dy, o), coef_row<C>(a, b, 0),
+                          coef_row<C>(a, b, 1), coef_row<C>(a, b, 2), a.c},
+               p1, p2);
+  } else {
+    cl_sums<C>(a.c, s0, s1, ClMoments<X>{at<ST<X>>(a.x, o), coef_row<C>(a, b, 0), a.c}, p1, p2);
+  }
+}
+
+// The phases (host: group.cpp).  NCHW: phase 0 only, units B·G.  Channels-last, units
+// [lo, hi) of samples (phases 0, 2, 4) or of their spatial blocks (b·nsb + k: phases 1, 3):
+// 0 the shift (forward) or the per-channel statistics (backward), 1 the blocks' sums, 2 their
+// merge and the per-channel coefficients, 3 y or dx; or 4: phases 0-3 of whole samples, one
+// after another on one thread (the sample's x still in its caches for phase 3), each block's
+// sums merged as soon as they are taken: the same additions in the same order, so the same
+// bits as phases 0-3.
+template <int X, bool BWD>
+void group_phase(const GroupArgs& a, int phase, int64_t lo, int64_t hi) {
+  using C = CT<X>;
+  if (!a.cl) return BWD ? nchw_bwd<X>(a, lo, hi) : nchw_fwd<X>(a, lo, hi);
+  for (int64_t u = lo; u < hi; u++) {
+    const int64_t b = phase % 2 ? u / a.nsb : u;
+    if (phase == 0 || phase == 4) {
+      if constexpr (BWD) {
+        cl_expand<C>(a, b);
+      } else {
+        cl_shift<X>(a, b);
+      }
+    }
+    if (phase == 1) cl_block_sums<X, BWD>(a, u, u);
+    if (phase == 4) {
+      for (int64_t k = 0; k < a.nsb; k++) {
+        cl_block_sums<X, BWD>(a, b * a.nsb + k, b * a.nsb);
+        for (int r = 0; r < 2; r++)
+          add_block<C>(a.c, k, part_row<C>(a, b * a.nsb, r), merged_row<C, BWD>(a, b, r));
+      }
+    }
+    if (phase == 2)
+      for (int r = 0; r < 2; r++) merge_blocks<C>(a, b, r, merged_row<C, BWD>(a, b, r));
+    if (phase == 2 || phase == 4) {
+      if constexpr (BWD) {
+        cl_coefs<C>(a, b);
+      } else {
+        cl_stats<X>(a, b);
+      }
+    }
+    if (phase == 3) cl_out<X, BWD>(a, u);
+    if (phase == 4)
+      for (int64_t k = 0; k < a.nsb; k++) cl_out<X, BWD>(a, b * a.nsb + k);
+  }
+  if ((phase == 3 || phase == 4) && a.stream) store_fence();
+}
+
 template <int X>
 void group_fwd(const GroupArgs& a, int phase, int64_t lo, int64_t hi) {
-  using C = CT<X>;
-  if (!a.cl) return nchw_fwd<X>(a, lo, hi);
-  for (int64_t u = lo; u < hi; u++) {
-    if (phase == 0) cl_shift<X>(a, u);
-    if (phase == 1) {
-      const int64_t b = u / a.nsb, s0 = (u % a.nsb) * a.sb;
-      cl_sums<C>(a.c, s0, lesser(a.s, s0 + a.sb),
-                 ClMoments<X>{at<ST<X>>(a.x, b * a.s * a.c), coef_row<C>(a, b, 0), a.c},
-                 part_row<C>(a, u, 0), part_row<C>(a, u, 1));
-    }
-    if (phase == 2) cl_stats<X>(a, u);
-    if (phase == 3) cl_out<X, false>(a, u);
-  }
+  group_phase<X, false>(a, phase, lo, hi);
 }
 
 template <int X>
 void group_bwd(const GroupArgs& a, int phase, int64_t lo, int64_t hi) {
-  using C = CT<X>;
-  if (!a.cl) return nchw_bwd<X>(a, lo, hi);
-  for (int64_t u = lo; u < hi; u++) {
-    if (phase == 0) cl_expand<C>(a, u);
-    if (phase == 1) {
-      const int64_t b = u / a.nsb, s0 = (u % a.nsb) * a.sb, o = b * a.s * a.c;
-      cl_sums<C>(a.c, s0, lesser(a.s, s0 + a.sb),
-                 ClGrads<X>{at<ST<X>>(a.x, o), at<ST<X>>(a.dy, o), coef_row<C>(a, b, 0),
-                            coef_row<C>(a, b, 1), coef_row<C>(a, b, 2), a.c},
-                 part_row<C>(a, u, 0), part_row<C>(a, u, 1));
-    }
-    if (phase == 2) cl_coefs<C>(a, u);
-    if (phase == 3) cl_out<X, true>(a, u);
-  }
+  group_phase<X, true>(a, phase, lo, hi);
 }
 
 inline Table with_group(Table t) {
