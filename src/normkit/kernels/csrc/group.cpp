@@ -97,7 +97,6 @@ py::tuple group_forward(const at::Tensor& x, const Opt& w, const Opt& b, int64_t
                     b->is_contiguous() && b->numel() == a.c,
                 "normkit cpu: group_norm's β must be (C,) in the compute type");
     a.b = b->data_ptr();
-    a.fma = true;
   }
   at::Tensor y = empty_output(x.sizes(), x.scalar_type());
   at::Tensor stats = compute_empty({a.nb * a.g, 3}, x);

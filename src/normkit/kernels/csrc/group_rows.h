@@ -7,9 +7,10 @@
 //
 // * NCHW: a group is one contiguous row, so its statistics are rows.h's row_stats (the same
 //   bits as layer_norm of that row, overflow rescaling included).
-// * y = fma((v − m1) − dm, a_c, β_c) (((v − m1) − dm)·a_c without β), a_c = rstd·γ_c, element by
-//   element (both layouts): torch's one multiply-add per element after the two subtractions
-//   that keep a group far from zero accurate (1e4 + 1e-2·noise).
+// * y = fma(v − m1, a_c, b_c), a_c = rstd·γ_c, b_c = fma(−dm, a_c, β_c) (β_c = 0 without β),
+//   element by element (both layouts): torch's one multiply-add per element, after the
+//   subtraction of the shift that keeps a group far from zero accurate (1e4 + 1e-2·noise: v − m1
+//   is exact there, and |dm| ≤ σ, as the second pass guarantees, so b_c is near β_c).
 // * channels-last: a group is C/G channels strided by C.  The shift m1 is the mean of the
 //   group's values at its first ⌈16/(C/G)⌉ spatial positions (in s, then c order); each channel
 //   accumulates d = v − m1 and d² (FMA) over the spatial positions of a block in order; the
@@ -164,18 +165,14 @@ void nchw_fwd(const GroupArgs& a, int64_t lo, int64_t hi) {
     for (int64_t c = 0; c < cg; c++) {
       const void* xc = at<ST<X>>(src, c * s);
       void* yc = at<ST<X>>(y, c * s);
-      const C ac = rstd * w[c0 + c], bc = b ? b[c0 + c] : C(0);
+      const C ac = rstd * w[c0 + c], bc = sfma(-dm, ac, b ? b[c0 + c] : C(0));
       const V av = vsplat<C>(ac), bv = vsplat<C>(bc);
       out_run<X>(
           yc, s, a.stream,
           [&](int64_t j, auto stream) {
-            V t = (vload<X, C>(xc, j) - m1) - dm;
-            vstore<X, C, decltype(stream)::value>(yc, j, a.fma ? vfma(t, av, bv) : t * av);
+            vstore<X, C, decltype(stream)::value>(yc, j, vfma(vload<X, C>(xc, j) - m1, av, bv));
           },
-          [&](int64_t j) {
-            C t = (sload<X, C>(xc, j) - m1) - dm;
-            sstore<X, C>(yc, j, a.fma ? sfma(t, ac, bc) : t * ac);
-          });
+          [&](int64_t j) { sstore<X, C>(yc, j, sfma(sload<X, C>(xc, j) - m1, ac, bc)); });
     }
     C* st = at<C>(a.stats, 3 * r);
     st[0] = m1;
@@ -308,7 +305,7 @@ void cl_group_moments(const GroupArgs& a, int64_t b, int64_t g, CT<X> shift, CT<
 }
 
 // Forward phase 2 (per sample), after the blocks' sums are merged into coef rows 1 and 2: the
-// statistics, per group into stats and per channel into coef rows 0-2 (m1, dm, rstd·γ).
+// statistics, per group into stats and per channel into coef rows 0-2 (m1, b_c, a_c).
 template <int X>
 void cl_stats(const GroupArgs& a, int64_t b) {
   using C = CT<X>;
@@ -365,10 +362,11 @@ void cl_stats(const GroupArgs& a, int64_t b) {
     st[1] = dm;
     st[2] = rstd;
     const C* w = static_cast<const C*>(a.w);
+    const C* bb = static_cast<const C*>(a.b);
     for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
       m1[c] = sh;
-      t1[c] = dm;
       t2[c] = rstd * w[c];
+      t1[c] = sfma(-dm, t2[c], bb ? bb[c] : C(0));
     }
   }
 }
@@ -419,12 +417,11 @@ void cl_out(const GroupArgs& a, int64_t u) {
   const int64_t b = u / a.nsb, k = u % a.nsb, nc = a.c;
   const int64_t s0 = k * a.sb, s1 = lesser(a.s, s0 + a.sb);
   const C* m1 = coef_row<C>(a, b, 0);
-  const C* dm = coef_row<C>(a, b, 1);
-  const C* rs = coef_row<C>(a, b, 2);  // rstd, forward rstd·γ
+  const C* dm = coef_row<C>(a, b, 1);  // forward: b_c
+  const C* rs = coef_row<C>(a, b, 2);  // forward: a_c
   const C* q1 = coef_row<C>(a, b, 3);
   const C* q2 = coef_row<C>(a, b, 4);
   const C* w = static_cast<const C*>(a.w);
-  const C* bb = static_cast<const C*>(a.b);
   for (int64_t s = s0; s < s1; s++) {
     const int64_t o = (b * a.s + s) * nc;
     const void* x = at<ST<X>>(a.x, o);
@@ -434,9 +431,10 @@ void cl_out(const GroupArgs& a, int64_t u) {
         out, nc, a.stream,
         [&](int64_t j, auto stream) {
           constexpr bool ST_ = decltype(stream)::value;
-          V t = (vload<X, C>(x, j) - vload<CK, C>(m1, j)) - vload<CK, C>(dm, j);
-          V r = vload<CK, C>(rs, j);  // forward: rstd·γ
+          V t = vload<X, C>(x, j) - vload<CK, C>(m1, j);
+          V r = vload<CK, C>(rs, j);
           if constexpr (BWD) {
+            t = t - vload<CK, C>(dm, j);
             V d = vload<X, C>(dy, j);
             vstore<X, C, ST_>(
                 out, j,
@@ -444,16 +442,17 @@ void cl_out(const GroupArgs& a, int64_t u) {
                                                                 vload<CK, C>(q1, j))),
                      vzero<C>()));
           } else {
-            vstore<X, C, ST_>(out, j, a.fma ? vfma(t, r, vload<CK, C>(bb, j)) : t * r);
+            vstore<X, C, ST_>(out, j, vfma(t, r, vload<CK, C>(dm, j)));
           }
         },
         [&](int64_t j) {
-          C t = (sload<X, C>(x, j) - m1[j]) - dm[j];
+          C t = sload<X, C>(x, j) - m1[j];
           if constexpr (BWD) {
+            t = t - dm[j];
             sstore<X, C>(out, j,
                          dx_of(sload<X, C>(dy, j), t * rs[j], w[j], q1[j], q2[j], rs[j], C(0)));
           } else {
-            sstore<X, C>(out, j, a.fma ? sfma(t, rs[j], bb[j]) : t * rs[j]);
+            sstore<X, C>(out, j, sfma(t, rs[j], dm[j]));
           }
         });
   }

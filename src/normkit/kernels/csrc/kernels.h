@@ -102,7 +102,6 @@ struct GroupArgs {
   int64_t nb, c, s, g;  // batch, channels, spatial size, groups
   int64_t sb, nsb;      // channels-last: spatial rows per block, blocks per sample
   bool cl;              // channels-last
-  bool fma;             // forward: y = fma(x̂, γ, β) (β given), else x̂·γ
   bool stream;          // y / dx written with non-temporal stores (outputs beyond the caches)
   double eps;
   const void* x;        // (B, C, S) or (B, S, C) contiguous
