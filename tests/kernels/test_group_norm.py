@@ -201,10 +201,12 @@ def test_backward_deterministic_and_threads_do_not_matter(fmt):
 @pytest.mark.parametrize("fmt", ["nchw", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,g", [((3, 40, 5, 7), 5), ((2, 64, 8, 8), 8)])
-def test_streamed_outputs_give_the_same_bits(shape, g, dtype, fmt):
-    """Outputs beyond the caches are written with non-temporal stores (single elements up to
-    each run's first 64-byte boundary: 35 values per channel, 40 channels per row here, and
-    aligned runs in the second shape): the same bits as plain stores."""
+def test_calls_beyond_the_caches_give_the_same_bits(shape, g, dtype, fmt):
+    """Calls whose bytes are beyond the caches (the threshold at 0 here) write their outputs
+    with non-temporal stores (single elements up to each run's first 64-byte boundary: 35
+    values per channel, 40 channels per row here, and aligned runs in the second shape), and
+    channels-last sums take a block row by row instead of four rows at a time (35 rows: 8
+    fours and 3): the same bits as in the caches."""
     x = _make(shape, dtype, fmt)
     w, b = torch.randn(shape[1]), torch.randn(shape[1])
     dy = torch.randn(shape).to(dtype)

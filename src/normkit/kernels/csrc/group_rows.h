@@ -51,28 +51,38 @@ NK_INLINE void out_run(const void* y, int64_t n, bool stream, const Vf& vec, con
 }
 
 // channels-last: Σ over spatial rows [s0, s1) of t's terms, for every channel c < nc, into o1[c]
-// and o2[c]: each channel in spatial order (lane-wise, so the vector grouping sets no bit).  Row
-// by row, as x lies in memory, the sums kept in o1/o2 (2·C values, in L1): a walk down the
-// block one group of channel vectors at a time ran at half the speed of torch's channels-last
-// kernel (its strided reads are not a stream the prefetchers follow well), and four rows at a
-// time (o1/o2 loaded and stored once per four) was faster in the caches but slower out of them
-// (bfloat16 (8, 320, 64, 64), one thread: 5.8-7.0 ms against 4.6 row by row).
-template <class C, class T>
-NK_INLINE void cl_sums(int64_t nc, int64_t s0, int64_t s1, const T& t, C* o1, C* o2) {
+// and o2[c]: each channel in spatial order (lane-wise, so the vector grouping sets no bit).  Rows
+// as x lies in memory, R at a time, the sums kept in o1/o2 (2·C values, in L1) between them: a
+// walk down the block one group of channel vectors at a time ran at half the speed of torch's
+// channels-last kernel (its strided reads are not a stream the prefetchers follow well).
+// Returns the first row not taken (the last rows of a block that R does not divide).
+template <int R, class C, class T>
+NK_INLINE int64_t cl_rows(int64_t nc, int64_t s, int64_t s1, const T& t, C* o1, C* o2) {
   using V = Vec<C>;
   constexpr int CK = kind_of_compute<C>();
   const int64_t nv = nc - nc % W;
-  memset(o1, 0, nc * sizeof(C));  // +0.0: all bits zero
-  memset(o2, 0, nc * sizeof(C));
-  for (int64_t s = s0; s < s1; s++) {
+  for (; s + R <= s1; s += R) {
     for (int64_t j = 0; j < nv; j += W) {
       V a1 = vload<CK, C>(o1, j), a2 = vload<CK, C>(o2, j);
-      t.vec(s, j, a1, a2);
+      for (int r = 0; r < R; r++) t.vec(s + r, j, a1, a2);
       vstore<CK, C>(o1, j, a1);
       vstore<CK, C>(o2, j, a2);
     }
-    for (int64_t j = nv; j < nc; j++) t.one(s, j, o1[j], o2[j]);
+    for (int64_t j = nv; j < nc; j++)
+      for (int r = 0; r < R; r++) t.one(s + r, j, o1[j], o2[j]);
   }
+  return s;
+}
+
+// cl_rows over a block: four rows at a time where the call's bytes fit in the caches (o1/o2
+// loaded and stored once per four rows: 1.1-1.4x faster at (8, 1280, 16, 16) and (2, 320, 64,
+// 64)), one at a time where x comes from memory (``far``), which ran 10-25% faster there
+// ((4, 256, 128, 128), (8, 320, 64, 64), (16, 512, 32, 32)).  The same bits either way.
+template <class C, class T>
+NK_INLINE void cl_sums(int64_t nc, int64_t s0, int64_t s1, bool far, const T& t, C* o1, C* o2) {
+  memset(o1, 0, nc * sizeof(C));  // +0.0: all bits zero
+  memset(o2, 0, nc * sizeof(C));
+  cl_rows<1>(nc, far ? s0 : cl_rows<4>(nc, s0, s1, t, o1, o2), s1, t, o1, o2);
 }
 
 // Forward moments about a per-channel shift: d = v − shift[c], terms d and d·d.  Element (s, c)
@@ -476,12 +486,13 @@ NK_INLINE void cl_block_sums(const GroupArgs& a, int64_t u, int64_t into) {
   C* p1 = part_row<C>(a, into, 0);
   C* p2 = part_row<C>(a, into, 1);
   if constexpr (BWD) {
-    cl_sums<C>(a.c, s0, s1,
+    cl_sums<C>(a.c, s0, s1, a.far,
                ClGrads<X>{at<ST<X>>(a.x, o), at<ST<X>>(a.dy, o), coef_row<C>(a, b, 0),
                           coef_row<C>(a, b, 1), coef_row<C>(a, b, 2), a.c},
                p1, p2);
   } else {
-    cl_sums<C>(a.c, s0, s1, ClMoments<X>{at<ST<X>>(a.x, o), coef_row<C>(a, b, 0), a.c}, p1, p2);
+    cl_sums<C>(a.c, s0, s1, a.far, ClMoments<X>{at<ST<X>>(a.x, o), coef_row<C>(a, b, 0), a.c},
+               p1, p2);
   }
 }
 
