@@ -100,7 +100,7 @@ py::tuple group_forward(const at::Tensor& x, const Opt& w, const Opt& b, int64_t
   }
   at::Tensor y = empty_output(x.sizes(), x.scalar_type());
   at::Tensor stats = compute_empty({a.nb * a.g, 3}, x);
-  at::Tensor coef = a.cl ? compute_empty({a.nb, 5, a.c}, x) : at::Tensor();
+  at::Tensor coef = a.cl ? compute_empty({a.nb, 4, a.c}, x) : at::Tensor();
   at::Tensor part = a.cl ? compute_empty({a.nb * a.nsb, 2, a.c}, x) : at::Tensor();
   a.y = y.data_ptr();
   a.stream = y.nbytes() >= stream_min_bytes();
@@ -130,7 +130,7 @@ py::tuple group_backward(const at::Tensor& dy, const at::Tensor& x, const Opt& w
               "normkit cpu: group_norm's stats must be (B·G, 3)");
   at::Tensor dx = empty_output(x.sizes(), x.scalar_type());
   at::Tensor sums = compute_empty({2, a.nb, a.c}, x);
-  at::Tensor coef = a.cl ? compute_empty({a.nb, 5, a.c}, x) : at::Tensor();
+  at::Tensor coef = a.cl ? compute_empty({a.nb, 4, a.c}, x) : at::Tensor();
   at::Tensor part = a.cl ? compute_empty({a.nb * a.nsb, 2, a.c}, x) : at::Tensor();
   a.dy = dy.data_ptr();
   a.dx = dx.data_ptr();

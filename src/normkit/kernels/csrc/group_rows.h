@@ -19,9 +19,14 @@
 //   rows.h does (and a group whose sums of squares overflow, again scaled by a power of two, as
 //   row_stats does).  The blocks (sb spatial rows each) depend on S and C only.
 // * backward: per channel and sample Σ dy·x̂ and Σ dy (the per-sample partials of dγ and dβ),
-//   c1 = Σ_c γ_c·Σdy, c2 = Σ_c γ_c·Σ dy·x̂ (FMA, channel order), and
-//   dx = fma(rstd, fma(x̂, −c2/L, fma(dy, γ_c, −c1/L)), 0), as rows.h's dx_of; dγ/dβ = the
-//   per-sample partials added in sample order (Table::sum).
+//   c1 = Σ_c γ_c·Σdy, c2 = Σ_c γ_c·Σ dy·x̂ (FMA, channel order); dγ/dβ = the per-sample
+//   partials added in sample order (Table::sum).  NCHW: Σ dy·x̂ element by element, and
+//   dx = fma(rstd, fma(x̂, −c2/L, fma(dy, γ_c, −c1/L)), 0), as rows.h's dx_of.  Channels-last,
+//   the same algebra with the group's constants folded per channel: Σ dy·x̂ =
+//   rstd·(Σ dy·(v − m1) − dm·Σ dy), and dx = rstd·fma(dy, γ_c, fma(v − m1, p, q)) with
+//   p = rstd·(−c2/L), q = fma(−dm, p, −c1/L): three operations an element where there were six
+//   (|dm| ≤ σ, so neither fold cancels more than a digit; rstd stays outside, as rstd² would
+//   underflow for groups of |x| ≳ 1e19).
 //
 // So a sample's y and dx depend only on that sample, γ, β, ε and the shape of one sample; the
 // bits of the two layouts differ (their sums run in different orders).
@@ -105,29 +110,23 @@ struct ClMoments {
   }
 };
 
-// Backward sums: terms dy and dy·x̂, x̂ from per-channel rows m1, dm, rstd.
+// Backward sums: terms dy and dy·(v − m1), m1 a per-channel row.
 template <int X>
 struct ClGrads {
   using C = CT<X>;
   const void* x;
   const void* dy;
   const C* m1;
-  const C* dm;
-  const C* rstd;
   int64_t c;
   NK_INLINE void vec(int64_t s, int64_t j, Vec<C>& a1, Vec<C>& a2) const {
-    constexpr int CK = kind_of_compute<C>();
     Vec<C> d = vload<X, C>(dy, s * c + j);
-    Vec<C> xh = ((vload<X, C>(x, s * c + j) - vload<CK, C>(m1, j)) - vload<CK, C>(dm, j)) *
-                vload<CK, C>(rstd, j);
     a1 = a1 + d;
-    a2 = vfma(d, xh, a2);
+    a2 = vfma(d, vload<X, C>(x, s * c + j) - vload<kind_of_compute<C>(), C>(m1, j), a2);
   }
   NK_INLINE void one(int64_t s, int64_t j, C& a1, C& a2) const {
     C d = sload<X, C>(dy, s * c + j);
-    C xh = ((sload<X, C>(x, s * c + j) - m1[j]) - dm[j]) * rstd[j];
     a1 = a1 + d;
-    a2 = sfma(d, xh, a2);
+    a2 = sfma(d, sload<X, C>(x, s * c + j) - m1[j], a2);
   }
 };
 
@@ -247,7 +246,7 @@ void nchw_bwd(const GroupArgs& a, int64_t lo, int64_t hi) {
 // coef row k (of 5) of sample b, and block k's partial sums (2 rows of C) of unit u
 template <class C>
 NK_INLINE C* coef_row(const GroupArgs& a, int64_t b, int k) {
-  return at<C>(a.coef, (b * 5 + k) * a.c);
+  return at<C>(a.coef, (b * 4 + k) * a.c);
 }
 template <class C>
 NK_INLINE C* part_row(const GroupArgs& a, int64_t u, int k) {
@@ -381,39 +380,41 @@ void cl_stats(const GroupArgs& a, int64_t b) {
   }
 }
 
-// Per-channel coef rows 0-2 from stats (backward phase 0).
+// Per-channel coef row 0 (m1) from stats (backward phase 0).
 template <class C>
 void cl_expand(const GroupArgs& a, int64_t b) {
   const int64_t cg = a.c / a.g;
-  for (int64_t g = 0; g < a.g; g++) {
-    const C* st = at<C>(a.stats, 3 * (b * a.g + g));
-    for (int k = 0; k < 3; k++) {
-      C* row = coef_row<C>(a, b, k);
-      for (int64_t c = g * cg; c < (g + 1) * cg; c++) row[c] = st[k];
-    }
-  }
+  C* m1 = coef_row<C>(a, b, 0);
+  for (int64_t g = 0; g < a.g; g++)
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) m1[c] = at<C>(a.stats, 3 * (b * a.g + g))[0];
 }
 
-// Backward phase 2 (per sample), after the blocks' Σ dy and Σ dy·x̂ per channel are merged into
-// sums: −c1/L and −c2/L per channel into coef rows 3 and 4.
+// Backward phase 2 (per sample), after the blocks' Σ dy and Σ dy·(v − m1) per channel are merged
+// into sums: the second made Σ dy·x̂, and per channel q, rstd and p into coef rows 1-3.
 template <class C>
 void cl_coefs(const GroupArgs& a, int64_t b) {
   const int64_t cg = a.c / a.g;
   const C nf = C(cg * a.s);
-  const C* sw = at<C>(a.sums, b * a.c);
+  C* sw = at<C>(a.sums, b * a.c);
   const C* sb = at<C>(a.sums, (a.nb + b) * a.c);
   const C* w = static_cast<const C*>(a.w);
-  C* q1 = coef_row<C>(a, b, 3);
-  C* q2 = coef_row<C>(a, b, 4);
+  C* kq = coef_row<C>(a, b, 1);
+  C* kr = coef_row<C>(a, b, 2);
+  C* kp = coef_row<C>(a, b, 3);
   for (int64_t g = 0; g < a.g; g++) {
+    const C* st = at<C>(a.stats, 3 * (b * a.g + g));
+    const C dm = st[1], rstd = st[2];
     C c1 = C(0), c2 = C(0);
     for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+      sw[c] = rstd * sfma(-dm, sb[c], sw[c]);
       c1 = sfma(w[c], sb[c], c1);
       c2 = sfma(w[c], sw[c], c2);
     }
+    const C p = rstd * -(c2 / nf), q = sfma(-dm, p, -(c1 / nf));
     for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
-      q1[c] = -(c1 / nf);
-      q2[c] = -(c2 / nf);
+      kq[c] = q;
+      kr[c] = rstd;
+      kp[c] = p;
     }
   }
 }
@@ -427,10 +428,9 @@ void cl_out(const GroupArgs& a, int64_t u) {
   const int64_t b = u / a.nsb, k = u % a.nsb, nc = a.c;
   const int64_t s0 = k * a.sb, s1 = lesser(a.s, s0 + a.sb);
   const C* m1 = coef_row<C>(a, b, 0);
-  const C* dm = coef_row<C>(a, b, 1);  // forward: b_c
-  const C* rs = coef_row<C>(a, b, 2);  // forward: a_c
-  const C* q1 = coef_row<C>(a, b, 3);
-  const C* q2 = coef_row<C>(a, b, 4);
+  const C* k1 = coef_row<C>(a, b, 1);  // forward b_c, backward q
+  const C* k2 = coef_row<C>(a, b, 2);  // forward a_c, backward rstd
+  const C* k3 = coef_row<C>(a, b, 3);  // backward p
   const C* w = static_cast<const C*>(a.w);
   for (int64_t s = s0; s < s1; s++) {
     const int64_t o = (b * a.s + s) * nc;
@@ -442,27 +442,21 @@ void cl_out(const GroupArgs& a, int64_t u) {
         [&](int64_t j, auto stream) {
           constexpr bool ST_ = decltype(stream)::value;
           V t = vload<X, C>(x, j) - vload<CK, C>(m1, j);
-          V r = vload<CK, C>(rs, j);
           if constexpr (BWD) {
-            t = t - vload<CK, C>(dm, j);
-            V d = vload<X, C>(dy, j);
-            vstore<X, C, ST_>(
-                out, j,
-                vfma(r, vfma(t * r, vload<CK, C>(q2, j), vfma(d, vload<CK, C>(w, j),
-                                                                vload<CK, C>(q1, j))),
-                     vzero<C>()));
+            V u = vfma(t, vload<CK, C>(k3, j), vload<CK, C>(k1, j));
+            vstore<X, C, ST_>(out, j,
+                              vload<CK, C>(k2, j) *
+                                  vfma(vload<X, C>(dy, j), vload<CK, C>(w, j), u));
           } else {
-            vstore<X, C, ST_>(out, j, vfma(t, r, vload<CK, C>(dm, j)));
+            vstore<X, C, ST_>(out, j, vfma(t, vload<CK, C>(k2, j), vload<CK, C>(k1, j)));
           }
         },
         [&](int64_t j) {
           C t = sload<X, C>(x, j) - m1[j];
           if constexpr (BWD) {
-            t = t - dm[j];
-            sstore<X, C>(out, j,
-                         dx_of(sload<X, C>(dy, j), t * rs[j], w[j], q1[j], q2[j], rs[j], C(0)));
+            sstore<X, C>(out, j, k2[j] * sfma(sload<X, C>(dy, j), w[j], sfma(t, k3[j], k1[j])));
           } else {
-            sstore<X, C>(out, j, sfma(t, rs[j], dm[j]));
+            sstore<X, C>(out, j, sfma(t, k2[j], k1[j]));
           }
         });
   }
@@ -487,8 +481,7 @@ NK_INLINE void cl_block_sums(const GroupArgs& a, int64_t u, int64_t into) {
   C* p2 = part_row<C>(a, into, 1);
   if constexpr (BWD) {
     cl_sums<C>(a.c, s0, s1, a.far,
-               ClGrads<X>{at<ST<X>>(a.x, o), at<ST<X>>(a.dy, o), coef_row<C>(a, b, 0),
-                          coef_row<C>(a, b, 1), coef_row<C>(a, b, 2), a.c},
+               ClGrads<X>{at<ST<X>>(a.x, o), at<ST<X>>(a.dy, o), coef_row<C>(a, b, 0), a.c},
                p1, p2);
   } else {
     cl_sums<C>(a.c, s0, s1, a.far, ClMoments<X>{at<ST<X>>(a.x, o), coef_row<C>(a, b, 0), a.c},

@@ -114,7 +114,7 @@ struct GroupArgs {
   void* stats;          // (B·G, 3) [m1, dm, rstd] in the compute type
   void* sums;           // backward: (2, B, C) per-sample Σ dy·x̂ and Σ dy per channel
   void* part;           // channels-last: (B·nsb, 2, C) block partial sums
-  void* coef;           // channels-last: (B, 5, C) per-channel [m1, dm, rstd, −c1/L, −c2/L]
+  void* coef;           // channels-last: (B, 4, C) per-channel coefficients (group_rows.h)
 };
 using GroupFn = void (*)(const GroupArgs&, int phase, int64_t lo, int64_t hi);
 // Norm + quantize (quant.h): y of the "torch" casting in float32, quantized per row with a float32
