@@ -12,8 +12,9 @@ writes each).  Where those bytes are as many as the last-level cache holds or mo
 copies the next slice of buffers of at least twice the cache, so that no call finds its source
 still in the cache from the call before: (16, 512, 32, 32) bfloat16's forward moves 32 MiB (a
 16 MiB source into a 16 MiB destination), and copied from one buffer pair that ran at 90-100
-GB/s on this 2-core VM's 32 MiB L3, three times memory's speed.  Medians after warm-up (``normkit.bench._timing``), the implementations of a case
-interleaved round by round so a shared machine's drift hits them alike.
+GB/s on this 2-core VM's 32 MiB L3, three times memory's speed.  Medians after warm-up
+(``normkit.bench._timing``), the implementations of a case interleaved round by round so a
+shared machine's drift hits them alike.
 
     python benchmarks/group_norm.py [--quick] [--device cpu|cuda] [--threads N] [--out PATH]
 """
@@ -129,16 +130,19 @@ def run(quick: bool, device: str) -> list[dict]:
                         forward_s = t["normkit"]
                     else:
                         # the backward alone: forward+backward less the forward, against a copy
-                        # of its own bytes (read x and dy, write dx: 3/5 of the pass's)
+                        # of its own bytes (read x and dy, write dx: 3/5 of the pass's); None
+                        # where a noisy pass took no longer than its forward
+                        bwd_s = t["normkit"] - forward_s
                         row["backward_fraction_of_copy"] = (
-                            0.6 * t["copy"] / max(t["normkit"] - forward_s, 1e-9))
+                            0.6 * t["copy"] / bwd_s if bwd_s > 0 else None)
                     rows.append(row)
                     bwd = row.get("backward_fraction_of_copy")
+                    tail = "" if what == "forward" else "  backward of copy " + (
+                        "?" if bwd is None else f"{bwd:.2f}")
                     print(f"{str(shape):18} {fname:13} {dname:8} {what:16} normkit "
                           f"{t['normkit'] * 1e3:8.2f} ms  torch {t['torch'] * 1e3:8.2f} ms  "
                           f"copy {t['copy'] * 1e3:8.2f} ms  of copy {row['fraction_of_copy']:.2f}"
-                          f"  vs torch {row['speedup_vs_torch']:.2f}x"
-                          + ("" if bwd is None else f"  backward of copy {bwd:.2f}"), flush=True)
+                          f"  vs torch {row['speedup_vs_torch']:.2f}x{tail}", flush=True)
     return rows
 
 

@@ -14,8 +14,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (ATOL, DTYPES, assert_close_to_ref, bits, max_err, parallel_from,
-                     stream_from)
+from helpers import (
+    ATOL,
+    DTYPES,
+    assert_close_to_ref,
+    bits,
+    max_err,
+    parallel_from,
+    stream_from,
+)
 
 import normkit
 from normkit import _dispatch
