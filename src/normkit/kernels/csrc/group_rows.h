@@ -35,9 +35,11 @@ NK_INLINE int64_t lesser(int64_t p, int64_t q) { return p < q ? p : q; }
 
 // One run of n output elements at y (a channel's S values, NCHW; a spatial row's C values,
 // channels-last): vec(j, stream) computes and stores the W elements from j, one(j) element j.
-// Streamed (GroupArgs::stream, outputs larger than the caches: non-temporal stores, which skip
-// the read of each line a plain store costs, a third of a copy's traffic): single elements up
-// to the first STREAM_ALIGN boundary, so that every vector store is aligned.  Both compute each
+// Streamed (GroupArgs::stream: the call's x, dy and output together pass stream_min_bytes, 3/4
+// of the largest cache; non-temporal stores skip the read of each line a plain store costs, a
+// third of a copy's traffic, and leave the caches to x: float32 (1, 64, 256, 256), whose 16 MiB
+// y alone is below the threshold, ran 1.24x faster streamed): single elements up to the first
+// STREAM_ALIGN boundary, so that every vector store is aligned.  Both compute each
 // element with the same operations, so the split sets no bit.
 template <int X, class Vf, class Sf>
 NK_INLINE void out_run(const void* y, int64_t n, bool stream, const Vf& vec, const Sf& one) {
@@ -81,8 +83,9 @@ NK_INLINE int64_t cl_rows(int64_t nc, int64_t s, int64_t s1, const T& t, C* o1, 
 
 // cl_rows over a block: four rows at a time where the call's bytes fit in the caches (o1/o2
 // loaded and stored once per four rows: 1.1-1.4x faster at (8, 1280, 16, 16) and (2, 320, 64,
-// 64)), one at a time where x comes from memory (``far``), which ran 10-25% faster there
-// ((4, 256, 128, 128), (8, 320, 64, 64), (16, 512, 32, 32)).  The same bits either way.
+// 64)), one at a time where x comes from memory (``far``: GroupArgs::stream), which ran 10-25%
+// faster there ((4, 256, 128, 128), (8, 320, 64, 64), (16, 512, 32, 32)).  The same bits either
+// way.
 template <class C, class T>
 NK_INLINE void cl_sums(int64_t nc, int64_t s0, int64_t s1, bool far, const T& t, C* o1, C* o2) {
   memset(o1, 0, nc * sizeof(C));  // +0.0: all bits zero
@@ -480,11 +483,11 @@ NK_INLINE void cl_block_sums(const GroupArgs& a, int64_t u, int64_t into) {
   C* p1 = part_row<C>(a, into, 0);
   C* p2 = part_row<C>(a, into, 1);
   if constexpr (BWD) {
-    cl_sums<C>(a.c, s0, s1, a.far,
+    cl_sums<C>(a.c, s0, s1, a.stream,
                ClGrads<X>{at<ST<X>>(a.x, o), at<ST<X>>(a.dy, o), coef_row<C>(a, b, 0), a.c},
                p1, p2);
   } else {
-    cl_sums<C>(a.c, s0, s1, a.far, ClMoments<X>{at<ST<X>>(a.x, o), coef_row<C>(a, b, 0), a.c},
+    cl_sums<C>(a.c, s0, s1, a.stream, ClMoments<X>{at<ST<X>>(a.x, o), coef_row<C>(a, b, 0), a.c},
                p1, p2);
   }
 }

@@ -102,8 +102,8 @@ struct GroupArgs {
   int64_t nb, c, s, g;  // batch, channels, spatial size, groups
   int64_t sb, nsb;      // channels-last: spatial rows per block, blocks per sample
   bool cl;              // channels-last
-  bool stream;          // y / dx written with non-temporal stores (outputs beyond the caches)
-  bool far;             // the call's bytes beyond the caches: channels-last sums row by row
+  bool stream;          // the call's bytes beyond the caches: y / dx written with non-temporal
+                        // stores, channels-last sums row by row (group_rows.h)
   double eps;
   const void* x;        // (B, C, S) or (B, S, C) contiguous
   void* y;              // forward: like x, x's kind
