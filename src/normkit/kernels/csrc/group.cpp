@@ -103,7 +103,7 @@ py::tuple group_forward(const at::Tensor& x, const Opt& w, const Opt& b, int64_t
   at::Tensor coef = a.cl ? compute_empty({a.nb, 4, a.c}, x) : at::Tensor();
   at::Tensor part = a.cl ? compute_empty({a.nb * a.nsb, 2, a.c}, x) : at::Tensor();
   a.y = y.data_ptr();
-  a.stream = 2 * y.nbytes() >= stream_min_bytes();  // x read, y written (see GroupArgs)
+  a.stream = 2 * int64_t(y.nbytes()) >= stream_min_bytes();  // x read, y written (GroupArgs)
   a.stats = stats.data_ptr();
   if (a.cl) {
     a.coef = coef.data_ptr();
@@ -133,7 +133,7 @@ py::tuple group_backward(const at::Tensor& dy, const at::Tensor& x, const Opt& w
   at::Tensor part = a.cl ? compute_empty({a.nb * a.nsb, 2, a.c}, x) : at::Tensor();
   a.dy = dy.data_ptr();
   a.dx = dx.data_ptr();
-  a.stream = 3 * dx.nbytes() >= stream_min_bytes();  // x and dy read, dx written
+  a.stream = 3 * int64_t(dx.nbytes()) >= stream_min_bytes();  // x and dy read, dx written
   a.stats = stats.data_ptr();
   a.sums = sums.data_ptr();
   if (a.cl) {

@@ -466,7 +466,7 @@ void cl_out(const GroupArgs& a, int64_t u) {
 }
 
 // The rows the merged sums of sample b go to: Σ t1 and Σ t2 (forward: coef rows 1 and 2;
-// backward: Σ dy and Σ dy·x̂ in sums).
+// backward: Σ dy and Σ dy·(v − m1) in sums, the second made Σ dy·x̂ by cl_coefs).
 template <class C, bool BWD>
 NK_INLINE C* merged_row(const GroupArgs& a, int64_t b, int k) {
   if constexpr (BWD) return at<C>(a.sums, ((k == 0 ? a.nb : 0) + b) * a.c);
