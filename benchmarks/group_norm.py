@@ -5,9 +5,16 @@ and channels-last, float32 and bfloat16, side by side in one process.
 Ideal bytes (elements of x's dtype, γ/β and statistics left out: < 0.1%):
   forward          read x, write y                      2 x numel
   forward+backward forward, then read x and dy, write dx 5 x numel
+The backward alone (``backward_fraction_of_copy``) is the forward+backward time less the
+forward's, against 3/5 of the forward+backward copy.
 A copy of the same bytes is ``dst.copy_(src)`` of half as many elements (a copy reads and
-writes each).  Medians after warm-up (``normkit.bench._timing``), the implementations of a case
-interleaved round by round so a shared machine's drift hits them alike.
+writes each).  Where those bytes are as many as the last-level cache holds or more, each call
+copies the next slice of buffers of at least twice the cache, so that no call finds its source
+still in the cache from the call before: (16, 512, 32, 32) bfloat16's forward moves 32 MiB (a
+16 MiB source into a 16 MiB destination), and copied from one buffer pair that ran at 90-100
+GB/s on this 2-core VM's 32 MiB L3, three times memory's speed.  Medians after warm-up
+(``normkit.bench._timing``), the implementations of a case interleaved round by round so a
+shared machine's drift hits them alike.
 
     python benchmarks/group_norm.py [--quick] [--device cpu|cuda] [--threads N] [--out PATH]
 """
@@ -15,6 +22,9 @@ interleaved round by round so a shared machine's drift hits them alike.
 from __future__ import annotations
 
 import argparse
+import glob
+import itertools
+import math
 import os
 import sys
 import time
@@ -27,12 +37,46 @@ from normkit._io import write_json_atomic
 from normkit.bench import machine_info
 from normkit.bench._timing import TimingPolicy, timer_for
 
-# (shape, groups): the U-Net's first and deepest levels (SD 1.x: 320 and 1280 channels) and a
-# high-resolution level of a small model
-SHAPES = [((8, 320, 64, 64), 32), ((8, 1280, 16, 16), 32), ((1, 64, 256, 256), 32)]
-QUICK = [((2, 320, 64, 64), 32), ((8, 1280, 16, 16), 32), ((1, 64, 256, 256), 32)]
+# (shape, groups): the U-Net's first and deepest levels (SD 1.x: 320 and 1280 channels), a
+# high-resolution level of a small model, and the bar's two (16.8M and 8.4M elements, the first
+# the size of 4096x4096)
+BAR = [((4, 256, 128, 128), 32), ((16, 512, 32, 32), 32)]
+SHAPES = [((8, 320, 64, 64), 32), ((8, 1280, 16, 16), 32), ((1, 64, 256, 256), 32), *BAR]
+QUICK = [((2, 320, 64, 64), 32), ((8, 1280, 16, 16), 32), ((1, 64, 256, 256), 32), *BAR]
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _cache_bytes() -> int:
+    """The largest CPU cache's size (Linux sysfs), or 32 MiB where it cannot be read."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]])
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return max(sizes, default=32 << 20)
+
+
+def _copy(n, dtype, device):
+    """A call that copies n elements of dtype (reads and writes 2·n elements' bytes).  Where those
+    bytes fill the cache, the calls take turns over slices of buffers of at least twice the
+    cache.  Buffers written before they are timed: an untouched buffer reads the kernel's
+    shared zero page, which stays in cache, and the copy would look several times faster than
+    memory."""
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    cache = _cache_bytes()
+    k = 1 if 2 * nbytes < cache else math.ceil(2 * cache / nbytes)
+    src = torch.randn(k * n, device=device).to(dtype)
+    dst = torch.zeros_like(src)
+    turn = itertools.cycle(range(0, k * n, n))
+
+    def run():
+        i = next(turn)
+        dst[i:i + n].copy_(src[i:i + n])
+    return run
 
 
 def _case(shape, g, fmt, dtype, device):
@@ -42,10 +86,6 @@ def _case(shape, g, fmt, dtype, device):
     dy = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
     n = x.numel()
-    # written before they are timed: an untouched buffer reads the kernel's shared zero page,
-    # which stays in cache, and the copy would look several times faster than memory
-    src = torch.randn(int(2.5 * n), device=device).to(dtype)
-    dst = torch.zeros_like(src)
 
     def fwd(op):
         def run():
@@ -61,9 +101,9 @@ def _case(shape, g, fmt, dtype, device):
 
     return {
         "forward": ({"normkit": fwd(normkit.group_norm), "torch": fwd(F.group_norm),
-                     "copy": lambda: dst[:n].copy_(src[:n])}, 2 * n * x.element_size()),
+                     "copy": _copy(n, dtype, device)}, 2 * n * x.element_size()),
         "forward+backward": ({"normkit": train(normkit.group_norm), "torch": train(F.group_norm),
-                              "copy": lambda: dst.copy_(src)}, 5 * n * x.element_size()),
+                              "copy": _copy(5 * n // 2, dtype, device)}, 5 * n * x.element_size()),
     }
 
 
@@ -86,11 +126,23 @@ def run(quick: bool, device: str) -> list[dict]:
                            "normkit_gb_s": nbytes / t["normkit"] / 1e9,
                            "fraction_of_copy": t["copy"] / t["normkit"],
                            "speedup_vs_torch": t["torch"] / t["normkit"]}
+                    if what == "forward":
+                        forward_s = t["normkit"]
+                    else:
+                        # the backward alone: forward+backward less the forward, against a copy
+                        # of its own bytes (read x and dy, write dx: 3/5 of the pass's); None
+                        # where a noisy pass took no longer than its forward
+                        bwd_s = t["normkit"] - forward_s
+                        row["backward_fraction_of_copy"] = (
+                            0.6 * t["copy"] / bwd_s if bwd_s > 0 else None)
                     rows.append(row)
+                    bwd = row.get("backward_fraction_of_copy")
+                    tail = "" if what == "forward" else "  backward of copy " + (
+                        "?" if bwd is None else f"{bwd:.2f}")
                     print(f"{str(shape):18} {fname:13} {dname:8} {what:16} normkit "
                           f"{t['normkit'] * 1e3:8.2f} ms  torch {t['torch'] * 1e3:8.2f} ms  "
                           f"copy {t['copy'] * 1e3:8.2f} ms  of copy {row['fraction_of_copy']:.2f}"
-                          f"  vs torch {row['speedup_vs_torch']:.2f}x", flush=True)
+                          f"  vs torch {row['speedup_vs_torch']:.2f}x{tail}", flush=True)
     return rows
 
 

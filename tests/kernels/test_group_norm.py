@@ -14,10 +14,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ATOL, DTYPES, assert_close_to_ref, bits, max_err, parallel_from
+from helpers import (
+    ATOL,
+    DTYPES,
+    assert_close_to_ref,
+    bits,
+    max_err,
+    parallel_from,
+    stream_from,
+)
 
 import normkit
 from normkit import _dispatch
+from normkit.kernels import cpu as cpu_kernels
 from normkit.kernels import reference
 
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -194,6 +203,82 @@ def test_backward_deterministic_and_threads_do_not_matter(fmt):
         torch.set_num_threads(threads)
     for a, c, s in zip(first, again, single, strict=True):
         assert torch.equal(bits(a), bits(c)) and torch.equal(bits(a), bits(s))
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,g", [((3, 40, 5, 7), 5), ((2, 64, 8, 8), 8)])
+def test_calls_beyond_the_caches_give_the_same_bits(shape, g, dtype, fmt):
+    """Calls whose bytes are beyond the caches (the threshold at 0 here) write their outputs
+    with non-temporal stores (single elements up to each run's first 64-byte boundary: 35
+    values per channel, 40 channels per row here, and aligned runs in the second shape), and
+    channels-last sums take a block row by row instead of four rows at a time (35 rows: 8
+    fours and 3): the same bits as in the caches."""
+    x = _make(shape, dtype, fmt)
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    dy = torch.randn(shape).to(dtype)
+    with stream_from(0):
+        streamed = _run(x, g, w, b, dy)
+    with stream_from(1 << 60):
+        plain = _run(x, g, w, b, dy)
+    for s, p in zip(streamed, plain, strict=True):
+        assert torch.equal(bits(s), bits(p))
+
+
+def _threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_whole_samples_and_phases_agree(dtype):
+    """Channels-last samples run whole on one thread each (the batch's multiple of the thread
+    count) or in phases split between the threads (the rest, and B below the threads): on 2
+    threads a batch of 3 takes both ways, a sample alone the phases, on 1 thread every sample
+    runs whole.  Every way gives a sample the same bits (two blocks a sample here)."""
+    x = _make((3, 64, 17, 17), dtype, "cl")
+    w, b = torch.randn(64), torch.randn(64)
+    dy = torch.randn(x.shape).to(dtype)
+    with parallel_from(0):
+        two = _threads(2, lambda: _run(x, 8, w, b, dy))
+        one = _threads(1, lambda: _run(x, 8, w, b, dy))
+        three = _threads(3, lambda: _run(x, 8, w, b, dy))
+        alone = [_threads(2, lambda i=i: _run(x[i:i + 1], 8, w, b, dy[i:i + 1]))
+                 for i in range(3)]
+    for other in (one, three):
+        for a, c in zip(two, other, strict=True):
+            assert torch.equal(bits(a), bits(c))
+    for i, single in enumerate(alone):
+        assert torch.equal(bits(single[0][0]), bits(two[0][i]))
+        assert torch.equal(bits(single[1][0]), bits(two[1][i]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_batch_of_the_threads_is_one_launch(dtype):
+    """A channels-last batch of a multiple of the thread count runs in one parallel region,
+    forward and backward (each phase was a region of its own: on a loaded machine a region can
+    wait a time slice for a thread)."""
+    if not cpu_kernels._cpu.openmp() or cpu_kernels._cpu.serial_only():
+        pytest.skip("no OpenMP threads in this build or process")
+    x = _make((2, 64, 17, 17), dtype, "cl")
+    xv = x.movedim(1, -1).reshape(2, 17 * 17, 64)
+    w = torch.randn(64)
+
+    def regions(fn):
+        before = cpu_kernels._cpu.parallel_regions()
+        fn()
+        return cpu_kernels._cpu.parallel_regions() - before
+
+    with parallel_from(0):
+        y, stats = _threads(2, lambda: cpu_kernels.group_forward(xv, w, None, 8, 1e-5, True))
+        assert _threads(2, lambda: regions(
+            lambda: cpu_kernels.group_forward(xv, w, None, 8, 1e-5, True))) == 1
+        assert _threads(2, lambda: regions(lambda: cpu_kernels.group_backward(
+            y, xv, w, stats, 8, True, True, True))) == 1
 
 
 def test_every_isa_path_gives_the_same_bits():

@@ -2,6 +2,7 @@
 // the phases of group_rows.h on torch's threads (launch.h).
 #include "group.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
@@ -60,17 +61,28 @@ at::Tensor compute_empty(at::IntArrayRef sizes, const at::Tensor& x) {
                                                                                    : at::kFloat));
 }
 
-// Runs the phases: NCHW one over the B·G rows; channels-last four (group_rows.h).
+// Runs the phases (group_rows.h).  NCHW: one launch over the B·G rows.  Channels-last: the
+// samples in multiples of the thread count run whole, one per unit (phase 4): one launch, and
+// each sample's x read a second time from the caches of the thread that summed it; over all
+// samples in phases, x came from memory twice once the batch outgrew the L3, and every phase
+// was a launch (a region whose threads must all be scheduled: on a loaded machine each one can
+// wait a time slice).  The rest (B below the threads, or its remainder) runs in phases 0-3,
+// their blocks split between the threads.  Either way a sample gets the same bits.
 void run_phases(const GroupArgs& a, GroupFn fn) {
   const bool par = a.nb * a.c * a.s >= parallel_min_elements();
   if (!a.cl) {
     run_units(a.nb * a.g, par, [&](int64_t lo, int64_t hi) { fn(a, 0, lo, hi); });
     return;
   }
+  const int64_t threads = par ? std::max(1, at::get_num_threads()) : 1;
+  const int64_t whole = a.nb - a.nb % threads;
+  run_units(whole, par, [&](int64_t lo, int64_t hi) { fn(a, 4, lo, hi); });
+  if (whole == a.nb) return;
   for (int phase = 0; phase < 4; phase++) {
-    const bool blocks = phase % 2 == 1;
-    run_units(blocks ? a.nb * a.nsb : a.nb, par && blocks,
-              [&](int64_t lo, int64_t hi) { fn(a, phase, lo, hi); });
+    const int64_t per = phase % 2 == 1 ? a.nsb : 1;  // units per sample: blocks or the sample
+    run_units((a.nb - whole) * per, par && phase % 2 == 1, [&](int64_t lo, int64_t hi) {
+      fn(a, phase, whole * per + lo, whole * per + hi);
+    });
   }
 }
 
@@ -85,13 +97,13 @@ py::tuple group_forward(const at::Tensor& x, const Opt& w, const Opt& b, int64_t
                     b->is_contiguous() && b->numel() == a.c,
                 "normkit cpu: group_norm's β must be (C,) in the compute type");
     a.b = b->data_ptr();
-    a.fma = true;
   }
   at::Tensor y = empty_output(x.sizes(), x.scalar_type());
   at::Tensor stats = compute_empty({a.nb * a.g, 3}, x);
-  at::Tensor coef = a.cl ? compute_empty({a.nb, 5, a.c}, x) : at::Tensor();
+  at::Tensor coef = a.cl ? compute_empty({a.nb, 4, a.c}, x) : at::Tensor();
   at::Tensor part = a.cl ? compute_empty({a.nb * a.nsb, 2, a.c}, x) : at::Tensor();
   a.y = y.data_ptr();
+  a.stream = 2 * int64_t(y.nbytes()) >= stream_min_bytes();  // x read, y written (GroupArgs)
   a.stats = stats.data_ptr();
   if (a.cl) {
     a.coef = coef.data_ptr();
@@ -117,10 +129,11 @@ py::tuple group_backward(const at::Tensor& dy, const at::Tensor& x, const Opt& w
               "normkit cpu: group_norm's stats must be (B·G, 3)");
   at::Tensor dx = empty_output(x.sizes(), x.scalar_type());
   at::Tensor sums = compute_empty({2, a.nb, a.c}, x);
-  at::Tensor coef = a.cl ? compute_empty({a.nb, 5, a.c}, x) : at::Tensor();
+  at::Tensor coef = a.cl ? compute_empty({a.nb, 4, a.c}, x) : at::Tensor();
   at::Tensor part = a.cl ? compute_empty({a.nb * a.nsb, 2, a.c}, x) : at::Tensor();
   a.dy = dy.data_ptr();
   a.dx = dx.data_ptr();
+  a.stream = 3 * int64_t(dx.nbytes()) >= stream_min_bytes();  // x and dy read, dx written
   a.stats = stats.data_ptr();
   a.sums = sums.data_ptr();
   if (a.cl) {

@@ -111,7 +111,8 @@ struct GroupArgs {
   int64_t nb, c, s, g;  // batch, channels, spatial size, groups
   int64_t sb, nsb;      // channels-last: spatial rows per block, blocks per sample
   bool cl;              // channels-last
-  bool fma;             // forward: y = fma(x̂, γ, β) (β given), else x̂·γ
+  bool stream;          // the call's bytes beyond the caches: y / dx written with non-temporal
+                        // stores, channels-last sums row by row (group_rows.h)
   double eps;
   const void* x;        // (B, C, S) or (B, S, C) contiguous
   void* y;              // forward: like x, x's kind
@@ -122,7 +123,7 @@ struct GroupArgs {
   void* stats;          // (B·G, 3) [m1, dm, rstd] in the compute type
   void* sums;           // backward: (2, B, C) per-sample Σ dy·x̂ and Σ dy per channel
   void* part;           // channels-last: (B·nsb, 2, C) block partial sums
-  void* coef;           // channels-last: (B, 5, C) per-channel [m1, dm, rstd, −c1/L, −c2/L]
+  void* coef;           // channels-last: (B, 4, C) per-channel coefficients (group_rows.h)
 };
 using GroupFn = void (*)(const GroupArgs&, int phase, int64_t lo, int64_t hi);
 // Norm + quantize (quant.h): y of the "torch" casting in float32, quantized per row with a float32
