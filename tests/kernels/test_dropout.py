@@ -234,7 +234,7 @@ _BWD_PATHS = [(torch.float32, 40, 24), (torch.float32, 7, 1), (torch.float32, 3,
 def test_fused_backward_dx_is_the_mask_applied_to_the_residual_gradient(dtype, m, n, fuse,
                                                                          streamed):
     """The cpu backward writes dx = m·dh_total in the pass that writes dh_total (the residual's
-    gradient; ``fuse`` 1) or in a pass of its own (0: 16-bit rows without AVX-512 by default):
+    gradient; ``fuse`` 1) or in a pass of its own (0: 16-bit rows by default):
     bit for bit what ``dropout_apply`` gives from the stored dh_total, on every instruction set
     and thread count, with and without dγ/dβ and streamed stores."""
     from helpers import fuse_dropout, stream_from

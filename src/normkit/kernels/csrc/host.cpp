@@ -173,10 +173,12 @@ const void* inv_gamma_row(const void* g, bool f64, int64_t n) {
   return f64 ? fill(1.0) : fill(1.0f);
 }
 
-// Where the backward applies a dropout's mask: -1 (the default) in dx's pass except for 16-bit
-// rows that widen slowly (AVX2), which take a pass of its own — in dx's pass they took 1.3-1.6x
-// the time of the two passes (4096x4096 bfloat16, 2 cores, a busy machine); 1: always in dx's
-// pass; 0: always in a pass of its own (tests and benchmarks compare the two).
+// Where the backward applies a dropout's mask: -1 (the default) in dx's pass for float32/64
+// rows, which then read and write one M×N tensor less (no faster on the 2-core AVX2 VM, where the
+// Philox rounds and not memory bound it: 4096x4096 float32 18.1 against 18.6 ms), and in a pass
+// of its own for 16-bit rows (in dx's pass they took 1.25-1.35x the time there:
+// benchmarks/results/dropout-cpu-20261207-190226.json); 1: always in dx's pass; 0: always in a
+// pass of its own (tests and benchmarks compare the two).
 std::atomic<int> g_fuse_dropout{-1};
 int fuse_dropout() { return g_fuse_dropout.load(); }
 void set_fuse_dropout(int v) {
@@ -243,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_backward(
   a.dx = dx.data_ptr();
   at::Tensor dxd;
   const int f = g_fuse_dropout.load();
-  const bool fuse = f >= 0 ? f == 1 : xk == kFloat32 || xk == kFloat64 || kernels()->fast_widening;
+  const bool fuse = f >= 0 ? f == 1 : xk == kFloat32 || xk == kFloat64;
   if (drop != nullptr) {  // and the dropout's input's gradient, m·dx
     dxd = empty_output({m, n}, v.scalar_type());
     a.dxd = dxd.data_ptr();

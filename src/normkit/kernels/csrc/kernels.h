@@ -155,9 +155,6 @@ struct Table {
   QuantFn quant[kKinds][kQuantKinds][kRmsMul + 1];
   QConvertFn quant_convert;
   DropFn drop[kKinds];  // [x]
-  // 16-bit rows widen fast (AVX-512); else the backward applies a dropout's mask in a pass of its
-  // own (host.cpp: launch_backward)
-  bool fast_widening;
 };
 
 // One table per instruction-set path; null where this build has no such path.

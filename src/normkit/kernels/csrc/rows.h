@@ -907,6 +907,5 @@ inline Table make_table(const char* name) {
   t.drop[kF64] = &drop_apply<kF64>;
   t.drop[kBF16] = &drop_apply<kBF16>;
   t.drop[kF16] = &drop_apply<kF16>;
-  t.fast_widening = kFastWidening;
   return t;
 }
