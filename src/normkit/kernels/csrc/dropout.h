@@ -165,8 +165,11 @@ void drop_apply(const void* src, void* dst, int64_t n, const Dropout& d, uint64_
 
 // The backward: the keep flags of elements k .. k + n − 1 of the rows, into buf (n +
 // kDropFlagsPad int32: the chunks start at k's counter, up to 3 elements before k, and the last
-// ends past k + n).  Returns where element k's flag is.
-NK_INLINE const int32_t* fill_flags(const Dropout& d, uint64_t k, int64_t n, int32_t* buf) {
+// ends past k + n).  Returns where element k's flag is.  Not inlined: one copy of the unrolled
+// Philox rounds per instruction set, not one per backward kernel (the generic path's build took
+// minutes longer).
+__attribute__((noinline)) const int32_t* fill_flags(const Dropout& d, uint64_t k, int64_t n,
+                                                    int32_t* buf) {
   static_assert(kDropChunk + 3 <= kDropFlagsPad, "kernels.h: kDropFlagsPad");
   const int64_t off = int64_t(k % 4);
   for (int64_t c = 0; c * kDropChunk < off + n; c++)

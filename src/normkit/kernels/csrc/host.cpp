@@ -457,9 +457,9 @@ struct Norm : public torch::autograd::Function<Norm> {
     if (dh.defined()) dh = rows(dh.contiguous(), m, n);
     at::ScalarType pd = w.defined() ? w.scalar_type()
                                     : (b.defined() ? b.scalar_type() : compute_dtype(kind_of(v.scalar_type())));
-    auto [dx, dw, db, unused] = launch_backward(rows(dy, m, n), dh, rows(v, m, n), w, stats, rms, false,
-                                        -1, need_w && w.defined(), need_b && b.defined(), pd,
-                                        b, lean);
+    auto [dx, dw, db, unused] =
+        launch_backward(rows(dy, m, n), dh, rows(v, m, n), w, stats, rms, false, -1,
+                        need_w && w.defined(), need_b && b.defined(), pd, b, lean);
     dx = dx.view(v.sizes());
     return {need_x ? dx : at::Tensor(), dw, db, need_r ? dx : at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
