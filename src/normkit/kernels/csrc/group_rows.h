@@ -246,7 +246,7 @@ void nchw_bwd(const GroupArgs& a, int64_t lo, int64_t hi) {
 // channels-last: phases over samples (units b) and spatial blocks (units b·nsb + k)
 // ------------------------------------------------------------------------------------------
 
-// coef row k (of 5) of sample b, and block k's partial sums (2 rows of C) of unit u
+// coef row k (of 4) of sample b, and block k's partial sums (2 rows of C) of unit u
 template <class C>
 NK_INLINE C* coef_row(const GroupArgs& a, int64_t b, int k) {
   return at<C>(a.coef, (b * 4 + k) * a.c);
@@ -388,8 +388,10 @@ template <class C>
 void cl_expand(const GroupArgs& a, int64_t b) {
   const int64_t cg = a.c / a.g;
   C* m1 = coef_row<C>(a, b, 0);
-  for (int64_t g = 0; g < a.g; g++)
-    for (int64_t c = g * cg; c < (g + 1) * cg; c++) m1[c] = at<C>(a.stats, 3 * (b * a.g + g))[0];
+  for (int64_t g = 0; g < a.g; g++) {
+    const C shift = at<C>(a.stats, 3 * (b * a.g + g))[0];
+    for (int64_t c = g * cg; c < (g + 1) * cg; c++) m1[c] = shift;
+  }
 }
 
 // Backward phase 2 (per sample), after the blocks' Σ dy and Σ dy·(v − m1) per channel are merged
@@ -536,24 +538,14 @@ void group_phase(const GroupArgs& a, int phase, int64_t lo, int64_t hi) {
   if ((phase == 3 || phase == 4) && a.stream) store_fence();
 }
 
-template <int X>
-void group_fwd(const GroupArgs& a, int phase, int64_t lo, int64_t hi) {
-  group_phase<X, false>(a, phase, lo, hi);
-}
-
-template <int X>
-void group_bwd(const GroupArgs& a, int phase, int64_t lo, int64_t hi) {
-  group_phase<X, true>(a, phase, lo, hi);
-}
-
 inline Table with_group(Table t) {
-  t.group_fwd[kFloat32] = &group_fwd<kF32>;
-  t.group_fwd[kFloat64] = &group_fwd<kF64>;
-  t.group_fwd[kBFloat16] = &group_fwd<kBF16>;
-  t.group_fwd[kFloat16] = &group_fwd<kF16>;
-  t.group_bwd[kFloat32] = &group_bwd<kF32>;
-  t.group_bwd[kFloat64] = &group_bwd<kF64>;
-  t.group_bwd[kBFloat16] = &group_bwd<kBF16>;
-  t.group_bwd[kFloat16] = &group_bwd<kF16>;
+  t.group_fwd[kFloat32] = &group_phase<kF32, false>;
+  t.group_fwd[kFloat64] = &group_phase<kF64, false>;
+  t.group_fwd[kBFloat16] = &group_phase<kBF16, false>;
+  t.group_fwd[kFloat16] = &group_phase<kF16, false>;
+  t.group_bwd[kFloat32] = &group_phase<kF32, true>;
+  t.group_bwd[kFloat64] = &group_phase<kF64, true>;
+  t.group_bwd[kBFloat16] = &group_phase<kBF16, true>;
+  t.group_bwd[kFloat16] = &group_phase<kF16, true>;
   return t;
 }
